@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make train   # create .venv, install, run the main job
+#   make test    # create .venv, install, run the default test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 + torchvision 0.29.1: the pair that works together here (see DEVELOPERS.md / README).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-all train bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" -q
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+train: install
+	HF_HUB_OFFLINE=1 $(PY) tools/train_synthetic.py
+
+bench: install
+	$(PY) tools/bench_moe.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,31 @@
+"""mome's layer library: routers, stacked experts, MoE / Soft MoE / modality layers and losses.
+
+Every model family of mome is assembled from these parts; each is usable on its own as a drop-in
+FFN for timm blocks (``[B, N, D] -> [B, N, D]``).
+"""
+
+from . import losses as losses
+from .experts import Dispatch as Dispatch
+from .experts import Experts as Experts
+from .experts import grouped_matmul as grouped_matmul
+from .modality import ModalityLayerNorm as ModalityLayerNorm
+from .modality import ModalityMoE as ModalityMoE
+from .modality import MultiwayFFN as MultiwayFFN
+from .moe import AUX_LOSSES as AUX_LOSSES
+from .moe import MoE as MoE
+from .moe import RoutedLayer as RoutedLayer
+from .moe import SparseMoE as SparseMoE
+from .moe import aux_losses as aux_losses
+from .moe import routing_stats as routing_stats
+from .moe import timm_mlp_layer as timm_mlp_layer
+from .routers import DispatchPlan as DispatchPlan
+from .routers import ExpertChoiceRouter as ExpertChoiceRouter
+from .routers import HashRouter as HashRouter
+from .routers import ModalityRouter as ModalityRouter
+from .routers import NoisyTopKRouter as NoisyTopKRouter
+from .routers import Router as Router
+from .routers import Routing as Routing
+from .routers import TopKRouter as TopKRouter
+from .routers import compute_capacity as compute_capacity
+from .routers import plan_dispatch as plan_dispatch
+from .soft_moe import SoftMoE as SoftMoE

@@ -1,0 +1,268 @@
+"""Stacked expert FFNs and the dispatch paths that feed them.
+
+The weights of ``E`` FFNs live in stacked tensors ``w_in [E, D, H]`` (``[E, D, 2H]`` for gated
+experts: gate then up) and ``w_out [E, H, D]``, the layout of V-MoE's ``Moe/Mlp/Dense_{0,1}/kernel``.
+Two dispatch paths compute the same function:
+
+- ``"sorted"`` (dropless-capable): assignments sorted by expert, one grouped matmul per projection
+  (``torch._grouped_mm``), results scattered back with ``index_add``.
+- ``"buffers"``: tokens copied into per-expert capacity buffers ``[E, C, D]``, one ``bmm`` per
+  projection (GShard / V-MoE style; needs a capacity).
+
+Shapes: ``T`` tokens, ``D`` width, ``H`` hidden width, ``E`` experts, ``k`` choices, ``C`` capacity,
+``R`` rows computed by the sorted path.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .routers import DispatchPlan, Routing
+
+__all__ = ["Dispatch", "Experts"]
+
+Dispatch = Literal["sorted", "buffers"]
+
+
+def _grouped_mm_ok(rows: Tensor, weight: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` accepts these operands (dtype, 16-byte aligned strides)."""
+    if not hasattr(torch, "_grouped_mm") or rows.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if weight.dtype != rows.dtype:
+        return False
+    size = rows.element_size()
+    strides = (rows.stride(0), weight.stride(0), weight.stride(1))
+    return all(stride * size % 16 == 0 for stride in strides) and rows.shape[0] > 0
+
+
+def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
+    """``out[r] = rows[r] @ weight[g(r)]`` where row ``r`` belongs to group ``g`` iff it lies in
+    ``[group_ends[g-1], group_ends[g])``; ``group_ends[-1]`` must equal ``len(rows)``.
+
+    Uses ``torch._grouped_mm`` (one kernel, no per-expert autograd nodes). Shapes it cannot take
+    (unaligned widths, other dtypes) fall back to one ``mm`` per group; that path synchronises with
+    the host to split the rows and exists only for such shapes.
+    """
+    if _grouped_mm_ok(rows, weight):
+        return torch._grouped_mm(rows, weight, offs=group_ends.to(torch.int32))
+    sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()
+    chunks = [chunk @ w for chunk, w in zip(rows.split(sizes), weight.unbind(0))]
+    return torch.cat(chunks)
+
+
+class Experts(nn.Module):
+    """``E`` two-layer FFNs with stacked weights: ``FFN_e(x) = act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]``.
+
+    With ``gated=True`` the first projection yields ``[gate, up]`` and ``FFN_e(x) = (act(gate) * up)
+    W_out[e]`` (SwiGLU with ``act=SiLU``, Shazeer 2020, as in Mixtral and MoE-LLaVA-StableLM/Qwen).
+
+    Args:
+        num_experts: ``E``.
+        dim: input/output width ``D``.
+        hidden_dim: hidden width ``H`` of each expert.
+        gated: GLU-style experts.
+        act_layer: activation module class (``nn.GELU`` default, ``nn.SiLU`` for SwiGLU).
+        bias: biases on both projections.
+        dispatch: default dispatch path, ``"sorted"`` or ``"buffers"``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden_dim: int,
+        *,
+        gated: bool = False,
+        act_layer: type[nn.Module] | nn.Module = nn.GELU,
+        bias: bool = True,
+        dispatch: Dispatch = "sorted",
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if dispatch not in ("sorted", "buffers"):
+            raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
+        self.gated = gated
+        self.dispatch = dispatch
+        in_width = 2 * hidden_dim if gated else hidden_dim
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, in_width)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.act = act_layer if isinstance(act_layer, nn.Module) else act_layer()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like an ``nn.Linear`` (uniform, bound ``1/sqrt(fan_in)``)."""
+        for weight, bias in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
+            bound = 1.0 / math.sqrt(weight.shape[1])
+            nn.init.uniform_(weight, -bound, bound)
+            if bias is not None:
+                nn.init.uniform_(bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"gated={self.gated}, bias={self.b_in is not None}, dispatch={self.dispatch!r}"
+        )
+
+    def _activate(self, hidden: Tensor) -> Tensor:
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            return self.act(gate) * up
+        return self.act(hidden)
+
+    # ---------------------------------------------------------------- compute on grouped tokens
+    def forward_grouped(self, rows: Tensor, group_ends: Tensor, row_expert: Tensor) -> Tensor:
+        """FFNs on rows sorted by expert: ``rows [R, D]`` -> ``[R, D]``.
+
+        ``group_ends [E]`` are the cumulative row counts (``group_ends[-1] == R``) and
+        ``row_expert [R]`` the expert of each row (for the biases).
+        """
+        hidden = grouped_matmul(rows, self.w_in, group_ends)  # [R, H or 2H]
+        if self.b_in is not None:
+            hidden = hidden + self.b_in[row_expert]
+        out = grouped_matmul(self._activate(hidden), self.w_out, group_ends)  # [R, D]
+        if self.b_out is not None:
+            out = out + self.b_out[row_expert]
+        return out
+
+    def forward_batched(self, buffers: Tensor) -> Tensor:
+        """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (batched matmul)."""
+        if self.b_in is not None:
+            hidden = torch.baddbmm(self.b_in.unsqueeze(1), buffers, self.w_in)  # [E, C, H]
+        else:
+            hidden = torch.bmm(buffers, self.w_in)
+        hidden = self._activate(hidden)
+        if self.b_out is not None:
+            return torch.baddbmm(self.b_out.unsqueeze(1), hidden, self.w_out)  # [E, C, D]
+        return torch.bmm(hidden, self.w_out)
+
+    # ---------------------------------------------------------------- dispatch + combine
+    def forward(self, tokens: Tensor, routing: Routing, plan: DispatchPlan, dispatch: Dispatch | None = None) -> Tensor:
+        """``out[t] = sum_j w[t, j] * FFN_{e[t, j]}(x[t])`` over the kept assignments: ``[T, D]``."""
+        dispatch = dispatch or self.dispatch
+        if dispatch == "sorted":
+            return self._dispatch_sorted(tokens, routing, plan)
+        if dispatch == "buffers":
+            return self._dispatch_buffers(tokens, routing, plan)
+        raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+
+    def _dispatch_sorted(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
+        top_k = routing.top_k
+        rows = plan.order[: plan.num_rows]  # [R] assignment ids, kept ones grouped by expert first
+        # Rows past the kept ones (dropped assignments, only when R > kept) are computed by the
+        # last expert and weighted by 0: finite values, zero gradients, no host sync.
+        group_ends = plan.group_sizes.cumsum(0)
+        group_ends[-1] = plan.num_rows
+        row_token = rows // top_k  # [R]
+        row_expert = routing.expert_index.reshape(-1)[rows]  # [R]
+        row_expert = torch.where(plan.kept[rows], row_expert, self.num_experts - 1)
+        row_weight = routing.combine_weights.reshape(-1)[rows].to(tokens.dtype)  # [R]
+        expert_out = self.forward_grouped(tokens[row_token], group_ends, row_expert)  # [R, D]
+        out = torch.zeros_like(tokens)
+        return out.index_add_(0, row_token, expert_out * row_weight.unsqueeze(-1))
+
+    def _dispatch_buffers(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
+        if plan.capacity is None:
+            raise ValueError("dispatch='buffers' needs a capacity: set capacity_factor (or use dispatch='sorted')")
+        capacity, dim = plan.capacity, tokens.shape[-1]
+        num_slots = self.num_experts * capacity
+        expert = routing.expert_index.reshape(-1)  # [T*k]
+        slot = torch.where(plan.kept, expert * capacity + plan.position, num_slots)  # [T*k], sink = E*C
+        assignment_token = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(routing.top_k)
+        buffers = tokens.new_zeros(num_slots + 1, dim).index_add_(0, slot, tokens[assignment_token])
+        expert_out = self.forward_batched(buffers[:num_slots].view(self.num_experts, capacity, dim))  # [E, C, D]
+        expert_out = torch.cat([expert_out.reshape(num_slots, dim), tokens.new_zeros(1, dim)])  # [E*C+1, D]
+        weight = routing.combine_weights.reshape(-1, 1).to(tokens.dtype)  # [T*k, 1]
+        out = torch.zeros_like(tokens)
+        return out.index_add_(0, assignment_token, expert_out[slot] * weight)
+
+    # ---------------------------------------------------------------- sparse upcycling
+    @classmethod
+    def from_dense(cls, mlp: nn.Module, num_experts: int, *, dispatch: Dispatch = "sorted") -> Experts:
+        """Sparse upcycling (Komatsuzaki et al. 2023): ``E`` copies of a dense FFN.
+
+        Accepts timm ``Mlp``, ``GluMlp``/``SwiGLUPacked`` and ``SwiGLU``, and transformers MLPs with
+        ``gate_proj/up_proj/down_proj`` (Llama, Mistral, Qwen2, StableLM) or ``fc1/fc2`` (Phi, CLIP).
+        The activation module is copied, so every expert computes exactly the dense function.
+        """
+        spec = _dense_ffn_spec(mlp)
+        w_in, b_in, w_out, b_out, act, gated = spec
+        hidden_dim = w_out.shape[1]
+        experts = cls(
+            num_experts, w_in.shape[1], hidden_dim, gated=gated, act_layer=copy.deepcopy(act),
+            bias=b_in is not None, dispatch=dispatch,
+        )
+        with torch.no_grad():
+            experts.w_in.copy_(w_in.t().unsqueeze(0).expand_as(experts.w_in))  # [D, H'] -> [E, D, H']
+            experts.w_out.copy_(w_out.t().unsqueeze(0).expand_as(experts.w_out))  # [H, D] -> [E, H, D]
+            if b_in is not None:
+                experts.b_in.copy_(b_in.unsqueeze(0).expand_as(experts.b_in))
+            if b_out is not None:
+                experts.b_out.copy_(b_out.unsqueeze(0).expand_as(experts.b_out))
+        return experts.to(w_in.dtype)
+
+
+def _dense_ffn_spec(mlp: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, nn.Module, bool]:
+    """``(w_in [H', D], b_in, w_out [D, H], b_out, act, gated)`` of a dense FFN, in nn.Linear layout.
+
+    For gated FFNs ``w_in`` is ``[gate; up]`` stacked on the output axis.
+    """
+
+    def bias_or_none(*linears: nn.Linear) -> Tensor | None:
+        biases = [lin.bias for lin in linears]
+        if all(b is None for b in biases):
+            return None
+        if any(b is None for b in biases):
+            raise ValueError(f"{type(mlp).__name__}: cannot upcycle a gated FFN with bias on only one projection")
+        return torch.cat([b.detach() for b in biases])
+
+    def check_identity(*names: str) -> None:
+        for name in names:
+            module = getattr(mlp, name, None)
+            if module is not None and not isinstance(module, (nn.Identity, nn.Dropout)):
+                raise ValueError(
+                    f"{type(mlp).__name__}.{name} is {type(module).__name__}; upcycling supports FFNs "
+                    "without an inner norm"
+                )
+
+    def out_bias(lin: nn.Linear) -> Tensor | None:
+        return None if lin.bias is None else lin.bias.detach()
+
+    name = type(mlp).__name__
+    # transformers Llama/Mistral/Qwen2/StableLM: down(act(gate(x)) * up(x))
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        w_in = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+        return w_in, bias_or_none(mlp.gate_proj, mlp.up_proj), mlp.down_proj.weight.detach(), out_bias(mlp.down_proj), mlp.act_fn, True
+    # timm SwiGLU: fc2(norm(act(fc1_g(x)) * fc1_x(x)))
+    if hasattr(mlp, "fc1_g") and hasattr(mlp, "fc1_x"):
+        check_identity("norm")
+        w_in = torch.cat([mlp.fc1_g.weight.detach(), mlp.fc1_x.weight.detach()])
+        return w_in, bias_or_none(mlp.fc1_g, mlp.fc1_x), mlp.fc2.weight.detach(), out_bias(mlp.fc2), mlp.act, True
+    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
+        act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)
+        if act is None:
+            raise ValueError(f"{name}: found fc1/fc2 but no activation (act, activation_fn or act_fn)")
+        check_identity("norm")
+        fc1_weight, fc1_bias = mlp.fc1.weight.detach(), out_bias(mlp.fc1)
+        # timm GluMlp / SwiGLUPacked: x1, x2 = fc1(x).chunk(2); act(x2) * x1 (gate_last) or act(x1) * x2.
+        if name in ("GluMlp", "SwiGLUPacked") or hasattr(mlp, "gate_last"):
+            half = fc1_weight.shape[0] // 2
+            first, second = slice(0, half), slice(half, None)
+            gate_rows, up_rows = (second, first) if getattr(mlp, "gate_last", True) else (first, second)
+            w_in = torch.cat([fc1_weight[gate_rows], fc1_weight[up_rows]])
+            b_in = None if fc1_bias is None else torch.cat([fc1_bias[gate_rows], fc1_bias[up_rows]])
+            return w_in, b_in, mlp.fc2.weight.detach(), out_bias(mlp.fc2), act, True
+        return fc1_weight, fc1_bias, mlp.fc2.weight.detach(), out_bias(mlp.fc2), act, False
+    raise ValueError(
+        f"cannot upcycle {name}: expected fc1/fc2 (timm Mlp, Phi, CLIP), fc1_g/fc1_x/fc2 (timm SwiGLU) "
+        "or gate_proj/up_proj/down_proj (Llama-style)"
+    )

@@ -1,0 +1,370 @@
+"""The sparse mixture-of-experts layer: ``router + experts (+ shared experts)``.
+
+:class:`MoE` is a drop-in for a timm ``Mlp``: ``[B, N, D] -> [B, N, D]``, no tuples. The auxiliary
+losses and routing statistics of each forward pass are recorded on the module and gathered for a
+whole model by :func:`aux_losses` and :func:`routing_stats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import losses as L
+from .experts import Dispatch, Experts
+from .routers import (
+    ExpertChoiceRouter,
+    HashRouter,
+    ModalityRouter,
+    Router,
+    Routing,
+    TopKRouter,
+    compute_capacity,
+    plan_dispatch,
+)
+
+__all__ = ["AUX_LOSSES", "MoE", "RoutedLayer", "SparseMoE", "aux_losses", "routing_stats", "timm_mlp_layer"]
+
+#: Auxiliary losses an :class:`MoE` can add, by name (weights are given in ``aux_loss_weights``).
+AUX_LOSSES = ("load_balance", "importance", "load", "z_loss", "local_entropy", "global_entropy")
+
+
+class RoutedLayer(nn.Module):
+    """Base of every layer that routes tokens: holds the per-forward aux losses and statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_aux_losses: dict[str, Tensor] = {}
+        self.last_routing_stats: dict[str, Tensor] = {}
+
+
+def _check_modality_ids(modality_ids: Tensor | None, x: Tensor, num_modalities: int) -> Tensor | None:
+    if modality_ids is None:
+        return None
+    if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens are {tuple(x.shape[:-1])}"
+        )
+    if modality_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
+    if modality_ids.device.type == "cpu" and modality_ids.numel():  # range check without a device sync
+        low, high = int(modality_ids.min()), int(modality_ids.max())
+        if low < 0 or high >= num_modalities:
+            raise ValueError(f"modality_ids must lie in [0, {num_modalities}), found values in [{low}, {high}]")
+    return modality_ids.reshape(-1).long()
+
+
+class MoE(RoutedLayer):
+    """Sparse mixture of experts: ``y(x) = sum_{j<k} w_j(x) FFN_{e_j(x)}(x) + shared(x)``.
+
+    Args:
+        router: a :class:`~mome.layers.routers.Router` (top-k, noisy, expert-choice, hash, modality).
+        experts: stacked :class:`~mome.layers.experts.Experts`.
+        shared_experts: optional FFN applied to every token and added (DeepSeek-MoE style).
+        capacity_factor: ``c``; each expert takes at most ``ceil(T k c / E)`` assignments (rounded up
+            to ``capacity_multiple``); None is dropless.
+        eval_capacity_factor: capacity factor in eval mode: ``"train"`` (same as training), a float,
+            or None (dropless at evaluation).
+        capacity_multiple: round the capacity up to a multiple of this (V-MoE uses 4).
+        min_capacity: lower bound on the capacity (DeepSpeed's ``min_capacity``).
+        dispatch: ``"sorted"`` (grouped matmul) or ``"buffers"`` (capacity buffers + bmm); None uses
+            the experts' default.
+        aux_loss_weights: ``{name: weight}`` for names in :data:`AUX_LOSSES`; the weighted terms
+            are what :func:`aux_losses` returns.
+        global_entropy_threshold: ``tau`` of LIMoE's thresholded global entropy (``log S``).
+        num_modalities: number of modality ids (for per-modality losses and statistics).
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        experts: Experts,
+        shared_experts: nn.Module | None = None,
+        *,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None | Literal["train"] = "train",
+        capacity_multiple: int = 1,
+        min_capacity: int = 0,
+        dispatch: Dispatch | None = None,
+        aux_loss_weights: Mapping[str, float] | None = None,
+        global_entropy_threshold: float | None = None,
+        num_modalities: int = 1,
+    ) -> None:
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(
+                f"router has num_experts={router.num_experts} but experts has {experts.num_experts}"
+            )
+        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if factor is not None and factor != "train" and not (isinstance(factor, (int, float)) and factor > 0):
+                raise ValueError(f"{name} must be > 0 or None (dropless), got {factor!r}")
+        if not isinstance(capacity_multiple, int) or capacity_multiple < 1:
+            raise ValueError(f"capacity_multiple must be a positive integer, got {capacity_multiple!r}")
+        if dispatch is not None and dispatch not in ("sorted", "buffers"):
+            raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+        weights = dict(aux_loss_weights or {})
+        unknown = sorted(set(weights) - set(AUX_LOSSES))
+        if unknown:
+            raise ValueError(f"aux_loss_weights: unknown loss {unknown}; known: {list(AUX_LOSSES)}")
+        if weights and not router.learned:
+            raise ValueError(
+                f"aux_loss_weights={weights} but {type(router).__name__} has no learned gate to train"
+            )
+        self.router = router
+        self.experts = experts
+        self.shared_experts = shared_experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = capacity_factor if eval_capacity_factor == "train" else eval_capacity_factor
+        self.capacity_multiple = capacity_multiple
+        self.min_capacity = min_capacity
+        self.dispatch = dispatch or experts.dispatch
+        if self.dispatch == "buffers" and not isinstance(router, ExpertChoiceRouter):
+            if capacity_factor is None or self.eval_capacity_factor is None:
+                raise ValueError("dispatch='buffers' needs capacity_factor (and eval_capacity_factor) to be set")
+        self.aux_loss_weights = weights
+        self.global_entropy_threshold = global_entropy_threshold
+        self.num_modalities = num_modalities
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+            f"dispatch={self.dispatch!r}, aux_loss_weights={self.aux_loss_weights}"
+        )
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Tokens per expert for ``num_tokens`` tokens in the current mode, or None (dropless)."""
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        return compute_capacity(
+            num_tokens * self.router.top_k, self.num_experts, factor,
+            multiple_of=self.capacity_multiple, min_capacity=self.min_capacity,
+        )
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
+        """``x [..., D] -> [..., D]``; ``modality_ids`` and ``token_ids`` are ``x.shape[:-1]``."""
+        tokens = x.reshape(-1, x.shape[-1])  # [T, D]
+        modality = _check_modality_ids(modality_ids, x, self.num_modalities)
+        if token_ids is None and isinstance(self.router, HashRouter):
+            # Without vocabulary ids, hash the position within the sequence.
+            token_ids = torch.arange(x.shape[-2] if x.dim() > 2 else 1, device=x.device).expand(x.shape[:-1])
+        routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
+        routing, plan = plan_dispatch(routing, self.capacity(tokens.shape[0]))
+        out = self.experts(tokens, routing, plan, self.dispatch)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        self._record(routing)
+        return out.reshape(x.shape)
+
+    def _record(self, routing: Routing) -> None:
+        """Store this forward pass's weighted aux losses and its routing statistics."""
+        probs, modality = routing.router_probs, routing.modality_ids
+        num_modalities = self.num_modalities
+        raw: dict[str, Tensor] = {}
+        for name in self.aux_loss_weights:
+            if name == "load_balance":
+                raw[name] = L.load_balance_loss(probs, routing.expert_index[:, 0])
+            elif name == "importance":
+                raw[name] = L.importance_loss(probs)
+            elif name == "load":
+                if routing.selection_probs is not None:  # only with router noise (training), as V-MoE
+                    raw[name] = L.load_loss(routing.selection_probs)
+            elif name == "z_loss":
+                raw[name] = L.router_z_loss(routing.router_logits)
+            elif name == "local_entropy":
+                raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
+            elif name == "global_entropy":
+                raw[name] = L.global_entropy_loss(probs, modality, num_modalities, self.global_entropy_threshold).sum()
+        self.last_aux_losses = {name: self.aux_loss_weights[name] * value for name, value in raw.items()}
+        with torch.no_grad():
+            stats = _routing_statistics(routing, num_modalities)
+            stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
+        self.last_routing_stats = stats
+
+    @classmethod
+    def from_dense(
+        cls,
+        mlp: nn.Module,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        router: Router | None = None,
+        dispatch: Dispatch = "sorted",
+        **moe_kwargs,
+    ) -> MoE:
+        """Sparse upcycling: every expert is a copy of ``mlp``; the router starts random.
+
+        With the default router (top-k, renormalised) and no capacity limit the new layer computes
+        exactly what ``mlp`` computed (MoE-LLaVA stage III, Komatsuzaki et al. 2023).
+        """
+        experts = Experts.from_dense(mlp, num_experts, dispatch=dispatch)
+        if router is None:
+            router = TopKRouter(experts.dim, num_experts, top_k, renormalize=True)
+        return cls(router.to(experts.w_in.dtype), experts, **moe_kwargs)
+
+
+def _routing_statistics(routing: Routing, num_modalities: int) -> dict[str, Tensor]:
+    """Per-expert load, dropped fraction and router entropy (overall and per modality)."""
+    num_experts = routing.num_experts
+    expert = routing.expert_index.reshape(-1)
+    kept = (~routing.dropped).reshape(-1).float()
+    counts = torch.zeros(num_experts, device=expert.device).index_add_(0, expert, kept)
+    num_assignments = max(expert.numel(), 1)
+    probs = routing.router_probs.float()
+    entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # [T]
+    stats = {
+        "expert_load": counts / num_assignments,
+        "dropped_fraction": 1.0 - kept.sum() / num_assignments,
+        "router_entropy": entropy.mean() if entropy.numel() else entropy.new_zeros(()),
+    }
+    if routing.modality_ids is not None:
+        top_k = routing.top_k
+        modality = routing.modality_ids.repeat_interleave(top_k)  # [T*k]
+        per_modality = torch.zeros(num_modalities, num_experts, device=expert.device)
+        per_modality.index_put_((modality, expert), kept, accumulate=True)
+        assignments = torch.zeros(num_modalities, device=expert.device).index_add_(0, modality, torch.ones_like(kept))
+        stats["expert_load_per_modality"] = per_modality / assignments.clamp_min(1).unsqueeze(-1)
+        stats["dropped_fraction_per_modality"] = 1.0 - per_modality.sum(-1) / assignments.clamp_min(1)
+        entropy_sum = torch.zeros(num_modalities, device=expert.device).index_add_(0, routing.modality_ids, entropy)
+        stats["router_entropy_per_modality"] = entropy_sum / (assignments / top_k).clamp_min(1)
+    return stats
+
+
+RouterSpec = Literal["top_k", "noisy_top_k", "expert_choice", "hash", "modality"]
+
+
+class SparseMoE(MoE):
+    """Convenience constructor of a token-choice :class:`MoE` (the parts are built for you).
+
+    ``SparseMoE(dim, hidden_dim, num_experts, top_k=2)`` is a Mixtral-style layer when
+    ``renormalize=True, gated=True, act_layer=nn.SiLU``, and a V-MoE layer with
+    ``router="noisy_top_k", capacity_factor=1.05, capacity_multiple=4,
+    aux_loss_weights={"importance": 0.005, "load": 0.005}``.
+
+    Args:
+        dim: token width ``D``.
+        hidden_dim: hidden width of each expert.
+        num_experts: ``E``.
+        top_k: experts per token.
+        router: ``"top_k"``, ``"noisy_top_k"``, ``"expert_choice"``, ``"hash"``, ``"modality"``, or a
+            callable ``(dim, num_experts) -> Router``.
+        renormalize, noise_std, batch_priority, modality_experts: router options (see
+            :class:`~mome.layers.routers.TopKRouter`); ``noise_std`` defaults to 1 for the noisy router.
+        gated, act_layer, bias: expert options (see :class:`~mome.layers.experts.Experts`).
+        num_shared_experts: number of always-on shared experts (one FFN of width
+            ``num_shared_experts * shared_hidden_dim``, default ``hidden_dim``).
+        **moe_kwargs: capacity, dispatch and loss options of :class:`MoE`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        router: RouterSpec | Callable[[int, int], Router] = "top_k",
+        renormalize: bool = False,
+        noise_std: float | None = None,
+        batch_priority: bool = False,
+        modality_experts: Sequence[Sequence[int]] | None = None,
+        gated: bool = False,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        num_shared_experts: int = 0,
+        shared_hidden_dim: int | None = None,
+        dispatch: Dispatch = "sorted",
+        **moe_kwargs,
+    ) -> None:
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
+        if callable(router):
+            built = router(dim, num_experts)
+        elif router in ("top_k", "noisy_top_k"):
+            default_noise = 1.0 if router == "noisy_top_k" else 0.0
+            built = TopKRouter(
+                dim, num_experts, top_k, renormalize=renormalize,
+                noise_std=default_noise if noise_std is None else noise_std,
+                batch_priority=batch_priority, modality_experts=modality_experts,
+            )
+        elif router == "expert_choice":
+            built = ExpertChoiceRouter(dim, num_experts, moe_kwargs.pop("capacity_factor", None) or 1.0)
+        elif router == "hash":
+            built = HashRouter(num_experts)
+        elif router == "modality":
+            built = ModalityRouter(num_experts)
+        else:
+            raise ValueError(f"router must be one of {RouterSpec.__args__} or a callable, got {router!r}")
+        experts = Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias, dispatch=dispatch)
+        shared = None
+        if num_shared_experts:
+            from timm.layers import GluMlp, Mlp
+
+            width = num_shared_experts * (shared_hidden_dim or hidden_dim)
+            shared = (
+                GluMlp(dim, 2 * width, act_layer=act_layer, bias=bias, gate_last=False)
+                if gated else Mlp(dim, width, act_layer=act_layer, bias=bias)
+            )
+        if router == "modality":
+            moe_kwargs.setdefault("num_modalities", num_experts)
+        elif modality_experts is not None:
+            moe_kwargs.setdefault("num_modalities", len(modality_experts))
+        super().__init__(built, experts, shared, **moe_kwargs)
+
+
+def timm_mlp_layer(**moe_kwargs) -> Callable[..., MoE]:
+    """An ``mlp_layer`` for timm blocks: ``Block(dim, heads, mlp_layer=timm_mlp_layer(num_experts=8))``.
+
+    timm calls ``mlp_layer(in_features=, hidden_features=, act_layer=, drop=, bias=, norm_layer=)``;
+    this maps those onto :class:`SparseMoE` (``norm_layer`` must be None: experts have no inner norm).
+    """
+
+    def build(in_features: int, hidden_features: int, act_layer=nn.GELU, drop: float = 0.0, bias: bool = True,
+              norm_layer=None, **unused) -> MoE:
+        if norm_layer is not None:
+            raise ValueError("timm_mlp_layer: experts have no inner norm, so norm_layer must be None")
+        if drop:
+            raise ValueError("timm_mlp_layer: dropout inside experts is not supported (drop must be 0)")
+        kwargs = {"act_layer": act_layer, "bias": bias, **moe_kwargs}
+        return SparseMoE(in_features, hidden_features, **kwargs)
+
+    return build
+
+
+def _routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, RoutedLayer)]
+
+
+def aux_losses(model: nn.Module, *, clear: bool = True) -> dict[str, Tensor]:
+    """Weighted auxiliary losses of the last forward pass, summed over the model's MoE layers.
+
+    Returns ``{loss_name: tensor}`` (empty for a model without MoE): add ``sum(d.values())`` to the
+    task loss. Reading clears the records (``clear=True``), so a loss is never counted twice and no
+    autograd graph is kept alive beyond the step.
+    """
+    totals: dict[str, Tensor] = {}
+    for _, layer in _routed_layers(model):
+        for name, value in layer.last_aux_losses.items():
+            totals[name] = totals[name] + value if name in totals else value
+        if clear:
+            layer.last_aux_losses = {}
+    return totals
+
+
+def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Routing statistics of the last forward pass: ``{layer_name: {stat: tensor}}``.
+
+    Per layer: ``expert_load [E]`` (share of assignments each expert computed), ``dropped_fraction``,
+    ``router_entropy`` (mean per-token entropy in nats), the same per modality when modality ids
+    were given (``expert_load_per_modality [M, E]`` ...), and the unweighted losses ``loss/<name>``.
+    """
+    return {name: dict(layer.last_routing_stats) for name, layer in _routed_layers(model) if layer.last_routing_stats}

@@ -1,0 +1,443 @@
+"""Routers: map tokens ``[T, D]`` to a :class:`Routing` record.
+
+Every router returns the same record: for each token its ``k`` expert indices and combine weights,
+the full router probabilities (for losses and statistics) and a mask of assignments the router
+itself declined. Capacity (how many tokens an expert may take) is applied afterwards by
+:func:`plan_dispatch`, so any router works with any dispatch path.
+
+Shapes: ``T`` tokens, ``D`` model width, ``E`` experts, ``k`` choices per token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import noisy_top_k_selection_probs
+
+__all__ = [
+    "DispatchPlan",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "ModalityRouter",
+    "NoisyTopKRouter",
+    "Router",
+    "Routing",
+    "TopKRouter",
+    "compute_capacity",
+    "plan_dispatch",
+]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router decided for one forward pass.
+
+    Attributes:
+        expert_index: ``[T, k]`` int64, the experts chosen for each token (first choice first).
+        combine_weights: ``[T, k]`` weight of each choice in the output; 0 where ``dropped``.
+        dropped: ``[T, k]`` bool, assignments that are not computed (declined by the router or,
+            after :func:`plan_dispatch`, over capacity).
+        router_probs: ``[T, E]`` clean softmax probabilities (one-hot for parameter-free routers).
+        router_logits: ``[T, E]`` clean logits in fp32, or None for parameter-free routers.
+        selection_probs: ``[T, E]`` probability of each expert being selected under re-sampled
+            noise (V-MoE load loss); None when no noise was added.
+        priority: ``[T]`` priority under capacity (higher is served first; batch-prioritised
+            routing), or None for token order.
+        modality_ids: ``[T]`` modality of each token, or None.
+        capacity: tokens per expert fixed by the router itself (expert choice), else None.
+    """
+
+    expert_index: Tensor
+    combine_weights: Tensor
+    dropped: Tensor
+    router_probs: Tensor
+    router_logits: Tensor | None = None
+    selection_probs: Tensor | None = None
+    priority: Tensor | None = None
+    modality_ids: Tensor | None = None
+    capacity: int | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_probs.shape[-1]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_index.shape[-1]
+
+
+class Router(nn.Module):
+    """Base class: ``forward(x [T, D], modality_ids=None, token_ids=None) -> Routing``."""
+
+    num_experts: int
+    top_k: int
+    #: False for routers without a learned gate (hash, modality): gradient-based aux losses are
+    #: meaningless for them and :class:`mome.layers.MoE` refuses to configure any.
+    learned: bool = True
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        raise NotImplementedError  # abstract
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class TopKRouter(Router):
+    """Token-choice top-k softmax router, optionally noisy, batch-prioritised or modality-pooled.
+
+    ``p(x) = softmax(x W)``; each token takes its ``k`` most probable experts with weights
+    ``p_e(x)`` (V-MoE, Riquelme et al. 2021) or, with ``renormalize=True``, ``p_e(x) / sum_{j in
+    top-k} p_j(x)`` (Mixtral, MoE-LLaVA). Logits are computed in fp32 whatever the input dtype.
+
+    Args:
+        dim: token width ``D``.
+        num_experts: ``E``.
+        top_k: ``k``, experts per token (``1 <= k <= E``).
+        renormalize: renormalise the chosen weights to sum to 1.
+        noise_std: at training time add ``N(0, sigma^2)`` to the logits with ``sigma = noise_std / E``
+            (V-MoE; noisy top-k gating of Shazeer et al. 2017 with a fixed noise scale). The choice
+            and combine weights then use the noisy softmax; the clean softmax feeds the losses.
+        batch_priority: batch-prioritised routing (V-MoE BPR): under capacity, tokens with a larger
+            top-1 weight are served first instead of in token order.
+        bias: add a bias to the router projection.
+        modality_experts: optional per-modality pools: ``modality_experts[m]`` lists the experts a
+            token of modality ``m`` may choose (the others are masked out before the softmax).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        renormalize: bool = False,
+        noise_std: float = 0.0,
+        batch_priority: bool = False,
+        bias: bool = False,
+        modality_experts: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("top_k", top_k)
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} must not exceed num_experts={num_experts}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.noise_std = float(noise_std)
+        self.batch_priority = batch_priority
+        self.proj = nn.Linear(dim, num_experts, bias=bias)
+        if modality_experts is not None:
+            allowed = torch.zeros(len(modality_experts), num_experts, dtype=torch.bool)
+            for modality, experts in enumerate(modality_experts):
+                experts = list(experts)
+                if len(experts) < top_k:
+                    raise ValueError(
+                        f"modality_experts[{modality}] has {len(experts)} experts, fewer than top_k={top_k}"
+                    )
+                if any(not 0 <= e < num_experts for e in experts):
+                    raise ValueError(f"modality_experts[{modality}]={experts} names an expert outside [0, {num_experts})")
+                allowed[modality, experts] = True
+            self.register_buffer("allowed_experts", allowed, persistent=False)  # [M, E]
+        else:
+            self.allowed_experts = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}, "
+            f"noise_std={self.noise_std}, batch_priority={self.batch_priority}"
+        )
+
+    def compute_logits(self, x: Tensor, modality_ids: Tensor | None) -> Tensor:
+        """Clean router logits ``[T, E]`` in fp32, with experts outside a modality's pool at -inf."""
+        bias = None if self.proj.bias is None else self.proj.bias.float()
+        logits = F.linear(x.float(), self.proj.weight.float(), bias)
+        if self.allowed_experts is not None:
+            if modality_ids is None:
+                raise ValueError("this router has modality_experts pools, so modality_ids must be given")
+            logits = logits.masked_fill(~self.allowed_experts[modality_ids], float("-inf"))
+        return logits
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        logits = self.compute_logits(x, modality_ids)  # [T, E]
+        probs = logits.softmax(dim=-1)
+        gate_probs, selection_probs = probs, None
+        if self.training and self.noise_std > 0:
+            sigma = self.noise_std / self.num_experts
+            noisy_logits = logits + sigma * torch.randn_like(logits)
+            gate_probs = noisy_logits.softmax(dim=-1)
+            selection_probs = noisy_top_k_selection_probs(logits, noisy_logits, sigma, self.top_k)
+        weights, index = gate_probs.topk(self.top_k, dim=-1)  # [T, k], [T, k]
+        priority = weights[:, 0] if self.batch_priority else None
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return Routing(
+            expert_index=index,
+            combine_weights=weights,
+            dropped=torch.zeros_like(index, dtype=torch.bool),
+            router_probs=probs,
+            router_logits=logits,
+            selection_probs=selection_probs,
+            priority=priority,
+            modality_ids=modality_ids,
+        )
+
+
+class NoisyTopKRouter(TopKRouter):
+    """V-MoE's router: top-k over a noisy softmax (sigma = 1/E at training), no renormalisation.
+
+    ``G(x) = TOP_k(softmax(x W + eps))``, ``eps ~ N(0, (noise_std / E)^2)`` at training time and no
+    noise at evaluation (Riquelme et al. 2021, section 2.1; Shazeer et al. 2017).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int = 2, *, noise_std: float = 1.0, **kwargs) -> None:
+        super().__init__(dim, num_experts, top_k, noise_std=noise_std, **kwargs)
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022): each expert takes its top-``C`` tokens.
+
+    ``S = softmax(x W)`` over experts ``[T, E]``; expert ``e`` processes the ``C = ceil(T * c / E)``
+    tokens with the largest ``S[:, e]`` and weights them by ``S[t, e]``. Load is perfectly balanced;
+    a token may be processed by zero or several experts. The record has ``k = E`` columns (column
+    ``e`` is expert ``e``) with the unchosen pairs marked dropped.
+
+    Args:
+        dim: token width.
+        num_experts: ``E``.
+        capacity_factor: ``c``, average number of experts per token.
+    """
+
+    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, *, bias: bool = False) -> None:
+        super().__init__()
+        _check_positive_int("num_experts", num_experts)
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.num_experts = num_experts
+        self.top_k = num_experts
+        self.capacity_factor = float(capacity_factor)
+        self.proj = nn.Linear(dim, num_experts, bias=bias)
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        num_tokens = x.shape[0]
+        bias = None if self.proj.bias is None else self.proj.bias.float()
+        logits = F.linear(x.float(), self.proj.weight.float(), bias)  # [T, E]
+        probs = logits.softmax(dim=-1)
+        capacity = min(num_tokens, max(1, math.ceil(num_tokens * self.capacity_factor / self.num_experts)))
+        chosen_tokens = probs.t().topk(capacity, dim=-1).indices  # [E, C]
+        chosen = torch.zeros_like(probs, dtype=torch.bool)
+        chosen.scatter_(0, chosen_tokens.t(), True)  # [T, E]
+        expert_index = torch.arange(self.num_experts, device=x.device).expand(num_tokens, -1)
+        return Routing(
+            expert_index=expert_index,
+            combine_weights=probs * chosen,
+            dropped=~chosen,
+            router_probs=probs,
+            router_logits=logits,
+            modality_ids=modality_ids,
+            capacity=capacity,
+        )
+
+
+def _one_hot_routing(expert: Tensor, num_experts: int, modality_ids: Tensor | None, dtype: torch.dtype) -> Routing:
+    """A fixed top-1 assignment with weight 1."""
+    index = expert.unsqueeze(-1)  # [T, 1]
+    return Routing(
+        expert_index=index,
+        combine_weights=torch.ones(index.shape, dtype=dtype, device=expert.device),
+        dropped=torch.zeros_like(index, dtype=torch.bool),
+        router_probs=F.one_hot(expert, num_experts).to(dtype),
+        modality_ids=modality_ids,
+    )
+
+
+class HashRouter(Router):
+    """Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"): no parameters.
+
+    A fixed random table maps each token id to one expert, with weight 1. ``token_ids`` (``[T]``)
+    are the input vocabulary ids; when they are not given (image patches), the token's position
+    within its sequence is hashed instead (``positions`` computed by :class:`mome.layers.MoE`).
+
+    Args:
+        num_experts: ``E``.
+        num_buckets: size of the hashed id space (vocabulary size, or maximum sequence length).
+        seed: seed of the fixed table (stored as a buffer, so it is saved with the model).
+    """
+
+    learned = False
+
+    def __init__(self, num_experts: int, num_buckets: int = 65536, *, seed: int = 0) -> None:
+        super().__init__()
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("num_buckets", num_buckets)
+        self.num_experts = num_experts
+        self.top_k = 1
+        generator = torch.Generator().manual_seed(seed)
+        # Balanced table: bucket b -> expert perm[b] % E for a random permutation.
+        table = torch.randperm(num_buckets, generator=generator) % num_experts
+        self.register_buffer("table", table, persistent=True)
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        if token_ids is None:
+            raise ValueError("HashRouter needs token_ids (or positions) of shape [T]")
+        expert = self.table[token_ids.reshape(-1) % self.table.numel()]
+        return _one_hot_routing(expert, self.num_experts, modality_ids, x.dtype)
+
+
+class ModalityRouter(Router):
+    """Modality routing (VLMo's mixture-of-modality-experts, Bao et al. 2022): no learned gate.
+
+    Each token goes to the expert of its modality with weight 1: ``expert = expert_of_modality[m]``.
+
+    Args:
+        num_modalities: ``M``.
+        expert_of_modality: ``[M]`` expert of each modality (default: the identity, ``E = M``).
+    """
+
+    learned = False
+
+    def __init__(self, num_modalities: int, expert_of_modality: Sequence[int] | None = None) -> None:
+        super().__init__()
+        _check_positive_int("num_modalities", num_modalities)
+        mapping = list(range(num_modalities)) if expert_of_modality is None else list(expert_of_modality)
+        if len(mapping) != num_modalities:
+            raise ValueError(
+                f"expert_of_modality has {len(mapping)} entries but num_modalities={num_modalities}"
+            )
+        self.num_modalities = num_modalities
+        self.num_experts = max(mapping) + 1
+        self.top_k = 1
+        self.register_buffer("expert_of_modality", torch.tensor(mapping, dtype=torch.long), persistent=False)
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        if modality_ids is None:
+            raise ValueError("ModalityRouter needs modality_ids")
+        expert = self.expert_of_modality[modality_ids]
+        return _one_hot_routing(expert, self.num_experts, modality_ids, x.dtype)
+
+
+def compute_capacity(
+    num_assignments: int,
+    num_experts: int,
+    capacity_factor: float,
+    *,
+    multiple_of: int = 1,
+    min_capacity: int = 0,
+) -> int:
+    """Tokens per expert: ``ceil(T * k * c / E)``, rounded up to ``multiple_of`` (V-MoE uses 4).
+
+    ``num_assignments`` is ``T * k``. The result is at least ``max(1, min_capacity)`` and never more
+    than ``T * k`` (no expert can receive more assignments than exist).
+    """
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    capacity = max(math.ceil(num_assignments * capacity_factor / num_experts), min_capacity, 1)
+    capacity += (-capacity) % multiple_of
+    return min(capacity, max(num_assignments, 1))
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Routing metadata shared by every dispatch path, computed once per layer.
+
+    Assignments are numbered ``a = t * k + j`` (token ``t``, choice ``j``).
+
+    Attributes:
+        order: ``[T*k]`` assignments sorted by expert (in priority order within an expert), the
+            kept ones first; the dropped ones follow in any order.
+        group_sizes: ``[E]`` kept assignments per expert.
+        position: ``[T*k]`` slot of each assignment in its expert's buffer (valid where kept).
+        kept: ``[T*k]`` bool.
+        capacity: tokens per expert, or None (dropless).
+        num_rows: rows the sorted path computes: ``T*k`` dropless, else ``min(T*k, E*capacity)``.
+    """
+
+    order: Tensor
+    group_sizes: Tensor
+    position: Tensor
+    kept: Tensor
+    capacity: int | None
+    num_rows: int
+
+
+def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, DispatchPlan]:
+    """Apply capacity to a routing record and sort its assignments by expert.
+
+    Priority under capacity follows V-MoE: all first choices before any second choice; within a
+    choice rank, tokens in order, or by decreasing ``routing.priority`` (batch-prioritised routing).
+    Assignments beyond an expert's capacity are dropped: their combine weight becomes 0.
+
+    Returns the updated routing record (``dropped`` and ``combine_weights``) and the plan.
+    Everything stays on the device: no host synchronisation.
+    """
+    if routing.capacity is not None:
+        capacity = routing.capacity
+    num_tokens, top_k = routing.expert_index.shape
+    num_experts = routing.num_experts
+    num_assignments = num_tokens * top_k
+    device = routing.expert_index.device
+
+    # Priority order of assignments: choice rank major, then token order or decreasing priority.
+    if routing.priority is not None:
+        token_order = torch.argsort(routing.priority, descending=True, stable=True)  # [T]
+    else:
+        token_order = torch.arange(num_tokens, device=device)
+    choice = torch.arange(top_k, device=device)
+    by_priority = (token_order.unsqueeze(0) * top_k + choice.unsqueeze(1)).reshape(-1)  # [k*T]
+
+    # Stable sort by expert; router-declined assignments go to a sink group E at the end.
+    sink = torch.full_like(routing.expert_index, num_experts)
+    expert_key = torch.where(routing.dropped, sink, routing.expert_index).reshape(-1)[by_priority]  # [k*T]
+    sort_index = torch.argsort(expert_key, stable=True)
+    order = by_priority[sort_index]  # [T*k] assignment ids grouped by expert
+    sorted_key = expert_key[sort_index]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, expert_key, torch.ones_like(expert_key))
+    group_start = counts.cumsum(0) - counts  # [E+1]
+    rank_in_group = torch.arange(num_assignments, device=device) - group_start[sorted_key]  # [T*k]
+
+    kept_sorted = sorted_key < num_experts
+    if capacity is not None:
+        kept_sorted = kept_sorted & (rank_in_group < capacity)
+        num_rows = min(num_assignments, num_experts * capacity)
+    else:
+        num_rows = num_assignments
+    position = torch.empty_like(rank_in_group).scatter_(0, order, rank_in_group)
+    kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
+
+    # Compact: kept assignments first (still grouped by expert), dropped ones after them.
+    kept_long = kept_sorted.long()
+    num_kept = kept_long.sum()
+    destination = torch.where(
+        kept_sorted, kept_long.cumsum(0) - 1, num_kept + (1 - kept_long).cumsum(0) - 1
+    )
+    order = torch.empty_like(order).scatter_(0, destination, order)
+    group_sizes = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    group_sizes.scatter_add_(0, sorted_key, kept_long)
+
+    dropped = ~kept.view(num_tokens, top_k)
+    routing = replace(
+        routing,
+        dropped=dropped,
+        combine_weights=routing.combine_weights.masked_fill(dropped, 0.0),
+    )
+    plan = DispatchPlan(
+        order=order,
+        group_sizes=group_sizes[:num_experts],
+        position=position,
+        kept=kept,
+        capacity=capacity,
+        num_rows=num_rows,
+    )
+    return routing, plan

@@ -1,0 +1,100 @@
+"""Soft MoE (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts", arXiv:2308.00951).
+
+Each of the ``E * P`` slots takes a convex combination of all tokens of a sequence, the experts
+process the slots, and each token takes a convex combination of all slot outputs:
+
+    logits[b, m, s] = scale * <x_hat[b, m], mu_hat[:, s]>      (x_hat, mu_hat: unit L2 norm)
+    D = softmax_m(logits)   (dispatch, over tokens)      C = softmax_s(logits)   (combine, over slots)
+    slots[b, s] = sum_m D[b, m, s] x[b, m]                      (the *un-normalised* tokens)
+    y[b, m] = sum_s C[b, m, s] FFN_{expert(s)}(slots[b, s])
+
+This follows the official ``vmoe/projects/soft_moe/router.py``: the L2 normalisation (eps 1e-6) and
+the learned scalar ``scale`` only enter the logits; ``mu`` is ``[D, E*P]`` (lecun-normal init).
+No auxiliary loss. Shapes: ``B`` sequences, ``M`` tokens, ``D`` width, ``E`` experts, ``P`` slots
+per expert, ``S = E*P``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .experts import Experts
+from .moe import RoutedLayer
+
+__all__ = ["SoftMoE"]
+
+
+def _l2_normalize(x: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(sum x^2 + eps)`` (the official normalisation, eps inside the root)."""
+    return x * torch.rsqrt(x.square().sum(dim=dim, keepdim=True) + eps)
+
+
+class SoftMoE(RoutedLayer):
+    """Soft MoE FFN, a drop-in for a timm ``Mlp`` on ``[B, M, D]`` sequences.
+
+    Args:
+        dim: token width ``D``.
+        hidden_dim: hidden width of each expert.
+        num_experts: ``E``.
+        slots_per_expert: ``P``.
+        gated, act_layer, bias: expert options (see :class:`~mome.layers.experts.Experts`).
+        experts: pre-built :class:`Experts` (e.g. upcycled), instead of the options above.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        slots_per_expert: int = 1,
+        *,
+        gated: bool = False,
+        act_layer: type[nn.Module] = nn.GELU,
+        bias: bool = True,
+        experts: Experts | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be a positive integer, got {slots_per_expert!r}")
+        self.experts = experts or Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias)
+        if self.experts.num_experts != num_experts or self.experts.dim != dim:
+            raise ValueError(
+                f"experts has num_experts={self.experts.num_experts}, dim={self.experts.dim}; "
+                f"expected {num_experts}, {dim}"
+            )
+        self.num_experts = num_experts
+        self.slots_per_expert = slots_per_expert
+        self.mu = nn.Parameter(torch.randn(dim, num_experts * slots_per_expert) / math.sqrt(dim))  # lecun normal
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}"
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
+        """``x [B, M, D]`` (or ``[M, D]``, one sequence) -> same shape."""
+        squeeze = x.dim() == 2
+        tokens = x.unsqueeze(0) if squeeze else x  # [B, M, D]
+        batch, _, dim = tokens.shape
+        num_experts, slots = self.num_experts, self.slots_per_expert
+        logits = torch.einsum(
+            "bmd,ds->bms", _l2_normalize(tokens, -1), _l2_normalize(self.mu, 0) * self.scale
+        ).float()  # [B, M, S]
+        dispatch = logits.softmax(dim=1).to(tokens.dtype)  # over tokens
+        combine = logits.softmax(dim=2).to(tokens.dtype)  # over slots
+        slot_inputs = torch.einsum("bms,bmd->bsd", dispatch, tokens)  # [B, S, D]
+        # [B, E*P, D] -> [E, B*P, D]: each expert's slots of all sequences in one buffer.
+        buffers = slot_inputs.view(batch, num_experts, slots, dim).transpose(0, 1).reshape(num_experts, batch * slots, dim)
+        slot_outputs = self.experts.forward_batched(buffers)  # [E, B*P, D]
+        slot_outputs = slot_outputs.view(num_experts, batch, slots, dim).transpose(0, 1).reshape(batch, num_experts * slots, dim)
+        out = torch.einsum("bms,bsd->bmd", combine, slot_outputs)  # [B, M, D]
+        with torch.no_grad():
+            self.last_routing_stats = {
+                "combine_weights_max_mean": combine.amax(dim=2).mean().float(),
+                "dispatch_weights_max_mean": dispatch.amax(dim=1).mean().float(),
+                # Share of each token's output that comes from each expert, averaged over tokens.
+                "expert_load": combine.float().view(batch, -1, num_experts, slots).sum(dim=-1).mean(dim=(0, 1)),
+            }
+        return out.squeeze(0) if squeeze else out
