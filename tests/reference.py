@@ -8,7 +8,7 @@ from mome.layers import Experts
 
 def expert_ffn(experts: Experts, e: int, x: Tensor) -> Tensor:
     """One expert on one token, written out with plain matmuls."""
-    hidden = x @ experts.w_in[e]
+    hidden = x @ experts.w_in[e].T
     if experts.b_in is not None:
         hidden = hidden + experts.b_in[e]
     if experts.gated:
@@ -16,7 +16,7 @@ def expert_ffn(experts: Experts, e: int, x: Tensor) -> Tensor:
         hidden = experts.act(gate) * up
     else:
         hidden = experts.act(hidden)
-    out = hidden @ experts.w_out[e]
+    out = hidden @ experts.w_out[e].T
     if experts.b_out is not None:
         out = out + experts.b_out[e]
     return out

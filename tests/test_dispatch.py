@@ -46,7 +46,9 @@ CASES = [
 @pytest.mark.parametrize("dim,hidden,num_experts,k,capacity,gated,bias", CASES)
 def test_paths_match_naive_reference(dim, hidden, num_experts, k, capacity, gated, bias):
     torch.manual_seed(1)
-    experts = Experts(num_experts, dim, hidden, gated=gated, bias=bias, act_layer=torch.nn.SiLU if gated else torch.nn.GELU)
+    experts = Experts(
+        num_experts, dim, hidden, gated=gated, bias=bias, act_layer=torch.nn.SiLU if gated else torch.nn.GELU
+    )
     router = TopKRouter(dim, num_experts, k)
     tokens = torch.randn(13, dim, requires_grad=True)
     params = [tokens, router.proj.weight, *experts.parameters()]
@@ -70,7 +72,9 @@ def test_paths_match_naive_reference(dim, hidden, num_experts, k, capacity, gate
         assert expected_dropped.all(dim=1).any(), "test setup: expected a token routed to no expert"
     for dispatch, (out, path_grads) in results.items():
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{dispatch} forward")
-        for param, got, want in zip(["tokens", "router", "w_in", "w_out", "b_in", "b_out"], path_grads, reference_grads):
+        for param, got, want in zip(
+            ["tokens", "router", "w_in", "w_out", "b_in", "b_out"], path_grads, reference_grads
+        ):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{dispatch} grad of {param}")
 
 

@@ -130,15 +130,27 @@ class ModalityMoE(SparseMoE):
         num_shared_experts: int = 1,
         **kwargs,
     ) -> None:
-        counts = list(experts_per_modality.values()) if isinstance(experts_per_modality, Mapping) else list(experts_per_modality)
+        counts = (
+            list(experts_per_modality.values())
+            if isinstance(experts_per_modality, Mapping)
+            else list(experts_per_modality)
+        )
         if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
-            raise ValueError(f"experts_per_modality must give a positive count per modality, got {experts_per_modality!r}")
+            raise ValueError(
+                f"experts_per_modality must give a positive count per modality, got {experts_per_modality!r}"
+            )
         pools, start = [], 0
         for count in counts:
             pools.append(list(range(start, start + count)))
             start += count
         super().__init__(
-            dim, hidden_dim, start, top_k, modality_experts=pools, num_shared_experts=num_shared_experts,
-            renormalize=kwargs.pop("renormalize", True), **kwargs,
+            dim,
+            hidden_dim,
+            start,
+            top_k,
+            modality_experts=pools,
+            num_shared_experts=num_shared_experts,
+            renormalize=kwargs.pop("renormalize", True),
+            **kwargs,
         )
         self.modality_names = list(experts_per_modality) if isinstance(experts_per_modality, Mapping) else None

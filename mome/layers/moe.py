@@ -45,9 +45,7 @@ def _check_modality_ids(modality_ids: Tensor | None, x: Tensor, num_modalities: 
     if modality_ids is None:
         return None
     if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
-        raise ValueError(
-            f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens are {tuple(x.shape[:-1])}"
-        )
+        raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens are {tuple(x.shape[:-1])}")
     if modality_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
     if modality_ids.device.type == "cpu" and modality_ids.numel():  # range check without a device sync
@@ -95,9 +93,7 @@ class MoE(RoutedLayer):
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
-            raise ValueError(
-                f"router has num_experts={router.num_experts} but experts has {experts.num_experts}"
-            )
+            raise ValueError(f"router has num_experts={router.num_experts} but experts has {experts.num_experts}")
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             if factor is not None and factor != "train" and not (isinstance(factor, (int, float)) and factor > 0):
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {factor!r}")
@@ -110,9 +106,7 @@ class MoE(RoutedLayer):
         if unknown:
             raise ValueError(f"aux_loss_weights: unknown loss {unknown}; known: {list(AUX_LOSSES)}")
         if weights and not router.learned:
-            raise ValueError(
-                f"aux_loss_weights={weights} but {type(router).__name__} has no learned gate to train"
-            )
+            raise ValueError(f"aux_loss_weights={weights} but {type(router).__name__} has no learned gate to train")
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -144,8 +138,11 @@ class MoE(RoutedLayer):
         if factor is None:
             return None
         return compute_capacity(
-            num_tokens * self.router.top_k, self.num_experts, factor,
-            multiple_of=self.capacity_multiple, min_capacity=self.min_capacity,
+            num_tokens * self.router.top_k,
+            self.num_experts,
+            factor,
+            multiple_of=self.capacity_multiple,
+            min_capacity=self.min_capacity,
         )
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
@@ -292,9 +289,13 @@ class SparseMoE(MoE):
         elif router in ("top_k", "noisy_top_k"):
             default_noise = 1.0 if router == "noisy_top_k" else 0.0
             built = TopKRouter(
-                dim, num_experts, top_k, renormalize=renormalize,
+                dim,
+                num_experts,
+                top_k,
+                renormalize=renormalize,
                 noise_std=default_noise if noise_std is None else noise_std,
-                batch_priority=batch_priority, modality_experts=modality_experts,
+                batch_priority=batch_priority,
+                modality_experts=modality_experts,
             )
         elif router == "expert_choice":
             built = ExpertChoiceRouter(dim, num_experts, moe_kwargs.pop("capacity_factor", None) or 1.0)
@@ -312,7 +313,8 @@ class SparseMoE(MoE):
             width = num_shared_experts * (shared_hidden_dim or hidden_dim)
             shared = (
                 GluMlp(dim, 2 * width, act_layer=act_layer, bias=bias, gate_last=False)
-                if gated else Mlp(dim, width, act_layer=act_layer, bias=bias)
+                if gated
+                else Mlp(dim, width, act_layer=act_layer, bias=bias)
             )
         if router == "modality":
             moe_kwargs.setdefault("num_modalities", num_experts)
@@ -328,8 +330,15 @@ def timm_mlp_layer(**moe_kwargs) -> Callable[..., MoE]:
     this maps those onto :class:`SparseMoE` (``norm_layer`` must be None: experts have no inner norm).
     """
 
-    def build(in_features: int, hidden_features: int, act_layer=nn.GELU, drop: float = 0.0, bias: bool = True,
-              norm_layer=None, **unused) -> MoE:
+    def build(
+        in_features: int,
+        hidden_features: int,
+        act_layer=nn.GELU,
+        drop: float = 0.0,
+        bias: bool = True,
+        norm_layer=None,
+        **unused,
+    ) -> MoE:
         if norm_layer is not None:
             raise ValueError("timm_mlp_layer: experts have no inner norm, so norm_layer must be None")
         if drop:

@@ -147,7 +147,9 @@ class TopKRouter(Router):
                         f"modality_experts[{modality}] has {len(experts)} experts, fewer than top_k={top_k}"
                     )
                 if any(not 0 <= e < num_experts for e in experts):
-                    raise ValueError(f"modality_experts[{modality}]={experts} names an expert outside [0, {num_experts})")
+                    raise ValueError(
+                        f"modality_experts[{modality}]={experts} names an expert outside [0, {num_experts})"
+                    )
                 allowed[modality, experts] = True
             self.register_buffer("allowed_experts", allowed, persistent=False)  # [M, E]
         else:
@@ -312,9 +314,7 @@ class ModalityRouter(Router):
         _check_positive_int("num_modalities", num_modalities)
         mapping = list(range(num_modalities)) if expert_of_modality is None else list(expert_of_modality)
         if len(mapping) != num_modalities:
-            raise ValueError(
-                f"expert_of_modality has {len(mapping)} entries but num_modalities={num_modalities}"
-            )
+            raise ValueError(f"expert_of_modality has {len(mapping)} entries but num_modalities={num_modalities}")
         self.num_modalities = num_modalities
         self.num_experts = max(mapping) + 1
         self.top_k = 1
@@ -419,9 +419,7 @@ def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, Disp
     # Compact: kept assignments first (still grouped by expert), dropped ones after them.
     kept_long = kept_sorted.long()
     num_kept = kept_long.sum()
-    destination = torch.where(
-        kept_sorted, kept_long.cumsum(0) - 1, num_kept + (1 - kept_long).cumsum(0) - 1
-    )
+    destination = torch.where(kept_sorted, kept_long.cumsum(0) - 1, num_kept + (1 - kept_long).cumsum(0) - 1)
     order = torch.empty_like(order).scatter_(0, destination, order)
     group_sizes = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     group_sizes.scatter_add_(0, sorted_key, kept_long)

@@ -86,9 +86,13 @@ class SoftMoE(RoutedLayer):
         combine = logits.softmax(dim=2).to(tokens.dtype)  # over slots
         slot_inputs = torch.einsum("bms,bmd->bsd", dispatch, tokens)  # [B, S, D]
         # [B, E*P, D] -> [E, B*P, D]: each expert's slots of all sequences in one buffer.
-        buffers = slot_inputs.view(batch, num_experts, slots, dim).transpose(0, 1).reshape(num_experts, batch * slots, dim)
+        buffers = (
+            slot_inputs.view(batch, num_experts, slots, dim).transpose(0, 1).reshape(num_experts, batch * slots, dim)
+        )
         slot_outputs = self.experts.forward_batched(buffers)  # [E, B*P, D]
-        slot_outputs = slot_outputs.view(num_experts, batch, slots, dim).transpose(0, 1).reshape(batch, num_experts * slots, dim)
+        slot_outputs = (
+            slot_outputs.view(num_experts, batch, slots, dim).transpose(0, 1).reshape(batch, num_experts * slots, dim)
+        )
         out = torch.einsum("bms,bsd->bmd", combine, slot_outputs)  # [B, M, D]
         with torch.no_grad():
             self.last_routing_stats = {
