@@ -46,6 +46,56 @@ def _grouped_mm_ok(rows: Tensor, weight: Tensor) -> bool:
 _GROUPED_MM = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def _grouped_linear_eager(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
+    return _GROUPED_MM(rows, weight.transpose(1, 2), offs=group_ends)  # [R, in] x [G, in, out] -> [R, out]
+
+
+def _grouped_linear_backward_eager(
+    rows: Tensor, weight: Tensor, group_ends: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    grad_rows = _GROUPED_MM(grad, weight, offs=group_ends)  # [R, out] x [G, out, in] -> [R, in]
+    grad_weight = _GROUPED_MM(grad.t(), rows, offs=group_ends)  # [out, R] x [R, in] -> [G, out, in]
+    return grad_rows, grad_weight
+
+
+# torch.compile only traces torch's grouped matmul for bf16/fp16; for fp32 it calls it through an opaque
+# custom op (eager inside, with its own backward), so compiled graphs of every dtype stay whole.
+@torch.library.custom_op("mome::grouped_linear", mutates_args=())
+def _grouped_linear_op(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
+    return _grouped_linear_eager(rows, weight, group_ends)
+
+
+@_grouped_linear_op.register_fake
+def _(rows, weight, group_ends):
+    return rows.new_empty(rows.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("mome::grouped_linear_backward", mutates_args=())
+def _grouped_linear_backward_op(
+    rows: Tensor, weight: Tensor, group_ends: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    return _grouped_linear_backward_eager(rows, weight, group_ends, grad)
+
+
+@_grouped_linear_backward_op.register_fake
+def _(rows, weight, group_ends, grad):
+    return torch.empty_like(rows), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    rows, weight, group_ends = inputs
+    ctx.save_for_backward(rows, weight, group_ends)
+
+
+def _backward(ctx, grad):
+    rows, weight, group_ends = ctx.saved_tensors
+    grad_rows, grad_weight = _grouped_linear_backward_op(rows, weight, group_ends, grad.contiguous())
+    return grad_rows, grad_weight, None
+
+
+_grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     """``out[r] = rows[r] @ weight[g(r)].T`` (``F.linear`` per group), where row ``r`` belongs to group
     ``g`` iff it lies in ``[group_ends[g-1], group_ends[g])``; ``group_ends[-1]`` must equal ``len(rows)``.
@@ -55,9 +105,12 @@ def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     other dtypes) fall back to one ``mm`` per group; that path synchronises with the host to split
     the rows and exists only for such shapes.
     """
-    weight_t = weight.transpose(1, 2)  # [G, in, out] view
     if _GROUPED_MM is not None and _grouped_mm_ok(rows, weight):
-        return _GROUPED_MM(rows, weight_t, offs=group_ends.to(torch.int32))
+        group_ends = group_ends.to(torch.int32)
+        if torch.compiler.is_compiling() and rows.dtype == torch.float32:
+            return _grouped_linear_op(rows, weight, group_ends)
+        return _grouped_linear_eager(rows, weight, group_ends)
+    weight_t = weight.transpose(1, 2)  # [G, in, out] view
     sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1)).tolist()
     chunks = [chunk @ w for chunk, w in zip(rows.split(sizes), weight_t.unbind(0))]
     return torch.cat(chunks)

@@ -153,14 +153,15 @@ class MoE(RoutedLayer):
             # Without vocabulary ids, hash the position within the sequence.
             token_ids = torch.arange(x.shape[-2] if x.dim() > 2 else 1, device=x.device).expand(x.shape[:-1])
         routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
+        requested = (~routing.dropped).sum()
         routing, plan = plan_dispatch(routing, self.capacity(tokens.shape[0]))
         out = self.experts(tokens, routing, plan, self.dispatch)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
-        self._record(routing)
+        self._record(routing, requested)
         return out.reshape(x.shape)
 
-    def _record(self, routing: Routing) -> None:
+    def _record(self, routing: Routing, requested: Tensor) -> None:
         """Store this forward pass's weighted aux losses and its routing statistics."""
         probs, modality = routing.router_probs, routing.modality_ids
         num_modalities = self.num_modalities
@@ -181,7 +182,7 @@ class MoE(RoutedLayer):
                 raw[name] = L.global_entropy_loss(probs, modality, num_modalities, self.global_entropy_threshold).sum()
         self.last_aux_losses = {name: self.aux_loss_weights[name] * value for name, value in raw.items()}
         with torch.no_grad():
-            stats = _routing_statistics(routing, num_modalities)
+            stats = _routing_statistics(routing, requested, num_modalities)
             stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
         self.last_routing_stats = stats
 
@@ -207,30 +208,38 @@ class MoE(RoutedLayer):
         return cls(router.to(experts.w_in.dtype), experts, **moe_kwargs)
 
 
-def _routing_statistics(routing: Routing, num_modalities: int) -> dict[str, Tensor]:
-    """Per-expert load, dropped fraction and router entropy (overall and per modality)."""
+def _routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:
+    """Per-expert load, dropped fraction and router entropy (overall and per modality).
+
+    ``expert_load [E]``: share of the computed assignments that each expert computed (sums to 1);
+    ``dropped_fraction``: share of the assignments the router asked for that capacity dropped;
+    ``unrouted_fraction``: share of tokens that no expert computed; ``router_entropy``: mean
+    per-token entropy of the router probabilities (nats).
+    """
     num_experts = routing.num_experts
     expert = routing.expert_index.reshape(-1)
     kept = (~routing.dropped).reshape(-1).float()
     counts = torch.zeros(num_experts, device=expert.device).index_add_(0, expert, kept)
-    num_assignments = max(expert.numel(), 1)
+    num_kept = kept.sum()
     probs = routing.router_probs.float()
     entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # [T]
+    token_kept = (~routing.dropped).any(dim=-1).float()  # [T]
     stats = {
-        "expert_load": counts / num_assignments,
-        "dropped_fraction": 1.0 - kept.sum() / num_assignments,
+        "expert_load": counts / num_kept.clamp_min(1),
+        "dropped_fraction": 1.0 - num_kept / requested.clamp_min(1),
+        "unrouted_fraction": 1.0 - token_kept.mean() if token_kept.numel() else token_kept.new_zeros(()),
         "router_entropy": entropy.mean() if entropy.numel() else entropy.new_zeros(()),
     }
     if routing.modality_ids is not None:
-        top_k = routing.top_k
-        modality = routing.modality_ids.repeat_interleave(top_k)  # [T*k]
+        modality = routing.modality_ids
         per_modality = torch.zeros(num_modalities, num_experts, device=expert.device)
-        per_modality.index_put_((modality, expert), kept, accumulate=True)
-        assignments = torch.zeros(num_modalities, device=expert.device).index_add_(0, modality, torch.ones_like(kept))
-        stats["expert_load_per_modality"] = per_modality / assignments.clamp_min(1).unsqueeze(-1)
-        stats["dropped_fraction_per_modality"] = 1.0 - per_modality.sum(-1) / assignments.clamp_min(1)
-        entropy_sum = torch.zeros(num_modalities, device=expert.device).index_add_(0, routing.modality_ids, entropy)
-        stats["router_entropy_per_modality"] = entropy_sum / (assignments / top_k).clamp_min(1)
+        per_modality.index_put_((modality.repeat_interleave(routing.top_k), expert), kept, accumulate=True)
+        tokens = torch.zeros(num_modalities, device=expert.device).index_add_(0, modality, torch.ones_like(entropy))
+        stats["expert_load_per_modality"] = per_modality / per_modality.sum(-1, keepdim=True).clamp_min(1)
+        unrouted = torch.zeros(num_modalities, device=expert.device).index_add_(0, modality, 1.0 - token_kept)
+        stats["unrouted_fraction_per_modality"] = unrouted / tokens.clamp_min(1)
+        entropy_sum = torch.zeros(num_modalities, device=expert.device).index_add_(0, modality, entropy)
+        stats["router_entropy_per_modality"] = entropy_sum / tokens.clamp_min(1)
     return stats
 
 
@@ -372,8 +381,10 @@ def aux_losses(model: nn.Module, *, clear: bool = True) -> dict[str, Tensor]:
 def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     """Routing statistics of the last forward pass: ``{layer_name: {stat: tensor}}``.
 
-    Per layer: ``expert_load [E]`` (share of assignments each expert computed), ``dropped_fraction``,
-    ``router_entropy`` (mean per-token entropy in nats), the same per modality when modality ids
-    were given (``expert_load_per_modality [M, E]`` ...), and the unweighted losses ``loss/<name>``.
+    Per layer: ``expert_load [E]`` (share of the computed assignments per expert), ``dropped_fraction``
+    (assignments dropped by capacity), ``unrouted_fraction`` (tokens no expert computed),
+    ``router_entropy`` (mean per-token entropy, nats), per modality when modality ids were given
+    (``expert_load_per_modality [M, E]``, ``unrouted_fraction_per_modality``,
+    ``router_entropy_per_modality``), and the unweighted losses ``loss/<name>``.
     """
     return {name: dict(layer.last_routing_stats) for name, layer in _routed_layers(model) if layer.last_routing_stats}

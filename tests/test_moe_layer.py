@@ -1,0 +1,86 @@
+"""The MoE layer as users compose it: timm drop-in, model-level losses/stats, torch.compile."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import mome
+from mome.layers import MoE, SparseMoE, timm_mlp_layer
+
+
+def tiny_vit(**moe_kwargs):
+    return VisionTransformer(
+        img_size=16,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+        mlp_layer=timm_mlp_layer(num_experts=4, top_k=2, **moe_kwargs),
+    )
+
+
+def test_drop_in_for_timm_mlp_and_model_level_losses():
+    model = tiny_vit(aux_loss_weights={"load_balance": 0.01})
+    assert sum(isinstance(m, MoE) for m in model.modules()) == 2
+    logits = model(torch.randn(2, 3, 16, 16))
+    assert logits.shape == (2, 3)
+    losses = mome.aux_losses(model, clear=False)
+    assert set(losses) == {"load_balance"}
+    per_layer = [m.last_aux_losses["load_balance"] for m in model.modules() if isinstance(m, MoE)]
+    torch.testing.assert_close(losses["load_balance"], per_layer[0] + per_layer[1])
+    total = logits.logsumexp(-1).mean() + sum(mome.aux_losses(model).values())
+    total.backward()
+    assert model.blocks[0].mlp.router.proj.weight.grad.abs().sum() > 0
+    stats = mome.routing_stats(model)
+    assert set(stats) == {"blocks.0.mlp", "blocks.1.mlp"}
+    torch.testing.assert_close(stats["blocks.0.mlp"]["expert_load"].sum(), torch.tensor(1.0))
+    assert mome.aux_losses(torch.nn.Linear(2, 2)) == {}
+
+
+def test_eval_capacity_factor_and_dropped_statistics():
+    layer = SparseMoE(16, 32, 4, 2, capacity_factor=0.5, eval_capacity_factor=None)
+    x = torch.randn(2, 16, 16)
+    layer.train()
+    layer(x)
+    assert layer.last_routing_stats["dropped_fraction"] > 0.4
+    layer.eval()
+    layer(x)
+    assert layer.last_routing_stats["dropped_fraction"] == 0
+    assert layer.capacity(32) is None
+
+
+def test_router_logits_in_fp32_for_bf16_inputs():
+    layer = SparseMoE(16, 32, 4, 2).to(torch.bfloat16)
+    out = layer(torch.randn(2, 5, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    routing = layer.router(torch.randn(10, 16, dtype=torch.bfloat16))
+    assert routing.router_logits.dtype == torch.float32
+
+
+def test_grad_through_state_dict_roundtrip():
+    layer = SparseMoE(16, 32, 4, 2, num_shared_experts=1)
+    clone = SparseMoE(16, 32, 4, 2, num_shared_experts=1)
+    clone.load_state_dict(layer.state_dict(), strict=True)
+    x = torch.randn(3, 4, 16)
+    torch.testing.assert_close(clone(x), layer(x))
+    keys = set(layer.state_dict())
+    assert {"router.proj.weight", "experts.w_in", "experts.w_out", "shared_experts.fc1.weight"} <= keys
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["sorted", "buffers"])
+def test_torch_compile_matches_eager(dispatch):
+    layer = SparseMoE(16, 32, 4, 2, capacity_factor=1.0, dispatch=dispatch).eval()  # eval: no router noise
+    x = torch.randn(2, 8, 16)
+    compiled = torch.compile(layer, fullgraph=True)
+    x_eager, x_compiled = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    eager_out, compiled_out = layer(x_eager), compiled(x_compiled)
+    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
+    eager_out.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled_out.square().sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-5, rtol=1e-5)
+    for param, expected in zip(layer.parameters(), eager_grads):
+        torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-5)
