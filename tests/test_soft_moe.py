@@ -1,9 +1,9 @@
 """Soft MoE against a reference written from the paper's equations."""
 
 import torch
+from reference import expert_ffn
 
 from mome.layers import SoftMoE
-from reference import expert_ffn
 
 
 def reference_soft_moe(layer: SoftMoE, x: torch.Tensor) -> torch.Tensor:
