@@ -113,31 +113,14 @@ def bench_shape(dim: int, shape: Shape, act: str, repeats: int, peers: bool) -> 
     torch.manual_seed(0)
     x = torch.randn(1, shape.tokens, dim)
     gated = act == "swiglu"
+    moe_options = dict(renormalize=gated, gated=gated, act_layer=nn.SiLU if gated else nn.GELU, bias=not gated)
     candidates: dict[str, nn.Module] = {
         "dense": dense_ffn(dim, shape.top_k * shape.hidden, act),
-        "mome sorted (dropless)": SparseMoE(
-            dim,
-            shape.hidden,
-            shape.experts,
-            shape.top_k,
-            renormalize=gated,
-            gated=gated,
-            act_layer=nn.SiLU if gated else nn.GELU,
-            bias=not gated,
+        "mome sorted (dropless)": SparseMoE(dim, shape.hidden, shape.experts, shape.top_k, **moe_options),
+        "mome buffers (cf 1.25)": SparseMoE(
+            dim, shape.hidden, shape.experts, shape.top_k, dispatch="buffers", capacity_factor=1.25, **moe_options
         ),
     }
-    candidates["mome buffers (cf 1.25)"] = SparseMoE(
-        dim,
-        shape.hidden,
-        shape.experts,
-        shape.top_k,
-        renormalize=gated,
-        gated=gated,
-        act_layer=nn.SiLU if gated else nn.GELU,
-        bias=not gated,
-        dispatch="buffers",
-        capacity_factor=1.25,
-    )
     if peers and gated:
         for implementation in ("eager", "grouped_mm", "batched_mm"):
             # batched_mm gathers one weight matrix per assignment: skip it where that exceeds 4 GiB.
