@@ -126,3 +126,28 @@ def test_dropless_drops_nothing_and_empty_experts_are_fine():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(tokens.grad).all()
     assert torch.isfinite(experts.w_in.grad).all()
+
+
+@pytest.mark.parametrize("router_name", ["expert_choice", "noisy_bpr"])
+def test_other_routers_through_both_paths(router_name):
+    from mome.layers import ExpertChoiceRouter, NoisyTopKRouter
+
+    torch.manual_seed(4)
+    experts = Experts(4, 16, 32)
+    if router_name == "expert_choice":
+        router = ExpertChoiceRouter(16, 4, capacity_factor=0.75)
+        capacity = None  # the router fixes it
+    else:
+        router = NoisyTopKRouter(16, 4, 2, batch_priority=True).eval()
+        capacity = 4
+    tokens = torch.randn(12, 16, requires_grad=True)
+    routing, plan = plan_dispatch(router(tokens), capacity)
+    outs = [experts(tokens, routing, plan, dispatch) for dispatch in ("sorted", "buffers")]
+    reference = naive_moe(experts, tokens, routing.expert_index, routing.combine_weights, routing.dropped)
+    for out in outs:
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), [tokens, experts.w_in], retain_graph=True) for out in outs]
+    want = torch.autograd.grad(reference.square().sum(), [tokens, experts.w_in])
+    for got in grads:
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

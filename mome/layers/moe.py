@@ -151,7 +151,7 @@ class MoE(RoutedLayer):
         modality = _check_modality_ids(modality_ids, x, self.num_modalities)
         if token_ids is None and isinstance(self.router, HashRouter):
             # Without vocabulary ids, hash the position within the sequence.
-            token_ids = torch.arange(x.shape[-2] if x.dim() > 2 else 1, device=x.device).expand(x.shape[:-1])
+            token_ids = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1])  # [..., N]
         routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
         requested = (~routing.dropped).sum()
         routing, plan = plan_dispatch(routing, self.capacity(tokens.shape[0]))
