@@ -10,6 +10,7 @@ Shapes: ``T`` tokens, ``D`` model width, ``E`` experts, ``k`` choices per token.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -72,7 +73,7 @@ class Routing:
         return self.expert_index.shape[-1]
 
 
-class Router(nn.Module):
+class Router(nn.Module, abc.ABC):
     """Base class: ``forward(x [T, D], modality_ids=None, token_ids=None) -> Routing``."""
 
     num_experts: int
@@ -81,8 +82,9 @@ class Router(nn.Module):
     #: meaningless for them and :class:`mome.layers.MoE` refuses to configure any.
     learned: bool = True
 
+    @abc.abstractmethod
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
-        raise NotImplementedError  # abstract
+        """Route ``x [T, D]``; ``modality_ids`` and ``token_ids`` are ``[T]`` when given."""
 
 
 def _check_positive_int(name: str, value: int) -> None:
