@@ -10,7 +10,9 @@ from mome.layers import Experts, TopKRouter, plan_dispatch
 def naive_capacity_drops(expert_index, priority, capacity, num_experts):
     """V-MoE's rule written as a loop: first choices before second ones, tokens in priority order."""
     num_tokens, top_k = expert_index.shape
-    order = range(num_tokens) if priority is None else sorted(range(num_tokens), key=lambda t: -float(priority[t]))
+    order = (
+        range(num_tokens) if priority is None else sorted(range(num_tokens), key=lambda t: -float(priority[t].detach()))
+    )
     used = [0] * num_experts
     dropped = torch.zeros(num_tokens, top_k, dtype=torch.bool)
     for j in range(top_k):
