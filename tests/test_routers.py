@@ -127,6 +127,7 @@ def test_compute_capacity_matches_vmoe_rounding():
         (lambda: TopKRouter(8, 4, 1, modality_experts=[[0, 9]]), "modality_experts"),
         (lambda: ExpertChoiceRouter(8, 4, capacity_factor=0), "capacity_factor"),
         (lambda: compute_capacity(8, 4, 0.0), "capacity_factor"),
+        (lambda: SparseMoE(8, 16, 4, router="expert_choice", aux_loss_weights={"load_balance": 0.01}), "load_balance"),
     ],
 )
 def test_bad_arguments_name_the_argument(build, word):

@@ -1,8 +1,8 @@
 """Benchmark mome's MoE FFN against a dense FFN of equal active FLOPs and transformers' Mixtral block.
 
 All implementations run in one process, side by side, on the same inputs; each figure is the median
-of ``--repeats`` timed runs after warm-up. Ratios are to the dense FFN with hidden width ``k * H``
-(same active FLOPs as ``k`` experts of width ``H``). Example::
+of ``--repeats`` timed rounds after warm-up (each round calls every implementation once). Ratios
+are to the dense FFN with hidden width ``k * H`` (same active FLOPs as ``k`` experts of width ``H``). Example::
 
     python tools/bench_moe.py                      # the two reference shapes of the foundation issue
     python tools/bench_moe.py --shapes 4096:8:2:2048 --act swiglu --json out.json
@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,18 +84,8 @@ def mixtral_block(dim: int, shape: Shape, implementation: str) -> nn.Module:
     return block
 
 
-def time_call(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def measure(module: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def timed_calls(module: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """The two measured calls of a module: a forward without grad, and a forward + backward."""
     upstream = torch.randn_like(x)
 
     def forward():
@@ -106,7 +97,27 @@ def measure(module: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float
         module(inputs).backward(upstream)
         module.zero_grad(set_to_none=True)
 
-    return {"forward_s": time_call(forward, repeats), "forward_backward_s": time_call(forward_backward, repeats)}
+    return {"forward_s": forward, "forward_backward_s": forward_backward}
+
+
+def measure_interleaved(modules: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call for every module, timed in rounds (one call of each module per round)
+    so that slow drifts of a shared machine hit all implementations alike."""
+    calls = {name: timed_calls(module, x) for name, module in modules.items()}
+    results: dict[str, dict[str, float]] = {name: {} for name in modules}
+    for kind in ("forward_s", "forward_backward_s"):
+        for name in modules:
+            for _ in range(warmup):
+                calls[name][kind]()
+        samples: dict[str, list[float]] = {name: [] for name in modules}
+        for _ in range(repeats):
+            for name in modules:
+                start = time.perf_counter()
+                calls[name][kind]()
+                samples[name].append(time.perf_counter() - start)
+        for name in modules:
+            results[name][kind] = statistics.median(samples[name])
+    return results
 
 
 def bench_shape(dim: int, shape: Shape, act: str, repeats: int, peers: bool) -> list[dict]:
@@ -128,11 +139,13 @@ def bench_shape(dim: int, shape: Shape, act: str, repeats: int, peers: bool) -> 
             if implementation == "batched_mm" and gathered > 4 * 2**30:
                 continue
             candidates[f"transformers Mixtral {implementation}"] = mixtral_block(dim, shape, implementation)
-    rows = []
-    for name, module in candidates.items():
+    for module in candidates.values():
         module.train()
-        result = measure(module, x, repeats)
-        rows.append({"shape": str(shape), "act": act, "dim": dim, "implementation": name, **result})
+    results = measure_interleaved(candidates, x, repeats)
+    rows = [
+        {"shape": str(shape), "act": act, "dim": dim, "implementation": name, **result}
+        for name, result in results.items()
+    ]
     dense = rows[0]
     for row in rows:
         row["forward_ratio"] = row["forward_s"] / dense["forward_s"]

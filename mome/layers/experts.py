@@ -181,18 +181,19 @@ class Experts(nn.Module):
         return self.act(hidden)
 
     # ---------------------------------------------------------------- compute on grouped tokens
-    def forward_grouped(self, rows: Tensor, group_ends: Tensor, row_expert: Tensor) -> Tensor:
+    def forward_grouped(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """FFNs on rows sorted by expert: ``rows [R, D]`` -> ``[R, D]``.
 
-        ``group_ends [E]`` are the cumulative row counts (``group_ends[-1] == R``) and
-        ``row_expert [R]`` the expert of each row (for the biases).
+        ``group_sizes [E]`` counts the rows of each expert (``group_sizes.sum() == R``).
         """
+        num_rows = rows.shape[0]
+        group_ends = group_sizes.cumsum(0)
         hidden = grouped_matmul(rows, self.w_in, group_ends)  # [R, H or 2H]
-        if self.b_in is not None:
-            hidden = hidden + self.b_in.index_select(0, row_expert)
+        if self.b_in is not None:  # in place: the matmul output is not saved for its backward
+            hidden += self.b_in.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
         out = grouped_matmul(self._activate(hidden), self.w_out, group_ends)  # [R, D]
         if self.b_out is not None:
-            out = out + self.b_out.index_select(0, row_expert)
+            out += self.b_out.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
         return out
 
     def forward_batched(self, buffers: Tensor) -> Tensor:
@@ -222,13 +223,11 @@ class Experts(nn.Module):
         rows = plan.order[: plan.num_rows]  # [R] assignment ids, kept ones grouped by expert first
         # Rows past the kept ones (dropped assignments, only when R > kept) are computed by the
         # last expert and weighted by 0: finite values, zero gradients, no host sync.
-        group_ends = plan.group_sizes.cumsum(0)
-        group_ends[-1] = plan.num_rows
+        group_sizes = plan.group_sizes.clone()
+        group_sizes[-1] += plan.num_rows - group_sizes.sum()
         row_token = rows // top_k  # [R]
-        row_expert = routing.expert_index.reshape(-1)[rows]  # [R]
-        row_expert = torch.where(plan.kept[rows], row_expert, self.num_experts - 1)
         row_weight = routing.combine_weights.reshape(-1)[rows].to(tokens.dtype)  # [R]
-        expert_out = self.forward_grouped(tokens.index_select(0, row_token), group_ends, row_expert)  # [R, D]
+        expert_out = self.forward_grouped(tokens.index_select(0, row_token), group_sizes)  # [R, D]
         out = torch.zeros_like(tokens)
         return out.index_add_(0, row_token, expert_out * row_weight.unsqueeze(-1))
 

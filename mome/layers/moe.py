@@ -105,6 +105,8 @@ class MoE(RoutedLayer):
         unknown = sorted(set(weights) - set(AUX_LOSSES))
         if unknown:
             raise ValueError(f"aux_loss_weights: unknown loss {unknown}; known: {list(AUX_LOSSES)}")
+        if "load_balance" in weights and isinstance(router, ExpertChoiceRouter):
+            raise ValueError("aux_loss_weights: load_balance counts first choices; expert choice is balanced by design")
         if weights and not router.learned:
             raise ValueError(f"aux_loss_weights={weights} but {type(router).__name__} has no learned gate to train")
         self.router = router
