@@ -153,3 +153,56 @@ def test_other_routers_through_both_paths(router_name):
     for got in grads:
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_priority", [False, True])
+def test_token_groups_apply_capacity_per_group(batch_priority):
+    torch.manual_seed(5)
+    num_groups, group_length, num_experts, capacity = 3, 10, 4, 3
+    experts = Experts(num_experts, 16, 32)
+    router = TopKRouter(16, num_experts, 2, batch_priority=batch_priority)
+    tokens = torch.randn(num_groups * group_length, 16, requires_grad=True)
+    routing = router(tokens)
+    routed, plan = plan_dispatch(routing, capacity, num_groups=num_groups)
+    # Reference: each group is routed on its own, as V-MoE vmaps the dispatcher over groups.
+    expected = torch.cat(
+        [
+            naive_capacity_drops(
+                routing.expert_index[g * group_length : (g + 1) * group_length],
+                None if routing.priority is None else routing.priority[g * group_length : (g + 1) * group_length],
+                capacity,
+                num_experts,
+            )
+            for g in range(num_groups)
+        ]
+    )
+    assert torch.equal(routed.dropped, expected)
+    whole_batch, _ = plan_dispatch(routing, capacity * num_groups)
+    assert not torch.equal(whole_batch.dropped, routed.dropped), "test setup: grouping should change the drops"
+    weights = routing.combine_weights.masked_fill(expected, 0.0)
+    reference = naive_moe(experts, tokens, routing.expert_index, weights, expected)
+    for dispatch in ("sorted", "buffers"):
+        out = experts(tokens, routed, plan, dispatch)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=dispatch)
+        got = torch.autograd.grad(out.square().sum(), [tokens, experts.w_out], retain_graph=True)
+        want = torch.autograd.grad(reference.square().sum(), [tokens, experts.w_out], retain_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_moe_losses_are_means_over_groups():
+    from mome.layers import SparseMoE
+    from mome.layers import losses as L
+
+    layer = SparseMoE(8, 16, 4, 2, group_size=6, capacity_factor=1.0, aux_loss_weights={"importance": 1.0})
+    x = torch.randn(2, 6, 8)  # 12 tokens = 2 groups of 6
+    layer(x)
+    logits = x.reshape(-1, 8) @ layer.router.proj.weight.T
+    probs = logits.softmax(-1)
+    expected = (L.importance_loss(probs[:6]) + L.importance_loss(probs[6:])) / 2
+    torch.testing.assert_close(layer.last_aux_losses["importance"], expected)
+    assert not torch.allclose(expected, L.importance_loss(probs))
+    with pytest.raises(ValueError, match="group_size"):
+        layer(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="group_size"):
+        SparseMoE(8, 16, 4, 2, group_size=0)

@@ -154,5 +154,7 @@ def test_plan_is_consistent_with_capacity():
     routing, plan = plan_dispatch(router(torch.randn(30, 8)), capacity=5)
     assert int(plan.group_sizes.sum()) == int((~routing.dropped).sum())
     assert plan.group_sizes.max() <= 5
-    kept_positions = plan.position[plan.kept]
-    assert kept_positions.max() < 5
+    expert = routing.expert_index.reshape(-1)
+    assert torch.equal(plan.slot[plan.kept] // 5, expert[plan.kept])  # kept: a slot in its expert's buffer
+    assert torch.all(plan.slot[~plan.kept] == 4 * 5)  # dropped: the sink row
+    assert len(set(plan.slot[plan.kept].tolist())) == int(plan.kept.sum())  # no two share a slot

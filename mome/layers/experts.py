@@ -232,19 +232,21 @@ class Experts(nn.Module):
         return out.index_add_(0, row_token, expert_out * row_weight.unsqueeze(-1))
 
     def _dispatch_buffers(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
-        if plan.capacity is None:
+        if plan.slot is None:
             raise ValueError("dispatch='buffers' needs a capacity: set capacity_factor (or use dispatch='sorted')")
-        capacity, dim = plan.capacity, tokens.shape[-1]
-        num_slots = self.num_experts * capacity
-        expert = routing.expert_index.reshape(-1)  # [T*k]
-        slot = torch.where(plan.kept, expert * capacity + plan.position, num_slots)  # [T*k], sink = E*C
+        dim = tokens.shape[-1]
+        slots_per_expert = plan.num_groups * plan.capacity  # G*C
+        num_slots = self.num_experts * slots_per_expert
         assignment_token = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(routing.top_k)
-        buffers = tokens.new_zeros(num_slots + 1, dim).index_add_(0, slot, tokens.index_select(0, assignment_token))
-        expert_out = self.forward_batched(buffers[:num_slots].view(self.num_experts, capacity, dim))  # [E, C, D]
-        expert_out = torch.cat([expert_out.reshape(num_slots, dim), tokens.new_zeros(1, dim)])  # [E*C+1, D]
+        # [E*G*C + 1, D]; the last row is a sink for dropped assignments.
+        buffers = tokens.new_zeros(num_slots + 1, dim).index_add_(
+            0, plan.slot, tokens.index_select(0, assignment_token)
+        )
+        expert_out = self.forward_batched(buffers[:num_slots].view(self.num_experts, slots_per_expert, dim))
+        expert_out = torch.cat([expert_out.reshape(num_slots, dim), tokens.new_zeros(1, dim)])  # [E*G*C+1, D]
         weight = routing.combine_weights.reshape(-1, 1).to(tokens.dtype)  # [T*k, 1]
         out = torch.zeros_like(tokens)
-        return out.index_add_(0, assignment_token, expert_out.index_select(0, slot) * weight)
+        return out.index_add_(0, assignment_token, expert_out.index_select(0, plan.slot) * weight)
 
     # ---------------------------------------------------------------- sparse upcycling
     @classmethod

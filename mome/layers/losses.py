@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -39,23 +40,23 @@ def load_balance_loss(router_probs: Tensor, top1_index: Tensor) -> Tensor:
     perfectly uniform router; only ``P_e`` carries a gradient.
 
     Args:
-        router_probs: ``[T, E]`` softmax probabilities.
-        top1_index: ``[T]`` index of each token's first-choice expert.
+        router_probs: ``[..., T, E]`` softmax probabilities; leading axes are routing groups, each
+            with its own loss, and the mean over groups is returned.
+        top1_index: ``[..., T]`` index of each token's first-choice expert.
     """
     num_experts = router_probs.shape[-1]
-    counts = torch.zeros(num_experts, device=router_probs.device, dtype=router_probs.dtype)
-    counts.scatter_add_(0, top1_index, torch.ones_like(top1_index, dtype=router_probs.dtype))
-    fraction_dispatched = counts / max(top1_index.numel(), 1)
-    mean_prob = router_probs.mean(dim=0)
-    return num_experts * (fraction_dispatched * mean_prob).sum()
+    fraction_dispatched = F.one_hot(top1_index, num_experts).to(router_probs.dtype).mean(dim=-2)  # [..., E]
+    mean_prob = router_probs.mean(dim=-2)  # [..., E]
+    return num_experts * (fraction_dispatched * mean_prob).sum(dim=-1).mean()
 
 
 def importance_loss(router_probs: Tensor) -> Tensor:
     """V-MoE importance loss (Riquelme et al. 2021, appendix A.2; Shazeer et al. 2017).
 
-    ``Imp_e = sum_x p_e(x)`` over the clean (noise-free) softmax, ``L_imp = CV(Imp)^2``.
+    ``Imp_e = sum_x p_e(x)`` over the clean (noise-free) softmax, ``L_imp = CV(Imp)^2``. Leading
+    axes of ``router_probs [..., T, E]`` are routing groups: the loss is averaged over them, as V-MoE.
     """
-    return coefficient_of_variation_squared(router_probs.sum(dim=0))
+    return coefficient_of_variation_squared(router_probs.sum(dim=-2)).mean()
 
 
 def noisy_top_k_selection_probs(logits: Tensor, noisy_logits: Tensor, noise_std: float, k: int) -> Tensor:
@@ -70,12 +71,12 @@ def noisy_top_k_selection_probs(logits: Tensor, noisy_logits: Tensor, noise_std:
 
 
 def load_loss(selection_probs: Tensor) -> Tensor:
-    """V-MoE load loss: ``load_e = mean_x P(x, e)``, ``L_load = CV(load)^2``.
+    """V-MoE load loss: ``load_e = mean_x P(x, e)``, ``L_load = CV(load)^2`` (averaged over groups).
 
-    ``selection_probs`` comes from :func:`noisy_top_k_selection_probs`; it only exists when the
-    router adds noise (training), so V-MoE drops this term at evaluation.
+    ``selection_probs [..., T, E]`` comes from :func:`noisy_top_k_selection_probs`; it only exists
+    when the router adds noise (training), so V-MoE drops this term at evaluation.
     """
-    return coefficient_of_variation_squared(selection_probs.mean(dim=0))
+    return coefficient_of_variation_squared(selection_probs.mean(dim=-2)).mean()
 
 
 def router_z_loss(router_logits: Tensor) -> Tensor:

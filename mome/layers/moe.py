@@ -74,6 +74,9 @@ class MoE(RoutedLayer):
             are what :func:`aux_losses` returns.
         global_entropy_threshold: ``tau`` of LIMoE's thresholded global entropy (``log S``).
         num_modalities: number of modality ids (for per-modality losses and statistics).
+        group_size: route tokens in contiguous groups of this many tokens (V-MoE's token groups,
+            e.g. 8 images x 197 tokens): capacity applies per group and the importance, load and
+            load-balance losses are computed per group and averaged. None: one group.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class MoE(RoutedLayer):
         aux_loss_weights: Mapping[str, float] | None = None,
         global_entropy_threshold: float | None = None,
         num_modalities: int = 1,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
@@ -97,6 +101,8 @@ class MoE(RoutedLayer):
         for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
             if factor is not None and factor != "train" and not (isinstance(factor, (int, float)) and factor > 0):
                 raise ValueError(f"{name} must be > 0 or None (dropless), got {factor!r}")
+        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
         if not isinstance(capacity_multiple, int) or capacity_multiple < 1:
             raise ValueError(f"capacity_multiple must be a positive integer, got {capacity_multiple!r}")
         if dispatch is not None and dispatch not in ("sorted", "buffers"):
@@ -123,6 +129,7 @@ class MoE(RoutedLayer):
         self.aux_loss_weights = weights
         self.global_entropy_threshold = global_entropy_threshold
         self.num_modalities = num_modalities
+        self.group_size = group_size
 
     @property
     def num_experts(self) -> int:
@@ -154,28 +161,40 @@ class MoE(RoutedLayer):
         if token_ids is None and isinstance(self.router, HashRouter):
             # Without vocabulary ids, hash the position within the sequence.
             token_ids = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1])  # [..., N]
+        num_groups = self._num_groups(tokens.shape[0])
         routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
         requested = (~routing.dropped).sum()
-        routing, plan = plan_dispatch(routing, self.capacity(tokens.shape[0]))
+        routing, plan = plan_dispatch(routing, self.capacity(tokens.shape[0] // num_groups), num_groups)
         out = self.experts(tokens, routing, plan, self.dispatch)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
-        self._record(routing, requested)
+        self._record(routing, requested, num_groups)
         return out.reshape(x.shape)
 
-    def _record(self, routing: Routing, requested: Tensor) -> None:
+    def _num_groups(self, num_tokens: int) -> int:
+        if self.group_size is None:
+            return 1
+        if num_tokens % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} must divide the number of tokens ({num_tokens}); "
+                "choose a group size that is a multiple of the sequence length"
+            )
+        return num_tokens // self.group_size
+
+    def _record(self, routing: Routing, requested: Tensor, num_groups: int = 1) -> None:
         """Store this forward pass's weighted aux losses and its routing statistics."""
         probs, modality = routing.router_probs, routing.modality_ids
+        grouped_probs = probs.view(num_groups, -1, probs.shape[-1])  # [G, T/G, E]
         num_modalities = self.num_modalities
         raw: dict[str, Tensor] = {}
         for name in self.aux_loss_weights:
             if name == "load_balance":
-                raw[name] = L.load_balance_loss(probs, routing.expert_index[:, 0])
+                raw[name] = L.load_balance_loss(grouped_probs, routing.expert_index[:, 0].view(num_groups, -1))
             elif name == "importance":
-                raw[name] = L.importance_loss(probs)
+                raw[name] = L.importance_loss(grouped_probs)
             elif name == "load":
                 if routing.selection_probs is not None:  # only with router noise (training), as V-MoE
-                    raw[name] = L.load_loss(routing.selection_probs)
+                    raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
             elif name == "z_loss":
                 raw[name] = L.router_z_loss(routing.router_logits)
             elif name == "local_entropy":

@@ -353,32 +353,38 @@ def compute_capacity(
 class DispatchPlan:
     """Routing metadata shared by every dispatch path, computed once per layer.
 
-    Assignments are numbered ``a = t * k + j`` (token ``t``, choice ``j``).
+    Assignments are numbered ``a = t * k + j`` (token ``t``, choice ``j``). With ``G`` routing groups
+    (V-MoE's token groups) each expert has a capacity of ``C`` tokens *per group*.
 
     Attributes:
-        order: ``[T*k]`` assignments sorted by expert (in priority order within an expert), the
-            kept ones first; the dropped ones follow in any order.
+        order: ``[T*k]`` assignments sorted by expert (then group, then priority), the kept ones
+            first; the dropped ones follow in any order.
         group_sizes: ``[E]`` kept assignments per expert.
-        position: ``[T*k]`` slot of each assignment in its expert's buffer (valid where kept).
         kept: ``[T*k]`` bool.
-        capacity: tokens per expert, or None (dropless).
-        num_rows: rows the sorted path computes: ``T*k`` dropless, else ``min(T*k, E*capacity)``.
+        capacity: tokens per expert and group, or None (dropless).
+        num_groups: ``G``.
+        num_rows: rows the sorted path computes: ``T*k`` dropless, else ``min(T*k, E*G*C)``.
+        slot: ``[T*k]`` row of each assignment in the ``[E, G*C]`` capacity buffers, ``E*G*C`` (a
+            sink row) where dropped; None when dropless.
     """
 
     order: Tensor
     group_sizes: Tensor
-    position: Tensor
     kept: Tensor
     capacity: int | None
+    num_groups: int
     num_rows: int
+    slot: Tensor | None
 
 
-def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, DispatchPlan]:
+def plan_dispatch(routing: Routing, capacity: int | None, num_groups: int = 1) -> tuple[Routing, DispatchPlan]:
     """Apply capacity to a routing record and sort its assignments by expert.
 
     Priority under capacity follows V-MoE: all first choices before any second choice; within a
     choice rank, tokens in order, or by decreasing ``routing.priority`` (batch-prioritised routing).
-    Assignments beyond an expert's capacity are dropped: their combine weight becomes 0.
+    Assignments beyond an expert's capacity are dropped: their combine weight becomes 0. With
+    ``num_groups = G`` the ``T`` tokens form ``G`` contiguous groups of ``T / G`` tokens, and the
+    capacity applies to each (expert, group) pair, as V-MoE routes each group independently.
 
     Returns the updated routing record (``dropped`` and ``combine_weights``) and the plan.
     Everything stays on the device: no host synchronisation.
@@ -387,7 +393,11 @@ def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, Disp
         capacity = routing.capacity
     num_tokens, top_k = routing.expert_index.shape
     num_experts = routing.num_experts
+    if num_groups < 1 or num_tokens % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the number of tokens ({num_tokens})")
+    group_length = num_tokens // num_groups
     num_assignments = num_tokens * top_k
+    num_buckets = num_experts * num_groups  # one bucket per (expert, group); bucket E*G is the sink
     device = routing.expert_index.device
 
     # Priority order of assignments: choice rank major, then token order or decreasing priority.
@@ -398,24 +408,28 @@ def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, Disp
     choice = torch.arange(top_k, device=device)
     by_priority = (token_order.unsqueeze(0) * top_k + choice.unsqueeze(1)).reshape(-1)  # [k*T]
 
-    # Stable sort by expert; router-declined assignments go to a sink group E at the end.
-    sink = torch.full_like(routing.expert_index, num_experts)
-    expert_key = torch.where(routing.dropped, sink, routing.expert_index).reshape(-1)[by_priority]  # [k*T]
-    sort_index = torch.argsort(expert_key, stable=True)
-    order = by_priority[sort_index]  # [T*k] assignment ids grouped by expert
-    sorted_key = expert_key[sort_index]
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(0, expert_key, torch.ones_like(expert_key))
-    group_start = counts.cumsum(0) - counts  # [E+1]
-    rank_in_group = torch.arange(num_assignments, device=device) - group_start[sorted_key]  # [T*k]
+    # Stable sort by (expert, group); router-declined assignments go to the sink bucket at the end.
+    token_group = (torch.arange(num_tokens, device=device) // group_length).unsqueeze(1)  # [T, 1]
+    bucket = routing.expert_index * num_groups + token_group  # [T, k]
+    bucket = torch.where(routing.dropped, torch.full_like(bucket, num_buckets), bucket)
+    bucket_key = bucket.reshape(-1)[by_priority]  # [k*T]
+    sort_index = torch.argsort(bucket_key, stable=True)
+    order = by_priority[sort_index]  # [T*k] assignment ids grouped by (expert, group)
+    sorted_key = bucket_key[sort_index]
+    counts = torch.zeros(num_buckets + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, bucket_key, torch.ones_like(bucket_key))
+    bucket_start = counts.cumsum(0) - counts  # [E*G+1]
+    rank_in_bucket = torch.arange(num_assignments, device=device) - bucket_start[sorted_key]  # [T*k]
 
-    kept_sorted = sorted_key < num_experts
+    kept_sorted = sorted_key < num_buckets
+    slot = None
     if capacity is not None:
-        kept_sorted = kept_sorted & (rank_in_group < capacity)
-        num_rows = min(num_assignments, num_experts * capacity)
+        kept_sorted = kept_sorted & (rank_in_bucket < capacity)
+        num_rows = min(num_assignments, num_buckets * capacity)
+        slot_sorted = torch.where(kept_sorted, sorted_key * capacity + rank_in_bucket, num_buckets * capacity)
+        slot = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
     else:
         num_rows = num_assignments
-    position = torch.empty_like(rank_in_group).scatter_(0, order, rank_in_group)
     kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
 
     # Compact: kept assignments first (still grouped by expert), dropped ones after them.
@@ -424,7 +438,7 @@ def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, Disp
     destination = torch.where(kept_sorted, kept_long.cumsum(0) - 1, num_kept + (1 - kept_long).cumsum(0) - 1)
     order = torch.empty_like(order).scatter_(0, destination, order)
     group_sizes = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    group_sizes.scatter_add_(0, sorted_key, kept_long)
+    group_sizes.scatter_add_(0, sorted_key // num_groups, kept_long)
 
     dropped = ~kept.view(num_tokens, top_k)
     routing = replace(
@@ -435,9 +449,10 @@ def plan_dispatch(routing: Routing, capacity: int | None) -> tuple[Routing, Disp
     plan = DispatchPlan(
         order=order,
         group_sizes=group_sizes[:num_experts],
-        position=position,
         kept=kept,
         capacity=capacity,
+        num_groups=num_groups,
         num_rows=num_rows,
+        slot=slot,
     )
     return routing, plan
