@@ -1,0 +1,6 @@
+"""mome's model families, one per file; importing this package registers every variant."""
+
+from . import soft_moe_vit as soft_moe_vit
+from . import vmoe as vmoe
+from ._moe_vit import MoEVisionTransformer as MoEVisionTransformer
+from ._moe_vit import resolve_moe_layers as resolve_moe_layers
