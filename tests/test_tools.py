@@ -43,3 +43,15 @@ def test_bench_rejects_bad_arguments(bad):
     bench = load("bench_moe")
     with pytest.raises((SystemExit, ValueError)):
         bench.main(bad)
+
+
+def test_bench_models_runs_a_training_step_of_each_model():
+    bench = load("bench_models")
+    rows = bench.main(["--models", "vmoe_tiny_patch8_e4", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
+    assert [row["model"] for row in rows] == [
+        "vmoe_tiny_patch8_e4",
+        "vmoe_tiny_patch8_e4 dense twin (same active FLOPs)",
+        "timm vit_small_patch32_224",
+    ]
+    moe, twin = rows[0], rows[1]
+    assert twin["ratio_to_dense_twin"] == 1.0 and moe["params_m"] > twin["params_m"]
