@@ -4,7 +4,7 @@
 (Hydra) live in ``mome.lit`` and ``mome.cli`` and are imported on demand.
 """
 
-from . import models as models  # noqa: E402  (registers every family, after the registry exists)
+from . import models as models  # registers every family
 from ._registry import CheckpointMismatchError as CheckpointMismatchError
 from ._registry import PretrainedCfg as PretrainedCfg
 from ._registry import PretrainedUnavailableError as PretrainedUnavailableError
@@ -21,6 +21,7 @@ from ._registry import save_pretrained as save_pretrained
 from ._registry import split_model_name_tag as split_model_name_tag
 from ._resources import conf_dir as conf_dir
 from ._resources import zoo_dir as zoo_dir
+from ._tokenizer import get_tokenizer as get_tokenizer
 from .layers import aux_losses as aux_losses
 from .layers import routing_stats as routing_stats
 

@@ -23,10 +23,10 @@ def test_multiway_picks_the_ffn_and_norm_of_each_modality():
             hidden = torch.nn.functional.gelu(normed @ experts.w_in[m].T + experts.b_in[m])
             expected = hidden @ experts.w_out[m].T + experts.b_out[m]
             torch.testing.assert_close(out[b, n], expected, atol=1e-5, rtol=1e-5)
-    vl = layer(x, ids, use_vl=True)
-    torch.testing.assert_close(vl, layer.vl_ffn(layer.vl_norm(x)))
     stats = mome.routing_stats(layer)["moe"]
     torch.testing.assert_close(stats["expert_load_per_modality"], torch.eye(2))
+    vl = layer(x, ids, use_vl=True)
+    torch.testing.assert_close(vl, layer.vl_ffn(layer.vl_norm(x)))
 
 
 def test_multiway_errors():
@@ -58,3 +58,12 @@ def test_modality_moe_needs_modality_ids():
     layer = ModalityMoE(8, 16, [2, 2])
     with pytest.raises(ValueError, match="modality_ids"):
         layer(torch.randn(1, 3, 8))
+
+
+def test_multiway_vl_pass_clears_modality_statistics():
+    layer = MultiwayFFN(8, 16, vl_expert=True)
+    x, ids = torch.randn(1, 4, 8), torch.tensor([[0, 0, 1, 1]])
+    layer(x, ids)
+    assert mome.routing_stats(layer)
+    layer(x, ids, use_vl=True)
+    assert mome.routing_stats(layer) == {}

@@ -92,6 +92,7 @@ class MultiwayFFN(nn.Module):
         if use_vl:
             if self.vl_ffn is None:
                 raise ValueError("use_vl=True but this MultiwayFFN was built without vl_expert")
+            self.moe.last_routing_stats = {}  # the modality experts compute nothing in this pass
             return self.vl_ffn(self.vl_norm(x))
         if modality_ids is None:
             raise ValueError(f"MultiwayFFN needs modality_ids (indices into {self.modalities})")

@@ -1,0 +1,137 @@
+"""Text tokenizers of mome's models, chosen by the ``tokenizer`` field of their pretrained cfg.
+
+``get_tokenizer(model_name)`` mirrors ``open_clip.get_tokenizer``: it returns a callable
+``tokenizer(texts: str | list[str], context_length=None) -> LongTensor [N, context_length]``. The
+cfg names the tokenizer as ``"<kind>:<name>"``; each kind has a factory in
+:data:`TOKENIZER_FACTORIES`:
+
+- ``open_clip:<open_clip model name>``: ``open_clip.get_tokenizer(name)`` (e.g. ``open_clip:ViT-B-16``,
+  the CLIP BPE ``SimpleTokenizer``, whose vocabulary ships inside open_clip: works offline);
+- ``hf-hub:<repo id>`` (or a bare repo id such as ``bert-base-uncased``): a Hugging Face
+  ``AutoTokenizer``, read from the local cache only (pre-fetch it with ``hf download <repo id>``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._registry import (
+    CONFIG_NAME,
+    PretrainedCfg,
+    PretrainedUnavailableError,
+    _hub_download,
+    create_model,
+    get_pretrained_cfg,
+    parse_model_name,
+    split_model_name_tag,
+)
+
+__all__ = ["TOKENIZER_FACTORIES", "HFTokenizer", "create_tokenizer", "get_tokenizer"]
+
+Tokenizer = Callable[..., torch.Tensor]
+TokenizerFactory = Callable[[str, "int | None", "str | Path | None"], Tokenizer]
+
+
+def _open_clip_tokenizer(name: str, context_length: int | None, cache_dir: str | Path | None) -> Tokenizer:
+    import open_clip
+
+    kwargs: dict[str, Any] = {} if context_length is None else {"context_length": context_length}
+    return open_clip.get_tokenizer(name, cache_dir=None if cache_dir is None else str(cache_dir), **kwargs)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer with open_clip's call: ``texts -> input_ids [N, context_length]``."""
+
+    def __init__(self, tokenizer: Any, context_length: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        length = context_length or self.context_length
+        padding: dict[str, Any] = {"padding": "longest"} if length is None else {"padding": "max_length"}
+        encoded = self.tokenizer(texts, truncation=True, max_length=length, return_tensors="pt", **padding)
+        return encoded["input_ids"].long()
+
+
+def _hf_hub_tokenizer(name: str, context_length: int | None, cache_dir: str | Path | None) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise PretrainedUnavailableError(
+            f"the tokenizer {name!r} comes from the Hugging Face Hub and is not in the local cache; fetch it where "
+            f"there is network with `hf download {name}` into the same cache ({type(err).__name__}: {err})"
+        ) from err
+    return HFTokenizer(tokenizer, context_length)
+
+
+#: Tokenizer kinds (the part of ``pretrained_cfg.tokenizer`` before the first ``:``) and their factories
+#: ``(name, context_length, cache_dir) -> tokenizer``.
+TOKENIZER_FACTORIES: dict[str, TokenizerFactory] = {
+    "open_clip": _open_clip_tokenizer,
+    "hf-hub": _hf_hub_tokenizer,
+}
+
+
+def create_tokenizer(spec: str, context_length: int | None = None, cache_dir: str | Path | None = None) -> Tokenizer:
+    """The tokenizer named ``"<kind>:<name>"`` (a bare name is a Hugging Face Hub repo id)."""
+    kind, sep, name = spec.partition(":")
+    if not sep:
+        kind, name = "hf-hub", spec
+    if kind not in TOKENIZER_FACTORIES:
+        raise ValueError(f"unknown tokenizer kind {kind!r} in {spec!r}; the kinds are {sorted(TOKENIZER_FACTORIES)}")
+    if not name:
+        raise ValueError(f"tokenizer {spec!r} names nothing after '{kind}:'")
+    return TOKENIZER_FACTORIES[kind](name, context_length, cache_dir)
+
+
+def _saved_config(source: str, name: str, cache_dir: str | Path | None) -> dict[str, Any]:
+    path = (
+        Path(name).expanduser() / CONFIG_NAME if source == "local-dir" else _hub_download(name, CONFIG_NAME, cache_dir)
+    )
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}:{name}: no {CONFIG_NAME} in {path.parent}")
+    return json.loads(path.read_text())
+
+
+def _model_cfg(model_name: str, cache_dir: str | Path | None) -> PretrainedCfg:
+    """The model's card merged over the data defaults its entrypoint sets (built on the meta device)."""
+    source, name = parse_model_name(model_name)
+    if source is None:
+        cfg, arch, args = get_pretrained_cfg(name), name, {}
+    else:
+        config = _saved_config(source, name, cache_dir)
+        arch = split_model_name_tag(config["architecture"])[0]
+        cfg, args = PretrainedCfg.from_dict(config.get("pretrained_cfg", {})), config.get("model_args", {})
+    if cfg.tokenizer is None:
+        with torch.device("meta"):
+            model = create_model(arch, **args)
+        defaults = getattr(model, "pretrained_cfg", None)
+        if isinstance(defaults, PretrainedCfg):
+            cfg = defaults.replace(**cfg.to_dict(remove_null=True))
+    return cfg
+
+
+def get_tokenizer(model_name: str, context_length: int | None = None, cache_dir: str | Path | None = None) -> Tokenizer:
+    """The text tokenizer of ``model_name`` (``arch``, ``arch.tag``, ``local-dir:...`` or ``hf-hub:...``).
+
+    Args:
+        model_name: a model with a text side (LIMoE, VLMo, ...).
+        context_length: tokens per text; defaults to the model's ``pretrained_cfg.context_length``.
+        cache_dir: the Hugging Face cache (for ``hf-hub`` tokenizers and configs).
+
+    Raises:
+        ValueError: the model has no text side (its cfg names no tokenizer).
+        PretrainedUnavailableError: the tokenizer must come from the Hugging Face Hub and is not cached.
+    """
+    cfg = _model_cfg(model_name, cache_dir)
+    if not cfg.tokenizer:
+        raise ValueError(f"{model_name} has no text side: its pretrained_cfg names no tokenizer")
+    return create_tokenizer(cfg.tokenizer, context_length or cfg.context_length, cache_dir)
