@@ -16,11 +16,49 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .._registry import PretrainedCfg
-from ..layers import Experts, SoftMoE, SparseMoE
+from ..layers import Experts, ModalityMoE, SoftMoE, SparseMoE
 
-__all__ = ["MoEVisionTransformer", "resolve_moe_layers"]
+__all__ = ["MoEVisionTransformer", "build_moe_ffn", "resolve_moe_layers"]
 
-MoEType = Literal["sparse", "soft"]
+MoEType = Literal["sparse", "soft", "modality_pools"]
+
+
+def build_moe_ffn(
+    dense: nn.Module,
+    num_experts: int,
+    top_k: int,
+    moe_type: MoEType,
+    router: str,
+    slots_per_expert: int,
+    options: Mapping[str, Any],
+    upcycle: bool = False,
+) -> nn.Module:
+    """The MoE layer that replaces the dense timm ``Mlp`` of a block (same width and activation).
+
+    ``"sparse"``: :class:`~mome.layers.SparseMoE` with ``options``; ``"soft"``:
+    :class:`~mome.layers.SoftMoE`; ``"modality_pools"``: :class:`~mome.layers.ModalityMoE` (needs
+    modality ids; ``options["experts_per_modality"]`` or an even image/text split of ``num_experts``).
+    ``upcycle`` copies the dense FFN into every expert (sparse upcycling).
+    """
+    dim, hidden = dense.fc1.in_features, dense.fc1.out_features
+    act_layer = type(dense.act)
+    if moe_type == "soft":
+        experts = Experts.from_dense(dense, num_experts) if upcycle else None
+        return SoftMoE(dim, hidden, num_experts, slots_per_expert, act_layer=act_layer, experts=experts)
+    if moe_type == "modality_pools":
+        if router not in ("top_k", "noisy_top_k"):
+            raise ValueError(f"moe_type='modality_pools' routes within pools with a top-k router, not {router!r}")
+        options = dict(options)
+        half = num_experts // 2
+        pools = options.pop("experts_per_modality", {"image": half, "text": num_experts - half})
+        moe = ModalityMoE(dim, hidden, pools, top_k, router=router, act_layer=act_layer, **options)
+    elif moe_type == "sparse":
+        moe = SparseMoE(dim, hidden, num_experts, top_k, router=router, act_layer=act_layer, **options)
+    else:
+        raise ValueError(f"moe_type must be 'sparse', 'soft' or 'modality_pools', got {moe_type!r}")
+    if upcycle:
+        moe.experts.load_state_dict(Experts.from_dense(dense, moe.experts.num_experts).state_dict())
+    return moe
 
 
 def resolve_moe_layers(spec: str | Sequence[int], depth: int) -> list[int]:
@@ -111,27 +149,6 @@ class MoEVisionTransformer(VisionTransformer):
         )
         for index in self.moe_layer_indices:
             block = self.blocks[index]
-            block.mlp = self._build_moe(
+            block.mlp = build_moe_ffn(
                 block.mlp, num_experts, top_k, moe_type, router, slots_per_expert, options, upcycle
             )
-
-    @staticmethod
-    def _build_moe(
-        dense: nn.Module,
-        num_experts: int,
-        top_k: int,
-        moe_type: MoEType,
-        router: str,
-        slots_per_expert: int,
-        options: dict[str, Any],
-        upcycle: bool,
-    ) -> nn.Module:
-        dim, hidden = dense.fc1.in_features, dense.fc1.out_features
-        act_layer = type(dense.act)
-        if moe_type == "soft":
-            experts = Experts.from_dense(dense, num_experts) if upcycle else None
-            return SoftMoE(dim, hidden, num_experts, slots_per_expert, act_layer=act_layer, experts=experts)
-        moe = SparseMoE(dim, hidden, num_experts, top_k, router=router, act_layer=act_layer, **options)
-        if upcycle:
-            moe.experts.load_state_dict(Experts.from_dense(dense, num_experts).state_dict())
-        return moe

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,12 +57,11 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .._registry import PretrainedCfg, register_model
-from ..layers import ModalityMoE, MoE
-from ._moe_vit import MoEVisionTransformer, resolve_moe_layers
+from ..layers import MoE
+from ._moe_vit import MoEType, build_moe_ffn, resolve_moe_layers
 
 __all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE"]
 
-MoEType = Literal["sparse", "soft", "modality_pools"]
 IMAGE, TEXT = 0, 1
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (written out so that ``import mome`` does not import open_clip).
@@ -187,7 +186,7 @@ class LIMoE(nn.Module):
         self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
         for index in self.moe_layer_indices:
             block = self.blocks[index]
-            block.mlp = self._build_moe(block.mlp, num_experts, top_k, moe_type, router, slots_per_expert, options)
+            block.mlp = build_moe_ffn(block.mlp, num_experts, top_k, moe_type, router, slots_per_expert, options)
 
         self.pretrained_cfg = PretrainedCfg(
             input_size=(in_chans, *self.patch_embed.img_size),
@@ -207,27 +206,6 @@ class LIMoE(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.apply(_init_linear)
-
-    @staticmethod
-    def _build_moe(
-        dense: nn.Module,
-        num_experts: int,
-        top_k: int,
-        moe_type: MoEType,
-        router: str,
-        slots_per_expert: int,
-        options: dict[str, Any],
-    ) -> nn.Module:
-        if moe_type != "modality_pools":
-            return MoEVisionTransformer._build_moe(
-                dense, num_experts, top_k, moe_type, router, slots_per_expert, options, upcycle=False
-            )
-        if router not in ("top_k", "noisy_top_k"):
-            raise ValueError(f"moe_type='modality_pools' routes within pools with a top-k router, not {router!r}")
-        options = dict(options)
-        pools = options.pop("experts_per_modality", {"image": num_experts // 2, "text": num_experts - num_experts // 2})
-        dim, hidden = dense.fc1.in_features, dense.fc1.out_features
-        return ModalityMoE(dim, hidden, pools, top_k, router=router, act_layer=type(dense.act), **options)
 
     @property
     def num_experts(self) -> int:
