@@ -246,3 +246,34 @@ def test_model_configs_instantiate(name):
         model = instantiate(OmegaConf.merge(cfg, OmegaConf.from_dotlist([override])))
         assert check(model), override
         model(torch.randn(2, 3, 32, 32), get_tokenizer(TINY)(CAPTIONS))
+
+
+def test_open_clip_text_transformer_loads_into_the_text_path():
+    from open_clip.transformer import TextTransformer
+
+    from mome.models.limoe import limoe_state_dict_from_open_clip_text
+
+    text_tower = TextTransformer(context_length=77, vocab_size=49408, width=64, heads=4, layers=4, output_dim=64)
+    for param in text_tower.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    model = mome.create_model("limoe_tiny_patch8_e4")
+    mapped = limoe_state_dict_from_open_clip_text(text_tower.state_dict(), model)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    assert unexpected == []
+    assert all(
+        k.startswith(("pos_embed", "patch_embed", "image_", "logit_scale", "text_proj.bias")) or ".router." in k
+        for k in missing
+    ), missing
+    torch.testing.assert_close(model.text_proj.weight, text_tower.text_projection.t())
+    torch.testing.assert_close(model.positional_embedding, text_tower.positional_embedding[:16])
+    moe_block = model.blocks[model.moe_layer_indices[0]]
+    source = text_tower.transformer.resblocks[model.moe_layer_indices[0]]
+    for e in range(moe_block.mlp.experts.num_experts):
+        torch.testing.assert_close(moe_block.mlp.experts.w_in[e], source.mlp.c_fc.weight)
+    # The attention layouts correspond: the same input gives the same (unmasked) attention output.
+    x = torch.randn(2, 5, 64)
+    expected = source.attn(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(moe_block.attn(x), expected, atol=1e-5, rtol=1e-5)
+    bad = dict(text_tower.state_dict(), extra=torch.zeros(1))
+    with pytest.raises(ValueError, match="extra"):
+        limoe_state_dict_from_open_clip_text(bad, model)

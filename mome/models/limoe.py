@@ -60,7 +60,7 @@ from .._registry import PretrainedCfg, register_model
 from ..layers import MoE
 from ._moe_vit import MoEType, build_moe_ffn, resolve_moe_layers
 
-__all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE"]
+__all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE", "limoe_state_dict_from_open_clip_text"]
 
 IMAGE, TEXT = 0, 1
 
@@ -302,6 +302,88 @@ class LIMoE(nn.Module):
                 "logit_scale": self.logit_scale.exp(),
             }
         return image_features, text_features, self.logit_scale.exp()
+
+
+# ---------------------------------------------------------------------------------------------
+# Key map: an open_clip text transformer into LIMoE's text path (the layouts correspond there).
+#
+#   open_clip                                         LIMoE
+#   token_embedding.weight                            token_embedding.weight
+#   positional_embedding [ctx, D]                     positional_embedding (first context_length rows)
+#   transformer.resblocks.{i}.ln_1 / ln_2             blocks.{i}.norm1 / norm2
+#   transformer.resblocks.{i}.attn.in_proj_*          blocks.{i}.attn.qkv.*   (same [q; k; v] row order)
+#   transformer.resblocks.{i}.attn.out_proj.*         blocks.{i}.attn.proj.*
+#   transformer.resblocks.{i}.mlp.c_fc / c_proj       blocks.{i}.mlp.fc1 / fc2, or in an MoE block every
+#                                                     expert's w_in, b_in / w_out, b_out (upcycling)
+#   ln_final                                          text_norm
+#   text_projection [D, E]                            text_proj.weight (transposed)
+#
+# Not covered (no open_clip counterpart): the image side, routers, text_proj.bias, logit_scale. The
+# blocks are shared with the image stream, so loading a text tower also initialises the image path.
+# open_clip's text attention is causal and its MLP uses exact (or Quick) GELU; LIMoE's text is
+# bidirectional with tanh GELU, so outputs differ until fine-tuned.
+# ---------------------------------------------------------------------------------------------
+_OPEN_CLIP_BLOCK_KEYS = {
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "attn.in_proj_weight": "attn.qkv.weight",
+    "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.proj.weight",
+    "attn.out_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+}
+# open_clip MLP key -> (dense timm Mlp key, stacked Experts parameter)
+_OPEN_CLIP_MLP_KEYS = {
+    "mlp.c_fc.weight": ("mlp.fc1.weight", "w_in"),
+    "mlp.c_fc.bias": ("mlp.fc1.bias", "b_in"),
+    "mlp.c_proj.weight": ("mlp.fc2.weight", "w_out"),
+    "mlp.c_proj.bias": ("mlp.fc2.bias", "b_out"),
+}
+
+
+def limoe_state_dict_from_open_clip_text(state_dict: Mapping[str, Tensor], model: LIMoE) -> dict[str, Tensor]:
+    """Map an open_clip text-transformer state dict onto ``model``'s keys (see the key map above).
+
+    Every open_clip key must be used and every shape must match, else a ``ValueError`` names the
+    keys. Load the result with ``model.load_state_dict(mapped, strict=False)``: the keys it does not
+    cover are listed above.
+    """
+    state = dict(state_dict)
+    target = model.state_dict()
+    mapped: dict[str, Tensor] = {}
+    used: set[str] = set()
+
+    def put(key: str, value: Tensor, source: str) -> None:
+        if key not in target:
+            raise ValueError(f"open_clip key {source!r} maps to {key!r}, which this LIMoE does not have")
+        if tuple(value.shape) != tuple(target[key].shape):
+            raise ValueError(f"{source!r} has shape {tuple(value.shape)}, {key!r} needs {tuple(target[key].shape)}")
+        mapped[key] = value
+        used.add(source)
+
+    put("token_embedding.weight", state["token_embedding.weight"], "token_embedding.weight")
+    context = target["positional_embedding"].shape[0]
+    put("positional_embedding", state["positional_embedding"][:context], "positional_embedding")
+    put("text_norm.weight", state["ln_final.weight"], "ln_final.weight")
+    put("text_norm.bias", state["ln_final.bias"], "ln_final.bias")
+    put("text_proj.weight", state["text_projection"].t(), "text_projection")
+    for index, block in enumerate(model.blocks):
+        prefix = f"transformer.resblocks.{index}."
+        for source, dest in _OPEN_CLIP_BLOCK_KEYS.items():
+            put(f"blocks.{index}.{dest}", state[prefix + source], prefix + source)
+        experts = getattr(block.mlp, "experts", None)
+        for source, (dense_key, expert_param) in _OPEN_CLIP_MLP_KEYS.items():
+            value = state[prefix + source]
+            if experts is None:
+                put(f"blocks.{index}.{dense_key}", value, prefix + source)
+            else:  # [out, in] or [out] -> every expert: [E, out, in] / [E, out]
+                stacked = value.unsqueeze(0).expand(experts.num_experts, *value.shape).clone()
+                put(f"blocks.{index}.mlp.experts.{expert_param}", stacked, prefix + source)
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ValueError(f"open_clip keys with no LIMoE counterpart: {unused[:20]}")
+    return mapped
 
 
 def _create_limoe(**kwargs: Any) -> LIMoE:
