@@ -55,3 +55,9 @@ def test_bench_models_runs_a_training_step_of_each_model():
     ]
     moe, twin = rows[0], rows[1]
     assert twin["ratio_to_dense_twin"] == 1.0 and moe["params_m"] > twin["params_m"]
+    rows = bench.main(["--models", "limoe_tiny_patch8_e4", "--batch-size", "2", "--repeats", "1", "--warmup", "0"])
+    assert [row["model"] for row in rows] == [
+        "limoe_tiny_patch8_e4",
+        "limoe_tiny_patch8_e4 dense twin (same active FLOPs)",
+    ]
+    assert rows[0]["params_m"] > rows[1]["params_m"]

@@ -3,12 +3,13 @@
 One process, side by side, interleaved rounds (each round runs one training step of every model:
 forward, backward, AdamW step), median over ``--repeats`` rounds after warm-up. Example::
 
-    python tools/bench_models.py                     # V-MoE S/32 (E=8, k=2) at batch 32, 224 px
+    python tools/bench_models.py                     # V-MoE S/32 (E=8, k=2) at 224 px and LIMoE tiny, batch 32
     python tools/bench_models.py --batch-size 8 --models vmoe_s32_e8 --json out.json
 
 The dense twin of a sparse MoE model is the same timm ViT with the FFN of each MoE block widened to
 ``k * H`` (``k`` experts of width ``H`` are active per token); timm's ``vit_small_patch32_224``
-(12 layers of width 384) is timed too, for reference.
+(12 layers of width 384) is timed too, for reference. The dense twin of a (top-1) LIMoE is the same
+one-tower model without MoE layers, trained with the same CLIP loss.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -50,13 +52,13 @@ def dense_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+def train_step_fn(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+    """One training step: forward, task loss + ``mome.aux_losses``, backward, AdamW step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def step():
-        logits = model(images)
-        loss = nn.functional.cross_entropy(logits, labels) + sum(mome.aux_losses(model).values())
+        loss = loss_fn(model) + sum(mome.aux_losses(model).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -64,20 +66,45 @@ def train_step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
     return step
 
 
+def vision_candidates(name: str, batch_size: int):
+    """A ViT MoE model, its dense twin and timm's ViT-S/32, with a classification loss."""
+    model = mome.create_model(name, num_classes=1000)
+    size = model.patch_embed.img_size
+    images, labels = torch.randn(batch_size, 3, *size), torch.randint(0, 1000, (batch_size,))
+    candidates = {
+        name: model,
+        f"{name} dense twin (same active FLOPs)": dense_twin(model),
+        "timm vit_small_patch32_224": timm.create_model("vit_small_patch32_224", img_size=size),
+    }
+    return candidates, lambda m: nn.functional.cross_entropy(m(images), labels)
+
+
+def contrastive_candidates(name: str, batch_size: int):
+    """A LIMoE model and its dense one-tower twin (top-1: one expert = one dense FFN), CLIP loss."""
+    model = mome.create_model(name)
+    if model.moe_layer_indices and model.blocks[model.moe_layer_indices[0]].mlp.router.top_k != 1:
+        raise ValueError(f"{name}: the dense twin of a top-k>1 LIMoE is not implemented here")
+    size = model.pretrained_cfg.input_size[1:]
+    images = torch.randn(batch_size, 3, *size)
+    texts = mome.get_tokenizer(name)([f"a photo of object number {i}" for i in range(batch_size)])
+    targets = torch.arange(batch_size)
+
+    def clip_loss(m):
+        image_features, text_features, scale = m(images, texts)
+        logits = scale * image_features @ text_features.t()
+        return (nn.functional.cross_entropy(logits, targets) + nn.functional.cross_entropy(logits.t(), targets)) / 2
+
+    candidates = {name: model, f"{name} dense twin (same active FLOPs)": mome.create_model(name, moe_layers="none")}
+    return candidates, clip_loss
+
+
 def bench(names: list[str], batch_size: int, repeats: int, warmup: int) -> list[dict]:
     rows = []
     for name in names:
         torch.manual_seed(0)
-        model = mome.create_model(name, num_classes=1000)
-        size = model.patch_embed.img_size
-        images = torch.randn(batch_size, 3, *size)
-        labels = torch.randint(0, 1000, (batch_size,))
-        candidates = {
-            name: model,
-            f"{name} dense twin (same active FLOPs)": dense_twin(model),
-            "timm vit_small_patch32_224": timm.create_model("vit_small_patch32_224", img_size=size),
-        }
-        steps = {label: train_step_fn(m, images, labels) for label, m in candidates.items()}
+        build = contrastive_candidates if name.startswith("limoe") else vision_candidates
+        candidates, loss_fn = build(name, batch_size)
+        steps = {label: train_step_fn(m, loss_fn) for label, m in candidates.items()}
         for step in steps.values():
             for _ in range(warmup):
                 step()
@@ -106,7 +133,7 @@ def bench(names: list[str], batch_size: int, repeats: int, warmup: int) -> list[
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vmoe_s32_e8"])
+    parser.add_argument("--models", nargs="+", default=["vmoe_s32_e8", "limoe_tiny_patch8_e4"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
