@@ -84,3 +84,12 @@ def test_torch_compile_matches_eager(dispatch):
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-5, rtol=1e-5)
     for param, expected in zip(layer.parameters(), eager_grads):
         torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_default_modality_applies_when_no_ids_are_given():
+    layer = SparseMoE(8, 16, 4, 1, modality_experts=[[0, 1], [2, 3]], default_modality=1)
+    layer(torch.randn(2, 3, 8))
+    load = layer.last_routing_stats["expert_load_per_modality"]
+    assert load[0].sum() == 0 and load[1, 2:].sum() > 0.99
+    with pytest.raises(ValueError, match="default_modality"):
+        SparseMoE(8, 16, 4, 1, default_modality=3)

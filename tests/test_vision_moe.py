@@ -172,3 +172,11 @@ def test_pretrained_cfg_feeds_timm_data_pipeline():
     torch.testing.assert_close(tensor[0].max(), torch.tensor(1.0))  # red channel at 255 -> +1
     overlay = mome.create_model("vmoe_tiny_patch8_e4", pretrained_cfg_overlay={"crop_pct": 0.9})
     assert overlay.pretrained_cfg.crop_pct == 0.9 and overlay.pretrained_cfg.mean == (0.5, 0.5, 0.5)
+
+
+def test_vmoe_with_modality_aware_experts():
+    model = mome.create_model("vmoe_tiny_patch8_e4", moe_type="modality_pools", num_experts=4)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    load = mome.routing_stats(model)["blocks.1.mlp"]["expert_load_per_modality"]
+    assert load[0, :2].sum() > 0.99 and load[1].sum() == 0  # image tokens use the image pool only
+    assert model.blocks[1].mlp.shared_experts is not None

@@ -74,6 +74,8 @@ class MoE(RoutedLayer):
             are what :func:`aux_losses` returns.
         global_entropy_threshold: ``tau`` of LIMoE's thresholded global entropy (``log S``).
         num_modalities: number of modality ids (for per-modality losses and statistics).
+        default_modality: modality id of every token when ``modality_ids`` is not given (e.g. 0 for
+            a vision-only model whose router has per-modality pools); None: no modality.
         group_size: route tokens in contiguous groups of this many tokens (V-MoE's token groups,
             e.g. 8 images x 197 tokens): capacity applies per group and the importance, load and
             load-balance losses are computed per group and averaged. None: one group.
@@ -94,6 +96,7 @@ class MoE(RoutedLayer):
         global_entropy_threshold: float | None = None,
         num_modalities: int = 1,
         group_size: int | None = None,
+        default_modality: int | None = None,
     ) -> None:
         super().__init__()
         if router.num_experts != experts.num_experts:
@@ -130,6 +133,9 @@ class MoE(RoutedLayer):
         self.global_entropy_threshold = global_entropy_threshold
         self.num_modalities = num_modalities
         self.group_size = group_size
+        if default_modality is not None and not 0 <= default_modality < num_modalities:
+            raise ValueError(f"default_modality={default_modality} must lie in [0, num_modalities={num_modalities})")
+        self.default_modality = default_modality
 
     @property
     def num_experts(self) -> int:
@@ -158,6 +164,8 @@ class MoE(RoutedLayer):
         """``x [..., D] -> [..., D]``; ``modality_ids`` and ``token_ids`` are ``x.shape[:-1]``."""
         tokens = x.reshape(-1, x.shape[-1])  # [T, D]
         modality = _check_modality_ids(modality_ids, x, self.num_modalities)
+        if modality is None and self.default_modality is not None:
+            modality = torch.full(tokens.shape[:1], self.default_modality, dtype=torch.long, device=x.device)
         if token_ids is None and isinstance(self.router, HashRouter):
             # Without vocabulary ids, hash the position within the sequence.
             token_ids = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1])  # [..., N]

@@ -103,7 +103,8 @@ class MoEVisionTransformer(VisionTransformer):
         num_experts: experts per MoE layer.
         top_k: experts per token (sparse).
         moe_layers: which blocks are MoE (see :func:`resolve_moe_layers`).
-        moe_type: ``"sparse"`` (:class:`~mome.layers.SparseMoE`) or ``"soft"`` (:class:`~mome.layers.SoftMoE`).
+        moe_type: ``"sparse"`` (:class:`~mome.layers.SparseMoE`), ``"soft"`` (:class:`~mome.layers.SoftMoE`)
+            or ``"modality_pools"`` (:class:`~mome.layers.ModalityMoE`; image tokens use the image pool).
         router: router of the sparse layers (``"noisy_top_k"``, ``"top_k"``, ``"expert_choice"``, ...).
         group_size_images: route tokens in groups of this many images (V-MoE token groups); None
             routes the whole batch as one group.
@@ -131,11 +132,13 @@ class MoEVisionTransformer(VisionTransformer):
         **vit_kwargs: Any,
     ) -> None:
         super().__init__(**vit_kwargs)
-        if moe_type not in ("sparse", "soft"):
-            raise ValueError(f"moe_type must be 'sparse' or 'soft', got {moe_type!r}")
+        if moe_type not in ("sparse", "soft", "modality_pools"):
+            raise ValueError(f"moe_type must be 'sparse', 'soft' or 'modality_pools', got {moe_type!r}")
         self.moe_layer_indices = resolve_moe_layers(moe_layers, len(self.blocks))
         tokens_per_image = self.patch_embed.num_patches + self.num_prefix_tokens
         options = dict(moe_kwargs or {})
+        if moe_type == "modality_pools":  # image tokens only: every token is modality 0 (image)
+            options.setdefault("default_modality", 0)
         if group_size_images is not None:
             options["group_size"] = group_size_images * tokens_per_image
         # Data defaults (timm's ``pretrained_cfg``); a checkpoint card overrides them.
