@@ -25,7 +25,7 @@ test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 train: install
-	HF_HUB_OFFLINE=1 $(PY) tools/train_synthetic.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train
 
 bench: install
 	$(PY) tools/bench_moe.py

@@ -8,7 +8,8 @@ cfg names the tokenizer as ``"<kind>:<name>"``; each kind has a factory in
 - ``open_clip:<open_clip model name>``: ``open_clip.get_tokenizer(name)`` (e.g. ``open_clip:ViT-B-16``,
   the CLIP BPE ``SimpleTokenizer``, whose vocabulary ships inside open_clip: works offline);
 - ``hf-hub:<repo id>`` (or a bare repo id such as ``bert-base-uncased``): a Hugging Face
-  ``AutoTokenizer``, read from the local cache only (pre-fetch it with ``hf download <repo id>``).
+  ``AutoTokenizer``, read from the local cache only (pre-fetch it with ``hf download <repo id>``);
+- ``mome:<name>``: a tokenizer built in code for the tiny demo models (``mome:tiny-wordlevel``).
 """
 
 from __future__ import annotations
@@ -72,11 +73,66 @@ def _hf_hub_tokenizer(name: str, context_length: int | None, cache_dir: str | Pa
     return HFTokenizer(tokenizer, context_length)
 
 
+#: The fixed vocabulary of ``mome:tiny-wordlevel`` (after BERT's 5 special tokens): caption words of the
+#: embedded demo sets (digits, shapes) and common caption words. Fixed forever: token ids index embeddings.
+TINY_WORDS = (
+    *".,!?;:'\"-()/",
+    *"0123456789",
+    *"zero one two three four five six seven eight nine ten".split(),
+    *"a an the of in on at to and or is are this that it with without there here what which where how many".split(),
+    *"photo picture image drawing scan sketch painting rendering close-up number digit numeral figure".split(),
+    *"handwritten written blurry clean dark bright small large big little tiny old new pixelated grey".split(),
+    *"shape shapes circle square triangle red green blue yellow white black orange purple colour color".split(),
+    *"left right top bottom middle center above below next one's count answer question yes no".split(),
+    *"man woman person people dog cat car bird tree street house water sky table food".split(),
+)
+
+_TINY_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+TINY_VOCAB_SIZE = len(dict.fromkeys([*_TINY_SPECIALS, *TINY_WORDS]))
+
+
+def tiny_wordlevel_tokenizer() -> Any:
+    """A BERT-style word-level tokenizer built in code (no download): ``[PAD]=0 [UNK] [CLS] [SEP] [MASK]``
+    then :data:`TINY_WORDS`; lower-cases, splits on whitespace and punctuation (BERT's pre-tokenizer),
+    wraps a text as ``[CLS] words [SEP]``. For the tiny demo models (VLMo-tiny, vocabulary 1000)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(dict.fromkeys([*_TINY_SPECIALS, *TINY_WORDS]))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+
+
+_BUILT_IN_TOKENIZERS: dict[str, Callable[[], Any]] = {"tiny-wordlevel": tiny_wordlevel_tokenizer}
+
+
+def _mome_tokenizer(name: str, context_length: int | None, cache_dir: str | Path | None) -> Tokenizer:
+    if name not in _BUILT_IN_TOKENIZERS:
+        known = sorted(_BUILT_IN_TOKENIZERS)
+        raise ValueError(f"unknown built-in tokenizer mome:{name}; the built-in ones are {known}")
+    return HFTokenizer(_BUILT_IN_TOKENIZERS[name](), context_length)
+
+
 #: Tokenizer kinds (the part of ``pretrained_cfg.tokenizer`` before the first ``:``) and their factories
 #: ``(name, context_length, cache_dir) -> tokenizer``.
 TOKENIZER_FACTORIES: dict[str, TokenizerFactory] = {
     "open_clip": _open_clip_tokenizer,
     "hf-hub": _hf_hub_tokenizer,
+    "mome": _mome_tokenizer,  # built in code, offline: mome:tiny-wordlevel
 }
 
 

@@ -376,7 +376,7 @@ class VLMo(nn.Module):
             interpolation="bicubic",
             crop_pct=1.0,
             context_length=max_text_len,
-            tokenizer="bert-base-uncased" if vocab_size == 30522 else None,
+            tokenizer=_default_tokenizer(vocab_size),
             paper_ids="arXiv:2111.02358",
             paper_name="VLMo: Unified Vision-Language Pre-Training with Mixture-of-Modality-Experts",
         )
@@ -487,10 +487,22 @@ class VLMo(nn.Module):
                 x = block(x, modality_ids, use_vl=use_vl, attn_bias=attn_bias)
         return self.norm(x)
 
-    def forward_image(self, image: Tensor, vlffn: bool = False) -> Tensor:
+    def forward_image(
+        self, image: Tensor, vlffn: bool = False, patch_mask: Tensor | None = None, mask_embedding: Tensor | None = None
+    ) -> Tensor:
         """Image-only path: normalised tokens ``[B, 1 + P, D]``. Every block uses its V-FFN, or with
-        ``vlffn=True`` the blocks from ``vlffn_start_layer_index`` on use the VL-FFN."""
+        ``vlffn=True`` the blocks from ``vlffn_start_layer_index`` on use the VL-FFN.
+
+        ``patch_mask`` (bool ``[B, P]``) replaces those patch embeddings by ``mask_embedding`` ``[D]``
+        (plus the image type embedding) before the blocks: masked image modelling, as BEiT's stage 1.
+        """
         x = self.embed_image(image)
+        if patch_mask is not None:
+            if mask_embedding is None:
+                raise ValueError("forward_image: patch_mask needs a mask_embedding [D]")
+            masked = mask_embedding + self.token_type_embeddings.weight[1]
+            patches = torch.where(patch_mask[..., None], masked.to(x.dtype), x[:, 1:])  # [B, P, D]
+            x = torch.cat([x[:, :1], patches], dim=1)
         modality_ids = x.new_full(x.shape[:2], IMAGE, dtype=torch.long)
         vl_from = self.vlffn_start_layer_index if vlffn else self.depth
         return self._run_blocks(x, modality_ids, self.relative_position_index, None, vl_from)
@@ -581,6 +593,16 @@ class VLMo(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- variants
+def _default_tokenizer(vocab_size: int) -> str | None:
+    """BERT's uncased WordPiece for the upstream vocabulary (30522); the built-in word-level tokenizer
+    (``mome:tiny-wordlevel``, 135 tokens, offline) for small demo vocabularies that hold it."""
+    if vocab_size == 30522:
+        return "bert-base-uncased"
+    from .._tokenizer import TINY_VOCAB_SIZE
+
+    return "mome:tiny-wordlevel" if vocab_size >= TINY_VOCAB_SIZE else None
+
+
 def _create_vlmo(**kwargs: Any) -> VLMo:
     return VLMo(**kwargs)
 
@@ -618,7 +640,8 @@ def vlmo_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
 @register_model
 def vlmo_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> VLMo:
     """A tiny VLMo for tests and demos: 32px, patch 8, 4 layers of width 64, 4 heads, VL-FFN in blocks 2-3,
-    vocabulary 1000, 16 text tokens; base-style positions (shared relative bias) and layer scale."""
+    vocabulary 1000 (tokenizer ``mome:tiny-wordlevel``, built offline), 16 text tokens; base-style positions
+    (shared relative bias) and layer scale."""
     args = dict(
         img_size=32,
         patch_size=8,

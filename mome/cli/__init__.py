@@ -1,0 +1,1 @@
+"""Command-line entry points: ``mome-train`` (:mod:`mome.cli.train`) and ``mome-eval``."""

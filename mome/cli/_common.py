@@ -1,0 +1,135 @@
+"""What ``mome-train`` and ``mome-eval`` share: building the task, data, callbacks, loggers and trainer
+from a composed Hydra config, and failing with one clear line before anything is trained."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .._registry import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
+from ..data.base import DataConfigError, MomeDataModule
+from ..lit.base import MomeTask, NonFiniteLossError, TaskConfigError
+
+__all__ = ["ConfigError", "SetupError", "build_datamodule", "build_task", "build_trainer", "run_cli", "setup_phase"]
+
+# Errors that mean "the configuration or the input is wrong": reported as one line, exit code 2.
+USER_ERRORS = (
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    UnknownModelError,
+    CheckpointMismatchError,
+    PretrainedUnavailableError,
+    DataConfigError,
+    TaskConfigError,
+)
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message names the config field."""
+
+
+class SetupError(RuntimeError):
+    """Raised by :func:`setup_phase` for a configuration or input error found before training starts."""
+
+
+@contextmanager
+def setup_phase() -> Iterator[None]:
+    """Turn configuration and input errors raised while building the run into :class:`SetupError`.
+
+    Only this phase is reported as one line: an error during training keeps its full traceback.
+    """
+    try:
+        yield
+    except USER_ERRORS as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SetupError(f"{type(err).__name__}: {message}") from err
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_task(cfg: DictConfig) -> MomeTask:
+    """The task's LightningModule: ``cfg.task`` (its ``_target_`` class and kwargs) given ``cfg.model``."""
+    if cfg.get("task") is None or "_target_" not in cfg.task:
+        raise ConfigError("task: no task selected (task=contrastive|classification|vlmo|llava)")
+    if cfg.get("model") is None:
+        raise ConfigError("model: no model selected (model=<name>, see mome.list_models())")
+    kwargs = _plain(cfg.task)
+    task_class = get_class(kwargs.pop("_target_"))
+    try:
+        return task_class(model=_plain(cfg.model), **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"task ({task_class.__name__}): {err}") from err
+    except USER_ERRORS as err:
+        raise type(err)(f"model ({cfg.model.get('model_name')}): {err}") from err
+
+
+def build_datamodule(cfg: DictConfig, task: MomeTask) -> MomeDataModule:
+    """Instantiate ``cfg.data``, bind the model's preprocessing and tokenizer, and set it up eagerly so
+    that missing files fail now, not after the trainer started."""
+    if cfg.get("data") is None:
+        raise ConfigError("data: no data module selected (data=digits|imagefolder|csv|webdataset|...)")
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise (cause if isinstance(cause, USER_ERRORS) else ConfigError(f"data: {err}")) from err
+    datamodule.bind(task.model, task.tokenizer)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def _instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
+    objects = []
+    for key, node in (group or {}).items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            try:
+                objects.append(instantiate(node))
+            except InstantiationException as err:
+                raise ConfigError(f"{name}.{key}: {err.__cause__ or err}") from err
+    return objects
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as err:
+        raise ConfigError(f"trainer: {err.__cause__ or err}") from err
+
+
+def _remove_unfinished_output(prog: str) -> None:
+    """Remove this run's output folder if it holds no checkpoint (nothing worth keeping was written)."""
+    if not HydraConfig.initialized():
+        return
+    output = Path(HydraConfig.get().runtime.output_dir)
+    if output.is_dir() and not any(output.rglob("*.ckpt")):
+        shutil.rmtree(output, ignore_errors=True)
+        print(f"{prog}: removed the unfinished output folder {output}", file=sys.stderr)
+
+
+def run_cli(prog: str, job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run ``job(cfg)``: a setup error prints one line naming the field, removes the run's folder and
+    exits 2; a non-finite loss prints the step and the loss terms and exits 1."""
+    try:
+        return job(cfg)
+    except NonFiniteLossError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
+    except SetupError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        _remove_unfinished_output(prog)
+        raise SystemExit(2) from err

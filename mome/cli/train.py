@@ -1,0 +1,102 @@
+"""``mome-train``: train a model of the zoo with Lightning, configured by Hydra (``conf/train.yaml``).
+
+The run composes ``data``, ``model``, ``task``, ``trainer``, ``callbacks``, ``logger``, ``paths``,
+``experiment``, ``debug`` and ``hparams_search`` groups (the lightning-hydra-template's layout), then:
+
+1. builds the task (which builds the model from its name and kwargs), the data module (bound to the
+   model's preprocessing and tokenizer, set up eagerly), callbacks, loggers and trainer; any
+   configuration or input error stops here with one line naming the field, and the run's folder is
+   removed;
+2. ``trainer.fit`` (resuming from ``ckpt_path=``), then ``trainer.test`` on the best checkpoint;
+3. saves the trained model as a mome folder ``<output_dir>/model`` (``create_model("local-dir:...")``)
+   and prints a one-line summary.
+
+Outputs go to ``logs/train/runs/<timestamp>/`` with Hydra's ``.hydra/`` folder. ``main`` returns the
+value of ``optimized_metric`` for sweepers (Optuna).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from .._registry import save_pretrained
+from .._resources import conf_dir
+from ._common import ConfigError, build_datamodule, build_task, build_trainer, run_cli, setup_phase
+
+__all__ = ["main", "train"]
+
+
+def _metric(metrics: dict[str, Any], name: str | None) -> float | None:
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+    return float(metrics[name])
+
+
+def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path in (None, "last", "best", "hpc", "registry"):
+        return ckpt_path
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return str(ckpt_path)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Run one training job from a composed config; returns ``(metrics, objects)``."""
+    with setup_phase():
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)
+        ckpt_path = _resolve_ckpt_path(cfg)
+        task = build_task(cfg)
+        datamodule = build_datamodule(cfg, task)
+        trainer = build_trainer(cfg)
+    objects = {"cfg": cfg, "task": task, "datamodule": datamodule, "trainer": trainer}
+
+    if cfg.get("train", True):
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test", True):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
+        if best:  # the exported model is the one tested
+            objects["best_checkpoint"] = best
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+
+    if cfg.get("export", True) and trainer.is_global_zero and not trainer.fast_dev_run:
+        output = Path(cfg.paths.output_dir) / "model"
+        objects["export_dir"] = save_pretrained(task.model, output)
+    if trainer.is_global_zero:
+        print(_summary(cfg, metrics, objects))
+    return metrics, objects
+
+
+def _summary(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> str:
+    shown = {k: v for k, v in metrics.items() if k.startswith("test/") and "/aux/" not in k}
+    parts = [f"mome-train: {cfg.model.model_name} on {type(objects['datamodule']).__name__}"]
+    parts += [f"{k} {v:.4f}" for k, v in sorted(shown.items())]
+    if "export_dir" in objects:
+        parts.append(f"model saved to {objects['export_dir']}")
+    return "; ".join(parts)
+
+
+def _job(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    with setup_phase():
+        return _metric(metrics, cfg.get("optimized_metric"))
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run_cli("mome-train", _job, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""mome's Lightning data modules (importing this package imports Lightning; ``import mome`` does not).
+
+- :class:`DigitsDataModule`: the embedded default (scikit-learn's digits as captions or labels);
+- :class:`ImageFolderDataModule`, :class:`CsvImageTextDataModule`, :class:`WebDatasetDataModule`: real data;
+- :mod:`mome.data.conversation` and :mod:`mome.data.shapes`: LLaVA-style conversations and the synthetic
+  shapes VQA set of the MoE-LLaVA demo.
+"""
+
+from .base import BadSampleError, DataConfigError, MomeDataModule, ResumableDataLoader
+from .digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, DigitsDataModule
+from .folders import CsvImageTextDataModule, ImageFolderDataModule
+from .webdataset import WebDatasetDataModule
+
+__all__ = [
+    "BadSampleError",
+    "DIGIT_CLASSNAMES",
+    "DIGIT_TEMPLATES",
+    "CsvImageTextDataModule",
+    "DataConfigError",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "MomeDataModule",
+    "ResumableDataLoader",
+    "WebDatasetDataModule",
+]

@@ -1,0 +1,324 @@
+"""LLaVA-style conversation data: JSON records -> token ids, answer-only labels and images.
+
+Record format (LLaVA's instruction-tuning JSON, e.g. ``llava_v1_5_mix665k.json``)::
+
+    [{"id": "0001",
+      "image": "rel/path.png",                       # optional; a list of paths for several images
+      "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the shape?"},
+                        {"from": "gpt",   "value": "red"}, ...]}]
+
+Turns alternate ``human``, ``gpt``, ``human``, ... and end with ``gpt``. Each ``<image>`` in a human
+turn is one image, in order; a record with one image and no ``<image>`` gets ``"<image>\\n"`` prepended
+to its first human turn (as LLaVA). Paths are relative to ``image_root`` (default: the JSON's folder);
+in-memory records may hold PIL images instead of paths (:func:`mome.data.shapes.shapes_records`).
+
+Chat template (LLaVA v1 / Vicuna style, the separator of the assistant turns being the tokenizer's
+end-of-sequence token)::
+
+    {bos}{system }USER: {question_1} ASSISTANT: {answer_1}{eos}USER: {question_2} ASSISTANT: {answer_2}{eos}
+
+``system`` is empty by default (:data:`LLAVA_SYSTEM_PROMPT` is upstream's). Each ``<image>`` becomes
+``num_image_tokens`` copies of ``image_token_id`` (one per patch token of the vision tower; the model
+puts the projected patch features there). Labels (next-token targets, shifted inside the model) equal
+the input ids on the answer tokens and their ``eos`` and are -100 everywhere else (template, questions,
+images, padding), so the loss is on the answers only.
+
+Truncation to ``max_length`` never cuts an image: whole rounds (question + answer) are kept while they
+fit; in the first round that does not fit, the text is cut only if the cut falls after the round's
+last image token, otherwise that round and all later ones are dropped (with their images). A record
+whose first round cannot keep its images, or that keeps no answer token, raises
+:class:`ConversationFormatError`.
+
+:class:`ConversationDataset` yields ``{"id", "input_ids" [L], "labels" [L], "images" [n, 3, H, W]}``;
+:func:`collate_conversations` pads a list of them into ``{"images" [N_img, 3, H, W], "input_ids" [B, L],
+"attention_mask" [B, L], "labels" [B, L]}`` (right padding), which ``MoELLaVA`` takes as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .base import DataConfigError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_PLACEHOLDER",
+    "LLAVA_SYSTEM_PROMPT",
+    "ConversationDataset",
+    "ConversationFormatError",
+    "collate_conversations",
+    "encode_conversation",
+    "encode_prompt",
+]
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+USER, ASSISTANT = "USER:", "ASSISTANT:"
+#: The system prompt of LLaVA v1 / MoE-LLaVA's conversation templates.
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD), the default transform's.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConversationFormatError(DataConfigError):
+    """A malformed conversation record; the message names the record id and the field."""
+
+    def __init__(self, record_id: Any, field: str, problem: str) -> None:
+        super().__init__(f"record {record_id!r}, field {field!r}: {problem}")
+        self.record_id, self.field = record_id, field
+
+
+# -- validation -----------------------------------------------------------------------------------
+def _image_entries(record: Mapping[str, Any]) -> list[Any]:
+    image = record.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str, str]]:
+    """Check one record; return its turns with the ``<image>`` placeholders made explicit."""
+    if not isinstance(record, Mapping):
+        raise ConversationFormatError(f"#{index}", "record", f"expected an object, got {type(record).__name__}")
+    record_id = record.get("id", f"#{index}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ConversationFormatError(record_id, "conversations", "missing or empty list of turns")
+    if len(turns) % 2:
+        raise ConversationFormatError(
+            record_id, "conversations", f"{len(turns)} turns: the last human turn has no gpt answer"
+        )
+    checked = []
+    for position, turn in enumerate(turns):
+        expected = "human" if position % 2 == 0 else "gpt"
+        if not isinstance(turn, Mapping) or turn.get("from") != expected:
+            got = turn.get("from") if isinstance(turn, Mapping) else type(turn).__name__
+            raise ConversationFormatError(
+                record_id, f"conversations[{position}].from", f"expected {expected!r}, got {got!r}"
+            )
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise ConversationFormatError(record_id, f"conversations[{position}].value", "missing or not a string")
+        if expected == "gpt" and IMAGE_PLACEHOLDER in value:
+            raise ConversationFormatError(record_id, f"conversations[{position}].value", "an answer holds <image>")
+        checked.append({"from": expected, "value": value})
+    images = _image_entries(record)
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in checked)
+    if placeholders == 0 and len(images) == 1:  # LLaVA: the image goes before the first question
+        checked[0] = {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{checked[0]['value']}"}
+    elif placeholders != len(images):
+        raise ConversationFormatError(
+            record_id, "image", f"{len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
+        )
+    for position, image in enumerate(images):
+        field = "image" if len(images) == 1 else f"image[{position}]"
+        if isinstance(image, Image.Image):
+            continue
+        if not isinstance(image, str) or not image:
+            raise ConversationFormatError(record_id, field, f"expected a relative path, got {image!r}")
+        path = Path(image) if image_root is None else image_root / image
+        if not path.is_file():
+            raise ConversationFormatError(record_id, field, f"image file {path} does not exist")
+    return checked
+
+
+# -- tokenisation -----------------------------------------------------------------------------------
+def _text_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _human_chunks(
+    tokenizer: Any, text: str, image_token_id: int, num_image_tokens: int
+) -> list[tuple[list[int], bool]]:
+    """``[(ids, is_image)]`` of ``USER: {text} ASSISTANT:`` with each ``<image>`` expanded."""
+    pieces = f"{USER} {text} {ASSISTANT}".split(IMAGE_PLACEHOLDER)
+    chunks: list[tuple[list[int], bool]] = []
+    for position, piece in enumerate(pieces):
+        if position:
+            chunks.append(([image_token_id] * num_image_tokens, True))
+        chunks.append((_text_ids(tokenizer, piece.strip()), False))
+    return chunks
+
+
+def encode_conversation(
+    turns: Sequence[Mapping[str, str]],
+    tokenizer: Any,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    system: str = "",
+    max_length: int | None = None,
+    record_id: Any = "?",
+) -> tuple[list[int], list[int], int]:
+    """Render, tokenise and truncate validated turns: ``(input_ids, labels, number of images kept)``.
+
+    See the module docstring for the template, the labels and the truncation rule.
+    """
+    prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _text_ids(tokenizer, system)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    input_ids, labels, kept_images = list(prefix), [IGNORE_INDEX] * len(prefix), 0
+    for start in range(0, len(turns), 2):
+        chunks = _human_chunks(tokenizer, turns[start]["value"], image_token_id, num_image_tokens)
+        question = [i for chunk, _ in chunks for i in chunk]
+        answer = _text_ids(tokenizer, turns[start + 1]["value"]) + eos
+        ids, round_labels = question + answer, [IGNORE_INDEX] * len(question) + answer
+        images = sum(is_image for _, is_image in chunks)
+        room = len(ids) if max_length is None else max_length - len(input_ids)
+        if room < len(ids):
+            offsets = torch.tensor([len(chunk) for chunk, _ in chunks]).cumsum(0).tolist()
+            last_image_end = max((end for end, (_, is_image) in zip(offsets, chunks) if is_image), default=0)
+            if room > 0 and room >= last_image_end:  # the cut falls in text after the last image: keep the head
+                input_ids, labels = input_ids + ids[:room], labels + round_labels[:room]
+                kept_images += images
+            break  # otherwise this round (and every later one) is dropped with its images
+        input_ids, labels = input_ids + ids, labels + round_labels
+        kept_images += images
+    if len(input_ids) == len(prefix):
+        raise ConversationFormatError(
+            record_id, "conversations", f"max_length={max_length} cannot hold the first round with its images"
+        )
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ConversationFormatError(record_id, "conversations", f"no answer token fits in max_length={max_length}")
+    return input_ids, labels, kept_images
+
+
+def encode_prompt(
+    tokenizer: Any, question: str, *, image_token_id: int, num_image_tokens: int, system: str = ""
+) -> Tensor:
+    """The generation prompt ``{bos}{system }USER: {question} ASSISTANT:`` as ids ``[1, L]`` (images expanded)."""
+    prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _text_ids(tokenizer, system)
+    chunks = _human_chunks(tokenizer, question, image_token_id, num_image_tokens)
+    return torch.tensor([prefix + [i for chunk, _ in chunks for i in chunk]], dtype=torch.long)
+
+
+# -- dataset -----------------------------------------------------------------------------------------
+def _default_transform(image_size: int) -> Callable[[Image.Image], Tensor]:
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(_CLIP_MEAN, _CLIP_STD),
+        ]
+    )
+
+
+class ConversationDataset(Dataset):
+    """LLaVA conversation records as dict samples (see the module docstring).
+
+    Args:
+        records: a JSON file (a list of records) or the records themselves.
+        tokenizer: a transformers tokenizer (``bos_token_id``/``eos_token_id`` are used if set).
+        image_token_id: the model's placeholder id (``model.config.image_token_id``).
+        num_image_tokens: placeholders per image (``model.num_image_tokens``).
+        image_root: folder the image paths are relative to (default: the JSON file's folder).
+        transform: PIL image -> ``[3, H, W]`` tensor; default: bicubic resize to ``image_size`` and
+            CLIP normalisation.
+        image_size: image side of the default transform (and of the empty image tensor of text-only samples).
+        max_length: truncate to this many tokens (images never cut; see the module docstring).
+        system: system prompt put after ``bos`` (default none).
+
+    Every record is validated at construction: malformed ones raise :class:`ConversationFormatError`
+    naming the record id and the field (missing turns, wrong roles, missing image file, ...).
+    """
+
+    def __init__(
+        self,
+        records: str | Path | Sequence[Mapping[str, Any]],
+        tokenizer: Any,
+        *,
+        image_token_id: int,
+        num_image_tokens: int,
+        image_root: str | Path | None = None,
+        transform: Callable[[Image.Image], Tensor] | None = None,
+        image_size: int = 336,
+        max_length: int | None = None,
+        system: str = "",
+    ) -> None:
+        if isinstance(records, (str, Path)):
+            path = Path(records)
+            if not path.is_file():
+                raise DataConfigError(f"conversation file {path} does not exist")
+            try:
+                records = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise DataConfigError(f"{path} is not valid JSON: {err}") from err
+            image_root = path.parent if image_root is None else image_root
+        if not isinstance(records, Sequence) or isinstance(records, (str, bytes)):
+            raise DataConfigError(f"expected a list of conversation records, got {type(records).__name__}")
+        self.image_root = None if image_root is None else Path(image_root)
+        self.records = list(records)
+        self.turns = [_validate(record, index, self.image_root) for index, record in enumerate(self.records)]
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.image_size = image_size
+        self.transform = transform or _default_transform(image_size)
+        self.max_length = max_length
+        self.system = system
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load(self, image: Any) -> Image.Image:
+        if isinstance(image, Image.Image):
+            return image.convert("RGB")
+        path = Path(image) if self.image_root is None else self.image_root / image
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        record_id = record.get("id", f"#{index}")
+        input_ids, labels, kept = encode_conversation(
+            self.turns[index],
+            self.tokenizer,
+            image_token_id=self.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+            system=self.system,
+            max_length=self.max_length,
+            record_id=record_id,
+        )
+        images = [self.transform(self._load(image)) for image in _image_entries(record)[:kept]]
+        stacked = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
+        return {
+            "id": record_id,
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "images": stacked,  # [n, 3, H, W]
+        }
+
+
+def collate_conversations(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Right-pad samples into ``{"images" [N_img, 3, H, W], "input_ids", "attention_mask", "labels"}`` (``[B, L]``).
+
+    Padding positions get ``pad_token_id``, attention 0 and label -100; the images of all samples are
+    concatenated in sample order (the order of their placeholders in the batch).
+    """
+    if not samples:
+        raise ValueError("collate_conversations: empty batch")
+    length = max(sample["input_ids"].shape[0] for sample in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        size = sample["input_ids"].shape[0]
+        input_ids[row, :size] = sample["input_ids"]
+        labels[row, :size] = sample["labels"]
+        attention_mask[row, :size] = 1
+    images = torch.cat([sample["images"] for sample in samples])  # [N_img, 3, H, W]
+    return {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,231 @@
+"""The LightningModule base of every mome training task.
+
+A task receives the *model spec* (the ``conf/model/<name>.yaml`` node: ``model_name`` plus the
+``mome.create_model`` kwargs) and builds the model itself, so ``save_hyperparameters`` stays small and a
+checkpoint reloads with ``Task.load_from_checkpoint(path)`` and no other argument (the
+lightning-hydra-template's #456 trade-off, decided for names-and-kwargs).
+
+Every training step optimises ``L = L_task + aux_loss_weight * sum_l sum_name aux_l[name]`` where
+``aux_l`` are the weighted auxiliary losses of MoE layer ``l`` (``mome.aux_losses``); each term is logged
+on its own (``train/task_loss``, ``train/aux/<name>``). A loss that is NaN or infinite stops the run with
+a :class:`NonFiniteLossError` naming the global step and every term.
+
+Optimisation is configured by plain dicts (no pickled partials in the checkpoint):
+
+- ``optimizer``: ``{"name": "adamw", "lr": ..., "weight_decay": ..., **timm kwargs}`` built with timm's
+  ``create_optimizer_v2`` (parameter groups without weight decay for biases, norms, every parameter of
+  ``ndim <= 1`` such as router temperatures and Soft MoE scales, and ``model.no_weight_decay()``);
+- ``scheduler``: ``{"name": "cosine", "warmup_steps": int | "warmup_fraction": float, "min_lr_ratio"}``,
+  stepped every optimisation step: linear warm-up ``lr * s / W`` then
+  ``lr * (r + (1 - r) * (1 + cos(pi * (s - W) / (S - W))) / 2)`` over the ``S`` training steps.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import _registry
+from ..layers.moe import aux_losses
+
+__all__ = ["MomeTask", "NonFiniteLossError", "TaskConfigError", "build_model", "set_trainable"]
+
+
+class TaskConfigError(ValueError):
+    """A task's configuration cannot work (unknown optimiser/scheduler, a pattern that matches nothing)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the terms."""
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    """``mome.create_model`` from a model spec (the ``conf/model`` node; a Hydra ``_target_`` is ignored)."""
+    kwargs = {key: value for key, value in dict(spec).items() if key != "_target_"}
+    if "model_name" not in kwargs:
+        raise TaskConfigError(f"the model config needs a model_name field (got fields {sorted(kwargs)})")
+    return _registry.create_model(**kwargs)
+
+
+def set_trainable(model: nn.Module, trainable: Sequence[str] | None, frozen: Sequence[str] = ()) -> list[str]:
+    """Freeze parameters by name pattern (``fnmatch``); return the names left trainable.
+
+    ``trainable=None`` keeps every parameter trainable except those matching ``frozen``; a list keeps
+    only the names matching one of its patterns. A pattern that matches no parameter is an error (a
+    typo would otherwise train, or freeze, the wrong thing in silence).
+    """
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in [*(trainable or []), *frozen]:
+        if not fnmatch.filter(names, pattern):
+            raise TaskConfigError(f"parameter pattern {pattern!r} matches no parameter of {type(model).__name__}")
+    kept = []
+    for name, param in model.named_parameters():
+        wanted = trainable is None or any(fnmatch.fnmatchcase(name, p) for p in trainable)
+        param.requires_grad_(wanted and not any(fnmatch.fnmatchcase(name, p) for p in frozen))
+        if param.requires_grad:
+            kept.append(name)
+    if not kept:
+        raise TaskConfigError("the trainable/frozen patterns leave no parameter to train")
+    return kept
+
+
+def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """The learning-rate multiplier of linear warm-up then cosine decay to ``min_lr_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class MomeTask(L.LightningModule):
+    """Builds the model from its spec; optimiser, schedule, aux losses, freezing, finiteness checks.
+
+    Args:
+        model: the model spec (``model_name`` and ``mome.create_model`` kwargs).
+        optimizer: ``{"name", "lr", "weight_decay", ...}`` for timm's ``create_optimizer_v2``.
+        scheduler: ``{"name": "cosine" | "constant", "warmup_steps" | "warmup_fraction", "min_lr_ratio"}``.
+        aux_loss_weight: scale of the MoE auxiliary losses added to the task loss.
+        trainable / frozen: parameter-name patterns (see :func:`set_trainable`).
+        grad_checkpointing: call the model's ``set_grad_checkpointing(True)`` (timm's switch).
+        check_finite: stop on a NaN/inf loss (one host sync per step).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        aux_loss_weight: float = 1.0,
+        trainable: Sequence[str] | None = None,
+        frozen: Sequence[str] = (),
+        grad_checkpointing: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model)
+        self.model_spec = dict(model)
+        self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
+        self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0})
+        if self.scheduler_cfg.get("name", "cosine") not in ("cosine", "constant"):
+            raise TaskConfigError(f"task.scheduler.name must be 'cosine' or 'constant', got {self.scheduler_cfg}")
+        self.aux_loss_weight = aux_loss_weight
+        self.check_finite = check_finite
+        if trainable is not None or frozen:
+            set_trainable(self.model, list(trainable) if trainable is not None else None, list(frozen))
+        if grad_checkpointing:
+            if not hasattr(self.model, "set_grad_checkpointing"):
+                raise TaskConfigError(f"{type(self.model).__name__} has no set_grad_checkpointing switch")
+            self.model.set_grad_checkpointing(True)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------ helpers
+    @property
+    def model_name(self) -> str:
+        return str(self.model_spec["model_name"])
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (``mome.get_tokenizer``), or ``None`` for a model without text."""
+        if self._tokenizer is None:
+            cfg = getattr(self.model, "pretrained_cfg", None)
+            if cfg is None or not cfg.get("tokenizer"):
+                return None
+            from .._tokenizer import create_tokenizer
+
+            self._tokenizer = create_tokenizer(cfg.get("tokenizer"), context_length=cfg.get("context_length"))
+        return self._tokenizer
+
+    def total_loss(self, task_losses: Mapping[str, Tensor], stage: str) -> Tensor:
+        """Sum the task terms and the weighted MoE aux losses; log every term; check finiteness."""
+        aux = aux_losses(self.model)
+        aux_total = sum(aux.values(), torch.zeros((), device=self.device))
+        total = sum(task_losses.values()) + self.aux_loss_weight * aux_total
+        batch_size = self._batch_size
+        for name, value in task_losses.items():
+            self.log(f"{stage}/{name}", value.detach(), batch_size=batch_size, sync_dist=stage != "train")
+        for name, value in aux.items():
+            self.log(f"{stage}/aux/{name}", value.detach(), batch_size=batch_size, sync_dist=stage != "train")
+        self.log(f"{stage}/loss", total.detach(), prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        if stage == "train" and self.check_finite and not torch.isfinite(total.detach()):
+            terms = {**task_losses, **{f"aux/{k}": v for k, v in aux.items()}}
+            listing = ", ".join(f"{k}={v.detach().float().item():.4g}" for k, v in terms.items())
+            raise NonFiniteLossError(f"non-finite training loss at global step {self.global_step}: {listing}")
+        return total
+
+    _batch_size: int | None = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_size = _infer_batch_size(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_size = _infer_batch_size(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_size = _infer_batch_size(batch)
+
+    # -------------------------------------------------------------------- checkpoint RNG state
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the RNG states (noisy routers draw from torch's), so a resumed run continues the stream."""
+        checkpoint["mome_rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "mome_rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            _set_rng_states(checkpoint["mome_rng_states"])
+
+    # ---------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        from timm.optim import create_optimizer_v2
+
+        cfg = dict(self.optimizer_cfg)
+        name = cfg.pop("name", "adamw")
+        try:
+            optimizer = create_optimizer_v2(self.model, opt=name, **cfg)
+        except (TypeError, ValueError, AssertionError) as err:
+            raise TaskConfigError(f"task.optimizer {self.optimizer_cfg}: {err}") from err
+        sched = dict(self.scheduler_cfg)
+        if sched.get("name", "cosine") == "constant":
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(sched.get("warmup_steps", round(sched.get("warmup_fraction", 0.0) * total)))
+        warmup = max(1, min(warmup, total))
+        ratio = float(sched.get("min_lr_ratio", 0.0))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_with_warmup(step, total, warmup, ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch, Python, NumPy (and CUDA) RNG states, in types that ``torch.load(weights_only=True)`` reads."""
+    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _infer_batch_size(batch: Any) -> int | None:
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            if isinstance(value, Tensor) and value.ndim > 0:
+                return int(value.shape[0])
+    return None

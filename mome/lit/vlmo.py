@@ -1,0 +1,196 @@
+"""VLMo's stagewise pre-training (Bao et al. 2022, "VLMo: Unified Vision-Language Pre-Training with
+Mixture-of-Modality-Experts", sec. 2.3) as one Lightning run whose ``schedule`` switches stage by epoch:
+
+1. ``image`` — vision pre-training: masked image modelling on the image-only path; every parameter the
+   image path uses is trained (patch embedding, attention, V-FFN). VLMo uses BEiT's objective (predict
+   the DALL-E dVAE token of each masked patch); that tokenizer cannot be fetched offline, so mome
+   regresses the masked patches' normalised pixels instead (SimMIM, Xie et al. 2022):
+   ``L_mim = mean_{masked p} |W h_p - pixels_p|_1``, with a learnable mask embedding and a linear
+   head that belong to the task, not to the exported model;
+2. ``text`` — language pre-training: masked language modelling on the text-only path with the
+   attention, the V-FFN and everything the image path uses frozen, as in the paper: only the text
+   embeddings, the L-FFN (its slice of the stacked multiway experts) and the MLM head train;
+3. ``image_text`` — vision-language pre-training, everything trained, with
+   ``L = L_itc + L_itm + L_mlm``: image-text contrastive (CLIP's InfoNCE on the dual-encoder path),
+   image-text matching on the fusion path with hard negatives (for each image a text, and for each
+   text an image, sampled from the in-batch contrastive similarities, ``p ~ softmax(s)`` with the
+   positives and same-class pairs excluded, VLMo's ITM recipe), and MLM on the fusion path.
+
+Text masking uses transformers' ``DataCollatorForLanguageModeling`` (15%, BERT's 80/10/10 rule).
+Validation and test report the losses of the current stage and zero-shot top-1 of the dual encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import TaskConfigError
+from .contrastive import ContrastiveTask
+
+__all__ = ["VLMO_STAGES", "VLMoTask"]
+
+VLMO_STAGES = ("image", "text", "image_text")
+IMAGE, TEXT = 0, 1  # the multiway experts' modality slices (mome.models.vlmo)
+# Text stage: parameters trained (the rest is frozen, as in VLMo sec. 2.3).
+_TEXT_STAGE_TRAINABLE = ("text_embeddings.", "mlm_score.")
+_MULTIWAY_STACKED = (".mlp.norm.", ".mlp.moe.experts.")  # [modality, ...] stacks: train only the TEXT slice
+
+
+class VLMoTask(ContrastiveTask):
+    """VLMo pre-training with a stage schedule.
+
+    Args:
+        schedule: ``[{"stage": "image"|"text"|"image_text", "epochs": int}, ...]``; the last stage runs
+            to the end of training (its ``epochs`` may be omitted).
+        mlm_probability: share of text tokens masked for MLM.
+        mim_mask_ratio: share of image patches masked in the image stage.
+        **kwargs: :class:`~mome.lit.contrastive.ContrastiveTask` arguments.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        schedule: Sequence[Mapping[str, Any]] = ({"stage": "image_text"},),
+        mlm_probability: float = 0.15,
+        mim_mask_ratio: float = 0.4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.schedule = [dict(entry) for entry in schedule]
+        for index, entry in enumerate(self.schedule):
+            if entry.get("stage") not in VLMO_STAGES:
+                raise TaskConfigError(f"task.schedule[{index}].stage must be one of {VLMO_STAGES}, got {entry}")
+            if index < len(self.schedule) - 1 and int(entry.get("epochs") or 0) < 1:
+                raise TaskConfigError(f"task.schedule[{index}].epochs must be >= 1 (only the last may be open)")
+        if not hasattr(self.model, "mlm_logits"):
+            raise TaskConfigError(f"VLMoTask needs a VLMo model, got {type(self.model).__name__}")
+        self.mlm_probability, self.mim_mask_ratio = mlm_probability, mim_mask_ratio
+        dim, patch = self.model.embed_dim, self.model.patch_embed.patch_size
+        self.mask_embedding = nn.Parameter(torch.zeros(dim))
+        self.mim_head = nn.Linear(dim, patch[0] * patch[1] * 3)
+        nn.init.trunc_normal_(self.mask_embedding, std=0.02)
+        self._frozen_slices: dict[str, Tensor] = {}
+        self._collator: Any = None
+
+    # ------------------------------------------------------------------------------- stages
+    def stage_at(self, epoch: int) -> str:
+        """The stage the schedule runs at ``epoch``."""
+        start = 0
+        for entry in self.schedule[:-1]:
+            start += int(entry["epochs"])
+            if epoch < start:
+                return entry["stage"]
+        return self.schedule[-1]["stage"]
+
+    @property
+    def stage(self) -> str:
+        return self.stage_at(self.current_epoch if self._trainer is not None else 0)
+
+    def on_train_epoch_start(self) -> None:
+        self._freeze_for(self.stage)
+        self.log("train/stage", float(VLMO_STAGES.index(self.stage)))
+
+    def _freeze_for(self, stage: str) -> None:
+        self._frozen_slices = {}
+        for name, param in self.model.named_parameters():
+            if stage != "text":
+                param.requires_grad_(True)
+            elif any(part in name for part in _MULTIWAY_STACKED):
+                param.requires_grad_(True)  # the TEXT slice trains; the IMAGE slice is restored each step
+                self._frozen_slices[name] = param.detach()[IMAGE].clone()
+            else:
+                param.requires_grad_(name.startswith(_TEXT_STAGE_TRAINABLE))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._frozen_slices:  # undo the optimiser's step (momentum, weight decay) on the frozen V-FFN slices
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in self._frozen_slices.items():
+                    params[name][IMAGE] = value
+
+    # ------------------------------------------------------------------------------- losses
+    def _masked_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        if self._collator is None:
+            from transformers import DataCollatorForLanguageModeling
+
+            self._collator = DataCollatorForLanguageModeling(
+                self.tokenizer.tokenizer, mlm=True, mlm_probability=self.mlm_probability, return_tensors="pt"
+            )
+        special = torch.tensor(
+            [self.tokenizer.tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True) for row in text],
+            dtype=torch.bool,
+        )
+        masked, labels = self._collator.torch_mask_tokens(text.cpu().clone(), special_tokens_mask=special)
+        return masked.to(text.device), labels.to(text.device)
+
+    def _mlm_loss(self, text: Tensor, image: Tensor | None) -> Tensor:
+        masked, labels = self._masked_text(text)
+        logits = self.model.mlm_logits(masked, image=image, text_mask=text != self.model.pad_token_id)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def _mim_loss(self, image: Tensor) -> Tensor:
+        batch, num_patches = image.shape[0], self.model.patch_embed.num_patches
+        noise = torch.rand(batch, num_patches, device=image.device)
+        num_masked = max(1, round(self.mim_mask_ratio * num_patches))
+        patch_mask = noise.argsort(dim=1).argsort(dim=1) < num_masked  # [B, P], exactly num_masked per image
+        tokens = self.model.forward_image(image, patch_mask=patch_mask, mask_embedding=self.mask_embedding)
+        prediction = self.mim_head(tokens[:, 1:])  # [B, P, p*p*3]
+        ph, pw = self.model.patch_embed.patch_size
+        grid_h, grid_w = self.model.patch_embed.grid_size
+        # [B, 3, H, W] -> [B, 3, gh, ph, gw, pw] -> [B, gh, gw, ph, pw, 3] -> [B, P, ph*pw*3]
+        target = image.reshape(batch, 3, grid_h, ph, grid_w, pw).permute(0, 2, 4, 3, 5, 1)
+        target = target.reshape(batch, -1, ph * pw * 3)
+        return (prediction - target).abs()[patch_mask].mean()
+
+    def _itm_loss(self, batch: dict[str, Tensor], image_features: Tensor, text_features: Tensor) -> Tensor:
+        image, text = batch["image"], batch["text"]
+        size = image.shape[0]
+        with torch.no_grad():
+            similarity = image_features @ text_features.T  # [B, B]
+            excluded = torch.eye(size, dtype=torch.bool, device=image.device)
+            if "label" in batch:  # captions of the same class are positives too
+                excluded |= batch["label"][:, None] == batch["label"][None, :]
+            weights = similarity.masked_fill(excluded, float("-inf")).softmax(dim=1).nan_to_num(0.0)
+            weights_t = similarity.T.masked_fill(excluded, float("-inf")).softmax(dim=1).nan_to_num(0.0)
+            has_negative = ~excluded.all(dim=1)
+            if not bool(has_negative.any()):
+                return image_features.new_zeros(())
+            rows = has_negative.nonzero().squeeze(1)
+            negative_text = torch.multinomial(weights[rows], 1).squeeze(1)  # [R]
+            negative_image = torch.multinomial(weights_t[rows], 1).squeeze(1)  # [R]
+        images = torch.cat([image, image[rows], image[negative_image]])
+        texts = torch.cat([text, text[negative_text], text[rows]])
+        labels = torch.cat([torch.ones(size), torch.zeros(2 * rows.numel())]).long().to(image.device)
+        logits = self.model.itm_logits(images, texts, text_mask=texts != self.model.pad_token_id)
+        return F.cross_entropy(logits, labels)
+
+    def stage_losses(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        """The loss terms of ``stage`` on ``batch``."""
+        if stage == "image":
+            return {"mim_loss": self._mim_loss(batch["image"])}
+        if stage == "text":
+            return {"mlm_loss": self._mlm_loss(batch["text"], None)}
+        text_mask = batch["text"] != self.model.pad_token_id
+        image_features = self.model.encode_image(batch["image"], normalize=True)
+        text_features = self.model.encode_text(batch["text"], normalize=True, text_mask=text_mask)
+        return {
+            "itc_loss": self.clip_loss(image_features, text_features, self.model.logit_scale.exp()),
+            "itm_loss": self._itm_loss(batch, image_features, text_features),
+            "mlm_loss": self._mlm_loss(batch["text"], batch["image"]),
+        }
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.total_loss(self.stage_losses(batch, self.stage), "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.total_loss(self.stage_losses(batch, self.stage), "val")
+        self._zero_shot(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.total_loss(self.stage_losses(batch, "image_text"), "test")
+        self._zero_shot(batch, self.test_metrics)

@@ -1,0 +1,96 @@
+"""VLMo's stagewise task: each stage's losses, and the text stage trains only what the paper trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from open_clip.loss import ClipLoss
+
+from mome.lit import TaskConfigError, VLMoTask
+
+
+@pytest.fixture
+def task():
+    torch.manual_seed(0)
+    task = VLMoTask(
+        model={"model_name": "vlmo_tiny_patch8_32"},
+        schedule=[{"stage": "image", "epochs": 1}, {"stage": "text", "epochs": 2}, {"stage": "image_text"}],
+    )
+    task.clip_loss = ClipLoss()
+    return task
+
+
+def _batch(task, size=6):
+    texts = [f"handwritten {w}." for w in ["one", "two", "three", "one", "two", "three"][:size]]
+    return {
+        "image": torch.randn(size, 3, 32, 32),
+        "text": task.tokenizer(texts),
+        "label": torch.tensor([1, 2, 3, 1, 2, 3][:size]),
+    }
+
+
+def test_schedule_maps_epochs_to_stages(task):
+    assert [task.stage_at(e) for e in range(5)] == ["image", "text", "text", "image_text", "image_text"]
+    with pytest.raises(TaskConfigError, match=r"schedule\[0\]"):
+        VLMoTask(model={"model_name": "vlmo_tiny_patch8_32"}, schedule=[{"stage": "audio"}])
+
+
+@pytest.mark.parametrize(
+    "stage, terms",
+    [("image", {"mim_loss"}), ("text", {"mlm_loss"}), ("image_text", {"itc_loss", "itm_loss", "mlm_loss"})],
+)
+def test_each_stage_has_finite_losses_with_gradients(task, stage, terms):
+    losses = task.stage_losses(_batch(task), stage)
+    assert set(losses) == terms
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    grads = {n for n, p in task.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    if stage == "image":
+        assert "patch_embed.proj.weight" in grads and not any(n.startswith("text_embeddings") for n in grads)
+        assert task.mask_embedding.grad is not None
+    if stage == "image_text":
+        assert "itm_score.weight" in grads and "blocks.3.mlp.vl_ffn.fc1.weight" in grads
+
+
+def test_text_stage_freezes_attention_and_the_vision_expert(task):
+    optimizer = torch.optim.AdamW([*task.model.parameters(), task.mask_embedding, *task.mim_head.parameters()], lr=1e-2)
+    task._freeze_for("image")  # one image step first: the optimiser then holds momentum for the V-FFN
+    sum(task.stage_losses(_batch(task), "image").values()).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+    task._freeze_for("text")
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    sum(task.stage_losses(_batch(task), "text").values()).backward()
+    optimizer.step()
+    task.on_train_batch_end(None, None, 0)
+    after = dict(task.model.named_parameters())
+    assert torch.equal(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    assert torch.equal(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+    w_in = "blocks.0.mlp.moe.experts.w_in"
+    assert torch.equal(after[w_in][0], before[w_in][0])  # V-FFN (image slice) frozen
+    assert not torch.equal(after[w_in][1], before[w_in][1])  # L-FFN (text slice) trained
+    assert not torch.equal(
+        after["text_embeddings.word_embeddings.weight"], before["text_embeddings.word_embeddings.weight"]
+    )
+
+
+def test_itm_hard_negatives_never_pair_an_image_with_its_own_class(task):
+    batch = _batch(task)
+    features = torch.nn.functional.normalize(torch.randn(6, 64), dim=-1)
+    seen = []
+    original = task.model.itm_logits
+
+    def spy(images, texts, text_mask=None):
+        seen.append((images, texts))
+        return original(images, texts, text_mask=text_mask)
+
+    task.model.itm_logits = spy
+    task._itm_loss(batch, features, features)
+    images, texts = seen[0]
+    assert images.shape[0] == 18  # 6 positives + 6 (image, hard text) + 6 (hard image, text)
+    text_rows = {tuple(t.tolist()): i for i, t in enumerate(batch["text"])}
+    image_rows = {float(x.sum()): i for i, x in enumerate(batch["image"])}
+    for image, text in zip(images[6:], texts[6:]):
+        i, j = image_rows[float(image.sum())], text_rows[tuple(text.tolist())]
+        assert batch["label"][i] != batch["label"][j]

@@ -1,0 +1,94 @@
+"""mome-train: every experiment composes and runs one fast_dev_run step; bad overrides fail early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from train_helpers import EXPERIMENTS, compose_train
+
+from mome.cli._common import run_cli
+from mome.cli.train import _job, train
+from mome.lit import ContrastiveTask, NonFiniteLossError
+
+# The experiments for real data need files: point them at tiny generated ones in the tests of the data modules.
+EMBEDDED = [name for name in EXPERIMENTS if name.endswith(("_digits", "_shapes"))]
+
+
+def test_the_experiments_exist():
+    assert {"limoe_digits", "vmoe_digits", "softmoe_digits"} <= set(EXPERIMENTS)
+    for name in EXPERIMENTS:  # each experiment file starts with the command that runs it
+        text = (compose_train.__globals__["CONF"] / "experiment" / f"{name}.yaml").read_text().splitlines()
+        assert text[0] == "# @package _global_" and text[1].startswith(f"# mome-train experiment={name}"), name
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name, tmp_path):
+    cfg = compose_train(tmp_path, [f"experiment={name}"])
+    resolved = OmegaConf.to_container(cfg, resolve=False)
+    assert resolved["model"]["model_name"] and resolved["task"]["_target_"].startswith("mome.lit.")
+    assert cfg.trainer._target_.endswith("Trainer")
+
+
+def test_default_experiment_is_limoe_digits(tmp_path):
+    cfg = compose_train(tmp_path)
+    assert cfg.model.model_name == "limoe_tiny_patch8_e4" and cfg.data.task == "image_text"
+    assert cfg.task._target_ == "mome.lit.ContrastiveTask"
+
+
+@pytest.mark.parametrize("name", EMBEDDED)
+def test_fast_dev_run(name, tmp_path):
+    cfg = compose_train(tmp_path, [f"experiment={name}", "trainer.fast_dev_run=1", "logger=csv"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1 or objects["trainer"].fit_loop.epoch_loop.global_step >= 1
+    assert any(k.startswith("test/") for k in metrics), metrics
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+def _fails_early(tmp_path, capsys, overrides, expected):
+    out = tmp_path / "run"
+    cfg = compose_train(out, overrides)
+    (out / ".hydra").mkdir(parents=True)  # what Hydra writes before the job starts
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("mome-train", _job, cfg)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mome-train: error:")]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()  # nothing half-written is left behind
+
+
+def test_unknown_model_fails_before_training(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, ["model.model_name=limoe_tinyy"], "limoe_tinyy")
+
+
+def test_top_k_above_num_experts_fails_before_training(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, ["model.top_k=5", "model.num_experts=4"], "top_k")
+
+
+def test_missing_data_path_fails_before_training(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    _fails_early(
+        tmp_path, capsys, ["experiment=vmoe_imagefolder", f"data.root={missing}", "model=vmoe_tiny_patch8_e4"], "root"
+    )
+
+
+def test_non_finite_loss_names_step_and_terms():
+    task = ContrastiveTask(model={"model_name": "limoe_tiny_patch8_e4"})
+    with pytest.raises(NonFiniteLossError, match=r"step 0: contrastive_loss=nan"):
+        task.total_loss({"contrastive_loss": torch.tensor(float("nan"))}, "train")
+
+
+def test_cli_prints_config_without_running(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mome.cli.train", "--cfg", "job", "experiment=vmoe_digits"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model_name: vmoe_tiny_patch8_e4" in result.stdout
+    assert not (tmp_path / "logs").exists()
