@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 + torchvision 0.29.1: the pair that works together here (see DEVELOPERS.md / README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all train bench lint clean
+.PHONY: install test test-all train llava-demo bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-all: install
 
 train: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train
+
+# MoE-LLaVA's three MoE-tuning stages on the synthetic shapes VQA set (each stage starts from the last).
+llava-demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage1
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage2
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage3
 
 bench: install
 	$(PY) tools/bench_moe.py

@@ -9,7 +9,8 @@ cfg names the tokenizer as ``"<kind>:<name>"``; each kind has a factory in
   the CLIP BPE ``SimpleTokenizer``, whose vocabulary ships inside open_clip: works offline);
 - ``hf-hub:<repo id>`` (or a bare repo id such as ``bert-base-uncased``): a Hugging Face
   ``AutoTokenizer``, read from the local cache only (pre-fetch it with ``hf download <repo id>``);
-- ``mome:<name>``: a tokenizer built in code for the tiny demo models (``mome:tiny-wordlevel``).
+- ``mome:<name>``: a tokenizer built in code for the tiny demo models (``mome:tiny-wordlevel``,
+  ``mome:moe_llava_tiny``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,16 @@ def tiny_wordlevel_tokenizer() -> Any:
     )
 
 
-_BUILT_IN_TOKENIZERS: dict[str, Callable[[], Any]] = {"tiny-wordlevel": tiny_wordlevel_tokenizer}
+def _moe_llava_tiny() -> Any:
+    from .models.moe_llava import moe_llava_tiny_tokenizer
+
+    return moe_llava_tiny_tokenizer()
+
+
+_BUILT_IN_TOKENIZERS: dict[str, Callable[[], Any]] = {
+    "tiny-wordlevel": tiny_wordlevel_tokenizer,
+    "moe_llava_tiny": _moe_llava_tiny,
+}
 
 
 def _mome_tokenizer(name: str, context_length: int | None, cache_dir: str | Path | None) -> Tokenizer:

@@ -7,6 +7,7 @@
 """
 
 from .base import BadSampleError, DataConfigError, MomeDataModule, ResumableDataLoader
+from .conversation import ConversationDataModule, ShapesDataModule
 from .digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, DigitsDataModule
 from .folders import CsvImageTextDataModule, ImageFolderDataModule
 from .webdataset import WebDatasetDataModule
@@ -15,11 +16,13 @@ __all__ = [
     "BadSampleError",
     "DIGIT_CLASSNAMES",
     "DIGIT_TEMPLATES",
+    "ConversationDataModule",
     "CsvImageTextDataModule",
     "DataConfigError",
     "DigitsDataModule",
     "ImageFolderDataModule",
     "MomeDataModule",
     "ResumableDataLoader",
+    "ShapesDataModule",
     "WebDatasetDataModule",
 ]

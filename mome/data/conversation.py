@@ -46,14 +46,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import DataConfigError
+from .base import DataConfigError, MomeDataModule
 
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER",
     "LLAVA_SYSTEM_PROMPT",
+    "ConversationDataModule",
     "ConversationDataset",
     "ConversationFormatError",
+    "ShapesDataModule",
     "collate_conversations",
     "encode_conversation",
     "encode_prompt",
@@ -322,3 +324,166 @@ def collate_conversations(samples: Sequence[Mapping[str, Any]], pad_token_id: in
         attention_mask[row, :size] = 1
     images = torch.cat([sample["images"] for sample in samples])  # [N_img, 3, H, W]
     return {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -- Lightning data modules -----------------------------------------------------------------------------
+class ConversationDataModule(MomeDataModule):
+    """LLaVA-JSON conversations for instruction tuning (and VQA exact-match evaluation).
+
+    Training and validation batches are :func:`collate_conversations` batches; test batches add the
+    first question of each record as a generation prompt and its reference answer:
+    ``{"prompt_ids": list of [1, L], "prompt_images": list of [n, 3, H, W], "answers": list of str,
+    "question_types": list of str | None}`` (types from the records' ``meta`` when present).
+
+    Args:
+        train_file / val_file / test_file: LLaVA-JSON files (paths relative to each file's folder, or
+            to ``image_root``).
+        image_root: folder the image paths are relative to.
+        max_length: token budget per sample (images are never cut; see the module docstring).
+        system: the system prompt.
+        **kwargs: :class:`~mome.data.base.MomeDataModule` arguments; ``train_augment`` defaults to
+            False (flips would swap "left" and "right").
+
+    :meth:`bind` takes the model (its image token id, image tokens per image, input size and
+    normalisation) and the Hugging Face tokenizer (``tokenizer.tokenizer`` of mome's wrapper).
+    """
+
+    def __init__(
+        self,
+        train_file: str | Path | None = None,
+        val_file: str | Path | None = None,
+        test_file: str | Path | None = None,
+        image_root: str | Path | None = None,
+        max_length: int | None = None,
+        system: str = "",
+        train_augment: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(train_augment=train_augment, **kwargs)
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.image_root, self.max_length, self.system = image_root, max_length, system
+        self.image_token_id: int | None = None
+        self.num_image_tokens: int | None = None
+
+    def bind(self, model: Any, tokenizer: Any = None) -> None:
+        super().bind(model, tokenizer)
+        if tokenizer is None:
+            raise DataConfigError("conversation data needs the model's tokenizer")
+        self.hf_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.image_token_id = int(model.config.image_token_id)
+        self.num_image_tokens = int(model.num_image_tokens)
+        self.collate_fn = self._collate
+
+    def prepare_files(self) -> None:
+        """Hook for subclasses that generate their files (:class:`ShapesDataModule`)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self._require_bound()
+        self.prepare_files()
+        for split, file in self.files.items():
+            if file is None:
+                if split == "train":
+                    raise DataConfigError("data.train_file is required (a LLaVA-JSON conversation file)")
+                continue
+            if not Path(file).is_file():
+                raise DataConfigError(f"data.{split}_file: {file} does not exist")
+            transform = self.train_transform if split == "train" else self.eval_transform
+            self.datasets[split] = ConversationDataset(
+                file,
+                self.hf_tokenizer,
+                image_token_id=self.image_token_id,
+                num_image_tokens=self.num_image_tokens,
+                image_root=self.image_root,
+                transform=transform,
+                image_size=int(self.data_config["input_size"][-1]),
+                max_length=self.max_length,
+                system=self.system,
+            )
+
+    def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = collate_conversations(samples, pad_token_id=self.hf_tokenizer.pad_token_id or 0)
+        if "prompt_ids" in samples[0]:
+            for key in ("prompt_ids", "prompt_images", "answers", "question_types"):
+                batch[key] = [sample[key] for sample in samples]
+        return batch
+
+    def test_dataloader(self) -> Any:
+        if "test" not in self.datasets:
+            self.setup("test")
+        if "test" not in self.datasets:
+            raise DataConfigError("data.test_file is not set: nothing to evaluate")
+        dataset = _WithPrompts(self.datasets["test"])
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )
+
+
+class _WithPrompts(Dataset):
+    """A :class:`ConversationDataset` whose samples also carry the first question as a generation prompt."""
+
+    def __init__(self, dataset: ConversationDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        data, record = self.dataset, self.dataset.records[index]
+        turns = data.turns[index]
+        sample["prompt_ids"] = encode_prompt(
+            data.tokenizer,
+            turns[0]["value"],
+            image_token_id=data.image_token_id,
+            num_image_tokens=data.num_image_tokens,
+            system=data.system,
+        )
+        images_in_prompt = turns[0]["value"].count(IMAGE_PLACEHOLDER)
+        sample["prompt_images"] = sample["images"][:images_in_prompt]
+        sample["answers"] = turns[1]["value"]
+        sample["question_types"] = (record.get("meta") or {}).get("question_types", [None])[0]
+        return sample
+
+
+class ShapesDataModule(ConversationDataModule):
+    """The synthetic shapes VQA set (:mod:`mome.data.shapes`), written to ``root`` on first use.
+
+    Args:
+        root: folder of the generated dataset (``train.json``, ``val.json``, ``test.json``, ``images/``);
+            regenerated only if its ``spec.json`` differs from the requested sizes and seed.
+        train_size / val_size / test_size: records per split.
+        seed: generation seed (also the base seed of the training order).
+        **kwargs: :class:`ConversationDataModule` arguments.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        train_size: int = 2000,
+        val_size: int = 200,
+        test_size: int = 300,
+        generation_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        self.root = Path(root)
+        files = {f"{split}_file": self.root / f"{split}.json" for split in ("train", "val", "test")}
+        super().__init__(**files, **kwargs)
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.generation_seed = generation_seed
+
+    def prepare_files(self) -> None:
+        from .shapes import write_shapes_dataset
+
+        spec = {"sizes": self.sizes, "seed": self.generation_seed}
+        spec_file = self.root / "spec.json"
+        if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_shapes_dataset(self.root, self.sizes, seed=self.generation_seed)
+        spec_file.write_text(json.dumps(spec) + "\n")  # written last: a half-written set is regenerated

@@ -1,0 +1,146 @@
+"""MoE-LLaVA's three-stage MoE-tuning (Lin et al. 2024, sec. 3.2) as Lightning runs, one per stage.
+
+Each stage is its own ``mome-train`` experiment that starts from the model the previous stage exported:
+
+1. ``stage=1`` — a dense LLaVA (``moe_layers: none``); only the projector trains (image-caption or
+   VQA data);
+2. ``stage=2`` — still dense, initialised from stage 1 (``init_from``); projector + the whole LLM train;
+3. ``stage=3`` — the model spec is the MoE model; at the start of training the stage-2 dense model is
+   loaded and sparsely upcycled into it (each chosen layer's FFN copied into every expert, routers
+   random: :meth:`mome.models.moe_llava.MoELLaVA.upcycle`); only experts and routers train.
+
+The loss is the answer-token LM loss plus the MoE load-balancing term ``0.01 * sum_l E sum_e f_e P_e``
+(``mome.aux_losses``; the model's ``router_aux_loss_coef``). ``init_from`` (a mome folder or a
+``mome-train`` checkpoint) is applied in ``setup("fit")``, so a checkpoint of this task reloads with
+``load_from_checkpoint`` alone. Validation reports the LM loss; test also generates (greedy,
+``max_new_tokens``) an answer to each record's first question and scores exact match (lower-cased,
+stripped), overall and per question type.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _registry
+from .base import MomeTask, TaskConfigError, model_from_checkpoint
+
+__all__ = ["LLaVATask", "normalize_answer"]
+
+
+def normalize_answer(text: str) -> str:
+    """VQA-style normalisation for exact match: lower case, surrounding space and final period removed."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+def _load_init(path: str | Path) -> torch.nn.Module:
+    path = Path(path)
+    if path.is_dir():
+        return _registry.create_model(f"local-dir:{path}")
+    return model_from_checkpoint(path)
+
+
+class LLaVATask(MomeTask):
+    """LLaVA instruction tuning with MoE-LLaVA's stages.
+
+    Args:
+        stage: 1, 2 or 3 (see the module docstring).
+        init_from: the previous stage's model (mome folder or ``mome-train`` checkpoint), or None.
+        train_dense_ffn: stage 3 also trains the dense FFNs of the non-MoE layers (upstream's behaviour).
+        max_new_tokens: answer length generated at test.
+        **kwargs: :class:`~mome.lit.base.MomeTask` arguments.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        stage: int = 3,
+        init_from: str | None = None,
+        train_dense_ffn: bool = False,
+        max_new_tokens: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        from ..models.moe_llava import MoELLaVA, configure_stage
+
+        if not isinstance(self.model, MoELLaVA):
+            raise TaskConfigError(f"LLaVATask needs a MoE-LLaVA model, got {type(self.model).__name__}")
+        self.stage, self.init_from = stage, init_from
+        self.train_dense_ffn, self.max_new_tokens = train_dense_ffn, max_new_tokens
+        try:
+            configure_stage(self.model, stage, train_dense_ffn=train_dense_ffn)
+        except ValueError as err:
+            raise TaskConfigError(f"task.stage={stage}: {err} (model.moe_layers must be 'none' in stages 1-2)") from err
+        self._answers: dict[str, list[float]] = defaultdict(list)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
+            self._initialise_from(self.init_from)
+
+    def _initialise_from(self, path: str) -> None:
+        """Load the previous stage's weights; upcycle them when this stage's model has MoE layers."""
+        from ..models.moe_llava import configure_stage
+
+        previous = _load_init(path)
+        if self.model.moe_layers and not previous.moe_layers:
+            config = self.model.config
+            previous.upcycle(
+                moe_layers=self.model.moe_layers, num_experts=config.num_experts, top_k=config.num_experts_per_tok
+            )
+        _registry._load_state(self.model, previous.state_dict(), f"task.init_from={path}")
+        configure_stage(self.model, self.stage, train_dense_ffn=self.train_dense_ffn)
+
+    # ------------------------------------------------------------------------------- steps
+    def _lm_loss(self, batch: dict[str, Any], split: str) -> Tensor:
+        output = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            images=batch["images"],
+            labels=batch["labels"],
+        )
+        return self.total_loss({"lm_loss": output.loss}, split)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._lm_loss(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._lm_loss(batch, "val")
+
+    @torch.no_grad()
+    def answer(self, prompt_ids: Tensor, images: Tensor) -> str:
+        """Greedy answer to one prompt ``[1, L]`` with its images ``[n, 3, H, W]``, decoded."""
+        tokenizer = self.tokenizer.tokenizer
+        output = self.model.generate(
+            input_ids=prompt_ids.to(self.device),
+            attention_mask=torch.ones_like(prompt_ids, device=self.device),
+            images=images.to(self.device),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._answers = defaultdict(list)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._lm_loss(batch, "test")
+        for prompt, images, reference, kind in zip(
+            batch["prompt_ids"], batch["prompt_images"], batch["answers"], batch["question_types"]
+        ):
+            hit = float(normalize_answer(self.answer(prompt, images)) == normalize_answer(reference))
+            self._answers["all"].append(hit)
+            if kind:
+                self._answers[kind].append(hit)
+
+    def on_test_epoch_end(self) -> None:
+        for kind, hits in sorted(self._answers.items()):
+            total = torch.tensor([sum(hits), len(hits)], dtype=torch.float64, device=self.device)
+            total = self.all_gather(total).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else total
+            name = "test/exact_match" if kind == "all" else f"test/exact_match/{kind}"
+            self.log(name, float(total[0] / total[1]), rank_zero_only=True)
