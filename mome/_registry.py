@@ -11,6 +11,12 @@ Weights are always loaded *exactly*: every key present, no extra key, every shap
 before ``load_state_dict`` so a failed load leaves the model untouched. Pickled checkpoints go
 through ``torch.load(weights_only=True)``. ``import mome`` imports :mod:`mome.models`, which
 registers mome's own families.
+
+The checkpoint cards of the zoo (``zoo/*.yaml``, see :mod:`mome.zoo`) are read on the first lookup
+that needs cards (``list_pretrained``, ``get_pretrained_cfg``, ``create_model``), with those of the
+folders in ``MOME_ZOO_PATH`` (``os.pathsep``-separated) and of :func:`add_zoo_dir`. A card whose
+weights are in a foreign format is downloaded (:mod:`mome._download`), converted by
+``mome.convert.load_converted`` and loaded exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -32,18 +38,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._download import (
+    ChecksumMismatchError,
+    PretrainedUnavailableError,
+    check_sha256,
+    download_url,
+    hub_download,
+    hub_snapshot,
+)
+
 __all__ = [
     "CheckpointMismatchError",
+    "ChecksumMismatchError",
+    "CorruptCheckpointError",
     "PretrainedCfg",
     "PretrainedUnavailableError",
     "UnknownModelError",
+    "UnsafeCheckpointError",
+    "add_zoo_dir",
     "create_model",
+    "fetch_pretrained",
     "get_pretrained_cfg",
     "is_model",
     "list_models",
     "list_pretrained",
     "model_entrypoint",
     "parse_model_name",
+    "push_to_hub",
     "register_model",
     "register_pretrained_cfg",
     "save_pretrained",
@@ -57,6 +78,8 @@ _SOURCE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-_]+")  # 2+ chars, so a driv
 _PATH_CHARS = ("/", "\\", ":")
 _NATIVE_FORMAT = "mome"
 _CHECKPOINT_HINT = "; or pass checkpoint_path= to load weights you have"
+_MANIFEST_KEY = "files"  # config.json lists the files save_pretrained wrote, so a re-save may replace them
+_README_NAME = "README.md"
 
 
 class UnknownModelError(ValueError):
@@ -67,8 +90,12 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose keys or shapes do not match the model exactly."""
 
 
-class PretrainedUnavailableError(RuntimeError):
-    """Pretrained weights that cannot be fetched or loaded here (offline, not converted, ...)."""
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, not the format its name says)."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled checkpoint that ``torch.load(weights_only=True)`` refuses (it would run code on load)."""
 
 
 @dataclass
@@ -102,7 +129,10 @@ class PretrainedCfg:
     paper_ids: str | tuple[str, ...] | None = None
     paper_name: str | None = None
     notes: str | None = None
+    origin_url: str | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    # entrypoint kwargs this checkpoint needs (image size, classes, ...); the caller's kwargs win
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
     # filled in by the registry
     architecture: str | None = None
     tag: str | None = None
@@ -151,6 +181,8 @@ _entrypoints: dict[str, Callable[..., nn.Module]] = {}
 _model_to_module: dict[str, str] = {}
 _tags: dict[str, list[str]] = {}  # arch -> its tags, the default first
 _cfgs: dict[str, PretrainedCfg] = {}  # "arch.tag" -> card
+_zoo_loaded = False
+_zoo_pending: dict[str, tuple[PretrainedCfg, bool]] = {}  # "arch.tag" -> (card, is default) of unregistered archs
 
 
 def split_model_name_tag(model_name: str, no_tag: str = "") -> tuple[str, str]:
@@ -182,6 +214,7 @@ def _add_cfg(arch: str, tag: str, cfg: PretrainedCfg | Mapping[str, Any]) -> Pre
     tag = tag.rstrip("*")
     if not tag:
         raise ValueError(f"{arch}: pretrained tags must be non-empty")
+    stored = _as_cfg(cfg, arch, tag)  # validate first: a refused card leaves the registry as it was
     tags = _tags.setdefault(arch, [])
     if tag in tags:
         warnings.warn(f"overwriting the pretrained cfg {arch}.{tag}", UserWarning, stacklevel=3)
@@ -189,7 +222,7 @@ def _add_cfg(arch: str, tag: str, cfg: PretrainedCfg | Mapping[str, Any]) -> Pre
             tags.remove(tag)
     if tag not in tags:
         tags.insert(0 if is_default else len(tags), tag)
-    _cfgs[f"{arch}.{tag}"] = stored = _as_cfg(cfg, arch, tag)
+    _cfgs[f"{arch}.{tag}"] = stored
     return stored
 
 
@@ -235,6 +268,56 @@ def register_pretrained_cfg(model_name: str, cfg: PretrainedCfg | Mapping[str, A
     return _add_cfg(arch, tag, cfg)
 
 
+def _register_pending() -> None:
+    """Register the zoo cards whose architecture is registered by now (others wait for it)."""
+    for name, (cfg, default) in list(_zoo_pending.items()):
+        arch, tag = split_model_name_tag(name)
+        if arch in _entrypoints:
+            del _zoo_pending[name]
+            _add_cfg(arch, tag + ("*" if default else ""), cfg)
+
+
+def _ensure_zoo() -> None:
+    """Read the cards of ``mome.zoo_dir()`` and ``MOME_ZOO_PATH`` once; register cards of newly added archs."""
+    global _zoo_loaded
+    if not _zoo_loaded:
+        from ._resources import zoo_dir
+
+        extra = [p for p in os.environ.get("MOME_ZOO_PATH", "").split(os.pathsep) if p]
+        for folder in [zoo_dir(), *extra]:
+            _read_zoo_dir(Path(folder))  # a broken card raises here, and again on the next lookup
+        _zoo_loaded = True
+    if _zoo_pending:
+        _register_pending()
+
+
+def _read_zoo_dir(folder: Path) -> list[str]:
+    from .zoo import read_cards
+
+    cards = read_cards(folder)
+    for name, (cfg, default) in cards.items():
+        _zoo_pending[name] = (cfg, default)
+    _register_pending()
+    return list(cards)
+
+
+def add_zoo_dir(path: str | Path) -> list[str]:
+    """Add the checkpoint cards (``*.yaml``, the :mod:`mome.zoo` schema) of a folder; returns their names.
+
+    Like open_clip's ``add_model_config``. Its cards replace (with a warning) built-in cards of the same
+    ``arch.tag``; cards of architectures not registered yet are kept until they are.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder.
+        mome.zoo.CardError: a card breaks the schema (the error names the file and field).
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"add_zoo_dir: {folder} is not a folder")
+    _ensure_zoo()
+    return _read_zoo_dir(folder)
+
+
 def _to_list(value: str | Iterable[str] | None) -> list[str]:
     if not value:
         return []
@@ -262,6 +345,7 @@ def list_models(
         exclude_filters: wildcard pattern(s) removed after ``filter``.
         include_tags: list ``arch.tag`` names (an arch without cards stays untagged); defaults to ``pretrained``.
     """
+    _ensure_zoo()
     include, exclude, modules = _to_list(filter), _to_list(exclude_filters), _to_list(module)
     include_tags = pretrained if include_tags is None else include_tags
     archs = [a for a in _entrypoints if not modules or _model_to_module[a] in modules]
@@ -299,6 +383,7 @@ def model_entrypoint(model_name: str) -> Callable[..., nn.Module]:
 
 
 def _lookup_cfg(model_name: str) -> PretrainedCfg:
+    _ensure_zoo()
     arch, tag = split_model_name_tag(model_name)
     if not is_model(arch):
         raise UnknownModelError(f"unknown model {model_name!r}{_close_matches(model_name)}")
@@ -338,51 +423,44 @@ def parse_model_name(model_name: str) -> tuple[str | None, str]:
     return source, rest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_sha256(path: Path, expected: str | None, *, delete: bool) -> None:
-    if expected is None:
-        return
-    actual = _sha256(path)
-    if actual != expected.lower():
-        if delete:  # a corrupt download: drop it from the cache (and the blob a Hub snapshot links to)
-            target = path.resolve()
-            path.unlink(missing_ok=True)
-            target.unlink(missing_ok=True)
-        raise ValueError(
-            f"{path}: sha256 {actual} does not match the expected {expected}"
-            + ("; the file was deleted, try again" if delete else "")
-        )
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch checkpoint (``state_dict``/``model`` key, ``module.`` prefix)."""
+    """Tensors of a ``.safetensors`` file or a torch checkpoint (``state_dict``/``model`` key, ``module.`` prefix).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: the file cannot be read (truncated, another format).
+        UnsafeCheckpointError: a pickle that ``torch.load(weights_only=True)`` refuses; nothing in it runs.
+    """
+    import pickle
+
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CorruptCheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
             f"{path}: refused by torch.load(weights_only=True) (it is not a plain tensor checkpoint): {err}"
         ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged archives
+        raise CorruptCheckpointError(f"{path}: not a readable torch checkpoint (truncated?): {err}") from err
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found a {type(obj).__name__}")
+        raise CorruptCheckpointError(f"{path}: expected a state dict, found a {type(obj).__name__}")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise ValueError(f"{path}: non-tensor entries {bad[:20]} in the state dict")
+        raise CorruptCheckpointError(f"{path}: non-tensor entries {bad[:20]} in the state dict")
     return state
 
 
@@ -407,10 +485,8 @@ def _fill_tied(model_state: Mapping[str, torch.Tensor], state: dict[str, torch.T
                 state[key] = state[present[0]]
 
 
-def _load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load ``path`` into ``model`` exactly, or raise :class:`CheckpointMismatchError` leaving it unchanged."""
-    path = Path(path)
-    state = _read_state_dict(path)
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` exactly, or raise :class:`CheckpointMismatchError` leaving it unchanged."""
     model_state = model.state_dict()
     _fill_tied(model_state, state)
     missing = [k for k in model_state if k not in state]
@@ -421,7 +497,7 @@ def _load_weights(model: nn.Module, path: str | Path) -> None:
         if k in state and state[k].shape != v.shape
     ]
     if missing or unexpected or shapes:
-        lines = [f"{path} does not match {type(model).__name__} exactly:"]
+        lines = [f"{source} does not match {type(model).__name__} exactly:"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
             if keys:
                 more = f" (+{len(keys) - 20} more)" if len(keys) > 20 else ""
@@ -430,63 +506,147 @@ def _load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def _load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load the checkpoint file ``path`` into ``model`` exactly (see :func:`_load_state`)."""
+    path = Path(path)
+    _load_state(model, _read_state_dict(path), str(path))
+
+
 def _unavailable(what: str, err: Exception | None = None, hint: str = _CHECKPOINT_HINT) -> PretrainedUnavailableError:
     return PretrainedUnavailableError(what + hint + (f" ({type(err).__name__}: {err})" if err else ""))
 
 
-def _hub_download(repo_id: str, filename: str, cache_dir: str | Path | None) -> Path:
-    import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+_hub_download = hub_download  # a Hub file, or a PretrainedUnavailableError saying how to pre-fetch it
+
+
+# Files a Hub snapshot of a foreign checkpoint needs (HF ``save_pretrained`` folders: MoE-LLaVA).
+_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def _vmoe_shards(index: Path) -> list[str]:
+    """File names of the data shards of a vmoe sharded checkpoint (``<prefix>.data-nnnnn-of-NNNNN``).
+
+    The ``.index`` file is a msgpack map whose ``shard_count`` says how many there are (vmoe
+    ``checkpoints/partitioned.py``).
+    """
+    import msgpack
 
     try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir))
-    except (OSError, EntryNotFoundError) as err:
-        raise _unavailable(
-            f"could not fetch {filename} from the Hugging Face Hub repo {repo_id} (offline or not found); "
-            f"pre-fetch it where there is network with `hf download {repo_id} {filename}` into the same cache",
-            err,
-        ) from err
+        header = msgpack.unpackb(index.read_bytes(), raw=False, strict_map_key=False)
+        count = int(header["shard_count"])
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as err:
+        raise CorruptCheckpointError(f"{index}: not a vmoe checkpoint index (no shard_count): {err}") from err
+    prefix = index.name.removesuffix(".index")
+    return [f"{prefix}.data-{shard:05d}-of-{count:05d}" for shard in range(count)]
 
 
-def _load_pretrained(model: nn.Module, cfg: PretrainedCfg, name: str, cache_dir: str | Path | None) -> None:
-    """Load a card's weights: ``file``, then ``hf_hub_id`` (timm's order); ``url`` and conversions come with the zoo."""
-    if not cfg.has_weights():
-        raise ValueError(f"{name} has no pretrained weights (mome.list_pretrained() lists those that do)")
-    if cfg.needs_conversion():
-        raise _unavailable(
-            f"{name}: its weights are in the {cfg.source_format!r} format (converter {cfg.converter!r}); "
-            "downloading and converting them comes with the zoo loader"
-        )
+def _fetch(cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_files_only: bool, progress: bool) -> Path:
+    """The card's checkpoint on disk: ``file``, else ``hf_hub_id``, else ``url`` (timm's order), sha256 checked.
+
+    A foreign card without ``hf_hub_filename`` is a whole Hub repo (the snapshot folder is returned).
+    A vmoe ``.index`` brings its data shards into the same folder.
+    """
     if cfg.file:
         path = Path(cfg.file).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"{name}: pretrained file {path} does not exist")
-        _check_sha256(path, cfg.sha256, delete=False)
-    elif cfg.hf_hub_id:
-        path = _hub_download(cfg.hf_hub_id, cfg.hf_hub_filename or WEIGHTS_NAME, cache_dir)
-        _check_sha256(path, cfg.sha256, delete=True)
+        if path.is_file():
+            check_sha256(path, cfg.sha256, delete=False)
+        return path
+    sibling: Callable[[str], Path]  # fetches another file of the same folder (a shard)
+    if cfg.hf_hub_id:
+        if cfg.hf_hub_filename is None and cfg.needs_conversion():
+            return hub_snapshot(cfg.hf_hub_id, _SNAPSHOT_PATTERNS, cache_dir, local_files_only=local_files_only)
+        filename = cfg.hf_hub_filename or WEIGHTS_NAME
+        path = hub_download(cfg.hf_hub_id, filename, cache_dir, local_files_only=local_files_only)
+        check_sha256(path, cfg.sha256, delete=True)
+        folder = filename.rpartition("/")[0]
+
+        def sibling(file: str) -> Path:
+            repo_file = f"{folder}/{file}" if folder else file
+            return hub_download(cfg.hf_hub_id, repo_file, cache_dir, local_files_only=local_files_only)
+
+    elif cfg.url:
+        options = {"cache_dir": cache_dir, "local_files_only": local_files_only, "progress": progress}
+        path = download_url(cfg.url, sha256=cfg.sha256, **options)
+        base = cfg.url.rpartition("/")[0]
+
+        def sibling(file: str) -> Path:
+            return download_url(f"{base}/{file}", **options)
+
     else:
-        raise _unavailable(f"{name}: downloading from a URL ({cfg.url}) comes with the zoo loader")
-    _load_weights(model, path)
+        raise ValueError(f"{name} has no pretrained weights (mome.list_pretrained() lists those that do)")
+    if cfg.source_format == "vmoe" and path.name.endswith(".index"):
+        for shard in _vmoe_shards(path):
+            sibling(shard)
+    return path
 
 
-def _snapshot(repo_id: str, cache_dir: str | Path | None) -> Path:
-    import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+def fetch_pretrained(
+    model_name: str | PretrainedCfg,
+    *,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Download (or find in the cache) the checkpoint of the card ``arch.tag`` and check its sha256.
 
+    Returns the file (or, for a whole Hub repo, the snapshot folder) in the upstream format of the
+    card (``cfg.source_format``). ``python -m mome.zoo download NAME`` calls this.
+
+    Raises:
+        PretrainedUnavailableError: offline / ``local_files_only`` and not cached, or the transfer failed;
+            the message says how to pre-fetch the file or pass ``checkpoint_path=``.
+        ChecksumMismatchError: the file does not hash to the card's sha256 (a download is deleted).
+    """
+    cfg = model_name if isinstance(model_name, PretrainedCfg) else _lookup_cfg(model_name)
+    name = model_name if isinstance(model_name, str) else f"{cfg.architecture}.{cfg.tag}"
+    return _fetch_checked(cfg, name, cache_dir, local_files_only, progress)
+
+
+def _fetch_checked(
+    cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_files_only: bool, progress: bool
+) -> Path:
+    """:func:`_fetch`, its unavailability errors completed with the card's format and how to pre-fetch."""
     try:
-        return Path(
-            huggingface_hub.snapshot_download(
-                repo_id, allow_patterns=[CONFIG_NAME, "*.safetensors"], cache_dir=cache_dir
-            )
-        )
-    except (OSError, EntryNotFoundError) as err:
-        raise _unavailable(
-            f"could not fetch the Hugging Face Hub repo {repo_id} (offline or not found); pre-fetch it where "
-            f"there is network with `hf download {repo_id}` into the same cache",
-            err,
-            hint="",
+        return _fetch(cfg, name, cache_dir, local_files_only, progress)
+    except PretrainedUnavailableError as err:
+        what = f"{name}: its weights"
+        if cfg.needs_conversion():
+            what += f" (the {cfg.source_format!r} format, converted by the zoo loader with {cfg.converter!r})"
+        raise type(err)(
+            f"{what} are not available here: {err}; pre-fetch them with `python -m mome.zoo download {name}`"
+            + _CHECKPOINT_HINT
         ) from err
+
+
+def _convert_checkpoint(path: Path, cfg: PretrainedCfg, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` from a foreign checkpoint, by ``mome.convert.load_converted``."""
+    try:
+        from .convert import load_converted
+    except ImportError as err:
+        raise _unavailable(
+            f"{cfg.architecture}.{cfg.tag}: converting the {cfg.source_format!r} format needs mome.convert, "
+            "which this installation lacks",
+            err,
+        ) from err
+    return load_converted(path, cfg.source_format, cfg.converter, model)
+
+
+def _load_pretrained(
+    model: nn.Module, cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_files_only: bool = False
+) -> None:
+    """Fetch the card's checkpoint, convert it if it is foreign, and load it exactly."""
+    path = _fetch_checked(cfg, name, cache_dir, local_files_only, progress=True)
+    if cfg.needs_conversion():
+        _load_state(model, _convert_checkpoint(path, cfg, model), f"{path} (converted with {cfg.converter!r})")
+    else:
+        _load_weights(model, path)
+
+
+def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool = False) -> Path:
+    """The ``config.json`` + safetensors of a saved-folder Hub repo."""
+    return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
 
 
 def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg) -> nn.Module:
@@ -505,6 +665,7 @@ def create_model(
     pretrained_cfg_overlay: Mapping[str, Any] | None = None,
     checkpoint_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name (timm's ``create_model``).
@@ -513,11 +674,15 @@ def create_model(
         model_name: ``arch``, ``arch.tag``, ``local-dir:/saved/folder`` or ``hf-hub:org/repo``; a saved
             folder is built from its ``config.json`` (``kwargs`` override its ``model_args``) and its
             ``model.safetensors`` is always loaded (``pretrained`` is not needed).
-        pretrained: load the card's weights (``file``, or ``hf_hub_id`` via ``huggingface_hub``).
+        pretrained: load the card's weights (``file``, ``hf_hub_id`` via ``huggingface_hub``, or ``url``),
+            sha256-checked before loading and converted first when the card's format is not mome's.
         pretrained_cfg_overlay: card fields to override, e.g. ``dict(file="w.safetensors")``.
         checkpoint_path: a ``.safetensors`` or torch checkpoint loaded exactly after construction.
-        cache_dir: the Hugging Face cache to use.
+        cache_dir: the Hugging Face cache to use (URL downloads go under it too).
+        local_files_only: never download; use only what is cached.
         **kwargs: passed to the entrypoint; those set to None are dropped (so a CLI can pass them).
+            They override the card's ``model_kwargs``, which apply when the tag is named or
+            ``pretrained`` is set (a bare ``arch`` keeps the entrypoint's defaults).
 
     The model gets ``pretrained_cfg`` (unless the entrypoint set one), ``mome_model_name`` and
     ``mome_model_args`` (what :func:`save_pretrained` writes).
@@ -527,11 +692,14 @@ def create_model(
     if source is None:
         cfg = _lookup_cfg(name)
         cfg = cfg.replace(**(pretrained_cfg_overlay or {}))
-        model = _build(split_model_name_tag(name)[0], pretrained, kwargs, cfg)
+        arch, tag = split_model_name_tag(name)
+        # a named tag (or pretrained weights) means that checkpoint's model: its card's kwargs apply
+        card_kwargs = cfg.model_kwargs if (tag or pretrained) else {}
+        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg)
         if pretrained:
-            _load_pretrained(model, cfg, name, cache_dir)
+            _load_pretrained(model, cfg, name, cache_dir, local_files_only)
     else:
-        folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir)
+        folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir, local_files_only)
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{model_name}: no {CONFIG_NAME} in {folder}")
@@ -547,18 +715,102 @@ def create_model(
     return model
 
 
+def _tokenizer_files(cfg: PretrainedCfg, folder: Path) -> list[str]:
+    """Save the model's Hugging Face tokenizer into ``folder`` if it is at hand; returns the files written.
+
+    Hub and built-in (``mome:``) tokenizers are Hugging Face tokenizers and are saved; open_clip's
+    ship inside open_clip (nothing to write). A Hub tokenizer missing from the local cache is skipped
+    with a warning: the folder still loads, ``mome.get_tokenizer`` then needs the cache.
+    """
+    if not cfg.tokenizer or cfg.tokenizer.startswith("open_clip:"):
+        return []
+    from ._tokenizer import create_tokenizer
+
+    try:
+        tokenizer = create_tokenizer(cfg.tokenizer)
+    except PretrainedUnavailableError as err:
+        warnings.warn(f"save_pretrained: tokenizer files not written: {err}", UserWarning, stacklevel=3)
+        return []
+    hf_tokenizer = getattr(tokenizer, "tokenizer", None)
+    if not hasattr(hf_tokenizer, "save_pretrained"):
+        return []
+    before = {p.name for p in folder.iterdir()}
+    hf_tokenizer.save_pretrained(str(folder))
+    return sorted(p.name for p in folder.iterdir() if p.name not in before)
+
+
+def _results_table(results: Mapping[str, Any]) -> list[str]:
+    """``results`` (benchmark -> metric -> value, or benchmark -> value) as Markdown table rows."""
+    rows = ["| benchmark | metric | value |", "|---|---|---|"]
+    for bench, value in results.items():
+        metrics = value if isinstance(value, Mapping) else {"": value}
+        rows += [f"| {bench} | {metric} | {number} |" for metric, number in metrics.items()]
+    return rows
+
+
+def model_card(arch: str, args: Mapping[str, Any], cfg: PretrainedCfg, repo_id: str | None = None) -> str:
+    """The ``README.md`` of a saved folder: Hub front-matter, architecture, how to load, results, source."""
+    import yaml
+
+    family = _model_to_module.get(arch, "").lstrip("_")
+    meta: dict[str, Any] = {"library_name": "mome"}
+    if cfg.license:
+        meta["license"] = cfg.license
+    meta["tags"] = ["mome", "mixture-of-experts", *([family] if family else [])]
+    name = f"{arch}.{cfg.tag}" if cfg.tag else arch
+    load = f"hf-hub:{repo_id}" if repo_id else "local-dir:/path/to/this/folder"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
+    if cfg.paper_name:
+        lines += [
+            f"Paper: {cfg.paper_name}" + (f" ({', '.join(_to_list(cfg.paper_ids))})" if cfg.paper_ids else ""),
+            "",
+        ]
+    lines += ["## Architecture", "", f"`{arch}`, built by `mome.create_model` with:", "", "```json"]
+    lines += [json.dumps(dict(args), indent=2, sort_keys=True), "```", ""]
+    data = {k: cfg.get(k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "tokenizer")}
+    data = {k: v for k, v in data.items() if v is not None}
+    if data:
+        lines += ["Preprocessing: " + ", ".join(f"{k}={v}" for k, v in data.items()), ""]
+    lines += ["## How to load", "", "```python", "import mome", "", f'model = mome.create_model("{load}")']
+    if cfg.tokenizer:
+        lines.append(f'tokenizer = mome.get_tokenizer("{load}")')
+    lines += ["```", ""]
+    if cfg.results:
+        lines += [
+            "## Results",
+            "",
+            "Reported by the upstream authors for these weights:",
+            "",
+            *_results_table(cfg.results),
+        ]
+        lines.append("")
+    source = cfg.url or (f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else None)
+    if source or cfg.notes:
+        lines += ["## Source", ""]
+        if source:
+            lines.append(f"Converted from {source} ({cfg.source_format} format).")
+        if cfg.notes:
+            lines.append(cfg.notes.strip())
+        lines.append("")
+    return "\n".join(lines)
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | Path,
     *,
     model_name: str | None = None,
     model_args: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into ``directory``, readable by ``create_model("local-dir:...")``.
+    """Write a saved folder, readable by ``create_model("local-dir:...")`` and ``"hf-hub:..."``.
 
+    The folder holds ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` and the list
+    of ``files`` written), ``model.safetensors``, the tokenizer files when the model's tokenizer is a
+    Hugging Face one at hand, and a ``README.md`` model card (``repo_id`` is the Hub repo it names).
     ``model_name``/``model_args`` default to what :func:`create_model` recorded on the model. The
     folder is written next to ``directory`` and renamed into place, so it is complete or absent; an
-    existing folder is replaced only if it holds nothing but those two files.
+    existing folder is replaced only if it holds nothing but files an earlier save wrote.
     """
     from safetensors import torch as st
 
@@ -578,18 +830,26 @@ def save_pretrained(
             ) from err
     cfg = getattr(model, "pretrained_cfg", None)
     cfg = cfg if isinstance(cfg, PretrainedCfg) else PretrainedCfg()
-    config = {"architecture": arch, "model_args": args, "pretrained_cfg": cfg.replace(architecture=arch).to_dict()}
+    cfg = cfg.replace(architecture=arch)
 
     directory = Path(directory).expanduser()
     if directory.exists():
-        extra = sorted(p.name for p in directory.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+        ours = {CONFIG_NAME, WEIGHTS_NAME}
+        try:
+            ours |= set(json.loads((directory / CONFIG_NAME).read_text()).get(_MANIFEST_KEY, []))
+        except (OSError, ValueError, AttributeError):
+            pass
+        extra = sorted(p.name for p in directory.iterdir() if p.name not in ours)
         if extra:
             raise FileExistsError(f"{directory} exists and holds other files ({extra}); not replacing it")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         st.save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        files = [WEIGHTS_NAME, *_tokenizer_files(cfg, tmp), _README_NAME, CONFIG_NAME]
+        (tmp / _README_NAME).write_text(model_card(arch, args, cfg, repo_id))
+        config = {"architecture": arch, "model_args": args, "pretrained_cfg": cfg.to_dict(), _MANIFEST_KEY: files}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if directory.exists():
             old = tmp.with_suffix(".old")
             directory.rename(old)
@@ -601,3 +861,38 @@ def save_pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    *,
+    model_name: str | None = None,
+    model_args: Mapping[str, Any] | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload mome model",
+    create_pr: bool = False,
+) -> str:
+    """Save ``model`` (:func:`save_pretrained`) and upload the folder to the Hub repo ``repo_id``.
+
+    The repo is created if missing (``private`` as given). Returns the commit URL. The uploaded repo
+    loads with ``mome.create_model("hf-hub:<repo_id>")``.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mome-push-") as tmp:
+        folder = save_pretrained(
+            model, Path(tmp) / "model", model_name=model_name, model_args=model_args, repo_id=repo_id
+        )
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )
+    return str(getattr(commit, "commit_url", commit))

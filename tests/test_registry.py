@@ -368,7 +368,7 @@ def test_hub_download_checks_sha256_and_deletes_a_bad_download(tmp_path, monkeyp
 def test_save_pretrained_local_dir_round_trip_is_exact(tmp_path):
     model = mome.create_model("_test_tiny_mlp_registry.scratch", hidden=12, act="relu")
     folder = mome.save_pretrained(model, tmp_path / "saved")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     assert config["architecture"] == "_test_tiny_mlp_registry"
     assert config["model_args"] == {"hidden": 12, "act": "relu"}
@@ -386,10 +386,10 @@ def test_save_pretrained_local_dir_round_trip_is_exact(tmp_path):
 
     # saving again replaces the folder; a folder holding other files is left alone
     mome.save_pretrained(loaded, folder)
-    (folder / "README.md").write_text("mine")
-    with pytest.raises(FileExistsError, match="README.md"):
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
         mome.save_pretrained(loaded, folder)
-    assert (folder / "README.md").read_text() == "mine"
+    assert (folder / "notes.txt").read_text() == "mine"
 
 
 def test_save_pretrained_handles_tied_weights_and_moe(tmp_path):
