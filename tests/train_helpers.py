@@ -16,11 +16,11 @@ CONF = Path(mome.conf_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-def compose_train(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
-    """The config ``mome-train <overrides>`` runs with, its outputs under ``output_dir``."""
+def compose_train(output_dir: Path, overrides: list[str] = (), config_name: str = "train") -> DictConfig:
+    """The config ``mome-<config_name> <overrides>`` runs with (``train`` or ``eval``), outputs under ``output_dir``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)

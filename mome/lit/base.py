@@ -26,6 +26,7 @@ import fnmatch
 import math
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -36,7 +37,14 @@ from torch import Tensor, nn
 from .. import _registry
 from ..layers.moe import aux_losses
 
-__all__ = ["MomeTask", "NonFiniteLossError", "TaskConfigError", "build_model", "set_trainable"]
+__all__ = [
+    "MomeTask",
+    "NonFiniteLossError",
+    "TaskConfigError",
+    "build_model",
+    "model_from_checkpoint",
+    "set_trainable",
+]
 
 
 class TaskConfigError(ValueError):
@@ -53,6 +61,33 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     if "model_name" not in kwargs:
         raise TaskConfigError(f"the model config needs a model_name field (got fields {sorted(kwargs)})")
     return _registry.create_model(**kwargs)
+
+
+def model_from_checkpoint(path: str | Path) -> nn.Module:
+    """The model inside a ``mome-train`` Lightning checkpoint, rebuilt from its recorded spec and loaded
+    strictly (the task's own parameters, e.g. VLMo's MIM head, are left out).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointMismatchError: not a mome task checkpoint, or its weights do not fit the model it names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, or a pickle that would run code
+        raise _registry.CheckpointMismatchError(f"{path}: not a readable Lightning checkpoint ({err})") from err
+    spec = checkpoint.get("hyper_parameters", {}).get("model") if isinstance(checkpoint, dict) else None
+    if not isinstance(spec, Mapping) or "state_dict" not in checkpoint:
+        raise _registry.CheckpointMismatchError(
+            f"{path}: not a mome-train checkpoint (no hyper_parameters.model spec or no state_dict)"
+        )
+    model = build_model(spec)
+    prefix = "model."
+    state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    _registry._load_state(model, state, str(path))
+    return model
 
 
 def set_trainable(model: nn.Module, trainable: Sequence[str] | None, frozen: Sequence[str] = ()) -> list[str]:

@@ -104,10 +104,13 @@ class RoutingTelemetry(L.Callback):
         if not stats:
             return
         pl_module.log_dict(self.scalars(stats), on_step=True, on_epoch=False)
-        if self.heatmap and trainer.is_global_zero and (step % self.heatmap_every_n_steps == 0 or step == 1):
-            self._save_heatmap(trainer, stats, step)
+        if self.heatmap and (step % self.heatmap_every_n_steps == 0 or step == 1):
+            # trainer.log_dir broadcasts under DDP: every rank must ask, not only the one that draws.
+            folder = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
+            if trainer.is_global_zero:
+                self._save_heatmap(trainer, stats, step, folder)
 
-    def _save_heatmap(self, trainer: L.Trainer, stats: dict[str, dict[str, Tensor]], step: int) -> None:
+    def _save_heatmap(self, trainer: L.Trainer, stats: dict[str, dict[str, Tensor]], step: int, folder: Path) -> None:
         import matplotlib.pyplot as plt
 
         load = {
@@ -122,7 +125,6 @@ class RoutingTelemetry(L.Callback):
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
                 experiment.add_figure("routing/expert_load", fig, global_step=step, close=False)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
         folder.mkdir(parents=True, exist_ok=True)
         self.last_heatmap = folder / f"step_{step:06d}.png"
         fig.savefig(self.last_heatmap, dpi=80)

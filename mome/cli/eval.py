@@ -1,0 +1,169 @@
+"""``mome-eval``: evaluate a model of the zoo or a ``mome-train`` checkpoint with Lightning (``conf/eval.yaml``).
+
+The run composes the ``data``, ``model``, ``eval_task``, ``trainer``, ``callbacks``, ``logger``, ``paths``,
+``hydra`` and ``debug`` groups of ``mome-train``, then:
+
+1. builds the model: ``ckpt_path=`` alone rebuilds the model a ``mome-train`` checkpoint names in its
+   hyper-parameters (:func:`mome.lit.base.model_from_checkpoint`); ``model=...`` or ``model.model_name=``
+   (a registry name, ``arch.tag``, ``local-dir:`` or ``hf-hub:``) builds that model, and with a
+   ``ckpt_path=`` too loads the checkpoint into it strictly (missing and unexpected keys are an error);
+2. builds the evaluation task (``eval_task=zero_shot|retrieval|linear_probe|classification``, see
+   :mod:`mome.lit.evaluation`), the data module bound to the model's preprocessing and tokenizer (with
+   ``train_augment=false``), the task's loaders of ``split=`` and the trainer; any configuration or input
+   error stops here with one line and exit code 2, and the run's folder is removed;
+3. ``trainer.test`` (Lightning's progress bars, any strategy: no sample is counted twice under DDP), then
+   ``results.json`` (CLIP_benchmark schema) and the routing report (``routing.json`` and PNGs) in the
+   run's output folder, and a one-line summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from .._registry import CheckpointMismatchError, split_model_name_tag
+from .._resources import conf_dir
+from ..lit.base import build_model, model_from_checkpoint
+from ..lit.evaluation import EvaluationTask
+from ._common import ConfigError, _plain, build_datamodule, build_trainer, run_cli, setup_phase
+
+__all__ = ["evaluate", "load_model", "main"]
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
+    """The ``model.`` weights of a Lightning checkpoint (read with ``weights_only=True``)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, or a pickle that would run code
+        raise CheckpointMismatchError(f"{path}: not a readable Lightning checkpoint ({_one_line(err)})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointMismatchError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+
+
+def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:
+    """The model to evaluate, its name and its ``pretrained`` field (weights source) for the results."""
+    spec = _plain(cfg.get("model")) or {}
+    spec = {k: v for k, v in spec.items() if v is not None or k == "model_name"}
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        ckpt_path = Path(str(ckpt_path))
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    if not spec.get("model_name"):
+        if ckpt_path is None:
+            raise ConfigError("give ckpt_path=<mome-train checkpoint> or model=<name> / model.model_name=<name>")
+        try:
+            model = model_from_checkpoint(ckpt_path)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(_one_line(err)) from err
+        return model, str(getattr(model, "mome_model_name", type(model).__name__)), str(ckpt_path)
+    model = build_model(spec)
+    name = str(spec["model_name"])
+    if ckpt_path is not None:
+        try:
+            model.load_state_dict(_checkpoint_state(ckpt_path), strict=True)
+        except RuntimeError as err:  # torch names the missing and unexpected keys
+            raise CheckpointMismatchError(f"ckpt_path={ckpt_path} does not fit {name}: {_one_line(err)}") from err
+        return model, name, str(ckpt_path)
+    if name.startswith(("local-dir:", "hf-hub:")):
+        return model, name, name
+    arch, tag = split_model_name_tag(name)
+    return model, arch, tag if (tag or spec.get("pretrained")) else "none"
+
+
+def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> EvaluationTask:
+    """The ``eval_task`` node's class (a :class:`~mome.lit.evaluation.EvaluationTask`) with its options."""
+    node = cfg.get("eval_task")
+    if node is None or "_target_" not in node:
+        choice = HydraConfig.get().runtime.choices.get("eval_task") if HydraConfig.initialized() else None
+        known = sorted(p.stem for p in (Path(conf_dir()) / "eval_task").glob("*.yaml"))
+        raise ConfigError(f"eval_task={choice}: unknown evaluation task; known: {', '.join(known)}")
+    kwargs = _plain(node)
+    target = kwargs.pop("_target_")
+    try:
+        task_class = get_class(target)
+    except Exception as err:
+        raise ConfigError(f"eval_task._target_={target}: {_one_line(err)}") from err
+    if not (isinstance(task_class, type) and issubclass(task_class, EvaluationTask)):
+        raise ConfigError(f"eval_task._target_={target} is not a mome.lit.evaluation.EvaluationTask")
+    try:
+        return task_class(model, model_name=model_name, routing_report=bool(cfg.get("routing_report", True)), **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"eval_task ({task_class.__name__}): {err}") from err
+
+
+def _dataset_name(cfg: DictConfig, datamodule: Any) -> str:
+    if cfg.get("dataset_name"):
+        return str(cfg.dataset_name)
+    return type(datamodule).__name__.removesuffix("DataModule").lower() or "dataset"
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run one evaluation from a composed config; returns ``(results record, objects)``."""
+    with setup_phase():
+        if cfg.get("seed") is not None:
+            L.seed_everything(cfg.seed, workers=True)
+        model, model_name, pretrained = load_model(cfg)
+        task = build_eval_task(cfg, model, model_name)
+        with open_dict(cfg):
+            if "train_augment" in cfg.data:
+                cfg.data.train_augment = False  # evaluation never augments (linear probe's train split too)
+            if not task.needs_text and cfg.data.get("task") == "image_text":
+                cfg.data.task = "classification"  # labels suffice: no captions to tokenize
+        datamodule = build_datamodule(cfg, task)
+        split = str(cfg.get("split", "test"))
+        loaders = task.dataloaders(datamodule, split, cfg.get("max_samples"))
+        trainer = build_trainer(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    resolved = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    task.output_dir = output_dir
+    task.record_fields = {
+        "dataset": _dataset_name(cfg, datamodule),
+        "model": model_name,
+        "pretrained": pretrained,
+        "split": split,
+        "config_hash": hashlib.sha256(resolved.encode()).hexdigest()[:12],
+    }
+    trainer.test(task, dataloaders=loaders, verbose=False)
+    objects = {"cfg": cfg, "task": task, "datamodule": datamodule, "trainer": trainer, "output_dir": output_dir}
+    if not trainer.is_global_zero:  # rank 0 writes the results
+        return {}, objects
+    record = json.loads((output_dir / "results.json").read_text())
+    print(_summary(record, output_dir))
+    return record, objects
+
+
+def _summary(record: dict[str, Any], output_dir: Path) -> str:
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
+    return (
+        f"mome-eval: {record['model']} ({record['pretrained']}) on {record['dataset']} {record['task']}: {metrics} "
+        f"({record['n_samples']} samples); results in {output_dir / 'results.json'}"
+    )
+
+
+def _job(cfg: DictConfig) -> dict[str, Any]:
+    return evaluate(cfg)[0]
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run_cli("mome-eval", _job, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""mome-eval: every evaluation task runs on the embedded digits; bad input fails early with one line; DDP
+counts every sample once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from train_helpers import compose_train
+
+from mome.cli._common import run_cli
+from mome.cli.eval import _job, evaluate
+from mome.cli.train import train
+from mome.lit.evaluation import RESULT_SCHEMA
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FAST = ["+trainer.enable_progress_bar=false"]
+
+
+def compose_eval(output_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """The config ``mome-eval <overrides>`` runs with, its outputs under ``output_dir``."""
+    return compose_train(output_dir, overrides, config_name="eval")
+
+
+@pytest.fixture(scope="module")
+def limoe_checkpoint(tmp_path_factory) -> Path:
+    """A real mome-train checkpoint: LIMoE-tiny trained contrastively on digits for 2 steps."""
+    out = tmp_path_factory.mktemp("train")
+    overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+    overrides += ["test=false", "export=false", "logger=csv", "+trainer.enable_progress_bar=false"]
+    train(compose_train(out, overrides))
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    return checkpoint
+
+
+def _check_outputs(out: Path, record: dict, task: str, per_class: bool = True) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    written = json.loads((out / "results.json").read_text())
+    assert written == record and written["task"] == task and written["dataset"] == "digits"
+    jsonschema.validate(written, RESULT_SCHEMA)
+    routing = json.loads((out / "routing.json").read_text())
+    assert routing["layers"] and all(
+        sum(layer["expert_load"]) == pytest.approx(1.0) for layer in routing["layers"].values()
+    )
+    assert (out / "routing_heatmap.png").read_bytes()[:8] == PNG
+    assert (out / "routing_per_class.png").exists() == per_class
+    if per_class:
+        assert (out / "routing_per_class.png").read_bytes()[:8] == PNG
+
+
+def test_zero_shot_from_a_mome_train_checkpoint(tmp_path, limoe_checkpoint, capsys):
+    out = tmp_path / "eval"
+    record, objects = evaluate(compose_eval(out, [f"ckpt_path={limoe_checkpoint}", *FAST]))
+    assert record["model"] == "limoe_tiny_patch8_e4" and record["pretrained"] == str(limoe_checkpoint)
+    assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert record["n_samples"] == 250 and record["protocol"]["num_templates"] == 6
+    _check_outputs(out, record, "zeroshot_classification")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("mome-eval: limoe_tiny_patch8_e4") and "acc1" in line and str(out) in line
+    # the routing report covers every test image and every prompt (10 classes x 6 templates)
+    routing = json.loads((out / "routing.json").read_text())
+    layer = next(iter(routing["layers"].values()))
+    assert layer["per_modality"]["image"]["tokens"] == 250 * 16
+    assert len(layer["per_class"]["expert_share"]) == 10
+
+
+def test_retrieval_on_digits(tmp_path):
+    out = tmp_path / "eval"
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "eval_task=retrieval", "max_samples=60", *FAST]
+    record, _ = evaluate(compose_eval(out, overrides))
+    names = {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert set(record["metrics"]) == names and record["n_samples"] == 60
+    assert record["protocol"]["captions"] == "class_templates" and record["protocol"]["num_texts"] == 60
+    _check_outputs(out, record, "zeroshot_retrieval")
+
+
+def test_linear_probe_on_digits(tmp_path):
+    out = tmp_path / "eval"
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "eval_task=linear_probe", "max_samples=50"]
+    overrides += ["eval_task.max_train_samples=300", *FAST]
+    record, _ = evaluate(compose_eval(out, overrides))
+    assert record["n_samples"] == 50 and record["metrics"]["acc1"] > 0.3  # frozen random features still probe
+    _check_outputs(out, record, "linear_probe")
+
+
+def test_classification_with_a_zoo_model(tmp_path):
+    out = tmp_path / "eval"
+    overrides = ["model=vmoe_tiny_patch8_e4", "+model.num_classes=10", "eval_task=classification", "max_samples=40"]
+    record, _ = evaluate(compose_eval(out, [*overrides, *FAST]))
+    assert record["model"] == "vmoe_tiny_patch8_e4" and record["pretrained"] == "none"
+    assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} and record["n_samples"] == 40
+    _check_outputs(out, record, "classification")
+    routing = json.loads((out / "routing.json").read_text())
+    assert all(set(layer["per_modality"]) == {"image"} for layer in routing["layers"].values())
+
+
+def test_retrieval_with_the_captions_of_a_csv(tmp_path):
+    """Captions from the batches; identical captions are one text, positive for each of their images."""
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    rows = [
+        ("a.png", "white", "a white square"),
+        ("b.png", "black", "a black square"),
+        ("c.png", "white", "a white square"),
+    ]
+    for name, colour, _ in rows:
+        Image.new("RGB", (8, 8), colour).save(folder / name)
+    table = "filepath\ttitle\n" + "".join(f"{name}\t{caption}\n" for name, _, caption in rows)
+    (folder / "test.tsv").write_text(table)
+    (folder / "train.tsv").write_text(table)
+    out = tmp_path / "eval"
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "eval_task=retrieval", "data=csv", "data.num_workers=0"]
+    overrides += [f"data.train_file={folder / 'train.tsv'}", f"data.test_file={folder / 'test.tsv'}", *FAST]
+    record, _ = evaluate(compose_eval(out, overrides))
+    assert record["dataset"] == "csvimagetext" and record["n_samples"] == 3
+    assert record["protocol"]["captions"] == "batch" and record["protocol"]["num_texts"] == 2
+    assert record["metrics"]["text_retrieval_recall@5"] == 1.0  # 2 texts: every image finds its caption in the top 5
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _fails_early(tmp_path, capsys, overrides, expected):
+    out = tmp_path / "run"
+    cfg = compose_eval(out, overrides)
+    (out / ".hydra").mkdir(parents=True)  # what Hydra writes before the job starts
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("mome-eval", _job, cfg)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mome-eval: error:")]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not out.exists()  # nothing half-written is left behind
+    return lines[0]
+
+
+def test_checkpoint_of_another_architecture(tmp_path, capsys, limoe_checkpoint):
+    line = _fails_early(
+        tmp_path, capsys, ["model=vmoe_tiny_patch8_e4", f"ckpt_path={limoe_checkpoint}"], "does not fit vmoe"
+    )
+    assert "Missing key(s)" in line and "Unexpected key(s)" in line
+
+
+def test_unknown_eval_task(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, ["model.model_name=limoe_tiny_patch8_e4", "eval_task=zero_shott"], "zero_shott")
+
+
+def test_no_model_and_no_checkpoint(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, [], "ckpt_path")
+
+
+def test_zero_shot_needs_a_clip_model(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, ["model=vmoe_tiny_patch8_e4"], "open_clip-contract")
+
+
+def _csv_data(tmp_path: Path, test_rows: int) -> list[str]:
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), "white").save(folder / "a.png")
+    (folder / "train.tsv").write_text("filepath\ttitle\na.png\ta white square\n")
+    (folder / "test.tsv").write_text("filepath\ttitle\n" + "a.png\ta white square\n" * test_rows)
+    return ["data=csv", f"data.train_file={folder / 'train.tsv'}", f"data.test_file={folder / 'test.tsv'}"]
+
+
+def test_dataset_without_classes(tmp_path, capsys):
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "data.num_workers=0", *_csv_data(tmp_path, 2)]
+    _fails_early(tmp_path, capsys, overrides, "has no classes")
+
+
+def test_empty_split(tmp_path, capsys):
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "eval_task=retrieval", "data.num_workers=0"]
+    _fails_early(tmp_path, capsys, [*overrides, *_csv_data(tmp_path, 0)], "empty")
+
+
+def test_console_script_unknown_task_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mome.cli.eval", "model.model_name=limoe_tiny_patch8_e4", "eval_task=nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mome-eval: error:")]
+    assert len(errors) == 1 and "eval_task=nope" in errors[0] and "zero_shot" in errors[0]
+    runs = tmp_path / "logs" / "eval" / "runs"
+    assert not runs.exists() or not any(runs.iterdir())  # the run's folder was removed
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow
+@pytest.mark.parametrize("eval_task", ["zero_shot", "retrieval"])
+def test_ddp_counts_every_sample_once(tmp_path, eval_task):
+    """2 processes on 101 samples: Lightning's sampler pads one repeated sample; the metrics, the number of
+    samples and the routing counts equal the single-process run (a dropless model: batch-independent)."""
+    common = ["model.model_name=limoe_tiny_patch8_e4", f"eval_task={eval_task}", "max_samples=101"]
+    common += ["+model.moe_kwargs.eval_capacity_factor=null", "data.eval_batch_size=16", *FAST]
+    single, _ = evaluate(compose_eval(tmp_path / "single", common))
+    ddp, _ = evaluate(compose_eval(tmp_path / "ddp", [*common, "trainer=ddp_spawn"]))
+    assert single["n_samples"] == ddp["n_samples"] == 101
+    for name, value in single["metrics"].items():
+        assert ddp["metrics"][name] == pytest.approx(value, abs=1e-6), name
+    routing = [json.loads((tmp_path / run / "routing.json").read_text()) for run in ("single", "ddp")]
+    for layer, entry in routing[0]["layers"].items():
+        other = routing[1]["layers"][layer]
+        assert other["tokens"] == entry["tokens"]
+        assert other["expert_load"] == pytest.approx(entry["expert_load"], abs=1e-6)
+        shares = [torch.tensor(run["per_class"]["expert_share"]) for run in (entry, other)]
+        assert torch.allclose(*shares, atol=1e-6)
