@@ -24,8 +24,12 @@ test: install
 test-all: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# The main job: train the default experiment (LIMoE-tiny on the embedded digits captions), then evaluate
+# the exported model with mome-eval (zero-shot accuracy, routing report under logs/eval/runs/).
 train: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train
+	rm -rf logs/train/default
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train hydra.run.dir=logs/train/default
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-eval model.model_name=local-dir:logs/train/default/model
 
 # MoE-LLaVA's three MoE-tuning stages on the synthetic shapes VQA set (each stage starts from the last).
 llava-demo: install

@@ -100,3 +100,49 @@ def test_cli_prints_config_without_running(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "model_name: vmoe_tiny_patch8_e4" in result.stdout
     assert not (tmp_path / "logs").exists()
+
+
+def _images(folder, count, size=32):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i}.png"
+        Image.new("RGB", (size, size), (40 * i % 255, 90, 200)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in EMBEDDED])
+def test_real_data_templates_run_on_tiny_files(name, tmp_path):
+    """The templates for real data run one step on tiny files in their formats (with tiny models)."""
+    overrides = [
+        f"experiment={name}",
+        "trainer.fast_dev_run=1",
+        "logger=csv",
+        "data.num_workers=0",
+        "data.batch_size=2",
+    ]
+    if name == "vmoe_imagefolder":
+        for split in ("train", "val", "test"):
+            for label in ("cat", "dog"):
+                _images(tmp_path / "folder" / split / label, 2)
+        overrides += [f"data.root={tmp_path / 'folder'}", "model=vmoe_tiny_patch8_e4", "+model.num_classes=2"]
+    elif name == "limoe_csv":
+        paths = _images(tmp_path / "pairs", 4)
+        rows = ["filepath\ttitle", *[f"{p.name}\ta photo of thing {i}" for i, p in enumerate(paths)]]
+        (tmp_path / "pairs" / "train.tsv").write_text("\n".join(rows) + "\n")
+        csv = tmp_path / "pairs" / "train.tsv"
+        overrides += [f"data.train_file={csv}", f"data.val_file={csv}", f"data.test_file={csv}"]
+        overrides += ["model=limoe_tiny_patch8_e4"]
+    elif name == "moe_llava_json":
+        from mome.data.shapes import write_shapes_dataset
+
+        files = write_shapes_dataset(tmp_path / "shapes", {"train": 4, "val": 2, "test": 2})
+        overrides += [f"data.{split}_file={path}" for split, path in files.items()]
+        overrides += ["model=moe_llava_tiny_e4", "data.max_length=64", "trainer.precision=32-true"]
+    else:
+        pytest.fail(f"no tiny data recipe for the template {name}")
+    metrics, _ = train(compose_train(tmp_path / "run", overrides))
+    assert any(k.startswith("test/") for k in metrics), metrics

@@ -1,4 +1,4 @@
-"""Main job until ``mome-train`` lands: train a small stack of MoE blocks on synthetic data.
+"""A layer-level demo without Lightning or Hydra: train a small stack of MoE blocks on synthetic data.
 
 The task: each sequence holds 16 tokens drawn around one of ``num_classes`` random prototypes (plus
 noise); the model must tell which. Every block is pre-norm self-attention (timm ``Attention``) plus a
