@@ -61,3 +61,27 @@ def test_three_stages_chain_and_upcycle(tmp_path):
         )
     )
     assert 0.0 <= metrics["test/exact_match"] <= 1.0 and "test/exact_match/colour" in metrics
+
+
+def test_stage3_step_leaves_frozen_parameters_bitwise_unchanged():
+    from mome.data.conversation import ConversationDataset, collate_conversations
+    from mome.data.shapes import shapes_records
+
+    optimizer_cfg = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05}
+    task = LLaVATask(model={"model_name": "moe_llava_tiny_e4"}, stage=3, optimizer=optimizer_cfg)
+    tokenizer = task.tokenizer.tokenizer
+    model = task.model
+    records = list(shapes_records(4, seed=1))
+    ids = dict(image_token_id=model.config.image_token_id, num_image_tokens=model.num_image_tokens)
+    data = ConversationDataset(records, tokenizer, image_size=32, **ids)
+    batch = collate_conversations([data[i] for i in range(4)])
+    task.scheduler_cfg = {"name": "constant"}
+    optimizer = task.configure_optimizers()  # the task's own optimiser (timm AdamW, weight decay 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    output = model(**batch)
+    (output.loss + sum(mome.aux_losses(model).values())).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and not (changed & frozen)  # weight decay included: frozen tensors are not in the optimiser
+    assert any(".mlp.experts." in n for n in changed) and any(".mlp.router." in n for n in changed)

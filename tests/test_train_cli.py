@@ -146,3 +146,32 @@ def test_real_data_templates_run_on_tiny_files(name, tmp_path):
         pytest.fail(f"no tiny data recipe for the template {name}")
     metrics, _ = train(compose_train(tmp_path / "run", overrides))
     assert any(k.startswith("test/") for k in metrics), metrics
+
+
+def test_export_tool_turns_a_checkpoint_into_a_model_folder(tmp_path):
+    overrides = ["experiment=vmoe_digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "logger=csv"]
+    overrides += ["trainer.limit_val_batches=1", "test=false", "export=false"]
+    _, objects = train(compose_train(tmp_path / "run", overrides))
+    checkpoint = objects["trainer"].checkpoint_callback.last_model_path
+    result = subprocess.run(
+        [sys.executable, "tools/export.py", checkpoint, str(tmp_path / "exported")],
+        cwd=compose_train.__globals__["CONF"].parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    import mome
+
+    model = mome.create_model(f"local-dir:{tmp_path / 'exported'}")
+    trained = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[f"model.{name}"]), name
+    bad = subprocess.run(
+        [sys.executable, "tools/export.py", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")],
+        cwd=compose_train.__globals__["CONF"].parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "missing.ckpt" in bad.stderr and not (tmp_path / "x").exists()
