@@ -152,7 +152,7 @@ class MomeDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise DataConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's normalisation
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -69,9 +70,6 @@ LLAVA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-# CLIP's normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD), the default transform's.
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ConversationFormatError(DataConfigError):
@@ -213,7 +211,7 @@ def _default_transform(image_size: int) -> Callable[[Image.Image], Tensor]:
         [
             transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.ToTensor(),
-            transforms.Normalize(_CLIP_MEAN, _CLIP_STD),
+            transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
         ]
     )
 

@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's normalisation
 from timm.layers import LayerNorm, PatchEmbed, get_act_layer, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
@@ -64,9 +65,6 @@ __all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE", "limoe_state_dict_from_open_clip_text"
 
 IMAGE, TEXT = 0, 1
 
-# open_clip.constants.OPENAI_DATASET_MEAN / _STD (written out so that ``import mome`` does not import open_clip).
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: MoE options of LIMoE's sparse layers (the same values as ``conf/moe/limoe.yaml``).
 LIMOE_MOE_DEFAULTS: dict[str, Any] = {
@@ -190,8 +188,8 @@ class LIMoE(nn.Module):
 
         self.pretrained_cfg = PretrainedCfg(
             input_size=(in_chans, *self.patch_embed.img_size),
-            mean=OPENAI_DATASET_MEAN,
-            std=OPENAI_DATASET_STD,
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
             interpolation="bicubic",
             crop_pct=1.0,
             context_length=context_length,

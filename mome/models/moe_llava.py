@@ -58,6 +58,7 @@ from typing import Any, Literal
 
 import torch
 from huggingface_hub.dataclasses import strict
+from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's normalisation
 from torch import Tensor, nn
 from transformers import (
     CLIPVisionConfig,
@@ -82,9 +83,6 @@ __all__ = [
     "moe_llava_tiny_tokenizer",
 ]
 
-# CLIP's preprocessing (open_clip.constants.OPENAI_DATASET_MEAN / _STD).
-OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 PAPER = dict(
     paper_ids="arXiv:2401.15947",
     paper_name="MoE-LLaVA: Mixture of Experts for Large Vision-Language Models",
@@ -175,8 +173,8 @@ class MoELLaVA(LlavaForConditionalGeneration):
         vision = config.vision_config
         self.pretrained_cfg = PretrainedCfg(
             input_size=(vision.num_channels, vision.image_size, vision.image_size),
-            mean=OPENAI_DATASET_MEAN,
-            std=OPENAI_DATASET_STD,
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
             interpolation="bicubic",
             crop_pct=1.0,
             context_length=config.text_config.max_position_embeddings,
