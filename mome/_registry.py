@@ -496,9 +496,14 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
         for k, v in model_state.items()
         if k in state and state[k].shape != v.shape
     ]
+    shapes += [  # integer values cast into float parameters would load silently wrong
+        f"{k}: checkpoint dtype {state[k].dtype} vs model {v.dtype}"
+        for k, v in model_state.items()
+        if k in state and v.is_floating_point() and not (state[k].is_floating_point() or state[k].is_complex())
+    ]
     if missing or unexpected or shapes:
         lines = [f"{source} does not match {type(model).__name__} exactly:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or mis-typed", shapes)):
             if keys:
                 more = f" (+{len(keys) - 20} more)" if len(keys) > 20 else ""
                 lines.append(f"  {len(keys)} {label} key(s): {', '.join(keys[:20])}{more}")

@@ -48,6 +48,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .base import DataConfigError, MomeDataModule
+from .folders import load_image
 
 __all__ = [
     "IGNORE_INDEX",
@@ -277,8 +278,7 @@ class ConversationDataset(Dataset):
         if isinstance(image, Image.Image):
             return image.convert("RGB")
         path = Path(image) if self.image_root is None else self.image_root / image
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+        return load_image(path)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
