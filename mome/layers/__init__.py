@@ -5,6 +5,12 @@ FFN for timm blocks (``[B, N, D] -> [B, N, D]``).
 """
 
 from . import losses as losses
+from .expert_parallel import ShardedExperts as ShardedExperts
+from .expert_parallel import expert_parameter_names as expert_parameter_names
+from .expert_parallel import gather_expert_state_dict as gather_expert_state_dict
+from .expert_parallel import shard_expert_state_dict as shard_expert_state_dict
+from .expert_parallel import shard_experts as shard_experts
+from .expert_parallel import unshard_experts as unshard_experts
 from .experts import Dispatch as Dispatch
 from .experts import Experts as Experts
 from .experts import grouped_matmul as grouped_matmul

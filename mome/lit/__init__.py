@@ -11,6 +11,7 @@ from .evaluation import (
     RetrievalTask,
     ZeroShotClassificationTask,
 )
+from .expert_parallel import ExpertParallelDDPStrategy
 from .llava import LLaVATask
 from .routing_report import RoutingRecorder
 from .vlmo import VLMoTask
@@ -20,6 +21,7 @@ __all__ = [
     "ClassificationTask",
     "ContrastiveTask",
     "EvaluationTask",
+    "ExpertParallelDDPStrategy",
     "LLaVATask",
     "LinearProbeTask",
     "MomeTask",

@@ -1,0 +1,279 @@
+"""Expert parallelism: each rank of a process group of size ``P`` holds ``E / P`` experts of every MoE.
+
+GShard (Lepikhin et al. 2020) and Switch (Fedus et al. 2021) shard the experts of a layer over ``P``
+devices and move tokens to them with two all-to-alls per layer (dispatch, then combine); DeepSpeed-MoE
+(Rajbhandari et al. 2022) does the same inside an *expert-parallel group* and reduces expert gradients
+only across the replicas of one shard (the expert-data-parallel group). Here:
+
+- routing, capacity and auxiliary losses are computed by the unchanged :class:`~mome.layers.MoE` on the
+  rank's *local* tokens (``router -> plan_dispatch``), so drops, combine weights and aux losses equal
+  those of the single-process layer applied to the same tokens (capacity ``ceil(T_local k c / E)`` per
+  rank, as in GShard where each device routes its own group);
+- :class:`ShardedExperts` replaces the layer's :class:`~mome.layers.Experts` in place. Rank ``r`` owns
+  the global experts ``[r E/P, (r+1) E/P)``; the parameter names (``experts.w_in`` ...) are kept, so a
+  checkpoint maps by name and the shard is the slice ``[r E/P : (r+1) E/P]`` of dim 0;
+- ``dispatch="sorted"`` sends only the kept ``(token, expert)`` assignments, already grouped by expert
+  (hence by owner rank) by :func:`~mome.layers.plan_dispatch`: per-expert counts go first
+  (``all_to_all_single`` on ``[P, E/P]`` counts), then the rows (an uneven, autograd-aware
+  ``torch.distributed.nn.functional.all_to_all_single``). ``dispatch="buffers"`` is GShard's fixed-size
+  exchange of the ``[E, G C, D]`` capacity buffers (padding included, no count exchange).
+
+Per layer and rank, the forward pass sends ``S = sum_e kept_e`` rows of ``D`` values (at most ``T k``)
+and receives as many back; the backward pass moves the same volume in reverse (see ``docs/scaling.md``).
+Gradients of expert weights on rank ``r`` hold the contributions of every rank's tokens (the backward
+all-to-all returns them), i.e. ``sum_r' dL_r'/dW_e``.
+
+Shapes: ``T`` local tokens, ``D`` width, ``E`` experts, ``E_l = E / P`` local experts, ``k`` choices,
+``S`` rows sent, ``R`` rows received.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.nn.functional import all_to_all_single
+
+from .experts import Dispatch, Experts
+from .moe import MoE
+from .routers import DispatchPlan, Routing
+
+__all__ = [
+    "EXPERT_PARAMETERS",
+    "ShardedExperts",
+    "expert_parameter_names",
+    "gather_expert_state_dict",
+    "shard_expert_state_dict",
+    "shard_experts",
+    "unshard_experts",
+]
+
+#: Names of the stacked expert tensors (dim 0 is the expert axis) inside an :class:`Experts`.
+EXPERT_PARAMETERS = ("w_in", "w_out", "b_in", "b_out")
+_EXPERT_KEY = re.compile(r"(?:^|\.)experts\.(?:w_in|w_out|b_in|b_out)$")
+
+
+def _group_rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("expert parallelism needs an initialised torch.distributed process group")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+class ShardedExperts(Experts):
+    """The ``E / P`` experts of one rank of an expert-parallel group; computes for the whole layer.
+
+    ``num_experts`` stays the global ``E`` (the MoE's capacity ``ceil(T k c / E)`` and routing use it);
+    the parameters hold only the local slice: ``w_in [E_l, H', D]``, ``w_out [E_l, D, H]``,
+    ``b_in [E_l, H']``, ``b_out [E_l, D]`` with ``E_l = E / P``, experts ``[offset, offset + E_l)``.
+
+    Args:
+        experts: the full stacked experts to take the slice from (same on every rank).
+        group: the expert-parallel process group (None: the default group).
+    """
+
+    def __init__(self, experts: Experts, group: dist.ProcessGroup | None = None) -> None:
+        rank, size = _group_rank_and_size(group)
+        if isinstance(experts, ShardedExperts):
+            raise ValueError("these experts are already sharded")
+        if experts.num_experts % size:
+            raise ValueError(f"num_experts={experts.num_experts} is not divisible by the expert-parallel size {size}")
+        local = experts.num_experts // size
+        super().__init__(
+            local,
+            experts.dim,
+            experts.hidden_dim,
+            gated=experts.gated,
+            act_layer=experts.act,
+            bias=experts.b_in is not None,
+            dispatch=experts.dispatch,
+        )
+        self.num_experts = experts.num_experts
+        self.num_local_experts = local
+        self.expert_offset = rank * local
+        self.group = group
+        self.ep_rank, self.ep_size = rank, size
+        window = slice(self.expert_offset, self.expert_offset + local)
+        for name in EXPERT_PARAMETERS:
+            full = getattr(experts, name)
+            if full is not None:  # a copy of the slice, so the full tensor can be freed
+                setattr(self, name, nn.Parameter(full.detach()[window].clone(), requires_grad=full.requires_grad))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, local_experts=[{self.expert_offset}, "
+            f"{self.expert_offset + self.num_local_experts}), ep_size={self.ep_size}"
+        )
+
+    # ------------------------------------------------------------------------------- dispatch
+    def forward(self, tokens: Tensor, routing: Routing, plan: DispatchPlan, dispatch: Dispatch | None = None) -> Tensor:
+        """``out[t] = sum_j w[t, j] FFN_{e[t, j]}(x[t])`` with the experts spread over the group: ``[T, D]``."""
+        dispatch = dispatch or self.dispatch
+        if dispatch == "sorted":
+            return self._exchange_sorted(tokens, routing, plan)
+        if dispatch == "buffers":
+            return self._exchange_buffers(tokens, routing, plan)
+        raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+
+    def _exchange_sorted(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
+        size, local = self.ep_size, self.num_local_experts
+        send_counts = plan.group_sizes.view(size, local)  # [P, E_l]: kept rows for each expert of each rank
+        recv_counts = torch.empty_like(send_counts)  # [P, E_l]: rows each rank sends to my experts
+        dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
+        send_split = send_counts.sum(1).tolist()  # one host sync: the split sizes of the row exchange
+        recv_split = recv_counts.sum(1).tolist()
+        rows = plan.order[: sum(send_split)]  # [S] kept assignment ids, grouped by expert, hence by rank
+        row_token = rows // routing.top_k  # [S]
+        row_weight = routing.combine_weights.reshape(-1)[rows].to(tokens.dtype)  # [S]
+        received = all_to_all_single(
+            tokens.new_empty(sum(recv_split), tokens.shape[-1]),
+            tokens.index_select(0, row_token),
+            recv_split,
+            send_split,
+            group=self.group,
+        )  # [R, D], by source rank, then local expert
+        # Regroup by local expert: row i of ``received`` belongs to local expert ``row_expert[i]``.
+        row_expert = torch.arange(local, device=tokens.device).repeat(size)  # [P*E_l]
+        row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=received.shape[0])  # [R]
+        by_expert = torch.argsort(row_expert, stable=True)  # [R]
+        expert_out = self.forward_grouped(received.index_select(0, by_expert), recv_counts.sum(0))  # [R, D]
+        expert_out = torch.zeros_like(expert_out).index_add(0, by_expert, expert_out)  # [R, D], back in source order
+        returned = all_to_all_single(
+            tokens.new_empty(len(row_token), tokens.shape[-1]), expert_out, send_split, recv_split, group=self.group
+        )  # [S, D]
+        out = torch.zeros_like(tokens)
+        return out.index_add_(0, row_token, returned * row_weight.unsqueeze(-1))
+
+    def _exchange_buffers(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
+        if plan.slot is None:
+            raise ValueError("dispatch='buffers' needs a capacity: set capacity_factor (or use dispatch='sorted')")
+        size, local, dim = self.ep_size, self.num_local_experts, tokens.shape[-1]
+        slots = plan.num_groups * plan.capacity  # G*C slots per expert and rank
+        num_slots = self.num_experts * slots
+        assignment_token = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(routing.top_k)
+        # [E*G*C + 1, D]; the last row is a sink for dropped assignments (as Experts._dispatch_buffers).
+        buffers = tokens.new_zeros(num_slots + 1, dim)
+        buffers = buffers.index_add_(0, plan.slot, tokens.index_select(0, assignment_token))
+        # GShard: equal splits of E_l*G*C rows per destination rank.
+        received = all_to_all_single(torch.empty_like(buffers[:num_slots]), buffers[:num_slots], group=self.group)
+        received = received.view(size, local, slots, dim).transpose(0, 1)  # [E_l, P, G*C, D]
+        expert_out = self.forward_batched(received.reshape(local, size * slots, dim))  # [E_l, P*G*C, D]
+        expert_out = expert_out.view(local, size, slots, dim).transpose(0, 1).reshape(num_slots, dim)  # [P*E_l*G*C, D]
+        returned = all_to_all_single(torch.empty_like(expert_out), expert_out, group=self.group)  # [E*G*C, D]
+        returned = torch.cat([returned, tokens.new_zeros(1, dim)])  # [E*G*C + 1, D]
+        weight = routing.combine_weights.reshape(-1, 1).to(tokens.dtype)  # [T*k, 1]
+        out = torch.zeros_like(tokens)
+        return out.index_add_(0, assignment_token, returned.index_select(0, plan.slot) * weight)
+
+    # --------------------------------------------------------------------------- gathering
+    @torch.no_grad()
+    def gather(self) -> Experts:
+        """The full :class:`Experts` (all ``E``), all-gathered from the group (a collective call)."""
+        full = Experts(
+            self.num_experts,
+            self.dim,
+            self.hidden_dim,
+            gated=self.gated,
+            act_layer=self.act,
+            bias=self.b_in is not None,
+            dispatch=self.dispatch,
+        )
+        for name in EXPERT_PARAMETERS:
+            shard = getattr(self, name)
+            if shard is not None:
+                gathered = _all_gather_dim0(shard.detach(), self.group, self.ep_size)
+                setattr(full, name, nn.Parameter(gathered, requires_grad=shard.requires_grad))
+        return full
+
+
+def _all_gather_dim0(shard: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:
+    """``[n, ...]`` on each of ``size`` ranks -> ``[size * n, ...]`` in rank order."""
+    parts = [torch.empty_like(shard) for _ in range(size)]
+    dist.all_gather(parts, shard.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> list[str]:
+    """Shard the experts of every :class:`MoE` of ``model`` over ``group``, in place.
+
+    Every rank must hold the same full weights (same seed or the same checkpoint). Parameter names are
+    unchanged; each rank keeps the slice ``[r E/P : (r+1) E/P]`` of dim 0. Returns the sharded layer
+    names. Soft MoE layers are left whole (their slots mix every token: see ``docs/scaling.md``).
+    """
+    names = []
+    for name, layer in _moe_layers(model):
+        if isinstance(layer.experts, ShardedExperts):
+            continue
+        layer.experts = ShardedExperts(layer.experts, group)
+        names.append(name)
+    return names
+
+
+def unshard_experts(model: nn.Module) -> list[str]:
+    """Gather the experts of every sharded :class:`MoE` back into full :class:`Experts` (collective)."""
+    names = []
+    for name, layer in _moe_layers(model):
+        if isinstance(layer.experts, ShardedExperts):
+            layer.experts = layer.experts.gather()
+            names.append(name)
+    return names
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """State-dict names of the stacked expert tensors of every :class:`MoE` in ``model`` (sharded or not)."""
+    names = []
+    for layer_name, layer in _moe_layers(model):
+        prefix = f"{layer_name}.experts." if layer_name else "experts."
+        names += [prefix + p for p in EXPERT_PARAMETERS if getattr(layer.experts, p) is not None]
+    return names
+
+
+def gather_expert_state_dict(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, Tensor]:
+    """``model.state_dict()`` with every sharded expert tensor all-gathered along dim 0 (collective).
+
+    Every rank of ``group`` must call it; each gets the full state dict, which loads into the same
+    model on one process. ``group`` is only checked against the layers' own groups' sizes.
+    """
+    state = model.state_dict()
+    for layer_name, layer in _moe_layers(model):
+        experts = layer.experts
+        if not isinstance(experts, ShardedExperts):
+            continue
+        if group is not None and dist.get_world_size(group) != experts.ep_size:
+            raise ValueError(f"{layer_name}: sharded over {experts.ep_size} ranks, not {dist.get_world_size(group)}")
+        prefix = f"{layer_name}.experts." if layer_name else "experts."
+        for name in EXPERT_PARAMETERS:
+            if getattr(experts, name) is not None:
+                state[prefix + name] = _all_gather_dim0(state[prefix + name], experts.group, experts.ep_size)
+    return state
+
+
+def shard_expert_state_dict(
+    state: Mapping[str, Tensor], rank: int, world_size: int, names: Iterable[str] | None = None
+) -> dict[str, Tensor]:
+    """The state dict of expert-parallel rank ``rank`` of ``world_size`` from a full one.
+
+    Expert tensors (``names``, by default every key ending in ``experts.{w_in,w_out,b_in,b_out}``) are
+    cut along dim 0 into ``world_size`` equal slices and the ``rank``-th is kept; other entries are
+    unchanged. The inverse of :func:`gather_expert_state_dict`.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    selected = set(names) if names is not None else {key for key in state if _EXPERT_KEY.search(key)}
+    missing = sorted(selected - set(state))
+    if missing:
+        raise KeyError(f"expert tensors not in the state dict: {missing}")
+    out = dict(state)
+    for key in selected:
+        value = state[key]
+        if value.shape[0] % world_size:
+            raise ValueError(f"{key}: {value.shape[0]} experts are not divisible by world_size={world_size}")
+        local = value.shape[0] // world_size
+        out[key] = value[rank * local : (rank + 1) * local].clone()
+    return out

@@ -1,0 +1,248 @@
+"""Expert parallelism on 2 CPU processes (gloo) against the same model on one process.
+
+Capacity is per rank (each rank routes its local tokens), so the reference is the single-process layer
+applied to each rank's tokens separately; expert gradients on rank ``r`` are the slice of
+``sum_r' dL_r'/dW`` (the backward all-to-all returns every rank's contribution).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mome
+from mome.layers import ExpertChoiceRouter, SparseMoE, aux_losses, routing_stats
+from mome.layers.expert_parallel import (
+    ShardedExperts,
+    expert_parameter_names,
+    gather_expert_state_dict,
+    shard_expert_state_dict,
+    shard_experts,
+    unshard_experts,
+)
+
+WORLD_SIZE = 2
+TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, world_size: int = WORLD_SIZE, timeout: float = TIMEOUT_S) -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo processes; fail on error or timeout."""
+    context = mp.start_processes(
+        _entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):  # raises ProcessRaisedException if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"{fn.__name__} did not finish within {timeout} s")
+
+
+# ------------------------------------------------------------------------------------ layer-level
+LAYER_CASES = [
+    # top_k, num_experts, capacity_factor, dispatch, gated, bias, router
+    (1, 4, None, "sorted", False, True, "top_k"),
+    (2, 4, None, "sorted", False, True, "top_k"),
+    (1, 4, 0.5, "sorted", False, True, "top_k"),  # capacity drops
+    (2, 8, 0.5, "sorted", True, False, "top_k"),  # capacity drops, 4 experts per rank, SwiGLU
+    (1, 4, 0.5, "buffers", False, True, "top_k"),
+    (2, 8, 0.75, "buffers", True, True, "top_k"),
+    (2, 4, 1.0, "sorted", False, True, "expert_choice"),
+]
+
+
+def _build_layer(case_index: int, top_k, num_experts, capacity_factor, dispatch, gated, bias, router) -> SparseMoE:
+    torch.manual_seed(case_index)
+    kwargs = {"aux_loss_weights": {"z_loss": 1e-3}}
+    if router == "top_k":
+        kwargs["aux_loss_weights"] = {"load_balance": 1e-2, "importance": 1e-2, "z_loss": 1e-3}
+        kwargs["capacity_factor"] = capacity_factor
+    else:
+        kwargs["router"] = lambda dim, experts: ExpertChoiceRouter(dim, experts, capacity_factor)
+    return SparseMoE(
+        16,
+        32,
+        num_experts,
+        top_k,
+        gated=gated,
+        act_layer=torch.nn.SiLU if gated else torch.nn.GELU,
+        bias=bias,
+        dispatch=dispatch,
+        **kwargs,
+    )
+
+
+def _loss_and_aux(layer, x, weight):
+    out = layer(x)
+    aux = aux_losses(layer)
+    return out, aux, (out * weight).sum() + sum(aux.values())
+
+
+def _layer_worker(rank: int, world_size: int) -> None:
+    for case_index, case in enumerate(LAYER_CASES):
+        layer = _build_layer(case_index, *case)
+        inputs = [torch.randn(3, 5, 16) for _ in range(world_size)]  # [B, N, D] per rank, same on every rank
+        weight = torch.randn(16)
+
+        # Reference: one process, the same layer applied to each rank's tokens (routing per rank).
+        reference = copy.deepcopy(layer)
+        names = [name for name, _ in reference.named_parameters()]
+        expected = []
+        dropped = 0.0
+        for x in inputs:
+            x = x.clone().requires_grad_()
+            out, aux, loss = _loss_and_aux(reference, x, weight)
+            dropped += float(routing_stats(reference)[""]["dropped_fraction"]) if case[2] is not None else 0.0
+            grads = torch.autograd.grad(loss, [x, *reference.parameters()])
+            expected.append((out.detach(), {k: v.detach() for k, v in aux.items()}, dict(zip(["x", *names], grads))))
+        if case[2] is not None and case[6] == "top_k":
+            assert dropped > 0, f"case {case}: the capacity drops nothing; the test would not test drops"
+
+        sharded = copy.deepcopy(layer)
+        assert shard_experts(sharded) == [""]
+        assert isinstance(sharded.experts, ShardedExperts)
+        assert [name for name, _ in sharded.named_parameters()] == names
+        x = inputs[rank].clone().requires_grad_()
+        out, aux, loss = _loss_and_aux(sharded, x, weight)
+        loss.backward()
+
+        ref_out, ref_aux, ref_grads = expected[rank]
+        tol = {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(out, ref_out, **tol, msg=f"case {case}: output")
+        assert sorted(aux) == sorted(ref_aux)
+        for name in aux:
+            torch.testing.assert_close(aux[name], ref_aux[name], **tol, msg=f"case {case}: aux {name}")
+        torch.testing.assert_close(x.grad, ref_grads["x"], **tol, msg=f"case {case}: input grad")
+        local = slice(rank * layer.num_experts // world_size, (rank + 1) * layer.num_experts // world_size)
+        expert_names = set(expert_parameter_names(sharded))
+        for name, param in sharded.named_parameters():
+            if name in expert_names:  # every rank's tokens contribute to the local experts
+                want = sum(grads[name] for _, _, grads in expected)[local]
+            else:  # router: this rank's loss only (DDP averages it over the ranks)
+                want = ref_grads[name]
+            torch.testing.assert_close(param.grad, want, **tol, msg=f"case {case}: grad of {name}")
+
+
+@pytest.mark.slow
+def test_expert_parallel_layer_equals_single_process():
+    run_distributed(_layer_worker)
+
+
+# ----------------------------------------------------------------------------------- model-level
+def _model_worker(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model = mome.create_model("vmoe_tiny_patch8_e4", num_classes=10).eval()
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(world_size, 2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images[rank])
+
+    sharded = copy.deepcopy(model)
+    layers = shard_experts(sharded)
+    assert layers == ["blocks.1.mlp", "blocks.3.mlp"]
+    state = sharded.state_dict()
+    assert list(state) == list(full)
+    shard = shard_expert_state_dict(full, rank, world_size)
+    assert sorted(k for k in full if not torch.equal(full[k], shard[k]) or full[k].shape != shard[k].shape) == sorted(
+        expert_parameter_names(sharded)
+    )
+    for name, value in state.items():
+        assert torch.equal(value, shard[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(images[rank]), expected, rtol=1e-5, atol=1e-5)
+
+    # A full checkpoint loads into a sharded model (sharded by name), and gathering gives it back exactly.
+    fresh = mome.create_model("vmoe_tiny_patch8_e4", num_classes=10).eval()
+    shard_experts(fresh)
+    fresh.load_state_dict(shard_expert_state_dict(full, rank, world_size), strict=True)
+    gathered = gather_expert_state_dict(fresh)
+    assert list(gathered) == list(full)
+    for name, value in full.items():
+        assert torch.equal(gathered[name], value), name
+    assert unshard_experts(fresh) == layers
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, full[name]), name
+
+
+@pytest.mark.slow
+def test_expert_parallel_model_state_dict_round_trip():
+    run_distributed(_model_worker)
+
+
+# ---------------------------------------------------------------------------------- one process
+def test_shard_expert_state_dict_slices_experts_by_name():
+    layer = SparseMoE(8, 16, 4, 2)
+    state = {f"blocks.0.mlp.{k}": v for k, v in layer.state_dict().items()}
+    parts = [shard_expert_state_dict(state, rank, 2) for rank in range(2)]
+    for key, value in state.items():
+        if key.endswith(("experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out")):
+            assert torch.equal(torch.cat([p[key] for p in parts]), value)
+            assert parts[0][key].shape[0] == 2
+        else:
+            assert parts[0][key] is value
+    with pytest.raises(ValueError, match="not divisible"):
+        shard_expert_state_dict(state, 0, 3)
+    with pytest.raises(ValueError, match="rank=2"):
+        shard_expert_state_dict(state, 2, 2)
+    with pytest.raises(KeyError, match="not in the state dict"):
+        shard_expert_state_dict(state, 0, 2, names=["missing.experts.w_in"])
+
+
+def test_sharding_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="process group"):
+        shard_experts(SparseMoE(8, 16, 4, 2))
+
+
+# ------------------------------------------------------------------------------ Lightning strategy
+EP_RUN = [
+    "experiment=vmoe_digits",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.deterministic=true",
+    "logger=csv",
+]
+
+
+@pytest.mark.slow
+def test_ddp_ep_training_run_exports_a_whole_model(tmp_path):
+    from train_helpers import compose_train
+
+    from mome.cli.train import train
+    from mome.lit import model_from_checkpoint
+
+    cfg = compose_train(tmp_path / "ep", [*EP_RUN, "trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].world_size == 2
+    assert 0.0 <= metrics["test/top1"] <= 1.0
+    exported = mome.create_model(f"local-dir:{objects['export_dir']}")
+    assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    # The checkpoint written under expert parallelism holds whole experts: it loads strictly on one process.
+    from_checkpoint = model_from_checkpoint(objects["best_checkpoint"])
+    assert from_checkpoint.blocks[1].mlp.experts.w_in.shape[0] == 4
