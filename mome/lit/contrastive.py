@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from open_clip import build_zero_shot_classifier
 from open_clip.loss import ClipLoss
 from torch import Tensor
@@ -90,10 +89,3 @@ class ContrastiveTask(MomeTask):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._loss(batch, "test")
         self._zero_shot(batch, self.test_metrics)
-
-    @torch.no_grad()
-    def zero_shot_accuracy(self) -> float | None:
-        """The last computed test zero-shot top-1 (``None`` before a test run)."""
-        if self.test_metrics is None:
-            return None
-        return float(self.test_metrics["top1"].compute())
