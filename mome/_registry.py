@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
 from ._download import (
     ChecksumMismatchError,
     PretrainedUnavailableError,
@@ -814,8 +815,9 @@ def save_pretrained(
     of ``files`` written), ``model.safetensors``, the tokenizer files when the model's tokenizer is a
     Hugging Face one at hand, and a ``README.md`` model card (``repo_id`` is the Hub repo it names).
     ``model_name``/``model_args`` default to what :func:`create_model` recorded on the model. The
-    folder is written next to ``directory`` and renamed into place, so it is complete or absent; an
-    existing folder is replaced only if it holds nothing but files an earlier save wrote.
+    folder is written next to ``directory`` and swapped into place (:mod:`mome._folders`), so the target
+    holds a complete save, the earlier or the new one; an existing folder is replaced only if it holds
+    nothing but files an earlier save wrote. Hidden leftovers of saves killed earlier are removed.
     """
     from safetensors import torch as st
 
@@ -847,21 +849,15 @@ def save_pretrained(
         extra = sorted(p.name for p in directory.iterdir() if p.name not in ours)
         if extra:
             raise FileExistsError(f"{directory} exists and holds other files ({extra}); not replacing it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    remove_stale_siblings(directory)  # what earlier saves killed mid-way left behind
+    tmp = hidden_sibling(directory)
     try:
         st.save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         files = [WEIGHTS_NAME, *_tokenizer_files(cfg, tmp), _README_NAME, CONFIG_NAME]
         (tmp / _README_NAME).write_text(model_card(arch, args, cfg, repo_id))
         config = {"architecture": arch, "model_args": args, "pretrained_cfg": cfg.to_dict(), _MANIFEST_KEY: files}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        if directory.exists():
-            old = tmp.with_suffix(".old")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        swap_into_place(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

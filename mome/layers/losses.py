@@ -96,7 +96,7 @@ def _per_modality_mean(values: Tensor, modality_ids: Tensor | None, num_modaliti
     """Mean of ``values`` (``[T, ...]``) over the tokens of each modality: ``[M, ...]`` and counts ``[M]``."""
     if modality_ids is None:
         modality_ids = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
-    flat = values.reshape(values.shape[0], -1)
+    flat = values.reshape(values.shape[0], math.prod(values.shape[1:]))  # [T, F]; explicit F so T = 0 works
     sums = flat.new_zeros(num_modalities, flat.shape[1]).index_add_(0, modality_ids, flat)
     counts = flat.new_zeros(num_modalities).index_add_(0, modality_ids, flat.new_ones(flat.shape[0]))
     means = sums / counts.clamp_min(1).unsqueeze(-1)

@@ -196,13 +196,16 @@ class MoE(RoutedLayer):
         num_modalities = self.num_modalities
         raw: dict[str, Tensor] = {}
         for name in self.aux_loss_weights:
-            if name == "load_balance":
+            if name == "load" and routing.selection_probs is None:
+                continue  # the load loss only exists with router noise (training), as in V-MoE
+            if probs.shape[0] == 0:  # no tokens (an empty batch): every mean is undefined; the layer adds 0
+                raw[name] = probs.sum()  # a zero that stays in the graph, so backward still reaches the router
+            elif name == "load_balance":
                 raw[name] = L.load_balance_loss(grouped_probs, routing.expert_index[:, 0].view(num_groups, -1))
             elif name == "importance":
                 raw[name] = L.importance_loss(grouped_probs)
             elif name == "load":
-                if routing.selection_probs is not None:  # only with router noise (training), as V-MoE
-                    raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
+                raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
             elif name == "z_loss":
                 raw[name] = L.router_z_loss(routing.router_logits)
             elif name == "local_entropy":
