@@ -38,7 +38,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
 from ._download import (
     ChecksumMismatchError,
     PretrainedUnavailableError,
@@ -47,6 +46,7 @@ from ._download import (
     hub_download,
     hub_snapshot,
 )
+from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
 
 __all__ = [
     "CheckpointMismatchError",
