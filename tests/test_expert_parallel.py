@@ -163,7 +163,10 @@ def _model_worker(rank: int, world_size: int) -> None:
         expected = model(images[rank])
 
     sharded = copy.deepcopy(model)
+    rng_before = torch.get_rng_state()
     layers = shard_experts(sharded)
+    # sharding draws nothing from the global RNG (it would shift a noisy router's draws against plain DDP)
+    assert torch.equal(torch.get_rng_state(), rng_before)
     assert layers == ["blocks.1.mlp", "blocks.3.mlp"]
     state = sharded.state_dict()
     assert list(state) == list(full)
@@ -184,7 +187,9 @@ def _model_worker(rank: int, world_size: int) -> None:
     assert list(gathered) == list(full)
     for name, value in full.items():
         assert torch.equal(gathered[name], value), name
+    rng_before = torch.get_rng_state()
     assert unshard_experts(fresh) == layers
+    assert torch.equal(torch.get_rng_state(), rng_before)
     for name, value in fresh.state_dict().items():
         assert torch.equal(value, full[name]), name
 
@@ -242,6 +247,15 @@ def test_ddp_ep_training_run_exports_a_whole_model(tmp_path):
     assert objects["trainer"].world_size == 2
     assert 0.0 <= metrics["test/top1"] <= 1.0
     exported = mome.create_model(f"local-dir:{objects['export_dir']}")
+
+    # The same run under plain DDP (same seed, noisy top-2 router, gradient clipping at 1.0, AdamW, 4 steps) ends on
+    # the same weights: expert parallelism changes where the experts live, not what is computed.
+    _, ddp_objects = train(compose_train(tmp_path / "ddp", [*EP_RUN, "trainer=ddp_spawn"]))
+    ddp_exported = mome.create_model(f"local-dir:{ddp_objects['export_dir']}")
+    ep_state, ddp_state = exported.state_dict(), ddp_exported.state_dict()
+    assert list(ep_state) == list(ddp_state)
+    for name, value in ddp_state.items():
+        torch.testing.assert_close(ep_state[name], value, rtol=1e-5, atol=2e-5, msg=name)
     assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     # The checkpoint written under expert parallelism holds whole experts: it loads strictly on one process.
     from_checkpoint = model_from_checkpoint(objects["best_checkpoint"])

@@ -81,15 +81,16 @@ class ShardedExperts(Experts):
         if experts.num_experts % size:
             raise ValueError(f"num_experts={experts.num_experts} is not divisible by the expert-parallel size {size}")
         local = experts.num_experts // size
-        super().__init__(
-            local,
-            experts.dim,
-            experts.hidden_dim,
-            gated=experts.gated,
-            act_layer=experts.act,
-            bias=experts.b_in is not None,
-            dispatch=experts.dispatch,
-        )
+        with torch.device("meta"):  # shapes only: the slice is copied in below, and no random init draws
+            super().__init__(  # from the global RNG (that would shift e.g. a noisy router's draws vs DDP)
+                local,
+                experts.dim,
+                experts.hidden_dim,
+                gated=experts.gated,
+                act_layer=experts.act,
+                bias=experts.b_in is not None,
+                dispatch=experts.dispatch,
+            )
         self.num_experts = experts.num_experts
         self.num_local_experts = local
         self.expert_offset = rank * local
@@ -171,15 +172,16 @@ class ShardedExperts(Experts):
     @torch.no_grad()
     def gather(self) -> Experts:
         """The full :class:`Experts` (all ``E``), all-gathered from the group (a collective call)."""
-        full = Experts(
-            self.num_experts,
-            self.dim,
-            self.hidden_dim,
-            gated=self.gated,
-            act_layer=self.act,
-            bias=self.b_in is not None,
-            dispatch=self.dispatch,
-        )
+        with torch.device("meta"):  # every tensor is replaced below: no random init, no global RNG draw
+            full = Experts(
+                self.num_experts,
+                self.dim,
+                self.hidden_dim,
+                gated=self.gated,
+                act_layer=self.act,
+                bias=self.b_in is not None,
+                dispatch=self.dispatch,
+            )
         for name in EXPERT_PARAMETERS:
             shard = getattr(self, name)
             if shard is not None:
