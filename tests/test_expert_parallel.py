@@ -1,4 +1,4 @@
-"""Expert parallelism on 2 CPU processes (gloo) against the same model on one process.
+"""Expert parallelism on 2 CPU processes (gloo) against the same model on one process (sparse and Soft MoE).
 
 Capacity is per rank (each rank routes its local tokens), so the reference is the single-process layer
 applied to each rank's tokens separately; expert gradients on rank ``r`` are the slice of
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mome
-from mome.layers import ExpertChoiceRouter, SparseMoE, aux_losses, routing_stats
+from mome.layers import ExpertChoiceRouter, SoftMoE, SparseMoE, aux_losses, routing_stats
 from mome.layers.expert_parallel import (
     ShardedExperts,
     expert_parameter_names,
@@ -103,49 +103,63 @@ def _loss_and_aux(layer, x, weight):
     return out, aux, (out * weight).sum() + sum(aux.values())
 
 
+def _assert_sharded_equals_reference(layer, rank: int, world_size: int, label: str, drops: bool = False) -> None:
+    """Shard a copy of ``layer`` over the default group and compare with ``layer`` on one process.
+
+    Rank ``r`` gets ``3 + r`` sequences (the ranks' token counts differ, as with a smaller last batch).
+    """
+    inputs = [torch.randn(3 + r, 5, 16) for r in range(world_size)]  # [B_r, N, D], same on every rank
+    weight = torch.randn(16)
+
+    # Reference: one process, the same layer applied to each rank's tokens (routing per rank).
+    reference = copy.deepcopy(layer)
+    names = [name for name, _ in reference.named_parameters()]
+    expected = []
+    dropped = 0.0
+    for x in inputs:
+        x = x.clone().requires_grad_()
+        out, aux, loss = _loss_and_aux(reference, x, weight)
+        dropped += float(routing_stats(reference)[""].get("dropped_fraction", 0.0))
+        grads = torch.autograd.grad(loss, [x, *reference.parameters()])
+        expected.append((out.detach(), {k: v.detach() for k, v in aux.items()}, dict(zip(["x", *names], grads))))
+    if drops:
+        assert dropped > 0, f"{label}: the capacity drops nothing; the test would not test drops"
+
+    sharded = copy.deepcopy(layer)
+    assert shard_experts(sharded) == [""]
+    assert isinstance(sharded.experts, ShardedExperts)
+    assert [name for name, _ in sharded.named_parameters()] == names
+    x = inputs[rank].clone().requires_grad_()
+    out, aux, loss = _loss_and_aux(sharded, x, weight)
+    loss.backward()
+
+    ref_out, ref_aux, ref_grads = expected[rank]
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(out, ref_out, **tol, msg=f"{label}: output")
+    assert sorted(aux) == sorted(ref_aux)
+    for name in aux:
+        torch.testing.assert_close(aux[name], ref_aux[name], **tol, msg=f"{label}: aux {name}")
+    torch.testing.assert_close(x.grad, ref_grads["x"], **tol, msg=f"{label}: input grad")
+    local = slice(rank * layer.num_experts // world_size, (rank + 1) * layer.num_experts // world_size)
+    expert_names = set(expert_parameter_names(sharded))
+    for name, param in sharded.named_parameters():
+        if name in expert_names:  # every rank's tokens contribute to the local experts
+            want = sum(grads[name] for _, _, grads in expected)[local]
+        else:  # router: this rank's loss only (DDP averages it over the ranks)
+            want = ref_grads[name]
+        torch.testing.assert_close(param.grad, want, **tol, msg=f"{label}: grad of {name}")
+
+
 def _layer_worker(rank: int, world_size: int) -> None:
     for case_index, case in enumerate(LAYER_CASES):
         layer = _build_layer(case_index, *case)
-        inputs = [torch.randn(3, 5, 16) for _ in range(world_size)]  # [B, N, D] per rank, same on every rank
-        weight = torch.randn(16)
-
-        # Reference: one process, the same layer applied to each rank's tokens (routing per rank).
-        reference = copy.deepcopy(layer)
-        names = [name for name, _ in reference.named_parameters()]
-        expected = []
-        dropped = 0.0
-        for x in inputs:
-            x = x.clone().requires_grad_()
-            out, aux, loss = _loss_and_aux(reference, x, weight)
-            dropped += float(routing_stats(reference)[""]["dropped_fraction"]) if case[2] is not None else 0.0
-            grads = torch.autograd.grad(loss, [x, *reference.parameters()])
-            expected.append((out.detach(), {k: v.detach() for k, v in aux.items()}, dict(zip(["x", *names], grads))))
-        if case[2] is not None and case[6] == "top_k":
-            assert dropped > 0, f"case {case}: the capacity drops nothing; the test would not test drops"
-
-        sharded = copy.deepcopy(layer)
-        assert shard_experts(sharded) == [""]
-        assert isinstance(sharded.experts, ShardedExperts)
-        assert [name for name, _ in sharded.named_parameters()] == names
-        x = inputs[rank].clone().requires_grad_()
-        out, aux, loss = _loss_and_aux(sharded, x, weight)
-        loss.backward()
-
-        ref_out, ref_aux, ref_grads = expected[rank]
-        tol = {"rtol": 1e-5, "atol": 1e-5}
-        torch.testing.assert_close(out, ref_out, **tol, msg=f"case {case}: output")
-        assert sorted(aux) == sorted(ref_aux)
-        for name in aux:
-            torch.testing.assert_close(aux[name], ref_aux[name], **tol, msg=f"case {case}: aux {name}")
-        torch.testing.assert_close(x.grad, ref_grads["x"], **tol, msg=f"case {case}: input grad")
-        local = slice(rank * layer.num_experts // world_size, (rank + 1) * layer.num_experts // world_size)
-        expert_names = set(expert_parameter_names(sharded))
-        for name, param in sharded.named_parameters():
-            if name in expert_names:  # every rank's tokens contribute to the local experts
-                want = sum(grads[name] for _, _, grads in expected)[local]
-            else:  # router: this rank's loss only (DDP averages it over the ranks)
-                want = ref_grads[name]
-            torch.testing.assert_close(param.grad, want, **tol, msg=f"case {case}: grad of {name}")
+        _assert_sharded_equals_reference(
+            layer, rank, world_size, f"case {case}", drops=case[2] is not None and case[6] == "top_k"
+        )
+    for num_experts, slots_per_expert, gated in [(4, 1, False), (4, 3, True), (8, 2, False)]:
+        torch.manual_seed(num_experts * slots_per_expert)
+        layer = SoftMoE(16, 32, num_experts, slots_per_expert, gated=gated)
+        _assert_sharded_equals_reference(layer, rank, world_size, f"soft moe E={num_experts} P={slots_per_expert}")
 
 
 @pytest.mark.slow

@@ -15,8 +15,12 @@ only across the replicas of one shard (the expert-data-parallel group). Here:
 - ``dispatch="sorted"`` sends only the kept ``(token, expert)`` assignments, already grouped by expert
   (hence by owner rank) by :func:`~mome.layers.plan_dispatch`: per-expert counts go first
   (``all_to_all_single`` on ``[P, E/P]`` counts), then the rows (an uneven, autograd-aware
-  ``torch.distributed.nn.functional.all_to_all_single``). ``dispatch="buffers"`` is GShard's fixed-size
-  exchange of the ``[E, G C, D]`` capacity buffers (padding included, no count exchange).
+  ``torch.distributed.nn.functional.all_to_all_single``). ``dispatch="buffers"`` is GShard's exchange
+  of the ``[E, G C, D]`` capacity buffers (padding included; only the buffer sizes ``G C`` of the ranks
+  are all-gathered first, so ranks may hold different token counts);
+- :class:`~mome.layers.SoftMoE` exchanges its ``[E, B P, D]`` slot buffers the same way
+  (:meth:`ShardedExperts.forward_slots`): slots are sharded with their expert, the dispatch and combine
+  weights (which mix all tokens of a sequence) are computed locally, as on one process.
 
 Per layer and rank, the forward pass sends ``S = sum_e kept_e`` rows of ``D`` values (at most ``T k``)
 and receives as many back; the backward pass moves the same volume in reverse (see ``docs/scaling.md``).
@@ -40,6 +44,7 @@ from torch.distributed.nn.functional import all_to_all_single
 from .experts import Dispatch, Experts
 from .moe import MoE
 from .routers import DispatchPlan, Routing
+from .soft_moe import SoftMoE
 
 __all__ = [
     "EXPERT_PARAMETERS",
@@ -150,23 +155,47 @@ class ShardedExperts(Experts):
     def _exchange_buffers(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
         if plan.slot is None:
             raise ValueError("dispatch='buffers' needs a capacity: set capacity_factor (or use dispatch='sorted')")
-        size, local, dim = self.ep_size, self.num_local_experts, tokens.shape[-1]
-        slots = plan.num_groups * plan.capacity  # G*C slots per expert and rank
-        num_slots = self.num_experts * slots
+        dim = tokens.shape[-1]
+        num_slots = self.num_experts * plan.num_groups * plan.capacity  # E * G*C
         assignment_token = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(routing.top_k)
         # [E*G*C + 1, D]; the last row is a sink for dropped assignments (as Experts._dispatch_buffers).
         buffers = tokens.new_zeros(num_slots + 1, dim)
         buffers = buffers.index_add_(0, plan.slot, tokens.index_select(0, assignment_token))
-        # GShard: equal splits of E_l*G*C rows per destination rank.
-        received = all_to_all_single(torch.empty_like(buffers[:num_slots]), buffers[:num_slots], group=self.group)
-        received = received.view(size, local, slots, dim).transpose(0, 1)  # [E_l, P, G*C, D]
-        expert_out = self.forward_batched(received.reshape(local, size * slots, dim))  # [E_l, P*G*C, D]
-        expert_out = expert_out.view(local, size, slots, dim).transpose(0, 1).reshape(num_slots, dim)  # [P*E_l*G*C, D]
-        returned = all_to_all_single(torch.empty_like(expert_out), expert_out, group=self.group)  # [E*G*C, D]
-        returned = torch.cat([returned, tokens.new_zeros(1, dim)])  # [E*G*C + 1, D]
+        expert_out = self.forward_slots(buffers[:num_slots].view(self.num_experts, -1, dim))  # [E, G*C, D]
+        returned = torch.cat([expert_out.reshape(num_slots, dim), tokens.new_zeros(1, dim)])  # [E*G*C + 1, D]
         weight = routing.combine_weights.reshape(-1, 1).to(tokens.dtype)  # [T*k, 1]
         out = torch.zeros_like(tokens)
         return out.index_add_(0, assignment_token, returned.index_select(0, plan.slot) * weight)
+
+    def forward_slots(self, buffers: Tensor) -> Tensor:
+        """Per-expert buffers of *all* ``E`` experts on this rank ``[E, C, D]`` -> their outputs ``[E, C, D]``.
+
+        GShard's exchange: rank ``r`` sends the ``[E_l, C, D]`` rows of rank ``j``'s experts to ``j``,
+        each rank runs its ``E_l`` experts on ``[E_l, sum_j C_j, D]`` (every rank's slots), and the
+        outputs go back the same way. ``C`` may differ between ranks (a smaller last batch; Soft MoE
+        slots ``B P``): the ``C_j`` are all-gathered first (one host sync).
+        """
+        size, local, dim = self.ep_size, self.num_local_experts, buffers.shape[-1]
+        capacity = buffers.shape[1]
+        gathered = [torch.empty(1, dtype=torch.long, device=buffers.device) for _ in range(size)]
+        dist.all_gather(gathered, torch.tensor([capacity], device=buffers.device), group=self.group)
+        capacities = torch.cat(gathered).tolist()  # C_j of every rank
+        send_split = [local * capacity] * size
+        recv_split = [local * c for c in capacities]
+        received = all_to_all_single(
+            buffers.new_empty(sum(recv_split), dim),
+            buffers.reshape(-1, dim),  # [E*C, D]: rank j's experts are rows [j E_l C, (j+1) E_l C)
+            recv_split,
+            send_split,
+            group=self.group,
+        )  # [sum_j E_l C_j, D], by source rank
+        per_source = [part.view(local, c, dim) for part, c in zip(received.split(recv_split), capacities)]
+        expert_out = self.forward_batched(torch.cat(per_source, dim=1))  # [E_l, sum_j C_j, D]
+        back = torch.cat([part.reshape(-1, dim) for part in expert_out.split(capacities, dim=1)])  # by source rank
+        returned = all_to_all_single(
+            buffers.new_empty(buffers.numel() // dim, dim), back, send_split, recv_split, group=self.group
+        )
+        return returned.view_as(buffers)  # [E, C, D]
 
     # --------------------------------------------------------------------------- gathering
     @torch.no_grad()
@@ -197,8 +226,9 @@ def _all_gather_dim0(shard: Tensor, group: dist.ProcessGroup | None, size: int) 
     return torch.cat(parts)
 
 
-def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoE | SoftMoE]]:
+    """The layers whose ``experts`` expert parallelism shards: sparse :class:`MoE` and :class:`SoftMoE`."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, (MoE, SoftMoE))]
 
 
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> list[str]:
@@ -206,7 +236,8 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> l
 
     Every rank must hold the same full weights (same seed or the same checkpoint). Parameter names are
     unchanged; each rank keeps the slice ``[r E/P : (r+1) E/P]`` of dim 0. Returns the sharded layer
-    names. Soft MoE layers are left whole (their slots mix every token: see ``docs/scaling.md``).
+    names. Soft MoE layers are sharded too: their ``[E, B P, D]`` slot buffers travel as GShard buffers
+    (:meth:`ShardedExperts.forward_slots`); the dispatch and combine weights stay local.
     """
     names = []
     for name, layer in _moe_layers(model):

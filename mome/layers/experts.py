@@ -208,6 +208,14 @@ class Experts(nn.Module):
             return torch.baddbmm(self.b_out.unsqueeze(1), hidden, w_out)  # [E, C, D]
         return torch.bmm(hidden, w_out)
 
+    def forward_slots(self, buffers: Tensor) -> Tensor:
+        """Per-expert slot buffers of all ``E`` experts ``[E, C, D]`` -> ``[E, C, D]``.
+
+        On one process this is :meth:`forward_batched`; sharded experts
+        (:class:`~mome.layers.expert_parallel.ShardedExperts`) send each expert's slots to its rank.
+        """
+        return self.forward_batched(buffers)
+
     # ---------------------------------------------------------------- dispatch + combine
     def forward(self, tokens: Tensor, routing: Routing, plan: DispatchPlan, dispatch: Dispatch | None = None) -> Tensor:
         """``out[t] = sum_j w[t, j] * FFN_{e[t, j]}(x[t])`` over the kept assignments: ``[T, D]``."""

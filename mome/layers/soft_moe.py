@@ -89,7 +89,7 @@ class SoftMoE(RoutedLayer):
         buffers = (
             slot_inputs.view(batch, num_experts, slots, dim).transpose(0, 1).reshape(num_experts, batch * slots, dim)
         )
-        slot_outputs = self.experts.forward_batched(buffers)  # [E, B*P, D]
+        slot_outputs = self.experts.forward_slots(buffers)  # [E, B*P, D] (exchanged under expert parallelism)
         slot_outputs = (
             slot_outputs.view(num_experts, batch, slots, dim).transpose(0, 1).reshape(batch, num_experts * slots, dim)
         )
