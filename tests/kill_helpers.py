@@ -1,4 +1,4 @@
-"""A callback that SIGKILLs its own training process at a given step (the resume test's fault)."""
+"""Callbacks that interrupt a training run: SIGKILL at a step (the resume test's fault), or a clean stop."""
 
 from __future__ import annotations
 
@@ -15,3 +15,14 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StopAfterEpoch(L.Callback):
+    """Stop ``fit`` cleanly after epoch ``epoch`` (its checkpoint written), with the LR schedule of the full run."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True

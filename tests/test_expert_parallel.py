@@ -249,28 +249,44 @@ EP_RUN = [
 ]
 
 
+def _exported_state(objects) -> dict[str, torch.Tensor]:
+    return mome.create_model(f"local-dir:{objects['export_dir']}").state_dict()
+
+
 @pytest.mark.slow
-def test_ddp_ep_training_run_exports_a_whole_model(tmp_path):
+def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
+    """Expert parallelism changes where the experts live, not what is computed: with the same seed (noisy top-2
+    router, gradient clipping at 1.0, AdamW), these runs of V-MoE-tiny end on the same weights (1e-5):
+
+    - plain DDP for 2 epochs, uninterrupted (the reference);
+    - DDP with expert parallelism (P=2) stopped after epoch 1, then resumed from its ``last.ckpt`` under expert parallelism;
+    - the same expert-parallel checkpoint resumed under plain DDP (it holds whole experts and optimiser moments).
+    """
     from train_helpers import compose_train
 
     from mome.cli.train import train
     from mome.lit import model_from_checkpoint
 
-    cfg = compose_train(tmp_path / "ep", [*EP_RUN, "trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"])
-    metrics, objects = train(cfg)
-    assert objects["trainer"].world_size == 2
+    ep = ["trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"]
+    two_epochs = [*EP_RUN, "trainer.max_epochs=2"]
+    _, reference = train(compose_train(tmp_path / "ddp", [*two_epochs, "trainer=ddp_spawn"]))
+    stop = ["+callbacks.stop._target_=kill_helpers.StopAfterEpoch", "+callbacks.stop.epoch=0"]
+    metrics, first = train(compose_train(tmp_path / "ep1", [*two_epochs, *ep, *stop]))
+    assert first["trainer"].world_size == 2
     assert 0.0 <= metrics["test/top1"] <= 1.0
-    exported = mome.create_model(f"local-dir:{objects['export_dir']}")
-
-    # The same run under plain DDP (same seed, noisy top-2 router, gradient clipping at 1.0, AdamW, 4 steps) ends on
-    # the same weights: expert parallelism changes where the experts live, not what is computed.
-    _, ddp_objects = train(compose_train(tmp_path / "ddp", [*EP_RUN, "trainer=ddp_spawn"]))
-    ddp_exported = mome.create_model(f"local-dir:{ddp_objects['export_dir']}")
-    ep_state, ddp_state = exported.state_dict(), ddp_exported.state_dict()
-    assert list(ep_state) == list(ddp_state)
-    for name, value in ddp_state.items():
-        torch.testing.assert_close(ep_state[name], value, rtol=1e-5, atol=2e-5, msg=name)
-    assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    last = tmp_path / "ep1" / "checkpoints" / "last.ckpt"
     # The checkpoint written under expert parallelism holds whole experts: it loads strictly on one process.
-    from_checkpoint = model_from_checkpoint(objects["best_checkpoint"])
-    assert from_checkpoint.blocks[1].mlp.experts.w_in.shape[0] == 4
+    assert model_from_checkpoint(last).blocks[1].mlp.experts.w_in.shape[0] == 4
+    _, resumed_ep = train(compose_train(tmp_path / "ep2", [*two_epochs, *ep, f"ckpt_path={last}"]))
+    _, resumed_ddp = train(compose_train(tmp_path / "ddp2", [*two_epochs, "trainer=ddp_spawn", f"ckpt_path={last}"]))
+
+    want = _exported_state(reference)
+    for label, objects in [("ep resumed under ep", resumed_ep), ("ep resumed under ddp", resumed_ddp)]:
+        got = _exported_state(objects)
+        assert list(got) == list(want)
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=2e-5, msg=f"{label}: {name}")
+    after_one_epoch = _exported_state(first)
+    assert not torch.equal(after_one_epoch["blocks.1.mlp.experts.w_in"], want["blocks.1.mlp.experts.w_in"])
+    exported = mome.create_model(f"local-dir:{resumed_ep['export_dir']}")
+    assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
