@@ -259,7 +259,7 @@ def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
     router, gradient clipping at 1.0, AdamW), these runs of V-MoE-tiny end on the same weights (1e-5):
 
     - plain DDP for 2 epochs, uninterrupted (the reference);
-    - DDP with expert parallelism (P=2) stopped after epoch 1, then resumed from its ``last.ckpt`` under expert parallelism;
+    - DDP with expert parallelism (P=2) stopped after epoch 1, then resumed from its ``last.ckpt`` under it;
     - the same expert-parallel checkpoint resumed under plain DDP (it holds whole experts and optimiser moments).
     """
     from train_helpers import compose_train
