@@ -15,7 +15,7 @@ only across the replicas of one shard (the expert-data-parallel group). Here:
 - ``dispatch="sorted"`` sends only the kept ``(token, expert)`` assignments, already grouped by expert
   (hence by owner rank) by :func:`~mome.layers.plan_dispatch`: per-expert counts go first
   (``all_to_all_single`` on ``[P, E/P]`` counts), then the rows (an uneven, autograd-aware
-  ``torch.distributed.nn.functional.all_to_all_single``). ``dispatch="buffers"`` is GShard's exchange
+  ``all_to_all_single`` of torch's functional collectives). ``dispatch="buffers"`` is GShard's exchange
   of the ``[E, G C, D]`` capacity buffers (padding included; only the buffer sizes ``G C`` of the ranks
   are all-gathered first, so ranks may hold different token counts);
 - :class:`~mome.layers.SoftMoE` exchanges its ``[E, B P, D]`` slot buffers the same way
@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_to_all_single
+from torch.distributed import _functional_collectives as funcol
 
 from .experts import Dispatch, Experts
 from .moe import MoE
@@ -133,22 +133,15 @@ class ShardedExperts(Experts):
         rows = plan.order[: sum(send_split)]  # [S] kept assignment ids, grouped by expert, hence by rank
         row_token = rows // routing.top_k  # [S]
         row_weight = routing.combine_weights.reshape(-1)[rows].to(tokens.dtype)  # [S]
-        received = all_to_all_single(
-            tokens.new_empty(sum(recv_split), tokens.shape[-1]),
-            tokens.index_select(0, row_token),
-            recv_split,
-            send_split,
-            group=self.group,
-        )  # [R, D], by source rank, then local expert
+        received = _all_to_all(tokens.index_select(0, row_token), recv_split, send_split, self.group)
+        # received: [R, D], by source rank, then local expert
         # Regroup by local expert: row i of ``received`` belongs to local expert ``row_expert[i]``.
         row_expert = torch.arange(local, device=tokens.device).repeat(size)  # [P*E_l]
         row_expert = row_expert.repeat_interleave(recv_counts.reshape(-1), output_size=received.shape[0])  # [R]
         by_expert = torch.argsort(row_expert, stable=True)  # [R]
         expert_out = self.forward_grouped(received.index_select(0, by_expert), recv_counts.sum(0))  # [R, D]
         expert_out = torch.zeros_like(expert_out).index_add(0, by_expert, expert_out)  # [R, D], back in source order
-        returned = all_to_all_single(
-            tokens.new_empty(len(row_token), tokens.shape[-1]), expert_out, send_split, recv_split, group=self.group
-        )  # [S, D]
+        returned = _all_to_all(expert_out, send_split, recv_split, self.group)  # [S, D]
         out = torch.zeros_like(tokens)
         return out.index_add_(0, row_token, returned * row_weight.unsqueeze(-1))
 
@@ -182,19 +175,12 @@ class ShardedExperts(Experts):
         capacities = torch.cat(gathered).tolist()  # C_j of every rank
         send_split = [local * capacity] * size
         recv_split = [local * c for c in capacities]
-        received = all_to_all_single(
-            buffers.new_empty(sum(recv_split), dim),
-            buffers.reshape(-1, dim),  # [E*C, D]: rank j's experts are rows [j E_l C, (j+1) E_l C)
-            recv_split,
-            send_split,
-            group=self.group,
-        )  # [sum_j E_l C_j, D], by source rank
+        # [E*C, D]: rank j's experts are rows [j E_l C, (j+1) E_l C) -> [sum_j E_l C_j, D], by source rank
+        received = _all_to_all(buffers.reshape(-1, dim), recv_split, send_split, self.group)
         per_source = [part.view(local, c, dim) for part, c in zip(received.split(recv_split), capacities)]
         expert_out = self.forward_batched(torch.cat(per_source, dim=1))  # [E_l, sum_j C_j, D]
         back = torch.cat([part.reshape(-1, dim) for part in expert_out.split(capacities, dim=1)])  # by source rank
-        returned = all_to_all_single(
-            buffers.new_empty(buffers.numel() // dim, dim), back, send_split, recv_split, group=self.group
-        )
+        returned = _all_to_all(back, send_split, recv_split, self.group)  # [E*C, D]
         return returned.view_as(buffers)  # [E, C, D]
 
     # --------------------------------------------------------------------------- gathering
@@ -217,6 +203,14 @@ class ShardedExperts(Experts):
                 gathered = _all_gather_dim0(shard.detach(), self.group, self.ep_size)
                 setattr(full, name, nn.Parameter(gathered, requires_grad=shard.requires_grad))
         return full
+
+
+def _all_to_all(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """Autograd-aware uneven ``all_to_all_single`` of ``rows [N, D]``: ``in_splits[j]`` rows go to rank ``j``,
+    ``out_splits[j]`` rows come from it (the backward pass runs the reverse exchange). Uses torch's functional
+    collectives (traceable by ``torch.compile``), waited on at once."""
+    group = group if group is not None else dist.group.WORLD
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group))
 
 
 def _all_gather_dim0(shard: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:
