@@ -213,6 +213,51 @@ def test_expert_parallel_model_state_dict_round_trip():
     run_distributed(_model_worker)
 
 
+def _fsdp2_worker(rank: int, world_size: int) -> None:
+    """FSDP2 (``fully_shard``) on the dense parameters, expert parallelism on the experts (kept out of FSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.manual_seed(0)
+    model = mome.create_model("vmoe_tiny_patch8_e4", num_classes=10).eval()  # eval: no router noise to align
+    images = torch.randn(world_size, 2, 3, 32, 32)
+    reference = copy.deepcopy(model)
+    grads = []
+    for x in images:  # one process: each rank's batch, its gradients
+        reference.zero_grad()
+        reference(x).square().mean().backward()
+        grads.append({name: p.grad.clone() for name, p in reference.named_parameters()})
+    with torch.no_grad():
+        expected = reference(images[rank])
+
+    shard_experts(model)
+    expert_names = set(expert_parameter_names(model))
+    experts = {p for name, p in model.named_parameters() if name in expert_names}
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in experts})
+    fully_shard(model, mesh=mesh, ignored_params=experts)
+    out = model(images[rank])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().mean().backward()
+    local = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+    for name, param in model.named_parameters():
+        if name in expert_names:  # a plain tensor: every rank's tokens, summed by the backward all-to-all
+            assert not isinstance(param, DTensor), name
+            want = sum(g[name] for g in grads)[local]
+            torch.testing.assert_close(param.grad, want, rtol=1e-5, atol=1e-5, msg=name)
+        else:  # FSDP2 reduce-scatters the mean over ranks
+            assert isinstance(param, DTensor), name
+            want = sum(g[name] for g in grads) / world_size
+            torch.testing.assert_close(param.grad.full_tensor(), want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_dense_parameters_composes_with_expert_parallelism():
+    run_distributed(_fsdp2_worker)
+
+
 # ---------------------------------------------------------------------------------- one process
 def test_shard_expert_state_dict_slices_experts_by_name():
     layer = SparseMoE(8, 16, 4, 2)
