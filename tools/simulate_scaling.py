@@ -23,7 +23,9 @@ element, expert-parallel group of ``P`` GPUs):
   of the block) at ``peak x mfu``; dense blocks add ``8 T D^2 + 4 T S D + 4 T D H_dense``;
 - gradient all-reduce (ring): ``2 (n - 1) / n x bytes / B`` over the ``W`` data-parallel ranks for dense
   weights and over the ``W / P`` replicas for expert weights, ``B`` = NVLink within a node, else the
-  per-GPU InfiniBand bandwidth; a fraction ``overlap`` of it is hidden behind the backward pass.
+  per-GPU InfiniBand bandwidth; a fraction ``overlap`` of it is hidden behind the backward pass;
+- memory: the expert state per GPU, 16 bytes per expert parameter (bf16 weights and gradients, fp32
+  master weights and Adam moments) over ``P`` GPUs, reported, not enforced.
 
 The hardware defaults are public specifications, not measurements: H100 SXM bf16 dense peak 989
 TFLOP/s, NVLink 4 450 GB/s per direction per GPU, one 400 Gb/s (50 GB/s) NDR InfiniBand NIC per GPU,
@@ -162,6 +164,8 @@ def predict(shape: ModelShape, world_size: int, hw: Hardware, max_ep_size: int |
         "all_to_all_share": a2a / step,
         "a2a_mb_per_layer": all_to_all_bytes(shape, ep_size) / 1e6,
         "tokens_per_s": world_size * shape.tokens_per_gpu / step,
+        # bf16 weights and grads, fp32 master weights and two Adam moments: 16 bytes per expert parameter
+        "expert_state_gb": shape.moe_layers * shape.expert_parameters_per_layer() / ep_size * 16 / 1e9,
     }
 
 
@@ -355,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_ms",
             "all_to_all_share",
             "a2a_mb_per_layer",
+            "expert_state_gb",
             "weak_scaling_efficiency",
         ]
         table = markdown(rows, columns)
