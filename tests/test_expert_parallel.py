@@ -335,3 +335,10 @@ def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
     assert not torch.equal(after_one_epoch["blocks.1.mlp.experts.w_in"], want["blocks.1.mlp.experts.w_in"])
     exported = mome.create_model(f"local-dir:{resumed_ep['export_dir']}")
     assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+    # mome-eval on one process evaluates the expert-parallel checkpoint like any other.
+    from mome.cli.eval import evaluate
+
+    overrides = [f"ckpt_path={last}", "eval_task=classification", "routing_report=false", "trainer=cpu"]
+    record, _ = evaluate(compose_train(tmp_path / "eval", overrides, config_name="eval"))
+    assert record["task"] == "classification" and 0.0 <= record["metrics"]["acc1"] <= 1.0
