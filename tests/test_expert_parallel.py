@@ -342,3 +342,19 @@ def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
     overrides = [f"ckpt_path={last}", "eval_task=classification", "routing_report=false", "trainer=cpu"]
     record, _ = evaluate(compose_train(tmp_path / "eval", overrides, config_name="eval"))
     assert record["task"] == "classification" and 0.0 <= record["metrics"]["acc1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_soft_moe_vit_trains_under_expert_parallelism(tmp_path):
+    """Soft MoE through mome-train with trainer=ddp_ep: slots sharded with their experts, a whole model exported."""
+    from train_helpers import compose_train
+
+    from mome.cli.train import train
+
+    overrides = [*EP_RUN, "experiment=softmoe_digits", "trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"]
+    _, objects = train(compose_train(tmp_path, overrides))
+    assert objects["trainer"].world_size == 2
+    exported = mome.create_model(f"local-dir:{objects['export_dir']}")
+    soft_moe_layers = [m for m in exported.modules() if isinstance(m, SoftMoE)]
+    assert soft_moe_layers and all(m.experts.w_in.shape[0] == m.num_experts for m in soft_moe_layers)
+    assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
