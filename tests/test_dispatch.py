@@ -206,3 +206,20 @@ def test_grouped_moe_losses_are_means_over_groups():
         layer(torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="group_size"):
         SparseMoE(8, 16, 4, 2, group_size=0)
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "buffers"])
+def test_expert_weight_gradients_come_in_the_parameter_layout(dispatch):
+    """The gradients of the stacked weights are made contiguous ``[E, out, in]`` by the matmul's backward
+    (a transposed gradient costs a strided copy of the whole expert tensor at accumulation)."""
+    torch.manual_seed(0)
+    experts, router = Experts(4, 16, 32, dispatch=dispatch), TopKRouter(16, 4, 2)
+    tokens = torch.randn(24, 16)
+    captured = {}
+    for name, param in (("w_in", experts.w_in), ("w_out", experts.w_out)):
+        param.register_hook(lambda grad, name=name: captured.__setitem__(name, grad))
+    out, _ = run_path(experts, router, tokens, 8, dispatch)
+    out.sum().backward()
+    for name, grad in captured.items():
+        assert grad.is_contiguous(), f"{dispatch}: dL/d{name} has strides {grad.stride()}"
+    assert set(captured) == {"w_in", "w_out"}

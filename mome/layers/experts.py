@@ -116,6 +116,45 @@ def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     return torch.cat(chunks)
 
 
+class _BatchedLinear(torch.autograd.Function):
+    """``out[e] = x[e] @ weight[e]^T + bias[e]``, with the weight gradient made in the weight's layout.
+
+    Autograd's ``bmm`` backward on the view ``weight.transpose(1, 2)`` returns ``dL/dW`` transposed
+    (``[E, in, out]`` memory), which gradient accumulation then copies into the parameter's
+    ``[E, out, in]`` layout: a strided copy of the whole expert tensor, 17% of a Soft MoE
+    forward+backward (T=4096, E=8, D=512, H=2048) and most of the buffers path's backward at
+    E=128, measured on 2 cores. Here ``dL/dW[e] = dL/dout[e]^T @ x[e]`` is computed directly as
+    ``[E, out, in]``, like ``F.linear``'s backward does for ``mm``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        weight_t = weight.transpose(1, 2)  # [E, in, out] view
+        if bias is None:
+            return torch.bmm(x, weight_t)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight_t)  # [E, C, out]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # [E, C, in]
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # [E, out, in]
+        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # [E, out]
+        return grad_x, grad_weight, grad_bias
+
+
+def batched_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` per expert on buffers: ``x [E, C, in]``, ``weight [E, out, in]``, ``bias [E, out]``
+    -> ``[E, C, out]``."""
+    return _BatchedLinear.apply(x, weight, bias)
+
+
 class Experts(nn.Module):
     """``E`` two-layer FFNs with stacked weights: ``FFN_e(x) = act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]``.
 
@@ -197,16 +236,9 @@ class Experts(nn.Module):
         return out
 
     def forward_batched(self, buffers: Tensor) -> Tensor:
-        """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (batched matmul)."""
-        w_in, w_out = self.w_in.transpose(1, 2), self.w_out.transpose(1, 2)  # [E, D, H'], [E, H, D] views
-        if self.b_in is not None:
-            hidden = torch.baddbmm(self.b_in.unsqueeze(1), buffers, w_in)  # [E, C, H']
-        else:
-            hidden = torch.bmm(buffers, w_in)
-        hidden = self._activate(hidden)
-        if self.b_out is not None:
-            return torch.baddbmm(self.b_out.unsqueeze(1), hidden, w_out)  # [E, C, D]
-        return torch.bmm(hidden, w_out)
+        """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection)."""
+        hidden = self._activate(batched_linear(buffers, self.w_in, self.b_in))  # [E, C, H']
+        return batched_linear(hidden, self.w_out, self.b_out)  # [E, C, D]
 
     def forward_slots(self, buffers: Tensor) -> Tensor:
         """Per-expert slot buffers of all ``E`` experts ``[E, C, D]`` -> ``[E, C, D]``.
