@@ -41,8 +41,11 @@ llava-demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage2
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage3
 
+# The performance suite (MoE layers vs dense and peers, models, peak memory; about 20 minutes on 2 cores):
+# prints the tables and regenerates docs/performance.md. `make bench BENCH_ARGS=--quick` for a smoke test.
 bench: install
-	$(PY) tools/bench_moe.py
+	$(PY) -m pip install --quiet -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(PY) tools/bench.py --json logs/bench.json --markdown docs/performance.md $(BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

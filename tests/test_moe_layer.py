@@ -1,4 +1,4 @@
-"""The MoE layer as users compose it: timm drop-in, model-level losses/stats, torch.compile."""
+"""The MoE layer as users compose it: timm drop-in, model-level losses/stats (torch.compile: test_dispatch_compile)."""
 
 import pytest
 import torch
@@ -68,22 +68,8 @@ def test_grad_through_state_dict_roundtrip():
     assert {"router.proj.weight", "experts.w_in", "experts.w_out", "shared_experts.fc1.weight"} <= keys
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dispatch", ["sorted", "buffers"])
-def test_torch_compile_matches_eager(dispatch):
-    layer = SparseMoE(16, 32, 4, 2, capacity_factor=1.0, dispatch=dispatch).eval()  # eval: no router noise
-    x = torch.randn(2, 8, 16)
-    compiled = torch.compile(layer, fullgraph=True)
-    x_eager, x_compiled = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    eager_out, compiled_out = layer(x_eager), compiled(x_compiled)
-    torch.testing.assert_close(compiled_out, eager_out, atol=1e-5, rtol=1e-5)
-    eager_out.square().sum().backward()
-    eager_grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    compiled_out.square().sum().backward()
-    torch.testing.assert_close(x_compiled.grad, x_eager.grad, atol=1e-5, rtol=1e-5)
-    for param, expected in zip(layer.parameters(), eager_grads):
-        torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=1e-5)
+# torch.compile (fullgraph, forward and backward equal to eager) of every layer kind, both dispatch paths
+# included: tests/test_dispatch_compile.py.
 
 
 def test_default_modality_applies_when_no_ids_are_given():

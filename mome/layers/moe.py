@@ -48,7 +48,9 @@ def _check_modality_ids(modality_ids: Tensor | None, x: Tensor, num_modalities: 
         raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens are {tuple(x.shape[:-1])}")
     if modality_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
-    if modality_ids.device.type == "cpu" and modality_ids.numel():  # range check without a device sync
+    # Range check on CPU only (no device sync); skipped under torch.compile, where reading the values
+    # would break the graph.
+    if modality_ids.device.type == "cpu" and modality_ids.numel() and not torch.compiler.is_compiling():
         low, high = int(modality_ids.min()), int(modality_ids.max())
         if low < 0 or high >= num_modalities:
             raise ValueError(f"modality_ids must lie in [0, {num_modalities}), found values in [{low}, {high}]")
