@@ -115,3 +115,24 @@ def test_bench_rejects_bad_arguments(script, bad):
     bench = load(script)
     with pytest.raises((SystemExit, ValueError)):
         bench.main(bad)
+
+
+def test_bench_profile_names_where_the_time_goes():
+    bench = load("bench")
+    tables = bench.main(["--profile", "64:4:2:32", "--dim", "32", "--threads", "1"])
+    assert set(tables) >= {"dense (width 64)", "mome sorted (dropless)", "mome buffers (cf 1.25)"}
+    sorted_ops = dict((op, share) for op, _, share in tables["mome sorted (dropless)"])
+    assert "aten::_grouped_mm" in sorted_ops and all(0 < share <= 1 for share in sorted_ops.values())
+    with pytest.raises(SystemExit):
+        bench.main(["--profile", "64:4"])
+
+
+def test_bench_regeneration_keeps_the_hand_written_analysis(tmp_path):
+    bench = load("bench")
+    report = tmp_path / "performance.md"
+    report.write_text(f"# old tables\n| stale |\n\n{bench.ANALYSIS_MARKER}\n\n## Analysis\nwhere the time goes\n")
+    argv = ["--quick", "--only", "layers", "--no-soft", "--repeats", "1", "--markdown", str(report)]
+    bench.main(argv)
+    text = report.read_text()
+    assert "| stale |" not in text and "## Sparse MoE layers" in text
+    assert text.count(bench.ANALYSIS_MARKER) == 1 and text.endswith("## Analysis\nwhere the time goes\n")

@@ -736,6 +736,37 @@ def bench_memory(specs: list[dict], budget: Budget) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Profile (where the time of one shape goes)
+# ---------------------------------------------------------------------------------------------
+def profile_shape(shape: LayerShape, device: torch.device, rounds: int = 3, row_limit: int = 12) -> dict[str, list]:
+    """``torch.profiler`` op tables of the dense baseline and mome's implementations on one shape, for
+    ``rounds`` forward+backward calls after a warm-up: ``{implementation: [(op, self seconds per call,
+    share of the total)]}`` (also printed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    candidates = layer_candidates(shape, peers=False, device_type=device.type)
+    modules, _ = build({n: f for n, f in candidates.items() if n.startswith((DENSE, "mome"))}, device)
+    x = layer_input(shape, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables = {}
+    for name, module in modules.items():
+        call = layer_calls(module, x)["forward_backward_s"]
+        call()  # warm-up
+        with profile(activities=activities) as prof:
+            for _ in range(rounds):
+                call()
+            synchronize(device)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        rows = [(e.key, e.self_cpu_time_total / 1e6 / rounds, e.self_cpu_time_total / total) for e in events]
+        tables[name] = rows[:row_limit]
+        print(f"\n{shape}: {name}, {total / 1e6 / rounds:.4f} s of op time per forward+backward")
+        for op, seconds, share in tables[name]:
+            print(f"  {op:<60} {seconds:9.4f} s  {100 * share:5.1f}%")
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
 def check_targets(layer_rows: list[dict]) -> list[dict]:
@@ -858,6 +889,19 @@ def markdown_report(results: dict, argv: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Everything below this line in the Markdown report is written by hand and kept when it is regenerated.
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by tools/bench.py when it regenerates the tables -->"
+
+
+def kept_analysis(path: Path) -> str:
+    """The hand-written analysis (from ``ANALYSIS_MARKER`` on) of an existing report, else ``""``."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    index = text.find(ANALYSIS_MARKER)
+    return "" if index < 0 else "\n" + text[index:]
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo where available, else the platform's machine string."""
     try:
@@ -927,11 +971,19 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--max-seconds", type=float, default=math.inf, help="skip what is left after this long")
     parser.add_argument("--json", type=Path, default=None, help="write every row and the environment here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the tables as Markdown here")
+    parser.add_argument(
+        "--profile", default=None, metavar="T:E:k[:H]", help="print the op profile of one sparse shape and exit"
+    )
     parser.add_argument("--memory-item", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("repeats", "warmup", "threads", "dim"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             parser.error(f"--{name} must be positive")
+    if args.profile:
+        try:
+            LayerShape.parse(args.profile, args.dim, args.act)
+        except ValueError as error:
+            parser.error(f"--profile: {error}")
     if args.quick:
         args.tokens, args.experts, args.top_k, args.dim = [64], [8], [2], 64
         args.models = args.models or list(QUICK_MODELS)
@@ -948,6 +1000,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.profile:
+        return profile_shape(LayerShape.parse(args.profile, args.dim, args.act), device)
     budget = Budget(args.max_seconds)
     results: dict = {"layers": [], "models": [], "memory": [], "targets": []}
     if {"layers", "peers"} & set(args.sections):
@@ -973,7 +1027,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     if args.markdown:
-        args.markdown.write_text(markdown_report(results, argv_text))
+        kept = kept_analysis(args.markdown)
+        args.markdown.write_text(markdown_report(results, argv_text) + kept)
     return results
 
 
