@@ -7,13 +7,14 @@ The run composes the ``data``, ``model``, ``eval_task``, ``trainer``, ``callback
    hyper-parameters (:func:`mome.lit.base.model_from_checkpoint`); ``model=...`` or ``model.model_name=``
    (a registry name, ``arch.tag``, ``local-dir:`` or ``hf-hub:``) builds that model, and with a
    ``ckpt_path=`` too loads the checkpoint into it strictly (missing and unexpected keys are an error);
-2. builds the evaluation task (``eval_task=zero_shot|retrieval|linear_probe|classification``, see
-   :mod:`mome.lit.evaluation`), the data module bound to the model's preprocessing and tokenizer (with
-   ``train_augment=false``), the task's loaders of ``split=`` and the trainer; any configuration or input
-   error stops here with one line and exit code 2, and the run's folder is removed;
+2. builds the evaluation task (``eval_task=zero_shot|retrieval|linear_probe|classification|vqa``, see
+   :mod:`mome.lit.evaluation`), checks that the data module's class can feed it (``check_data``), the
+   data module bound to the model's preprocessing and tokenizer (with ``train_augment=false``), the task's
+   loaders of ``split=`` and the trainer; any configuration or input error stops here with one line and
+   exit code 2, and the run's folder is removed;
 3. ``trainer.test`` (Lightning's progress bars, any strategy: no sample is counted twice under DDP), then
    ``results.json`` (CLIP_benchmark schema) and the routing report (``routing.json`` and PNGs) in the
-   run's output folder, and a one-line summary.
+   run's output folder (``eval_task=vqa`` adds ``predictions.jsonl``), and a one-line summary.
 """
 
 from __future__ import annotations
@@ -107,6 +108,16 @@ def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> Evalu
         raise ConfigError(f"eval_task ({task_class.__name__}): {err}") from err
 
 
+def _data_class(cfg: DictConfig) -> type | None:
+    """The class ``cfg.data`` instantiates, or None when it cannot be resolved (``build_datamodule`` says why)."""
+    target = cfg.data.get("_target_") if cfg.get("data") is not None else None
+    try:
+        found = get_class(str(target)) if target else None
+    except Exception:
+        return None
+    return found if isinstance(found, type) else None
+
+
 def _dataset_name(cfg: DictConfig, datamodule: Any) -> str:
     if cfg.get("dataset_name"):
         return str(cfg.dataset_name)
@@ -120,6 +131,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             L.seed_everything(cfg.seed, workers=True)
         model, model_name, pretrained = load_model(cfg)
         task = build_eval_task(cfg, model, model_name)
+        data_class = _data_class(cfg)
+        if data_class is not None:
+            task.check_data(data_class)  # before binding: e.g. conversations bind only to a LLaVA model
         with open_dict(cfg):
             if "train_augment" in cfg.data:
                 cfg.data.train_augment = False  # evaluation never augments (linear probe's train split too)

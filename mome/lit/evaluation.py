@@ -14,10 +14,16 @@ metrics named as CLIP_benchmark names them, as fractions in ``[0, 1]``:
   evaluation split: ``acc1``, ``acc5``, ``mean_per_class_recall``.
 - :class:`ClassificationEvalTask` (``classification``): the model's own classifier head (V-MoE, Soft MoE):
   ``acc1``, ``acc5``, ``mean_per_class_recall`` (timm's ``validate.py`` top-1/top-5, in fractions).
+- :class:`VQAEvalTask` (``vqa``): MoE-LLaVA models on question-answer conversations (e.g. the synthetic
+  shapes set): the greedy answer to each record's first question, scored by exact match after
+  :func:`mome.lit.llava.normalize_answer` (the code ``LLaVATask.test_step`` runs:
+  :func:`mome.lit.llava.answer_questions`): ``exact_match`` and ``exact_match/<question type>``, with
+  every answer in ``predictions.jsonl``.
 
-A new task (e.g. VQA exact match) subclasses :class:`EvaluationTask` (``name``, ``option``, and
-``evaluate_batch`` / ``compute``; ``dataloaders`` to check the data, ``protocol`` to record settings) and
-gets a ``conf/eval_task/<option>.yaml`` (``_target_`` + its options); batches may hold any tensors.
+A new task subclasses :class:`EvaluationTask` (``name``, ``option``, and ``evaluate_batch`` / ``compute``;
+``check_data`` and ``dataloaders`` to check the data, ``protocol`` to record settings) and gets a
+``conf/eval_task/<option>.yaml`` (``_target_`` + its options); batches may hold any tensors, and lists
+with one entry per sample.
 
 **No sample counted twice under DDP.** Lightning's ``DistributedSampler`` pads the evaluation set by
 repeating samples so that every process gets as many (PL #11479). At the start of the test epoch every
@@ -36,7 +42,7 @@ from __future__ import annotations
 import abc
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +55,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from .. import __version__
 from ..data.base import DataConfigError, MomeDataModule
+from ..data.conversation import IMAGE_PLACEHOLDER, ConversationDataModule, ConversationDataset, _WithPrompts
+from . import llava
 from .base import MomeTask, TaskConfigError
 from .classification import classification_metrics
 from .routing_report import RoutingRecorder, write_routing_report
@@ -59,6 +67,7 @@ __all__ = [
     "EvaluationTask",
     "LinearProbeTask",
     "RetrievalTask",
+    "VQAEvalTask",
     "ZeroShotClassificationTask",
     "fit_linear_probe",
     "result_record",
@@ -168,9 +177,17 @@ def _renamed(metrics: Mapping[str, Tensor]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------- data
-def split_loader(datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> DataLoader:
+def split_loader(
+    datamodule: MomeDataModule,
+    split: str,
+    max_samples: int | None = None,
+    *,
+    wrap: Callable[[Dataset], Dataset] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
     """An ordered, unaugmented loader of ``split`` (``train``, ``val`` or ``test``) of a bound data module;
-    the first ``max_samples`` samples only when given.
+    the first ``max_samples`` samples only when given. ``wrap`` replaces the split's dataset by
+    ``wrap(dataset)`` (before the subset) and ``collate_fn`` the data module's collate function.
 
     Raises:
         DataConfigError: the split does not exist or is empty.
@@ -190,6 +207,8 @@ def split_loader(datamodule: MomeDataModule, split: str, max_samples: int | None
         return getattr(datamodule, f"{split}_dataloader")()
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataConfigError(f"{type(datamodule).__name__}: the {split!r} split is empty")
+    if wrap is not None:
+        dataset = wrap(dataset)
     if max_samples is not None:
         if max_samples < 1:
             raise DataConfigError(f"max_samples must be >= 1, got {max_samples}")
@@ -201,7 +220,7 @@ def split_loader(datamodule: MomeDataModule, split: str, max_samples: int | None
         num_workers=datamodule.num_workers,
         pin_memory=datamodule.pin_memory,
         persistent_workers=datamodule.num_workers > 0,
-        collate_fn=datamodule.collate_fn,
+        collate_fn=collate_fn or datamodule.collate_fn,
     )
 
 
@@ -221,6 +240,23 @@ def _templates(datamodule: MomeDataModule, templates: Sequence[str] | None, task
     if any("{}" not in t for t in found):
         raise DataConfigError(f"eval_task.templates must contain '{{}}' or '{{c}}' for the class name, got {found}")
     return found
+
+
+def _select(value: Any, mask: Tensor) -> Any:
+    """The samples of a batch entry that ``mask [B]`` keeps: tensors by their first dim, per-sample lists."""
+    if isinstance(value, Tensor):
+        return value[mask.to(value.device)]
+    if isinstance(value, list) and len(value) == mask.numel():
+        return [item for item, keep in zip(value, mask.tolist()) if keep]
+    return value
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    """Samples in a batch: the first dim of its first tensor, else the length of its first list."""
+    for value in batch.values():
+        if isinstance(value, Tensor):
+            return int(value.shape[0])
+    return next(len(v) for v in batch.values() if isinstance(v, list))
 
 
 # ------------------------------------------------------------------------------------------- base
@@ -264,8 +300,22 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         """Whether the task reads captions from the batches (``False``: class names and labels suffice)."""
         return False
 
+    def check_data(self, datamodule_class: type) -> None:
+        """Fail early (before the data module is built) when its class cannot feed the task: the image
+        tasks read images with labels or captions, not question-answer conversations.
+
+        Raises:
+            DataConfigError: naming the task and the data module.
+        """
+        if issubclass(datamodule_class, ConversationDataModule):
+            raise DataConfigError(
+                f"eval_task={self.option} reads images with labels or captions, but {datamodule_class.__name__} "
+                "holds question-answer conversations: use eval_task=vqa with a MoE-LLaVA model"
+            )
+
     def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
         """Check that the data fit the task and return the loaders of ``Trainer.test``."""
+        self.check_data(type(datamodule))
         return [split_loader(datamodule, split, max_samples)]
 
     @abc.abstractmethod
@@ -314,6 +364,14 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         padded[: tensor.shape[0]] = tensor
         gathered = self.all_gather(padded)  # [W, max, ...]
         return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+
+    def gather_objects(self, objects: list[Any]) -> list[Any]:
+        """Concatenate the picklable ``objects`` of every process (rank order, as :meth:`gather`)."""
+        if self.trainer.world_size == 1:
+            return list(objects)
+        gathered: list[list[Any]] = [[] for _ in range(self.trainer.world_size)]
+        torch.distributed.all_gather_object(gathered, list(objects))
+        return [item for part in gathered for item in part]
 
     def gather_samples(self, dataloader_idx: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         """Gather per-sample tensors (in batch order on each process) and sort them by dataset index."""
@@ -365,13 +423,12 @@ class EvaluationTask(L.LightningModule, abc.ABC):
             indices = planned[batch_idx]
         else:  # streamed: running positions
             start = sum(t.numel() for t in self._indices[dataloader_idx])
-            size = next(v.shape[0] for v in batch.values() if isinstance(v, Tensor))
-            indices = torch.arange(start, start + size)
+            indices = torch.arange(start, start + _batch_size(batch))
         keep = self._keep[dataloader_idx]
         if keep is not None:
             mask = keep[batch_idx]
             indices = indices[mask]
-            batch = {k: v[mask.to(v.device)] if isinstance(v, Tensor) else v for k, v in batch.items()}
+            batch = {k: _select(v, mask) for k, v in batch.items()}
             if not mask.any():
                 return
         self._indices[dataloader_idx].append(indices)
@@ -689,3 +746,134 @@ class ClassificationEvalTask(EvaluationTask):
 
     def compute(self) -> dict[str, float]:
         return _renamed(self.metrics.compute())
+
+
+class _QuestionSamples(Dataset):
+    """The samples of :class:`VQAEvalTask`: each conversation record's first question (its generation
+    prompt and images, from the data module's test-time prompts) with its reference answer and type."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not isinstance(dataset, ConversationDataset):
+            raise DataConfigError(f"eval_task=vqa needs conversation records, got {type(dataset).__name__}")
+        self.prompts = _WithPrompts(dataset)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.prompts[index]
+        question = self.prompts.dataset.turns[index][0]["value"]
+        return {
+            "id": str(sample["id"]),
+            "question": question.replace(IMAGE_PLACEHOLDER, " ").strip(),
+            "prompt_ids": sample["prompt_ids"],
+            "prompt_images": sample["prompt_images"],
+            "answers": sample["answers"],
+            "question_types": sample["question_types"],
+        }
+
+
+def _collate_questions(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-sample lists (prompts differ in length and are generated one at a time)."""
+    return {key: [sample[key] for sample in samples] for key in samples[0]}
+
+
+class VQAEvalTask(EvaluationTask):
+    """VQA exact match of a MoE-LLaVA model on question-answer conversations (e.g. ``data=shapes``).
+
+    For each record the first question is put in the chat template (``encode_prompt``, with its images),
+    a greedy answer of at most ``max_new_tokens`` tokens is generated and compared with the reference after
+    :func:`mome.lit.llava.normalize_answer` (lower case, punctuation and articles removed, whitespace
+    collapsed): ``exact_match = hits / samples``, also per question type (``exact_match/<type>``, from the
+    records' ``meta.question_types``). Generation and scoring are :func:`mome.lit.llava.answer_questions`,
+    the code of ``LLaVATask.test_step``. Every answer is written to ``predictions.jsonl`` beside
+    ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
+    dataset order and without the samples Lightning's ``DistributedSampler`` repeats.
+
+    Args:
+        max_new_tokens: the longest answer generated, in tokens.
+    """
+
+    name = "vqa"
+    option = "vqa"
+
+    def __init__(self, *args: Any, max_new_tokens: int = 8, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from ..models.moe_llava import MoELLaVA
+
+        if not isinstance(self.model, MoELLaVA):
+            raise TaskConfigError(
+                f"eval_task=vqa generates answers with a MoE-LLaVA model (moe_llava_*); {self.model_name} is a "
+                f"{type(self.model).__name__}: use eval_task=classification, zero_shot, retrieval or linear_probe"
+            )
+        if self.tokenizer is None:
+            raise TaskConfigError(f"eval_task=vqa: {self.model_name} has no tokenizer in its pretrained cfg")
+        if int(max_new_tokens) < 1:
+            raise TaskConfigError(f"eval_task.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.predictions: list[dict[str, Any]] = []
+        self._answered: list[dict[str, Any]] = []
+
+    def check_data(self, datamodule_class: type) -> None:
+        if not issubclass(datamodule_class, ConversationDataModule):
+            raise DataConfigError(
+                f"eval_task=vqa needs questions and answers, but {datamodule_class.__name__} has none: use a "
+                "conversation data module (data=shapes, or data=conversation with LLaVA-JSON files)"
+            )
+
+    def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
+        self.check_data(type(datamodule))
+        return [split_loader(datamodule, split, max_samples, wrap=_QuestionSamples, collate_fn=_collate_questions)]
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._answered = []
+
+    def evaluate_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        answered = llava.answer_questions(
+            self.model,
+            self.tokenizer.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_images"],
+            batch["answers"],
+            self.max_new_tokens,
+        )
+        for position, (prediction, hit) in enumerate(answered):
+            self._answered.append(
+                {
+                    "id": batch["id"][position],
+                    "question": batch["question"][position],
+                    "question_type": batch["question_types"][position],
+                    "answer": batch["answers"][position],
+                    "prediction": prediction,
+                    "hit": bool(hit),
+                }
+            )
+
+    def compute(self) -> dict[str, float]:
+        indices = self.gather(torch.cat(self._indices[0]).to(self.device)).cpu()
+        answered = self.gather_objects(self._answered)
+        self.predictions = [answered[i] for i in indices.argsort().tolist()]
+        if not self.predictions:
+            raise DataConfigError("eval_task=vqa: no question was evaluated")
+        metrics = {"exact_match": sum(p["hit"] for p in self.predictions) / len(self.predictions)}
+        for kind in sorted({p["question_type"] for p in self.predictions if p["question_type"]}):
+            hits = [p["hit"] for p in self.predictions if p["question_type"] == kind]
+            metrics[f"exact_match/{kind}"] = sum(hits) / len(hits)
+        return metrics
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "question": "the first question of each record",
+            "decoding": "greedy",
+            "max_new_tokens": self.max_new_tokens,
+            "normalization": "lower case, punctuation and articles removed, whitespace collapsed",
+        }
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        """``results.json`` and the routing report, and ``predictions.jsonl``: one answer per line."""
+        written = super().write(folder)
+        path = Path(folder) / "predictions.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
+        written["predictions"] = path
+        return written

@@ -13,13 +13,17 @@ The loss is the answer-token LM loss plus the MoE load-balancing term ``0.01 * s
 (``mome.aux_losses``; the model's ``router_aux_loss_coef``). ``init_from`` (a mome folder or a
 ``mome-train`` checkpoint) is applied in ``setup("fit")``, so a checkpoint of this task reloads with
 ``load_from_checkpoint`` alone. Validation reports the LM loss; test also generates (greedy,
-``max_new_tokens``) an answer to each record's first question and scores exact match (lower-cased,
-stripped), overall and per question type.
+``max_new_tokens``) an answer to each record's first question and scores exact match after
+:func:`normalize_answer`, overall and per question type (:func:`answer_questions`, shared with
+``mome-eval eval_task=vqa``: :class:`mome.lit.evaluation.VQAEvalTask`).
 """
 
 from __future__ import annotations
 
+import re
+import string
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +33,58 @@ from torch import Tensor
 from .. import _registry
 from .base import MomeTask, TaskConfigError, model_from_checkpoint
 
-__all__ = ["LLaVATask", "normalize_answer"]
+__all__ = ["LLaVATask", "answer_questions", "exact_match", "generate_answer", "normalize_answer"]
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """VQA-style normalisation for exact match: lower case, surrounding space and final period removed."""
-    return text.strip().lower().rstrip(".").strip()
+    """Answer normalisation for exact match (SQuAD v1.1's ``normalize_answer``, the article and punctuation
+    steps of the VQA evaluation): lower case, ASCII punctuation removed, the articles ``a``/``an``/``the``
+    removed, runs of whitespace collapsed to one space and the ends stripped (``" The  Red. "`` -> ``"red"``)."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION))
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """VQA exact match: the two answers are equal after :func:`normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+@torch.no_grad()
+def generate_answer(model: Any, tokenizer: Any, prompt_ids: Tensor, images: Tensor, max_new_tokens: int) -> str:
+    """Greedy answer of a MoE-LLaVA ``model`` to one prompt ``[1, L]`` with its images ``[n, 3, H, W]``: at
+    most ``max_new_tokens`` new tokens (stopping at ``eos``), decoded without special tokens by the
+    transformers ``tokenizer``."""
+    device = next(model.parameters()).device
+    output = model.generate(
+        input_ids=prompt_ids.to(device),
+        attention_mask=torch.ones_like(prompt_ids, device=device),
+        images=images.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+
+
+def answer_questions(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Tensor],
+    images: Sequence[Tensor],
+    references: Sequence[str],
+    max_new_tokens: int,
+) -> list[tuple[str, bool]]:
+    """``(predicted answer, exact match)`` of each question of a batch: the greedy answer
+    (:func:`generate_answer`) scored against its reference with :func:`exact_match`."""
+    answered = []
+    for prompt, prompt_images, reference in zip(prompt_ids, images, references, strict=True):
+        prediction = generate_answer(model, tokenizer, prompt, prompt_images, max_new_tokens)
+        answered.append((prediction, exact_match(prediction, reference)))
+    return answered
 
 
 def _load_init(path: str | Path) -> torch.nn.Module:
@@ -110,30 +160,21 @@ class LLaVATask(MomeTask):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._lm_loss(batch, "val")
 
-    @torch.no_grad()
-    def answer(self, prompt_ids: Tensor, images: Tensor) -> str:
-        """Greedy answer to one prompt ``[1, L]`` with its images ``[n, 3, H, W]``, decoded."""
-        tokenizer = self.tokenizer.tokenizer
-        output = self.model.generate(
-            input_ids=prompt_ids.to(self.device),
-            attention_mask=torch.ones_like(prompt_ids, device=self.device),
-            images=images.to(self.device),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
-
     def on_test_epoch_start(self) -> None:
         self._answers = defaultdict(list)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._lm_loss(batch, "test")
-        for prompt, images, reference, kind in zip(
-            batch["prompt_ids"], batch["prompt_images"], batch["answers"], batch["question_types"]
-        ):
-            hit = float(normalize_answer(self.answer(prompt, images)) == normalize_answer(reference))
+        answered = answer_questions(
+            self.model,
+            self.tokenizer.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_images"],
+            batch["answers"],
+            self.max_new_tokens,
+        )
+        for (_, matched), kind in zip(answered, batch["question_types"], strict=True):
+            hit = float(matched)
             self._answers["all"].append(hit)
             if kind:
                 self._answers[kind].append(hit)

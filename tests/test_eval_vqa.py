@@ -1,0 +1,133 @@
+"""mome-eval eval_task=vqa: a MoE-LLaVA model answers the shapes questions; exact match after normalisation,
+results.json + predictions.jsonl; the wrong model or data fails early with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_cli import FAST, _fails_early, compose_eval
+
+import mome.lit.llava
+from mome.cli.eval import evaluate
+from mome.lit.evaluation import RESULT_SCHEMA, _select
+from mome.lit.llava import exact_match, normalize_answer
+
+MODEL = "model=moe_llava_tiny_e4"
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> list[str]:
+    """Overrides for a tiny shapes VQA set (8 test questions), generated once for the module."""
+    root = tmp_path_factory.mktemp("shapes")
+    return ["data=shapes", f"data.root={root}", "data.train_size=4", "data.val_size=4", "data.test_size=8"]
+
+
+def _references(overrides: list[str]) -> list[str]:
+    root = Path(next(o for o in overrides if o.startswith("data.root=")).split("=", 1)[1])
+    return [record["conversations"][1]["value"] for record in json.loads((root / "test.json").read_text())]
+
+
+def _vqa(tmp_path: Path, shapes: list[str], *extra: str) -> tuple[dict, list[dict], Path]:
+    out = tmp_path / "eval"
+    record, _ = evaluate(compose_eval(out, [MODEL, "eval_task=vqa", *shapes, *FAST, *extra]))
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return record, predictions, out
+
+
+# -------------------------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("  Red. ", "red"),  # case, surrounding space, final period
+        ("The  circle!", "circle"),  # article, inner whitespace, punctuation
+        ("an apple, a pear", "apple pear"),
+        ("Left\t side?", "left side"),
+        ("theatre", "theatre"),  # articles only as whole words
+        ("don't", "dont"),
+    ],
+)
+def test_normalize_answer(text, normalised):
+    assert normalize_answer(text) == normalised
+
+
+def test_exact_match():
+    assert exact_match("Two.", "two") and exact_match(" the SQUARE ", "square")
+    assert not exact_match("two", "three") and not exact_match("red square", "red")
+
+
+def test_duplicates_are_removed_from_per_sample_lists():
+    mask = torch.tensor([True, False, True])
+    assert _select(["a", "b", "c"], mask) == ["a", "c"]
+    assert torch.equal(_select(torch.arange(3), mask), torch.tensor([0, 2]))
+    assert _select(["not", "per-sample"], mask) == ["not", "per-sample"]
+
+
+# ------------------------------------------------------------------------------------------- CLI runs
+def test_vqa_writes_results_and_predictions(tmp_path, shapes):
+    jsonschema = pytest.importorskip("jsonschema")
+    record, predictions, out = _vqa(tmp_path, shapes, "max_samples=6", "eval_task.max_new_tokens=3")
+    assert json.loads((out / "results.json").read_text()) == record
+    jsonschema.validate(record, RESULT_SCHEMA)
+    assert record["task"] == "vqa" and record["dataset"] == "shapes" and record["model"] == "moe_llava_tiny_e4"
+    assert record["n_samples"] == len(predictions) == 6 and record["protocol"]["max_new_tokens"] == 3
+    assert [p["id"] for p in predictions] == [f"test-{i:06d}" for i in range(6)]  # dataset order, once each
+    assert [p["answer"] for p in predictions] == _references(shapes)[:6]
+    for p in predictions:
+        assert p["hit"] == exact_match(p["prediction"], p["answer"]) and "<image>" not in p["question"]
+    hits = [p["hit"] for p in predictions]
+    assert record["metrics"]["exact_match"] == pytest.approx(sum(hits) / len(hits))
+    for kind in {p["question_type"] for p in predictions}:
+        kind_hits = [p["hit"] for p in predictions if p["question_type"] == kind]
+        assert record["metrics"][f"exact_match/{kind}"] == pytest.approx(sum(kind_hits) / len(kind_hits))
+    assert json.loads((out / "routing.json").read_text())["layers"]  # the LLM's MoE layers were counted
+
+
+@pytest.mark.parametrize(("reply", "expected"), [("reference", 1.0), ("junk", 0.0)])
+def test_stubbed_generation_scores(tmp_path, shapes, monkeypatch, reply, expected):
+    """generate_answer is the one generation function (LLaVATask.test_step uses it too): stubbed to give the
+    reference (re-cased, with an article and punctuation) every answer is a hit; stubbed to give junk, none."""
+    references = iter(_references(shapes))
+    calls = []
+
+    def stub(model, tokenizer, prompt_ids, images, max_new_tokens):
+        calls.append(prompt_ids.shape)
+        reference = next(references)
+        return f"  The {reference.upper()}. " if reply == "reference" else "zzz qqq"
+
+    monkeypatch.setattr(mome.lit.llava, "generate_answer", stub)
+    record, predictions, _ = _vqa(tmp_path, shapes)
+    assert len(calls) == record["n_samples"] == len(predictions) == 8
+    assert record["metrics"]["exact_match"] == expected
+    assert all(p["hit"] == bool(expected) for p in predictions)
+    assert all(value == expected for value in record["metrics"].values())
+
+
+# --------------------------------------------------------------------------------------------- errors
+def test_vqa_needs_a_llava_model(tmp_path, capsys, shapes):
+    line = _fails_early(tmp_path, capsys, ["model=vmoe_tiny_patch8_e4", "eval_task=vqa", *shapes], "eval_task=vqa")
+    assert "TaskConfigError" in line and "vmoe_tiny_patch8_e4" in line and "MoE-LLaVA" in line
+
+
+def test_vqa_needs_questions_and_answers(tmp_path, capsys):
+    line = _fails_early(tmp_path, capsys, [MODEL, "eval_task=vqa"], "DigitsDataModule has none")
+    assert "DataConfigError" in line and "eval_task=vqa" in line
+
+
+@pytest.mark.parametrize("task", ["zero_shot", "linear_probe"])
+def test_image_tasks_refuse_conversations(tmp_path, capsys, shapes, task):
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", f"eval_task={task}", *shapes]
+    line = _fails_early(tmp_path, capsys, overrides, f"eval_task={task} reads images")
+    assert "ShapesDataModule" in line and "eval_task=vqa" in line
+
+
+@pytest.mark.slow
+def test_ddp_answers_every_question_once(tmp_path, shapes):
+    """2 processes on 7 questions: the padded sampler repeats one; predictions equal the single-process run."""
+    common = ["max_samples=7", "data.eval_batch_size=2", "eval_task.max_new_tokens=2"]
+    single, single_predictions, _ = _vqa(tmp_path / "single", shapes, *common)
+    ddp, ddp_predictions, _ = _vqa(tmp_path / "ddp", shapes, *common, "trainer=ddp_spawn")
+    assert ddp["n_samples"] == single["n_samples"] == 7
+    assert ddp_predictions == single_predictions and ddp["metrics"] == single["metrics"]
