@@ -119,6 +119,27 @@ def test_images_enter_at_their_placeholders():
         model(input_ids=ids, pixel_values=images[:1])
 
 
+def test_unpickled_model_runs_in_a_fresh_process(monkeypatch):
+    """A model sent to a spawned process (``ddp_spawn``) is unpickled without ``__init__``: transformers'
+    per-class output-capturing registry is empty there, which the model's ``__setstate__`` refills."""
+    import pickle
+
+    from transformers.utils import output_capturing
+
+    model = tiny().eval()
+    ids = torch.tensor([prompt_ids(model)])
+    images = torch.randn(1, 3, 32, 32)
+    payload = pickle.dumps(model)  # before any forward (which installs unpicklable hooks), as ddp_spawn does
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=images).logits
+    fresh = output_capturing._CanRecordRegistry()  # a fresh process: no model class registered yet
+    monkeypatch.setattr(output_capturing, "_CAN_RECORD_REGISTRY", fresh)
+    restored = pickle.loads(payload)
+    assert fresh, "unpickling registered nothing"
+    with torch.no_grad():
+        torch.testing.assert_close(restored(input_ids=ids, pixel_values=images).logits, expected)
+
+
 def test_eval_is_deterministic_and_empty_images_mean_none():
     model = tiny().eval()
     ids = torch.tensor([prompt_ids(model)])

@@ -65,6 +65,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     PhiConfig,
+    PreTrainedModel,
     Qwen2Config,
     StableLmConfig,
 )
@@ -163,6 +164,19 @@ class MoELLaVA(LlavaForConditionalGeneration):
     """
 
     config_class = MoELLaVAConfig
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (e.g. into a ``ddp_spawn`` process) skips ``__init__``, where transformers registers
+        each model class's ``_can_record_outputs`` (keyed by class name in a process-wide registry); without
+        it the sub-models return no hidden states in a fresh process. Register them again here."""
+        super().__setstate__(state)
+        from transformers.utils import output_capturing
+
+        registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+        if registry is not None:
+            for module in self.modules():
+                if isinstance(module, PreTrainedModel):
+                    registry[module] = module._can_record_outputs
 
     def __init__(self, config: MoELLaVAConfig) -> None:
         super().__init__(config)
