@@ -298,13 +298,38 @@ def _exported_state(objects) -> dict[str, torch.Tensor]:
     return mome.create_model(f"local-dir:{objects['export_dir']}").state_dict()
 
 
-@pytest.mark.slow
-def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
-    """Expert parallelism changes where the experts live, not what is computed: with the same seed (noisy top-2
-    router, gradient clipping at 1.0, AdamW), these runs of V-MoE-tiny end on the same weights (1e-5):
+TWO_EPOCHS = [*EP_RUN, "trainer.max_epochs=2"]
+DDP_EP = ["trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"]
+FSDP_EP = ["trainer=fsdp_ep", "trainer.strategy.expert_parallel_size=2"]
+STOP_AFTER_FIRST_EPOCH = ["+callbacks.stop._target_=kill_helpers.StopAfterEpoch", "+callbacks.stop.epoch=0"]
 
-    - plain DDP for 2 epochs, uninterrupted (the reference);
-    - DDP with expert parallelism (P=2) stopped after epoch 1, then resumed from its ``last.ckpt`` under it;
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The weights plain DDP (2 processes) ends on after 2 uninterrupted epochs of V-MoE-tiny."""
+    from train_helpers import compose_train
+
+    from mome.cli.train import train
+
+    _, reference = train(compose_train(tmp_path_factory.mktemp("ddp"), [*TWO_EPOCHS, "trainer=ddp_spawn"]))
+    return _exported_state(reference)
+
+
+def _assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], label: str) -> None:
+    assert list(got) == list(want), label
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=2e-5, msg=f"{label}: {name}")
+
+
+@pytest.mark.slow
+def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path, ddp_reference):
+    """Expert parallelism changes where the experts live, not what is computed: with the same seed (noisy top-2
+    router, gradient clipping at 1.0, AdamW), these runs of V-MoE-tiny end on the same weights (1e-5) as plain
+    DDP for 2 epochs:
+
+    - DDP with expert parallelism (P=2) for 2 epochs (a checkpoint is written after the first: saving must not
+      touch the live optimiser state);
+    - the same stopped after epoch 1, then resumed from its ``last.ckpt`` under it;
     - the same expert-parallel checkpoint resumed under plain DDP (it holds whole experts and optimiser moments).
     """
     from train_helpers import compose_train
@@ -312,27 +337,21 @@ def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
     from mome.cli.train import train
     from mome.lit import model_from_checkpoint
 
-    ep = ["trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"]
-    two_epochs = [*EP_RUN, "trainer.max_epochs=2"]
-    _, reference = train(compose_train(tmp_path / "ddp", [*two_epochs, "trainer=ddp_spawn"]))
-    stop = ["+callbacks.stop._target_=kill_helpers.StopAfterEpoch", "+callbacks.stop.epoch=0"]
-    metrics, first = train(compose_train(tmp_path / "ep1", [*two_epochs, *ep, *stop]))
+    _, uninterrupted = train(compose_train(tmp_path / "ep", [*TWO_EPOCHS, *DDP_EP]))
+    metrics, first = train(compose_train(tmp_path / "ep1", [*TWO_EPOCHS, *DDP_EP, *STOP_AFTER_FIRST_EPOCH]))
     assert first["trainer"].world_size == 2
     assert 0.0 <= metrics["test/top1"] <= 1.0
     last = tmp_path / "ep1" / "checkpoints" / "last.ckpt"
     # The checkpoint written under expert parallelism holds whole experts: it loads strictly on one process.
     assert model_from_checkpoint(last).blocks[1].mlp.experts.w_in.shape[0] == 4
-    _, resumed_ep = train(compose_train(tmp_path / "ep2", [*two_epochs, *ep, f"ckpt_path={last}"]))
-    _, resumed_ddp = train(compose_train(tmp_path / "ddp2", [*two_epochs, "trainer=ddp_spawn", f"ckpt_path={last}"]))
+    _, resumed_ep = train(compose_train(tmp_path / "ep2", [*TWO_EPOCHS, *DDP_EP, f"ckpt_path={last}"]))
+    _, resumed_ddp = train(compose_train(tmp_path / "ddp2", [*TWO_EPOCHS, "trainer=ddp_spawn", f"ckpt_path={last}"]))
 
-    want = _exported_state(reference)
-    for label, objects in [("ep resumed under ep", resumed_ep), ("ep resumed under ddp", resumed_ddp)]:
-        got = _exported_state(objects)
-        assert list(got) == list(want)
-        for name, value in want.items():
-            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=2e-5, msg=f"{label}: {name}")
+    _assert_same_weights(_exported_state(uninterrupted), ddp_reference, "ep uninterrupted")
+    _assert_same_weights(_exported_state(resumed_ep), ddp_reference, "ep resumed under ep")
+    _assert_same_weights(_exported_state(resumed_ddp), ddp_reference, "ep resumed under ddp")
     after_one_epoch = _exported_state(first)
-    assert not torch.equal(after_one_epoch["blocks.1.mlp.experts.w_in"], want["blocks.1.mlp.experts.w_in"])
+    assert not torch.equal(after_one_epoch["blocks.1.mlp.experts.w_in"], ddp_reference["blocks.1.mlp.experts.w_in"])
     exported = mome.create_model(f"local-dir:{resumed_ep['export_dir']}")
     assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
@@ -342,6 +361,48 @@ def test_ddp_ep_runs_equal_ddp_runs_across_resumes(tmp_path):
     overrides = [f"ckpt_path={last}", "eval_task=classification", "routing_report=false", "trainer=cpu"]
     record, _ = evaluate(compose_train(tmp_path / "eval", overrides, config_name="eval"))
     assert record["task"] == "classification" and 0.0 <= record["metrics"]["acc1"] <= 1.0
+
+
+def _mome_train_subprocess(run_dir, overrides: list[str]) -> dict[str, torch.Tensor]:
+    """``mome-train`` as a user runs it (Lightning's subprocess launcher re-runs the command for rank 1);
+    returns the exported weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, str(Path(sys.executable).parent / "mome-train"), *overrides, f"hydra.run.dir={run_dir}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model saved to" in done.stdout
+    return mome.create_model(f"local-dir:{run_dir / 'model'}").state_dict()
+
+
+@pytest.mark.slow
+def test_fsdp_ep_runs_equal_ddp_runs_across_resumes(tmp_path, ddp_reference):
+    """FSDP2 on the dense parameters with expert parallelism (``trainer=fsdp_ep``, 2 processes) computes what
+    plain DDP computes: 2 epochs uninterrupted, or stopped after the first and resumed under ``fsdp_ep`` or
+    under ``ddp_ep``, end on the DDP run's weights (1e-5); its checkpoint loads on one process."""
+    from train_helpers import compose_train
+
+    from mome.cli.train import train
+    from mome.lit import model_from_checkpoint
+
+    uninterrupted = _mome_train_subprocess(tmp_path / "fsdp", [*TWO_EPOCHS, *FSDP_EP])
+    _assert_same_weights(uninterrupted, ddp_reference, "fsdp_ep uninterrupted")
+    _mome_train_subprocess(tmp_path / "fsdp1", [*TWO_EPOCHS, *FSDP_EP, *STOP_AFTER_FIRST_EPOCH])
+    last = tmp_path / "fsdp1" / "checkpoints" / "last.ckpt"
+    assert model_from_checkpoint(last).blocks[1].mlp.experts.w_in.shape[0] == 4  # whole tensors, one process
+    resumed = _mome_train_subprocess(tmp_path / "fsdp2", [*TWO_EPOCHS, *FSDP_EP, f"ckpt_path={last}"])
+    _assert_same_weights(resumed, ddp_reference, "fsdp_ep resumed under fsdp_ep")
+    _, under_ddp_ep = train(compose_train(tmp_path / "ep2", [*TWO_EPOCHS, *DDP_EP, f"ckpt_path={last}"]))
+    _assert_same_weights(_exported_state(under_ddp_ep), ddp_reference, "fsdp_ep resumed under ddp_ep")
 
 
 @pytest.mark.slow

@@ -23,9 +23,11 @@ from typing import Any
 import hydra
 import lightning as L
 from omegaconf import DictConfig
+from torch.distributed.fsdp import FSDPModule
 
 from .._registry import save_pretrained
 from .._resources import conf_dir
+from ..lit.base import model_from_checkpoint
 from ._common import ConfigError, build_datamodule, build_task, build_trainer, run_cli, setup_phase
 
 __all__ = ["main", "train"]
@@ -72,10 +74,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if cfg.get("export", True) and trainer.is_global_zero and not trainer.fast_dev_run:
         output = Path(cfg.paths.output_dir) / "model"
-        objects["export_dir"] = save_pretrained(task.model, output)
+        objects["export_dir"] = save_pretrained(_exportable_model(task, objects), output)
     if trainer.is_global_zero:
         print(_summary(cfg, metrics, objects))
     return metrics, objects
+
+
+def _exportable_model(task: Any, objects: dict[str, Any]) -> Any:
+    """The model to export: the task's own, or, where FSDP2 sharded it in place (``trainer=fsdp_ep``;
+    its parameters are shards on each rank), the tested checkpoint's, rebuilt whole on this process."""
+    if not isinstance(task.model, FSDPModule):
+        return task.model
+    if "best_checkpoint" not in objects:
+        raise ConfigError(
+            "export: the model is sharded by FSDP2 (trainer=fsdp_ep) and is exported from the tested checkpoint, "
+            "but there is none: keep the checkpoint callback and test=true, or set export=false"
+        )
+    return model_from_checkpoint(objects["best_checkpoint"])
 
 
 def _summary(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]) -> str:

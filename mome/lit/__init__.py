@@ -9,9 +9,10 @@ from .evaluation import (
     EvaluationTask,
     LinearProbeTask,
     RetrievalTask,
+    VQAEvalTask,
     ZeroShotClassificationTask,
 )
-from .expert_parallel import ExpertParallelDDPStrategy
+from .expert_parallel import ExpertParallelDDPStrategy, ExpertParallelFSDPStrategy
 from .llava import LLaVATask
 from .routing_report import RoutingRecorder
 from .vlmo import VLMoTask
@@ -22,6 +23,7 @@ __all__ = [
     "ContrastiveTask",
     "EvaluationTask",
     "ExpertParallelDDPStrategy",
+    "ExpertParallelFSDPStrategy",
     "LLaVATask",
     "LinearProbeTask",
     "MomeTask",
@@ -31,6 +33,7 @@ __all__ = [
     "RoutingTelemetry",
     "TaskConfigError",
     "VLMoTask",
+    "VQAEvalTask",
     "ZeroShotClassificationTask",
     "build_model",
     "model_from_checkpoint",

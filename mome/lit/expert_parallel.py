@@ -1,4 +1,6 @@
-"""Lightning DDP with expert parallelism: ``Trainer(strategy=ExpertParallelDDPStrategy(expert_parallel_size=2))``.
+"""Lightning strategies with expert parallelism: DDP (``ExpertParallelDDPStrategy``, ``trainer=ddp_ep``) and
+FSDP2 (``ExpertParallelFSDPStrategy``, ``trainer=fsdp_ep``), e.g.
+``Trainer(strategy=ExpertParallelDDPStrategy(expert_parallel_size=2))``.
 
 The ``W`` ranks form ``W / P`` expert-parallel groups of ``P`` consecutive ranks (DeepSpeed-MoE's
 layout, Rajbhandari et al. 2022): inside a group every :class:`~mome.layers.MoE` holds ``E / P``
@@ -22,6 +24,14 @@ optimiser states of expert parameters (Adam's moments, shaped like the parameter
 checkpoint written under expert parallelism thus loads on one process and vice versa. At the end of
 ``fit`` the experts are gathered back, so the module is whole again (``save_pretrained`` works as for
 DDP, and ``ddp_spawn``'s hand-back of rank 0's weights carries full experts).
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, through Lightning's ``ModelParallelStrategy``) the
+dense parameters are sharded over all ``W`` ranks instead of replicated: every element of an
+``nn.ModuleList`` (the transformer blocks) and the model are wrapped with the experts passed as
+``ignored_params``, so FSDP2 reduce-scatters the mean of the dense gradients and the expert gradients
+are reduced as above. Its checkpoints are single files holding full tensors (dense ``DTensor`` shards
+and expert shards gathered), like the DDP ones, so they move freely between the strategies and one
+process.
 """
 
 from __future__ import annotations
@@ -32,8 +42,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.strategies import DDPStrategy
-from torch import Tensor
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
@@ -45,29 +58,44 @@ from ..layers.expert_parallel import (
     shard_experts,
     unshard_experts,
 )
+from ..layers.moe import MoE
+from ..layers.soft_moe import SoftMoE
 
-__all__ = ["ExpertParallelDDPStrategy"]
+__all__ = ["ExpertParallelDDPStrategy", "ExpertParallelFSDPStrategy"]
 
 
-class ExpertParallelDDPStrategy(DDPStrategy):
-    """:class:`~lightning.pytorch.strategies.DDPStrategy` that shards the experts of every mome MoE.
+def _check_size(expert_parallel_size: int | None) -> int | None:
+    if expert_parallel_size is not None and (not isinstance(expert_parallel_size, int) or expert_parallel_size < 1):
+        raise ValueError(f"expert_parallel_size must be a positive integer or None, got {expert_parallel_size!r}")
+    return expert_parallel_size
 
-    Args:
-        expert_parallel_size: ``P``, ranks per expert-parallel group; must divide the world size and
-            every MoE's number of experts. None: the world size (no expert replicas).
-        **kwargs: :class:`DDPStrategy` arguments (``start_method="spawn"`` for CPU runs, ``timeout``, ...).
-    """
 
-    strategy_name = "ddp_ep"
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 ``DTensor``; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
-    def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if expert_parallel_size is not None and (not isinstance(expert_parallel_size, int) or expert_parallel_size < 1):
-            raise ValueError(f"expert_parallel_size must be a positive integer or None, got {expert_parallel_size!r}")
-        self.expert_parallel_size = expert_parallel_size
-        self.expert_group: dist.ProcessGroup | None = None
-        self.replica_group: dist.ProcessGroup | None = None
-        self._expert_names: list[str] = []
+
+def _full(tensor: Any) -> Any:
+    """The whole tensor of an FSDP2 ``DTensor`` (collective); anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+class _ExpertParallelism:
+    """What both strategies share: the process groups, the expert gradient reduction, gradient clipping
+    by the norm over all shards, and the expert tensors of checkpoints and optimiser states gathered on
+    save and sliced by name on load. Mixed into a Lightning ``ParallelStrategy``."""
+
+    expert_parallel_size: int | None
+    expert_group: dist.ProcessGroup | None
+    replica_group: dist.ProcessGroup | None
+    _expert_names: list[str]
+    _failed: bool
+
+    def _init_expert_parallelism(self, expert_parallel_size: int | None) -> None:
+        self.expert_parallel_size = _check_size(expert_parallel_size)
+        self.expert_group = None
+        self.replica_group = None
+        self._expert_names = []
         self._failed = False
 
     @property
@@ -99,15 +127,12 @@ class ExpertParallelDDPStrategy(DDPStrategy):
             if self.global_rank in ranks:
                 self.replica_group = group
 
-    def configure_ddp(self) -> None:
-        """Shard the experts over the expert-parallel group, hide them from DDP, then wrap with DDP."""
+    def _shard_experts(self, module: nn.Module) -> None:
+        """New groups, then every MoE of ``module`` keeps its ``E / P`` experts; clipping goes through us."""
         self._new_groups()
-        module = self.model
         if not shard_experts(module, self.expert_group):
             raise ValueError(f"{type(self.lightning_module).__name__} has no mome MoE layer to shard")
         self._expert_names = expert_parameter_names(module)
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, self._expert_names)
-        super().configure_ddp()
         self.precision_plugin.clip_grad_by_norm = self._clip_grad_by_norm
 
     def _expert_parameters(self) -> list[Tensor]:
@@ -115,50 +140,48 @@ class ExpertParallelDDPStrategy(DDPStrategy):
         return [params[name] for name in self._expert_names]
 
     # ------------------------------------------------------------------------------ gradients
-    def post_backward(self, closure_loss: Tensor) -> None:
-        """After DDP's synchronising backward, reduce the expert gradients over the shard's replicas."""
-        super().post_backward(closure_loss)
-        if not self.sharded or not getattr(self.model, "require_backward_grad_sync", True):
-            return  # a gradient-accumulation step: DDP does not synchronise either
-        grads = [p.grad for p in self._expert_parameters() if p.grad is not None]
-        for grad in grads:
+    def _reduce_expert_grads(self) -> None:
+        """``g_e = (1/W) sum_replicas g_e``: all-reduce over the shard's replicas, then divide by ``W``."""
+        for grad in (p.grad for p in self._expert_parameters() if p.grad is not None):
             if self.replica_group is not None:
                 dist.all_reduce(grad, group=self.replica_group)
             grad.div_(self.world_size)
 
+    def _dense_square_norm(self, squares: Tensor) -> Tensor:
+        """The squared norm of the dense gradients from this rank's part (replicated under DDP)."""
+        return squares
+
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
-        """``torch.nn.utils.clip_grad_norm_`` with the norm over the whole model (all expert shards)."""
+        """``torch.nn.utils.clip_grad_norm_`` with the norm over the whole model (all shards)."""
         expert_ids = {id(p) for p in self._expert_parameters()}
         params = [p for p in self.precision_plugin.main_params(optimizer) if p.grad is not None]
         if not params:
             return
-        device = params[0].grad.device
+        device = _local(params[0].grad).device
         dense_sq = torch.zeros((), device=device, dtype=torch.float64)
         expert_sq = torch.zeros((), device=device, dtype=torch.float64)
         for p in params:
-            square = p.grad.detach().double().pow(2).sum()
+            square = _local(p.grad.detach()).double().pow(2).sum()
             if id(p) in expert_ids:
                 expert_sq += square
             else:
                 dense_sq += square
         dist.all_reduce(expert_sq, group=self.expert_group)  # the layer's experts live on the P ranks
-        total_norm = (dense_sq + expert_sq).sqrt()
+        total_norm = (self._dense_square_norm(dense_sq) + expert_sq).sqrt()
         coefficient = (clip_val / (total_norm + 1e-6)).clamp(max=1.0)
         for p in params:
-            p.grad.detach().mul_(coefficient.to(p.grad.dtype))
+            _local(p.grad.detach()).mul_(coefficient.to(p.grad.dtype))
 
     # ---------------------------------------------------------------------------- checkpoints
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The full state dict (experts all-gathered over the group; every rank must call it)."""
-        if not self.sharded:
-            return super().lightning_module_state_dict()
-        return gather_expert_state_dict(self.lightning_module, self.expert_group)
+    def _full_state_dict(self) -> dict[str, Any]:
+        """The module's state dict with whole tensors: experts all-gathered over the group, FSDP2 shards
+        made whole (collective: every rank must call it)."""
+        state = gather_expert_state_dict(self.lightning_module, self.expert_group)
+        return {key: _full(value) for key, value in state.items()}
 
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if not self.sharded:
-            return super().load_model_state_dict(checkpoint, strict)
-        state = shard_expert_state_dict(checkpoint["state_dict"], self.ep_rank, self.ep_size, self._expert_names)
-        self.lightning_module.load_state_dict(state, strict=strict)
+    def _local_model_state(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """A full checkpoint's state dict cut to this rank: its expert slices (by name)."""
+        return shard_expert_state_dict(checkpoint["state_dict"], self.ep_rank, self.ep_size, self._expert_names)
 
     def _expert_slots(self, optimizer: Optimizer) -> dict[int, Tensor]:
         """``{index in optimizer.state_dict()['state']: expert parameter}``."""
@@ -166,32 +189,89 @@ class ExpertParallelDDPStrategy(DDPStrategy):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {index: p for index, p in enumerate(params) if id(p) in expert_ids}
 
+    def _gather_optimizer_state(self, state: dict[str, Any], optimizer: Optimizer) -> dict[str, Any]:
+        """Expert moments (shaped like their parameter) all-gathered along dim 0; FSDP2 shards made whole."""
+        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        expert_slots = self._expert_slots(optimizer)
+        # ``Optimizer.state_dict()`` hands out the live per-parameter dicts: change copies of them.
+        state = {**state, "state": {index: dict(entry) for index, entry in state["state"].items()}}
+        for index in sorted(state["state"]):  # the same order on every rank: these are collectives
+            entry = state["state"][index]
+            param = expert_slots.get(index)
+            for key in sorted(entry):
+                value = entry[key]
+                if param is not None and isinstance(value, Tensor) and value.shape == param.shape:
+                    entry[key] = _all_gather_dim0(value, self.expert_group, self.ep_size)
+                else:
+                    entry[key] = _full(value)
+        return state
+
+    def _shard_optimizer_states(self, checkpoint: Mapping[str, Any]) -> None:
+        """In place: every optimiser state of a full checkpoint cut to this rank (experts by slice,
+        FSDP2 parameters by their ``DTensor`` placement)."""
+        size = self.ep_size
+        for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            expert_slots = self._expert_slots(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for index, entry in opt_state["state"].items():
+                param = params[index]
+                for key, value in entry.items():
+                    if not isinstance(value, Tensor):
+                        continue
+                    if index in expert_slots and tuple(value.shape) == (param.shape[0] * size, *param.shape[1:]):
+                        entry[key] = shard_expert_state_dict({key: value}, self.ep_rank, size, [key])[key]
+                    elif isinstance(param, DTensor) and tuple(value.shape) == tuple(param.shape):
+                        entry[key] = distribute_tensor(
+                            value.to(_local(param).device), param.device_mesh, param.placements
+                        )
+
+
+class ExpertParallelDDPStrategy(_ExpertParallelism, DDPStrategy):
+    """:class:`~lightning.pytorch.strategies.DDPStrategy` that shards the experts of every mome MoE.
+
+    Args:
+        expert_parallel_size: ``P``, ranks per expert-parallel group; must divide the world size and
+            every MoE's number of experts. None: the world size (no expert replicas).
+        **kwargs: :class:`DDPStrategy` arguments (``start_method="spawn"`` for CPU runs, ``timeout``, ...).
+    """
+
+    strategy_name = "ddp_ep"
+
+    def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._init_expert_parallelism(expert_parallel_size)
+
+    def configure_ddp(self) -> None:
+        """Shard the experts over the expert-parallel group, hide them from DDP, then wrap with DDP."""
+        self._shard_experts(self.model)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, self._expert_names)
+        super().configure_ddp()
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        """After DDP's synchronising backward, reduce the expert gradients over the shard's replicas."""
+        super().post_backward(closure_loss)
+        if self.sharded and getattr(self.model, "require_backward_grad_sync", True):
+            self._reduce_expert_grads()  # not on a gradient-accumulation step: DDP does not synchronise either
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full state dict (experts all-gathered over the group; every rank must call it)."""
+        return self._full_state_dict() if self.sharded else super().lightning_module_state_dict()
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not self.sharded:
+            return super().load_model_state_dict(checkpoint, strict)
+        self.lightning_module.load_state_dict(self._local_model_state(checkpoint), strict=strict)
+
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The optimiser state with the expert parameters' moments gathered along dim 0 (collective)."""
         state = super().optimizer_state(optimizer)
-        if not self.sharded:
-            return state
-        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        for index, param in sorted(self._expert_slots(optimizer).items()):
-            entry = state["state"].get(index, {})
-            for key, value in sorted(entry.items()):
-                if isinstance(value, Tensor) and value.shape == param.shape:
-                    entry[key] = _all_gather_dim0(value, self.expert_group, self.ep_size)
-        return state
+        return self._gather_optimizer_state(state, optimizer) if self.sharded else state
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         if self.sharded:
-            size = self.ep_size
-            for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
-                for index, param in self._expert_slots(optimizer).items():
-                    entry = opt_state["state"].get(index, {})
-                    full_shape = (param.shape[0] * size, *param.shape[1:])
-                    for key, value in entry.items():
-                        if isinstance(value, Tensor) and tuple(value.shape) == full_shape:
-                            entry[key] = shard_expert_state_dict({key: value}, self.ep_rank, size, [key])[key]
+            self._shard_optimizer_states(checkpoint)
         super().load_optimizer_state_dict(checkpoint)
 
-    # ------------------------------------------------------------------------------- teardown
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True  # no collective gathering at teardown: the other ranks may be gone
         super().on_exception(exception)
@@ -203,4 +283,117 @@ class ExpertParallelDDPStrategy(DDPStrategy):
             unshard_experts(module)
         self._expert_names = []
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)  # back to the plugin's own method
+        super().teardown()
+
+
+class ExpertParallelFSDPStrategy(_ExpertParallelism, ModelParallelStrategy):
+    """FSDP2 on the dense parameters, expert parallelism on the experts (Lightning ``ModelParallelStrategy``).
+
+    The data-parallel mesh spans all ``W`` ranks (no tensor parallelism). The LightningModule needs no
+    ``configure_model``: the strategy shards the experts, then applies ``fully_shard`` to every element of
+    every ``nn.ModuleList`` of the task's networks and to each network, with the expert tensors as
+    ``ignored_params``. Checkpoints are single files with whole tensors (``save_distributed_checkpoint``
+    is off), so they load on one process, under ``ddp_ep`` and back here. After ``fit``/``test`` the
+    module stays sharded (FSDP2 cannot be undone in place); ``mome-train`` exports the tested checkpoint.
+
+    Args:
+        expert_parallel_size: ``P`` (see :class:`ExpertParallelDDPStrategy`).
+        **kwargs: ``ModelParallelStrategy`` arguments (``process_group_backend``, ``timeout``).
+    """
+
+    strategy_name = "fsdp_ep"
+
+    def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(save_distributed_checkpoint=False, **kwargs)
+        self._init_expert_parallelism(expert_parallel_size)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        """Move to the device, shard (once: ``test`` after ``fit`` reuses it), then optimisers as FSDP2 needs."""
+        self.accelerator.setup(trainer)
+        self.model_to_device()
+        if not self.sharded:
+            self._shard_experts(self.lightning_module)
+            self._fully_shard(self.lightning_module)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+
+    def _fully_shard(self, task: nn.Module) -> None:
+        """``fully_shard`` on each block (element of an ``nn.ModuleList`` outside the MoE layers) and on
+        each of the task's networks, the expert tensors ignored (they are sharded by expert already)."""
+        experts = set(self._expert_parameters())
+        mesh = self.device_mesh["data_parallel"]
+        for network in [child for child in task.children() if any(True for _ in child.parameters())]:
+            inside_moe = {
+                id(m) for layer in network.modules() if isinstance(layer, (MoE, SoftMoE)) for m in layer.modules()
+            }
+            blocks = [
+                block
+                for module_list in network.modules()
+                if isinstance(module_list, nn.ModuleList) and id(module_list) not in inside_moe
+                for block in module_list
+            ]
+            for block in reversed(blocks):  # descendants before their ancestors, as FSDP2 needs
+                dense = [p for p in block.parameters() if p not in experts]
+                if dense and not isinstance(block, FSDPModule):
+                    fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in experts})
+            fully_shard(network, mesh=mesh, ignored_params={p for p in network.parameters() if p in experts})
+
+    def post_backward(self, closure_loss: Tensor) -> None:
+        """FSDP2 reduce-scatters the dense gradients at every backward; the expert gradients follow."""
+        super().post_backward(closure_loss)
+        if self.sharded:
+            self._reduce_expert_grads()
+
+    def _dense_square_norm(self, squares: Tensor) -> Tensor:
+        dist.all_reduce(squares)  # every rank holds a 1/W shard of each dense gradient
+        return squares
+
+    # ---------------------------------------------------------------------------- checkpoints
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Restore the whole module before sharding, as DDP does: the same order of hooks and RNG draws (the
+        noisy routers' stream continues where the checkpoint left it, as under ``ddp``/``ddp_ep``)."""
+        return False
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True  # the optimiser states are restored by load_optimizer_state_dict, from a full file
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self._full_state_dict()
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return self._gather_optimizer_state(Strategy.optimizer_state(self, optimizer), optimizer)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """The whole checkpoint file (``ModelParallelStrategy`` reads it as distributed state instead)."""
+        return Strategy.load_checkpoint(self, self.broadcast(checkpoint_path), weights_only=weights_only)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Strictly: before sharding (a resumed ``fit``), as it is; after (``test``/``validate`` after ``fit``),
+        expert slices by name and dense tensors distributed as their ``DTensor`` parameters."""
+        if not self.sharded:
+            self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=strict)
+            return
+        state = self._local_model_state(checkpoint)
+        targets = self.lightning_module.state_dict()
+        for key, target in targets.items():
+            if isinstance(target, DTensor) and key in state and not isinstance(state[key], DTensor):
+                state[key] = distribute_tensor(
+                    state[key].to(_local(target).device), target.device_mesh, target.placements
+                )
+        self.lightning_module.load_state_dict(state, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        self._shard_optimizer_states(checkpoint)
+        Strategy.load_optimizer_state_dict(self, checkpoint)
+
+    def teardown(self) -> None:
+        self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
         super().teardown()
