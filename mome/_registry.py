@@ -486,8 +486,10 @@ def _fill_tied(model_state: Mapping[str, torch.Tensor], state: dict[str, torch.T
                 state[key] = state[present[0]]
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` exactly, or raise :class:`CheckpointMismatchError` leaving it unchanged."""
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointMismatchError` (naming ``source`` and the keys) unless ``state`` fits ``model``
+    exactly: the same keys, shapes, and no integer values for float parameters. Tied parameters stored once
+    are filled in ``state``. Nothing is loaded."""
     model_state = model.state_dict()
     _fill_tied(model_state, state)
     missing = [k for k in model_state if k not in state]
@@ -503,12 +505,20 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -
         if k in state and v.is_floating_point() and not (state[k].is_floating_point() or state[k].is_complex())
     ]
     if missing or unexpected or shapes:
-        lines = [f"{source} does not match {type(model).__name__} exactly:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or mis-typed", shapes)):
+        groups = (("missing", missing), ("unexpected", unexpected), ("mis-shaped or mis-typed", shapes))
+        # the first line stands alone (a CLI prints only it): counts and a few keys of each kind
+        summary = "; ".join(f"{len(keys)} {label} key(s), e.g. {', '.join(keys[:3])}" for label, keys in groups if keys)
+        lines = [f"{source} does not match {type(model).__name__} exactly: {summary}"]
+        for label, keys in groups:
             if keys:
                 more = f" (+{len(keys) - 20} more)" if len(keys) > 20 else ""
                 lines.append(f"  {len(keys)} {label} key(s): {', '.join(keys[:20])}{more}")
         raise CheckpointMismatchError("\n".join(lines))
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` exactly, or raise :class:`CheckpointMismatchError` leaving it unchanged."""
+    check_state_fits(model, state, source)
     model.load_state_dict(state, strict=True)
 
 

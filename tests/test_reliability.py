@@ -1,6 +1,7 @@
 """Reliability: every input of the bad corpus (``tests/data/bad``, written by ``tools/make_bad_corpus.py``) gets a
 clear typed error from the entry point a user calls, and nothing is left half-written; numerical guards of routing;
-faults (SIGKILL while saving); load (10,000 evaluation samples and 1,000 training steps at flat memory, slow).
+faults (SIGKILL while saving a model folder or a training checkpoint);
+load (10,000 evaluation samples and 1,000 training steps at flat memory, slow).
 
 Covered elsewhere and not repeated here: routing invariants (combine weights, capacity, dropless, dispatch paths
 agree) in ``tests/test_routing_properties.py``; an interrupted download retried to the right checksum in
@@ -229,12 +230,14 @@ def test_bad_override_stops_with_one_line_and_leaves_nothing(case, tmp_path, cap
     """Wrong types, unknown keys, impossible values: refused before training with one line naming the field (exit 2)
     and the run's folder removed; an unknown key is refused by Hydra when composing (no run folder at all)."""
     out = tmp_path / "run"
+    case = {**case, "overrides": [o.replace("{corpus}", str(CORPUS)) for o in case["overrides"]]}
     if case["stage"] == "compose":
         with pytest.raises((ConfigCompositionException, OverrideParseException, MissingConfigException)) as info:
             compose_train(out, [*case["overrides"], *_FAST])
         assert case["match"] in str(info.value)
         return
     code, lines = _run_train(out, case["overrides"], capsys)
+    assert not Path(MARKER).exists()  # the pickle payload never ran
     assert code == 2
     assert len(lines) == 1 and case["match"] in lines[0], lines
     if case["stage"] == "run":
@@ -590,6 +593,88 @@ def test_a_save_leaves_the_hidden_folders_of_a_live_process_alone(tmp_path):
     dead.mkdir()
     mome.save_pretrained(mome.create_model(ARCH), target)
     assert running.exists() and not dead.exists()
+
+
+# Lightning checkpoints (mome-train's ModelCheckpoint, AtomicCheckpointIO): SIGKILL while last.ckpt is written.
+_CKPT_RUN = [
+    "experiment=vmoe_digits",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "callbacks.model_checkpoint.monitor=null",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "test=false",
+    "export=false",
+    "logger=csv",
+]
+_CKPT_KILL_POINTS = ["while_serialising", "before_rename", "after_rename"]
+
+
+def test_sigkill_while_writing_a_training_checkpoint_never_leaves_one_that_loads_wrong(tmp_path):
+    """``mome-train`` killed (SIGKILL) while writing ``last.ckpt``: the name holds the complete
+    step-2 checkpoint (killed before the rename) or the complete step-4 one (after it), never a truncated file;
+    the run resumes from it, and its next save removes what the killed one left."""
+    from mome.cli.train import train
+
+    steps, leftovers = {}, {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    if Path("/dev/shm").is_dir():  # the system temp folder on another file system, where Lightning's writer copies
+        env["TMPDIR"] = "/dev/shm"
+    for point in _CKPT_KILL_POINTS:
+        run_dir = tmp_path / point
+        kill = ["+callbacks.kill._target_=kill_helpers.KillWhileSaving", f"+callbacks.kill.point={point}"]
+        command = [sys.executable, "-m", "mome.cli.train", *_CKPT_RUN, *kill, "+callbacks.kill.step=4"]
+        result = subprocess.run(
+            [*command, f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+        checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert set(checkpoint) >= {"state_dict", "optimizer_states", "loops", "global_step"}
+        steps[point] = checkpoint["global_step"]
+        leftovers[point] = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.endswith(".ckpt"))
+        assert all(name.startswith(".last.ckpt.") and name.endswith(".tmp") for name in leftovers[point]), leftovers
+    assert steps == {"while_serialising": 2, "before_rename": 2, "after_rename": 4}
+    assert [len(leftovers[p]) for p in _CKPT_KILL_POINTS] == [1, 1, 0]  # the unrenamed temporary file
+    assert not any(Path(env.get("TMPDIR", "/tmp")).glob(".last.ckpt.*"))  # nothing in the temp folder
+
+    # resuming the run killed mid-serialisation: it ends at step 6 and its saves remove the leftover
+    run_dir = tmp_path / "while_serialising"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    _, objects = train(compose_train(run_dir, [*_CKPT_RUN, f"ckpt_path={last}"]))
+    assert objects["trainer"].global_step == 6
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
+    assert not [p.name for p in last.parent.iterdir() if not p.name.endswith(".ckpt")]
+
+
+def test_atomic_checkpoint_io_is_the_trainers_writer_and_a_failed_write_leaves_the_target(tmp_path):
+    """Every mome trainer config writes checkpoints with AtomicCheckpointIO; an error while serialising leaves
+    the earlier file untouched and no temporary file behind."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from mome.cli._common import build_trainer
+    from mome.lit.checkpoint_io import AtomicCheckpointIO
+
+    for trainer in ("cpu", "ddp_spawn", "ddp_ep", "fsdp_ep"):
+        built = build_trainer(compose_train(tmp_path / trainer, [f"trainer={trainer}", "callbacks=none"]))
+        assert isinstance(built.strategy.checkpoint_io, AtomicCheckpointIO), trainer
+    plain = build_trainer(compose_train(tmp_path / "plain", ["trainer.plugins=null", "callbacks=none"]))
+    assert type(plain.strategy.checkpoint_io) is TorchCheckpointIO
+
+    writer, target = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    writer.save_checkpoint({"global_step": 1, "weight": torch.ones(3)}, target)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    with pytest.raises(AttributeError, match="pickle"):  # torch.save cannot pickle a local lambda
+        writer.save_checkpoint({"global_step": 2, "bad": lambda: 0}, target)
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+    assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
+    assert writer.load_checkpoint(target)["global_step"] == 1
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # ------------------------------------------------------------------------------------------------ load (slow)

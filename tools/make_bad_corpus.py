@@ -103,6 +103,19 @@ def _checkpoints(out: Path, entries: list[dict[str, Any]]) -> None:
         ),
         "truncated.pt": (_torch_bytes(good)[:300], "CorruptCheckpointError", "truncated.pt"),
         "not_a_dict.pt": (_torch_bytes([good["0.weight"]]), "CorruptCheckpointError", "list"),
+        # a Lightning checkpoint of another model: create_model, mome-train ckpt_path= and mome-eval refuse it
+        "other_task.ckpt": (
+            _torch_bytes(
+                {
+                    "epoch": 0,
+                    "global_step": 10,
+                    "state_dict": {"model.patch_embed.proj.weight": torch.zeros(2, 3)},
+                    "hyper_parameters": {"model": {"model_name": ARCH}},
+                }
+            ),
+            "CheckpointMismatchError",
+            "missing",
+        ),
         "non_tensor_entry.pt": (_torch_bytes({**good, "note": "hello"}), "CorruptCheckpointError", "note"),
         "other_arch.safetensors": (
             _safetensors_bytes({k: v for k, v in good.items() if not k.startswith("1.")}),
@@ -227,6 +240,10 @@ OVERRIDES: list[dict[str, Any]] = [
     {"overrides": ["model.model_name=vmoe_tiny_patch8_e4.nonexistent"], "stage": "run", "match": "nonexistent"},
     {"overrides": ["+model.no_such_kwarg=1"], "stage": "run", "match": "no_such_kwarg"},
     {"overrides": ["ckpt_path=/nonexistent/last.ckpt"], "stage": "run", "match": "ckpt_path"},
+    # resuming from a damaged file, a pickle that would run code, another model's checkpoint ({corpus}: this folder)
+    {"overrides": ["ckpt_path={corpus}/checkpoints/truncated.pt"], "stage": "run", "match": "truncated.pt"},
+    {"overrides": ["ckpt_path={corpus}/checkpoints/evil.pt"], "stage": "run", "match": "evil.pt"},
+    {"overrides": ["ckpt_path={corpus}/checkpoints/other_task.ckpt"], "stage": "run", "match": "missing"},
     {
         "overrides": ["optimized_metric=val/never_logged", "trainer.max_steps=1"],
         "stage": "end",
