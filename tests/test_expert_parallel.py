@@ -299,8 +299,8 @@ def _exported_state(objects) -> dict[str, torch.Tensor]:
 
 
 TWO_EPOCHS = [*EP_RUN, "trainer.max_epochs=2"]
-DDP_EP = ["trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"]
-FSDP_EP = ["trainer=fsdp_ep", "trainer.strategy.expert_parallel_size=2"]
+DDP_EP = ["trainer=ddp_ep", "trainer.expert_parallel_size=2"]
+FSDP_EP = ["trainer=fsdp_ep", "trainer.expert_parallel_size=2"]
 STOP_AFTER_FIRST_EPOCH = ["+callbacks.stop._target_=kill_helpers.StopAfterEpoch", "+callbacks.stop.epoch=0"]
 
 
@@ -412,10 +412,25 @@ def test_soft_moe_vit_trains_under_expert_parallelism(tmp_path):
 
     from mome.cli.train import train
 
-    overrides = [*EP_RUN, "experiment=softmoe_digits", "trainer=ddp_ep", "trainer.strategy.expert_parallel_size=2"]
+    overrides = [*EP_RUN, "experiment=softmoe_digits", "trainer=ddp_ep", "trainer.expert_parallel_size=2"]
     _, objects = train(compose_train(tmp_path, overrides))
     assert objects["trainer"].world_size == 2
     exported = mome.create_model(f"local-dir:{objects['export_dir']}")
     soft_moe_layers = [m for m in exported.modules() if isinstance(m, SoftMoE)]
     assert soft_moe_layers and all(m.experts.w_in.shape[0] == m.num_experts for m in soft_moe_layers)
     assert exported(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("trainer", ["ddp_ep", "fsdp_ep"])
+def test_expert_parallel_size_is_a_trainer_option(trainer, tmp_path):
+    """``trainer=ddp_ep trainer.expert_parallel_size=P`` (the spelling of the docs) reaches the strategy, and is
+    not passed to ``Trainer`` itself; ``trainer.strategy.expert_parallel_size`` still wins where given."""
+    from train_helpers import compose_train
+
+    from mome.cli._common import build_trainer
+
+    for overrides, want in (([], 2), (["trainer.expert_parallel_size=1"], 1), (["trainer.devices=4"], 2)):
+        cfg = compose_train(tmp_path, [f"trainer={trainer}", "callbacks=none", *overrides])
+        assert build_trainer(cfg).strategy.expert_parallel_size == want, overrides
+    cfg = compose_train(tmp_path, [f"trainer={trainer}", "callbacks=none", "trainer.strategy.expert_parallel_size=1"])
+    assert build_trainer(cfg).strategy.expert_parallel_size == 1

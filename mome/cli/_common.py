@@ -102,11 +102,19 @@ def _instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
     return objects
 
 
+#: Keys of the ``trainer`` group that are mome's, not ``Trainer`` arguments: the strategy reads them through
+#: interpolation (``trainer.expert_parallel_size`` -> ``trainer.strategy.expert_parallel_size``).
+_MOME_TRAINER_KEYS = ("expert_parallel_size",)
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = _instantiate_group(cfg.get("logger"), "logger")
     try:
-        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        for key in _MOME_TRAINER_KEYS:
+            trainer_cfg.pop(key, None)
+        return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as err:
         raise ConfigError(f"trainer: {err.__cause__ or err}") from err
 
