@@ -16,7 +16,7 @@ from PIL import Image
 from train_helpers import compose_train
 
 from mome.cli._common import run_cli
-from mome.cli.eval import _job, evaluate
+from mome.cli.eval import _job, evaluate, model_overrides
 from mome.cli.train import train
 from mome.lit.evaluation import RESULT_SCHEMA
 
@@ -177,9 +177,29 @@ def test_empty_split(tmp_path, capsys):
     _fails_early(tmp_path, capsys, [*overrides, *_csv_data(tmp_path, 0)], "empty")
 
 
+def test_model_takes_a_config_or_any_create_model_name():
+    args = ["model=vmoe_tiny_patch8_e4", "model=local-dir:runs/42/model", "model=limoe_tiny_patch8_e4.digits"]
+    args += ["model=hf-hub:org/repo", "model=null", "model.top_k=1", "+model.num_classes=10", "eval_task=retrieval"]
+    assert model_overrides(args) == [
+        "model=vmoe_tiny_patch8_e4",  # a config of conf/model: the group stays a group
+        "model.model_name=local-dir:runs/42/model",
+        "model.model_name=limoe_tiny_patch8_e4.digits",
+        "model.model_name=hf-hub:org/repo",
+        "model=null",
+        "model.top_k=1",
+        "+model.num_classes=10",
+        "eval_task=retrieval",
+    ]
+
+
 def test_console_script_unknown_task_one_line(tmp_path):
+    """``python -m mome.cli.eval model=local-dir:<folder> eval_task=nope``: the saved model loads (``model=``
+    takes a create_model name), then the unknown task is one line, exit 2, and no run folder is left."""
+    import mome
+
+    saved = mome.save_pretrained(mome.create_model("limoe_tiny_patch8_e4"), tmp_path / "saved")
     result = subprocess.run(
-        [sys.executable, "-m", "mome.cli.eval", "model.model_name=limoe_tiny_patch8_e4", "eval_task=nope"],
+        [sys.executable, "-m", "mome.cli.eval", f"model=local-dir:{saved}", "eval_task=nope"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
