@@ -739,13 +739,15 @@ def bench_memory(specs: list[dict], budget: Budget) -> list[dict]:
 # Profile (where the time of one shape goes)
 # ---------------------------------------------------------------------------------------------
 def profile_shape(shape: LayerShape, device: torch.device, rounds: int = 3, row_limit: int = 12) -> dict[str, list]:
-    """``torch.profiler`` op tables of the dense baseline and mome's implementations on one shape, for
-    ``rounds`` forward+backward calls after a warm-up: ``{implementation: [(op, self seconds per call,
-    share of the total)]}`` (also printed)."""
+    """``torch.profiler`` op tables of the dense baseline, mome's implementations and transformers' Mixtral
+    block (``grouped_mm``, where transformers is installed) on one shape, for ``rounds`` forward+backward
+    calls after a warm-up: ``{implementation: [(op, self seconds per call, share of the total)]}`` (also
+    printed, with the number of calls of each op per forward+backward)."""
     from torch.profiler import ProfilerActivity, profile
 
-    candidates = layer_candidates(shape, peers=False, device_type=device.type)
-    modules, _ = build({n: f for n, f in candidates.items() if n.startswith((DENSE, "mome"))}, device)
+    candidates = layer_candidates(shape, peers=True, device_type=device.type)
+    profiled = (DENSE, "mome", "transformers Mixtral grouped_mm")
+    modules, _ = build({n: f for n, f in candidates.items() if n.startswith(profiled) and callable(f)}, device)
     x = layer_input(shape, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tables = {}
@@ -759,10 +761,11 @@ def profile_shape(shape: LayerShape, device: torch.device, rounds: int = 3, row_
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events) or 1.0
         rows = [(e.key, e.self_cpu_time_total / 1e6 / rounds, e.self_cpu_time_total / total) for e in events]
+        calls = {e.key: e.count / rounds for e in events}
         tables[name] = rows[:row_limit]
         print(f"\n{shape}: {name}, {total / 1e6 / rounds:.4f} s of op time per forward+backward")
         for op, seconds, share in tables[name]:
-            print(f"  {op:<60} {seconds:9.4f} s  {100 * share:5.1f}%")
+            print(f"  {op:<60} {seconds:9.4f} s  {100 * share:5.1f}%  {calls[op]:7.1f} calls")
     return tables
 
 
@@ -974,6 +977,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--profile", default=None, metavar="T:E:k[:H]", help="print the op profile of one sparse shape and exit"
     )
+    parser.add_argument(
+        "--profile-rounds", type=int, default=3, help="forward+backward calls profiled per implementation"
+    )
     parser.add_argument("--memory-item", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("repeats", "warmup", "threads", "dim"):
@@ -1001,7 +1007,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.profile:
-        return profile_shape(LayerShape.parse(args.profile, args.dim, args.act), device)
+        return profile_shape(LayerShape.parse(args.profile, args.dim, args.act), device, rounds=args.profile_rounds)
     budget = Budget(args.max_seconds)
     results: dict = {"layers": [], "models": [], "memory": [], "targets": []}
     if {"layers", "peers"} & set(args.sections):
