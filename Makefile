@@ -33,7 +33,7 @@ test-load: install
 train: install
 	rm -rf logs/train/default
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train hydra.run.dir=logs/train/default
-	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-eval model.model_name=local-dir:logs/train/default/model
+	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-eval model=local-dir:logs/train/default/model
 
 # MoE-LLaVA's three MoE-tuning stages on the synthetic shapes VQA set (each stage starts from the last).
 llava-demo: install
