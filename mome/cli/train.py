@@ -43,9 +43,13 @@ def _metric(metrics: dict[str, Any], name: str | None) -> float | None:
     return float(metrics[name])
 
 
+#: ``ckpt_path=`` values that Lightning resolves itself (no file to check here).
+_LIGHTNING_CKPT_PATHS = (None, "last", "best", "hpc", "registry")
+
+
 def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
     ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path in (None, "last", "best", "hpc", "registry"):
+    if ckpt_path in _LIGHTNING_CKPT_PATHS:
         return ckpt_path
     if not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
@@ -80,7 +84,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             L.seed_everything(cfg.seed, workers=True)
         ckpt_path = _resolve_ckpt_path(cfg)
         task = build_task(cfg)
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+        if ckpt_path not in _LIGHTNING_CKPT_PATHS:
             _check_resume_checkpoint(ckpt_path, task)
         datamodule = build_datamodule(cfg, task)
         trainer = build_trainer(cfg)
