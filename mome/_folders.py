@@ -101,6 +101,13 @@ def swap_into_place(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
     try:
@@ -130,9 +137,7 @@ def write_file_atomically(target: Path, write: Callable[[BinaryIO], None]) -> No
     os.close(handle)  # reopened by name below, so ``file.name`` is the path
     tmp = Path(name)
     try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given (mkstemp makes it private: 0o600)
+        os.chmod(tmp, 0o666 & ~current_umask())  # what open() would have given (mkstemp makes it private: 0o600)
         with open(tmp, "wb") as file:
             write(file)
             file.flush()

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -619,8 +620,9 @@ def test_sigkill_while_writing_a_training_checkpoint_never_leaves_one_that_loads
 
     steps, leftovers = {}, {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    if Path("/dev/shm").is_dir():  # the system temp folder on another file system, where Lightning's writer copies
-        env["TMPDIR"] = "/dev/shm"
+    # the system temp folder on another file system (tmpfs) where there is one: where Lightning's writer copies
+    temp_root = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    env["TMPDIR"] = tempfile.mkdtemp(prefix="mome-ckpt-kill-", dir=temp_root)
     for point in _CKPT_KILL_POINTS:
         run_dir = tmp_path / point
         kill = ["+callbacks.kill._target_=kill_helpers.KillWhileSaving", f"+callbacks.kill.point={point}"]
@@ -636,7 +638,8 @@ def test_sigkill_while_writing_a_training_checkpoint_never_leaves_one_that_loads
         assert all(name.startswith(".last.ckpt.") and name.endswith(".tmp") for name in leftovers[point]), leftovers
     assert steps == {"while_serialising": 2, "before_rename": 2, "after_rename": 4}
     assert [len(leftovers[p]) for p in _CKPT_KILL_POINTS] == [1, 1, 0]  # the unrenamed temporary file
-    assert not any(Path(env.get("TMPDIR", "/tmp")).glob(".last.ckpt.*"))  # nothing in the temp folder
+    assert not any(Path(env["TMPDIR"]).iterdir())  # nothing staged in (or left in) the temp folder
+    shutil.rmtree(env["TMPDIR"])
 
     # resuming the run killed mid-serialisation: it ends at step 6 and its saves remove the leftover
     run_dir = tmp_path / "while_serialising"
@@ -652,6 +655,7 @@ def test_atomic_checkpoint_io_is_the_trainers_writer_and_a_failed_write_leaves_t
     the earlier file untouched and no temporary file behind."""
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+    from mome import _folders
     from mome.cli._common import build_trainer
     from mome.lit.checkpoint_io import AtomicCheckpointIO
 
@@ -663,18 +667,12 @@ def test_atomic_checkpoint_io_is_the_trainers_writer_and_a_failed_write_leaves_t
 
     writer, target = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
     writer.save_checkpoint({"global_step": 1, "weight": torch.ones(3)}, target)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_folders.current_umask()
     with pytest.raises(AttributeError, match="pickle"):  # torch.save cannot pickle a local lambda
         writer.save_checkpoint({"global_step": 2, "bad": lambda: 0}, target)
     assert torch.load(target, weights_only=True)["global_step"] == 1
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
     assert writer.load_checkpoint(target)["global_step"] == 1
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # ------------------------------------------------------------------------------------------------ load (slow)

@@ -36,7 +36,7 @@ from torch import nn
 
 from .._registry import CheckpointMismatchError, split_model_name_tag
 from .._resources import conf_dir
-from ..lit.base import build_model, model_from_checkpoint
+from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint
 from ..lit.evaluation import EvaluationTask
 from ._common import ConfigError, _plain, build_datamodule, build_trainer, run_cli, setup_phase
 
@@ -49,13 +49,8 @@ def _one_line(err: Exception) -> str:
 
 def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     """The ``model.`` weights of a Lightning checkpoint (read with ``weights_only=True``)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, or a pickle that would run code
-        raise CheckpointMismatchError(f"{path}: not a readable Lightning checkpoint ({_one_line(err)})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointMismatchError(f"{path}: not a Lightning checkpoint (no state_dict)")
-    return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    state = read_lightning_checkpoint(path)["state_dict"]
+    return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
 def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:

@@ -22,14 +22,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from .._registry import CorruptCheckpointError, UnsafeCheckpointError, check_state_fits, save_pretrained
+from .._registry import check_state_fits, save_pretrained
 from .._resources import conf_dir
-from ..lit.base import model_from_checkpoint
+from ..lit.base import model_from_checkpoint, read_lightning_checkpoint
 from ._common import ConfigError, build_datamodule, build_task, build_trainer, run_cli, setup_phase
 
 __all__ = ["main", "train"]
@@ -60,20 +59,9 @@ def _check_resume_checkpoint(path: str, task: nn.Module) -> None:
     """Fail before training when ``ckpt_path=`` cannot resume ``task``: a file that is not a readable Lightning
     checkpoint (truncated, damaged, a pickle that would run code) or whose weights are another model's.
 
-    The file is memory-mapped (``mmap=True``), so only its pickled index is read here; Lightning loads it again
-    when ``fit`` starts.
+    The file is memory-mapped, so only its pickled index is read here; Lightning loads it when ``fit`` starts.
     """
-    import pickle
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(f"ckpt_path={path}: refused by torch.load(weights_only=True): {err}") from err
-    except Exception as err:  # RuntimeError / EOFError / OSError of a truncated or damaged archive
-        message = f"ckpt_path={path}: not a readable Lightning checkpoint (truncated?): {err}"
-        raise CorruptCheckpointError(message) from err
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CorruptCheckpointError(f"ckpt_path={path}: not a Lightning checkpoint (no state_dict)")
+    checkpoint = read_lightning_checkpoint(path, mmap=True)
     check_state_fits(task, dict(checkpoint["state_dict"]), f"ckpt_path={path}")
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "TaskConfigError",
     "build_model",
     "model_from_checkpoint",
+    "read_lightning_checkpoint",
     "set_trainable",
 ]
 
@@ -63,26 +64,43 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     return _registry.create_model(**kwargs)
 
 
+def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``torch.load(weights_only=True)`` (``mmap=True``: tensors memory-mapped,
+    only the pickled index read now), checked to hold a ``state_dict``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: a pickle that ``weights_only=True`` refuses (it would run code); nothing in it runs.
+        CorruptCheckpointError: a truncated or damaged file, or one without a ``state_dict``.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise _registry.UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {err}") from err
+    except Exception as err:  # RuntimeError / EOFError / OSError of a truncated or damaged archive
+        raise _registry.CorruptCheckpointError(f"{path}: not a readable Lightning checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise _registry.CorruptCheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
 def model_from_checkpoint(path: str | Path) -> nn.Module:
     """The model inside a ``mome-train`` Lightning checkpoint, rebuilt from its recorded spec and loaded
     strictly (the task's own parameters, e.g. VLMo's MIM head, are left out).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError, UnsafeCheckpointError, CorruptCheckpointError: see :func:`read_lightning_checkpoint`.
         CheckpointMismatchError: not a mome task checkpoint, or its weights do not fit the model it names.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, or a pickle that would run code
-        raise _registry.CheckpointMismatchError(f"{path}: not a readable Lightning checkpoint ({err})") from err
-    spec = checkpoint.get("hyper_parameters", {}).get("model") if isinstance(checkpoint, dict) else None
-    if not isinstance(spec, Mapping) or "state_dict" not in checkpoint:
-        raise _registry.CheckpointMismatchError(
-            f"{path}: not a mome-train checkpoint (no hyper_parameters.model spec or no state_dict)"
-        )
+    checkpoint = read_lightning_checkpoint(path)
+    spec = checkpoint.get("hyper_parameters", {}).get("model")
+    if not isinstance(spec, Mapping):
+        raise _registry.CheckpointMismatchError(f"{path}: not a mome-train checkpoint (no hyper_parameters.model spec)")
     model = build_model(spec)
     prefix = "model."
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
