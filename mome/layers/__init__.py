@@ -1,10 +1,13 @@
-"""mome's layer library: routers, stacked experts, MoE / Soft MoE / modality layers and losses.
+"""mome's layer library: routers, the capacity plan, stacked experts, MoE / Soft MoE / modality layers and losses.
 
 Every model family of mome is assembled from these parts; each is usable on its own as a drop-in
 FFN for timm blocks (``[B, N, D] -> [B, N, D]``).
 """
 
 from . import losses as losses
+from .dispatch import DispatchPlan as DispatchPlan
+from .dispatch import compute_capacity as compute_capacity
+from .dispatch import plan_dispatch as plan_dispatch
 from .expert_parallel import ShardedExperts as ShardedExperts
 from .expert_parallel import expert_parameter_names as expert_parameter_names
 from .expert_parallel import gather_expert_state_dict as gather_expert_state_dict
@@ -24,7 +27,6 @@ from .moe import SparseMoE as SparseMoE
 from .moe import aux_losses as aux_losses
 from .moe import routing_stats as routing_stats
 from .moe import timm_mlp_layer as timm_mlp_layer
-from .routers import DispatchPlan as DispatchPlan
 from .routers import ExpertChoiceRouter as ExpertChoiceRouter
 from .routers import HashRouter as HashRouter
 from .routers import ModalityRouter as ModalityRouter
@@ -32,6 +34,4 @@ from .routers import NoisyTopKRouter as NoisyTopKRouter
 from .routers import Router as Router
 from .routers import Routing as Routing
 from .routers import TopKRouter as TopKRouter
-from .routers import compute_capacity as compute_capacity
-from .routers import plan_dispatch as plan_dispatch
 from .soft_moe import SoftMoE as SoftMoE

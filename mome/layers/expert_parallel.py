@@ -41,9 +41,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import _functional_collectives as funcol
 
+from .dispatch import DispatchPlan
 from .experts import Dispatch, Experts
 from .moe import MoE
-from .routers import DispatchPlan, Routing
+from .routers import Routing
 from .soft_moe import SoftMoE
 
 __all__ = [

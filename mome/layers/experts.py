@@ -25,7 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .routers import DispatchPlan, Routing
+from .dispatch import DispatchPlan
+from .routers import Routing
 
 __all__ = ["Dispatch", "Experts"]
 

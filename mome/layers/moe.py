@@ -14,17 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from . import losses as L
+from .dispatch import compute_capacity, plan_dispatch
 from .experts import Dispatch, Experts
-from .routers import (
-    ExpertChoiceRouter,
-    HashRouter,
-    ModalityRouter,
-    Router,
-    Routing,
-    TopKRouter,
-    compute_capacity,
-    plan_dispatch,
-)
+from .routers import ExpertChoiceRouter, HashRouter, ModalityRouter, Router, Routing, TopKRouter
 
 __all__ = ["AUX_LOSSES", "MoE", "RoutedLayer", "SparseMoE", "aux_losses", "routing_stats", "timm_mlp_layer"]
 
