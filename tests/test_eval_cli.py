@@ -18,7 +18,7 @@ from train_helpers import compose_train
 from mome.cli._common import run_cli
 from mome.cli.eval import _job, evaluate, model_overrides
 from mome.cli.train import train
-from mome.lit.evaluation import RESULT_SCHEMA
+from mome.lit.metrics import RESULT_SCHEMA
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = ["+trainer.enable_progress_bar=false"]

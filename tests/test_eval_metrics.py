@@ -13,13 +13,8 @@ from torch.utils.data import DataLoader
 import mome
 from mome.data import DigitsDataModule
 from mome.layers import SparseMoE, routing_stats
-from mome.lit.evaluation import (
-    RESULT_SCHEMA,
-    ZeroShotClassificationTask,
-    fit_linear_probe,
-    result_record,
-    retrieval_recall_at_k,
-)
+from mome.lit import ZeroShotClassificationTask
+from mome.lit.metrics import RESULT_SCHEMA, fit_linear_probe, result_record, retrieval_recall_at_k
 from mome.lit.routing_report import RoutingRecorder, write_routing_report
 
 PNG = b"\x89PNG\r\n\x1a\n"

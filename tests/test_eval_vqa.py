@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from test_eval_cli import FAST, _fails_early, compose_eval
+from torch.utils.data import DistributedSampler
 
 import mome.lit.llava
 from mome.cli.eval import evaluate
-from mome.lit.evaluation import RESULT_SCHEMA, _select
 from mome.lit.llava import exact_match, normalize_answer
+from mome.lit.metrics import RESULT_SCHEMA
+from mome.lit.unique_samples import first_occurrences, select_samples
 
 MODEL = "model=moe_llava_tiny_e4"
 
@@ -60,9 +62,17 @@ def test_exact_match():
 
 def test_duplicates_are_removed_from_per_sample_lists():
     mask = torch.tensor([True, False, True])
-    assert _select(["a", "b", "c"], mask) == ["a", "c"]
-    assert torch.equal(_select(torch.arange(3), mask), torch.tensor([0, 2]))
-    assert _select(["not", "per-sample"], mask) == ["not", "per-sample"]
+    assert select_samples(["a", "b", "c"], mask) == ["a", "c"]
+    assert torch.equal(select_samples(torch.arange(3), mask), torch.tensor([0, 2]))
+    assert select_samples(["not", "per-sample"], mask) == ["not", "per-sample"]
+
+
+def test_first_occurrences_keep_each_sample_once():
+    sampler = [list(DistributedSampler(range(5), num_replicas=2, rank=r, shuffle=False)) for r in range(2)]
+    assert sampler == [[0, 2, 4], [1, 3, 0]]  # rank 1 repeats sample 0 to get as many samples
+    keep = first_occurrences(torch.tensor(sampler))
+    assert keep.tolist() == [[True, True, True], [True, True, False]]
+    assert first_occurrences(torch.tensor([[0, 2], [1, -1]])).tolist() == [[True, True], [True, False]]  # -1: none
 
 
 # ------------------------------------------------------------------------------------------- CLI runs

@@ -4,6 +4,7 @@
 - :class:`ImageFolderDataModule`, :class:`CsvImageTextDataModule`, :class:`WebDatasetDataModule`: real data;
 - :mod:`mome.data.conversation` and :mod:`mome.data.shapes`: LLaVA-style conversations and the synthetic
   shapes VQA set of the MoE-LLaVA demo.
+- :mod:`mome.data.questions`: each conversation's first question and its reference answer (VQA evaluation).
 """
 
 from .base import BadSampleError, DataConfigError, MomeDataModule, ResumableDataLoader

@@ -1,17 +1,20 @@
-"""mome's LightningModules (tasks) and callbacks; imports Lightning (``import mome`` does not)."""
+"""mome's LightningModules (training and evaluation tasks) and callbacks; imports Lightning (``import mome`` does not).
+
+Every task class is exported here: ``conf/task`` and ``conf/eval_task`` name them ``mome.lit.<ClassName>``.
+"""
 
 from .base import MomeTask, NonFiniteLossError, TaskConfigError, build_model, model_from_checkpoint, set_trainable
 from .callbacks import RoutingTelemetry, routing_heatmap
 from .classification import ClassificationTask
 from .contrastive import ContrastiveTask
-from .evaluation import (
+from .eval_tasks import (
     ClassificationEvalTask,
     EvaluationTask,
     LinearProbeTask,
     RetrievalTask,
-    VQAEvalTask,
     ZeroShotClassificationTask,
 )
+from .eval_vqa import VQAEvalTask
 from .expert_parallel import ExpertParallelDDPStrategy, ExpertParallelFSDPStrategy
 from .llava import LLaVATask
 from .routing_report import RoutingRecorder

@@ -1,7 +1,7 @@
-"""Evaluation tasks of ``mome-eval``: LightningModules run with ``Trainer.test``, and their metrics.
+"""The image and text evaluation tasks of ``mome-eval``: LightningModules run with ``Trainer.test``.
 
 Each task takes a built model (from the zoo, a saved folder or a ``mome-train`` checkpoint) and reports
-metrics named as CLIP_benchmark names them, as fractions in ``[0, 1]``:
+metrics named as CLIP_benchmark names them, as fractions in ``[0, 1]`` (:mod:`mome.lit.metrics`):
 
 - :class:`ZeroShotClassificationTask` (``zero_shot``): one classifier column per class, the mean of the
   L2-normalised text embeddings of its prompts, renormalised (open_clip's ``build_zero_shot_classifier``,
@@ -14,27 +14,21 @@ metrics named as CLIP_benchmark names them, as fractions in ``[0, 1]``:
   evaluation split: ``acc1``, ``acc5``, ``mean_per_class_recall``.
 - :class:`ClassificationEvalTask` (``classification``): the model's own classifier head (V-MoE, Soft MoE):
   ``acc1``, ``acc5``, ``mean_per_class_recall`` (timm's ``validate.py`` top-1/top-5, in fractions).
-- :class:`VQAEvalTask` (``vqa``): MoE-LLaVA models on question-answer conversations (e.g. the synthetic
-  shapes set): the greedy answer to each record's first question, scored by exact match after
-  :func:`mome.lit.llava.normalize_answer` (the code ``LLaVATask.test_step`` runs:
-  :func:`mome.lit.llava.answer_questions`): ``exact_match`` and ``exact_match/<question type>``, with
-  every answer in ``predictions.jsonl``.
+
+The question-answering task of MoE-LLaVA models, :class:`mome.lit.VQAEvalTask`, is in :mod:`mome.lit.eval_vqa`.
 
 A new task subclasses :class:`EvaluationTask` (``name``, ``option``, and ``evaluate_batch`` / ``compute``;
 ``check_data`` and ``dataloaders`` to check the data, ``protocol`` to record settings) and gets a
-``conf/eval_task/<option>.yaml`` (``_target_`` + its options); batches may hold any tensors, and lists
-with one entry per sample.
+``conf/eval_task/<option>.yaml`` (``_target_: mome.lit.<ClassName>`` + its options, so the class is
+exported by :mod:`mome.lit`); batches may hold any tensors, and lists with one entry per sample.
 
-**No sample counted twice under DDP.** Lightning's ``DistributedSampler`` pads the evaluation set by
-repeating samples so that every process gets as many (PL #11479). At the start of the test epoch every
-process lists the dataset indices of its batches; the lists are gathered and a sample is kept only at
-its first place in the padded order ``position * world_size + rank``. The duplicates are removed from the
-batch before the model sees it, so metrics, gathered features and routing counts are exact; per-sample
-outputs are gathered and sorted by dataset index, so the numbers equal a single-process run.
+No sample is counted twice under DDP: the base class drops the samples the distributed sampler repeats
+before the model sees them (:mod:`mome.lit.unique_samples`) and sorts gathered per-sample outputs by
+dataset index, so the numbers equal a single-process run.
 
-Results follow the CLIP_benchmark JSON schema (:data:`RESULT_SCHEMA`), written with the routing report
-(:mod:`mome.lit.routing_report`) to the run's output folder by the task itself (rank 0), which also
-works under ``ddp_spawn``.
+Results follow the CLIP_benchmark JSON schema (:data:`mome.lit.metrics.RESULT_SCHEMA`), written with the
+routing report (:mod:`mome.lit.routing_report`) to the run's output folder by the task itself (rank 0),
+which also works under ``ddp_spawn``.
 """
 
 from __future__ import annotations
@@ -42,7 +36,7 @@ from __future__ import annotations
 import abc
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,127 +47,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from .. import __version__
 from ..data.base import DataConfigError, MomeDataModule
-from ..data.conversation import IMAGE_PLACEHOLDER, ConversationDataModule, ConversationDataset, _WithPrompts
-from . import llava
+from ..data.conversation import ConversationDataModule
 from .base import MomeTask, TaskConfigError
 from .classification import classification_metrics
+from .metrics import clip_benchmark_names, fit_linear_probe, result_record, retrieval_recall_at_k
 from .routing_report import RoutingRecorder, write_routing_report
+from .unique_samples import batch_length, plan_batches, select_samples
 
 __all__ = [
-    "RESULT_SCHEMA",
     "ClassificationEvalTask",
     "EvaluationTask",
     "LinearProbeTask",
     "RetrievalTask",
-    "VQAEvalTask",
     "ZeroShotClassificationTask",
-    "fit_linear_probe",
-    "result_record",
-    "retrieval_recall_at_k",
     "split_loader",
 ]
-
-#: The results record: CLIP_benchmark's keys (``dataset``, ``model``, ``pretrained``, ``task``, ``metrics``,
-#: ``language``) plus the protocol (templates, sizes, versions). Metric values are fractions in [0, 1].
-RESULT_SCHEMA: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "mome-eval result (CLIP_benchmark schema; metrics are fractions in [0, 1])",
-    "type": "object",
-    "required": ["dataset", "model", "pretrained", "task", "metrics"],
-    "properties": {
-        "dataset": {"type": "string"},
-        "model": {"type": "string"},
-        "pretrained": {"type": "string"},
-        "task": {"type": "string"},
-        "language": {"type": "string"},
-        "metrics": {
-            "type": "object",
-            "minProperties": 1,
-            "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1},
-        },
-        "n_samples": {"type": "integer", "minimum": 1},
-        "split": {"type": "string"},
-        "protocol": {"type": "object"},
-        "param_count": {"type": "number"},
-        "mome_version": {"type": "string"},
-        "torch_version": {"type": "string"},
-        "wall_time_s": {"type": "number"},
-    },
-}
-
-
-# ------------------------------------------------------------------------------------------ metrics
-def retrieval_recall_at_k(scores: Tensor, positives: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
-    """Recall@k as the CLIP paper counts it (CLIP_benchmark's ``zeroshot_retrieval``): the share of queries
-    with at least one positive among their ``k`` best-scored candidates.
-
-    ``scores [Q, C]``: query x candidate similarities; ``positives [Q, C]`` bool (several per query allowed).
-    With ``s*`` the best score of a query's positives, its rank is ``1 + #{negatives c: s_c >= s*}``: a
-    negative tied with the best positive is ranked before it (so a model with constant scores gets no
-    credit), and ``recall@k = mean_q [rank_q <= k]``. Without ties this is torchmetrics'
-    ``RetrievalHitRate(top_k=k)``. A query without positives counts as a miss.
-    """
-    if scores.shape != positives.shape or scores.ndim != 2:
-        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} must be equal [Q, C]")
-    positives = positives.bool()
-    scores = scores.float()
-    best_positive = scores.masked_fill(~positives, float("-inf")).amax(dim=1, keepdim=True)  # [Q, 1]
-    rank = 1 + ((scores >= best_positive) & ~positives).sum(dim=1)  # [Q]
-    rank = rank.masked_fill(~positives.any(dim=1), scores.shape[1] + 1)
-    return {int(k): float((rank <= k).float().mean()) for k in ks}
-
-
-def fit_linear_probe(
-    train_features: Tensor, train_labels: Tensor, test_features: Tensor, C: float = 1.0, max_iter: int = 1000
-) -> Tensor:
-    """Class probabilities ``[N_test, num_classes]`` of an L2-regularised multinomial logistic regression
-    (scikit-learn ``LogisticRegression``, L-BFGS, inverse regularisation ``C``; CLIP's linear-probe protocol)
-    fitted on standardised train features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-    probe.fit(train_features.double().numpy(), train_labels.numpy())
-    probs = torch.from_numpy(probe.predict_proba(test_features.double().numpy())).float()
-    classes = torch.as_tensor(probe.classes_, dtype=torch.long)
-    full = torch.zeros(probs.shape[0], int(max(classes.max(), train_labels.max())) + 1)  # classes absent from train
-    full[:, classes] = probs
-    return full
-
-
-def result_record(
-    metrics: Mapping[str, float],
-    *,
-    dataset: str,
-    model: str,
-    pretrained: str,
-    task: str,
-    n_samples: int,
-    **extra: Any,
-) -> dict[str, Any]:
-    """One results record in the CLIP_benchmark schema (:data:`RESULT_SCHEMA`)."""
-    return {
-        "dataset": dataset,
-        "model": model,
-        "pretrained": pretrained,
-        "task": task,
-        "metrics": {name: float(value) for name, value in metrics.items()},
-        "language": "en",
-        "n_samples": int(n_samples),
-        "mome_version": __version__,
-        "torch_version": torch.__version__,
-        **extra,
-    }
-
-
-def _renamed(metrics: Mapping[str, Tensor]) -> dict[str, float]:
-    """torchmetrics' ``top1``/``top5`` as CLIP_benchmark's ``acc1``/``acc5``."""
-    names = {"top1": "acc1", "top5": "acc5"}
-    renamed = {names.get(k, k): float(v) for k, v in metrics.items()}
-    return dict(sorted(renamed.items()))  # acc1, acc5, mean_per_class_recall
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -240,23 +129,6 @@ def _templates(datamodule: MomeDataModule, templates: Sequence[str] | None, task
     if any("{}" not in t for t in found):
         raise DataConfigError(f"eval_task.templates must contain '{{}}' or '{{c}}' for the class name, got {found}")
     return found
-
-
-def _select(value: Any, mask: Tensor) -> Any:
-    """The samples of a batch entry that ``mask [B]`` keeps: tensors by their first dim, per-sample lists."""
-    if isinstance(value, Tensor):
-        return value[mask.to(value.device)]
-    if isinstance(value, list) and len(value) == mask.numel():
-        return [item for item, keep in zip(value, mask.tolist()) if keep]
-    return value
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    """Samples in a batch: the first dim of its first tensor, else the length of its first list."""
-    for value in batch.values():
-        if isinstance(value, Tensor):
-            return int(value.shape[0])
-    return next(len(v) for v in batch.values() if isinstance(v, list))
 
 
 # ------------------------------------------------------------------------------------------- base
@@ -379,29 +251,6 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         order = indices.argsort()
         return tuple(self.gather(t)[order].cpu() for t in tensors)
 
-    def _plan(self, loader: DataLoader) -> tuple[list[Tensor], list[Tensor] | None]:
-        """Dataset indices of each batch of this process and, under DDP, the mask of first occurrences."""
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        if batch_sampler is None:  # a streamed dataset shards itself: no padding, indices in order
-            return [], None
-        batches = [torch.as_tensor(list(b), dtype=torch.long) for b in batch_sampler]
-        if self.trainer.world_size == 1:
-            return batches, None
-        local = torch.cat(batches) if batches else torch.zeros(0, dtype=torch.long)
-        world = self.trainer.world_size
-        sizes = self.all_gather(torch.tensor([local.numel()], device=self.device)).reshape(-1).tolist()
-        padded = torch.full((max(sizes),), -1, dtype=torch.long, device=self.device)
-        padded[: local.numel()] = local.to(self.device)
-        table = self.all_gather(padded).reshape(world, -1).cpu()  # [W, P]
-        flat = table.t().reshape(-1)  # the padded order: position * world_size + rank
-        order = torch.arange(flat.numel())
-        unique, inverse = torch.unique(flat, return_inverse=True)
-        first = torch.full((unique.numel(),), flat.numel(), dtype=torch.long).scatter_reduce_(
-            0, inverse, order, reduce="amin"
-        )
-        keep = ((first[inverse] == order) & (flat >= 0)).reshape(-1, world).t()[self.global_rank]  # [P]
-        return batches, list(keep[: local.numel()].split([b.numel() for b in batches]))
-
     # -- Lightning hooks ------------------------------------------------------------------------------
     def on_test_start(self) -> None:
         self._start = time.perf_counter()
@@ -411,7 +260,8 @@ class EvaluationTask(L.LightningModule, abc.ABC):
     def on_test_epoch_start(self) -> None:
         loaders = self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
-        plans = [self._plan(loader) for loader in loaders]
+        world, rank = self.trainer.world_size, self.global_rank
+        plans = [plan_batches(loader, world, rank, self.all_gather, self.device) for loader in loaders]
         self._indices = [[] for _ in loaders]
         self._planned = [indices for indices, _ in plans]
         self._keep = [keep for _, keep in plans]
@@ -423,12 +273,12 @@ class EvaluationTask(L.LightningModule, abc.ABC):
             indices = planned[batch_idx]
         else:  # streamed: running positions
             start = sum(t.numel() for t in self._indices[dataloader_idx])
-            indices = torch.arange(start, start + _batch_size(batch))
+            indices = torch.arange(start, start + batch_length(batch))
         keep = self._keep[dataloader_idx]
         if keep is not None:
             mask = keep[batch_idx]
             indices = indices[mask]
-            batch = {k: _select(v, mask) for k, v in batch.items()}
+            batch = {k: select_samples(v, mask) for k, v in batch.items()}
             if not mask.any():
                 return
         self._indices[dataloader_idx].append(indices)
@@ -535,7 +385,7 @@ class ZeroShotClassificationTask(EvaluationTask):
         self.metrics.update(self.logit_scale * features @ self.classifier, batch["label"])
 
     def compute(self) -> dict[str, float]:
-        return _renamed(self.metrics.compute())
+        return clip_benchmark_names(self.metrics.compute())
 
     def protocol(self) -> dict[str, Any]:
         return {"classnames": self.classnames, "templates": self.templates, "num_templates": len(self.templates)}
@@ -699,7 +549,7 @@ class LinearProbeTask(EvaluationTask):
         probs = F.pad(probs, (0, num_classes - probs.shape[1]))
         metrics = classification_metrics(num_classes, "")
         metrics.update(probs, test_y)
-        return _renamed(metrics.compute())
+        return clip_benchmark_names(metrics.compute())
 
     def protocol(self) -> dict[str, Any]:
         return {
@@ -745,135 +595,4 @@ class ClassificationEvalTask(EvaluationTask):
         self.metrics.update(logits, batch["label"])
 
     def compute(self) -> dict[str, float]:
-        return _renamed(self.metrics.compute())
-
-
-class _QuestionSamples(Dataset):
-    """The samples of :class:`VQAEvalTask`: each conversation record's first question (its generation
-    prompt and images, from the data module's test-time prompts) with its reference answer and type."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        if not isinstance(dataset, ConversationDataset):
-            raise DataConfigError(f"eval_task=vqa needs conversation records, got {type(dataset).__name__}")
-        self.prompts = _WithPrompts(dataset)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.prompts[index]
-        question = self.prompts.dataset.turns[index][0]["value"]
-        return {
-            "id": str(sample["id"]),
-            "question": question.replace(IMAGE_PLACEHOLDER, " ").strip(),
-            "prompt_ids": sample["prompt_ids"],
-            "prompt_images": sample["prompt_images"],
-            "answers": sample["answers"],
-            "question_types": sample["question_types"],
-        }
-
-
-def _collate_questions(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Per-sample lists (prompts differ in length and are generated one at a time)."""
-    return {key: [sample[key] for sample in samples] for key in samples[0]}
-
-
-class VQAEvalTask(EvaluationTask):
-    """VQA exact match of a MoE-LLaVA model on question-answer conversations (e.g. ``data=shapes``).
-
-    For each record the first question is put in the chat template (``encode_prompt``, with its images),
-    a greedy answer of at most ``max_new_tokens`` tokens is generated and compared with the reference after
-    :func:`mome.lit.llava.normalize_answer` (lower case, punctuation and articles removed, whitespace
-    collapsed): ``exact_match = hits / samples``, also per question type (``exact_match/<type>``, from the
-    records' ``meta.question_types``). Generation and scoring are :func:`mome.lit.llava.answer_questions`,
-    the code of ``LLaVATask.test_step``. Every answer is written to ``predictions.jsonl`` beside
-    ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
-    dataset order and without the samples Lightning's ``DistributedSampler`` repeats.
-
-    Args:
-        max_new_tokens: the longest answer generated, in tokens.
-    """
-
-    name = "vqa"
-    option = "vqa"
-
-    def __init__(self, *args: Any, max_new_tokens: int = 8, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        from ..models.moe_llava import MoELLaVA
-
-        if not isinstance(self.model, MoELLaVA):
-            raise TaskConfigError(
-                f"eval_task=vqa generates answers with a MoE-LLaVA model (moe_llava_*); {self.model_name} is a "
-                f"{type(self.model).__name__}: use eval_task=classification, zero_shot, retrieval or linear_probe"
-            )
-        if self.tokenizer is None:
-            raise TaskConfigError(f"eval_task=vqa: {self.model_name} has no tokenizer in its pretrained cfg")
-        if int(max_new_tokens) < 1:
-            raise TaskConfigError(f"eval_task.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.max_new_tokens = int(max_new_tokens)
-        self.predictions: list[dict[str, Any]] = []
-        self._answered: list[dict[str, Any]] = []
-
-    def check_data(self, datamodule_class: type) -> None:
-        if not issubclass(datamodule_class, ConversationDataModule):
-            raise DataConfigError(
-                f"eval_task=vqa needs questions and answers, but {datamodule_class.__name__} has none: use a "
-                "conversation data module (data=shapes, or data=conversation with LLaVA-JSON files)"
-            )
-
-    def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
-        self.check_data(type(datamodule))
-        return [split_loader(datamodule, split, max_samples, wrap=_QuestionSamples, collate_fn=_collate_questions)]
-
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._answered = []
-
-    def evaluate_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
-        answered = llava.answer_questions(
-            self.model,
-            self.tokenizer.tokenizer,
-            batch["prompt_ids"],
-            batch["prompt_images"],
-            batch["answers"],
-            self.max_new_tokens,
-        )
-        for position, (prediction, hit) in enumerate(answered):
-            self._answered.append(
-                {
-                    "id": batch["id"][position],
-                    "question": batch["question"][position],
-                    "question_type": batch["question_types"][position],
-                    "answer": batch["answers"][position],
-                    "prediction": prediction,
-                    "hit": bool(hit),
-                }
-            )
-
-    def compute(self) -> dict[str, float]:
-        indices = self.gather(torch.cat(self._indices[0]).to(self.device)).cpu()
-        answered = self.gather_objects(self._answered)
-        self.predictions = [answered[i] for i in indices.argsort().tolist()]
-        if not self.predictions:
-            raise DataConfigError("eval_task=vqa: no question was evaluated")
-        metrics = {"exact_match": sum(p["hit"] for p in self.predictions) / len(self.predictions)}
-        for kind in sorted({p["question_type"] for p in self.predictions if p["question_type"]}):
-            hits = [p["hit"] for p in self.predictions if p["question_type"] == kind]
-            metrics[f"exact_match/{kind}"] = sum(hits) / len(hits)
-        return metrics
-
-    def protocol(self) -> dict[str, Any]:
-        return {
-            "question": "the first question of each record",
-            "decoding": "greedy",
-            "max_new_tokens": self.max_new_tokens,
-            "normalization": "lower case, punctuation and articles removed, whitespace collapsed",
-        }
-
-    def write(self, folder: Path) -> dict[str, Path]:
-        """``results.json`` and the routing report, and ``predictions.jsonl``: one answer per line."""
-        written = super().write(folder)
-        path = Path(folder) / "predictions.jsonl"
-        path.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
-        written["predictions"] = path
-        return written
+        return clip_benchmark_names(self.metrics.compute())

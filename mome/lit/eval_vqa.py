@@ -1,0 +1,125 @@
+"""VQA evaluation of MoE-LLaVA models (``mome-eval eval_task=vqa``): :class:`VQAEvalTask`.
+
+Its samples are :class:`mome.data.questions.QuestionSamples` (each conversation record's first question and
+reference answer); the DDP de-duplication, routing report and results record are those of the base class,
+:class:`mome.lit.eval_tasks.EvaluationTask`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.base import DataConfigError, MomeDataModule
+from ..data.conversation import ConversationDataModule
+from ..data.questions import QuestionSamples, collate_questions
+from . import llava
+from .base import TaskConfigError
+from .eval_tasks import EvaluationTask, split_loader
+
+__all__ = ["VQAEvalTask"]
+
+
+class VQAEvalTask(EvaluationTask):
+    """VQA exact match of a MoE-LLaVA model on question-answer conversations (e.g. ``data=shapes``).
+
+    For each record the first question is put in the chat template (``encode_prompt``, with its images),
+    a greedy answer of at most ``max_new_tokens`` tokens is generated and compared with the reference after
+    :func:`mome.lit.llava.normalize_answer` (lower case, punctuation and articles removed, whitespace
+    collapsed): ``exact_match = hits / samples``, also per question type (``exact_match/<type>``, from the
+    records' ``meta.question_types``). Generation and scoring are :func:`mome.lit.llava.answer_questions`,
+    the code of ``LLaVATask.test_step``. Every answer is written to ``predictions.jsonl`` beside
+    ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
+    dataset order and without the samples Lightning's ``DistributedSampler`` repeats.
+
+    Args:
+        max_new_tokens: the longest answer generated, in tokens.
+    """
+
+    name = "vqa"
+    option = "vqa"
+
+    def __init__(self, *args: Any, max_new_tokens: int = 8, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from ..models.moe_llava import MoELLaVA
+
+        if not isinstance(self.model, MoELLaVA):
+            raise TaskConfigError(
+                f"eval_task=vqa generates answers with a MoE-LLaVA model (moe_llava_*); {self.model_name} is a "
+                f"{type(self.model).__name__}: use eval_task=classification, zero_shot, retrieval or linear_probe"
+            )
+        if self.tokenizer is None:
+            raise TaskConfigError(f"eval_task=vqa: {self.model_name} has no tokenizer in its pretrained cfg")
+        if int(max_new_tokens) < 1:
+            raise TaskConfigError(f"eval_task.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.predictions: list[dict[str, Any]] = []
+        self._answered: list[dict[str, Any]] = []
+
+    def check_data(self, datamodule_class: type) -> None:
+        if not issubclass(datamodule_class, ConversationDataModule):
+            raise DataConfigError(
+                f"eval_task=vqa needs questions and answers, but {datamodule_class.__name__} has none: use a "
+                "conversation data module (data=shapes, or data=conversation with LLaVA-JSON files)"
+            )
+
+    def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
+        self.check_data(type(datamodule))
+        return [split_loader(datamodule, split, max_samples, wrap=QuestionSamples, collate_fn=collate_questions)]
+
+    def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
+        self._answered = []
+
+    def evaluate_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        answered = llava.answer_questions(
+            self.model,
+            self.tokenizer.tokenizer,
+            batch["prompt_ids"],
+            batch["prompt_images"],
+            batch["answers"],
+            self.max_new_tokens,
+        )
+        for position, (prediction, hit) in enumerate(answered):
+            self._answered.append(
+                {
+                    "id": batch["id"][position],
+                    "question": batch["question"][position],
+                    "question_type": batch["question_types"][position],
+                    "answer": batch["answers"][position],
+                    "prediction": prediction,
+                    "hit": bool(hit),
+                }
+            )
+
+    def compute(self) -> dict[str, float]:
+        indices = self.gather(torch.cat(self._indices[0]).to(self.device)).cpu()
+        answered = self.gather_objects(self._answered)
+        self.predictions = [answered[i] for i in indices.argsort().tolist()]
+        if not self.predictions:
+            raise DataConfigError("eval_task=vqa: no question was evaluated")
+        metrics = {"exact_match": sum(p["hit"] for p in self.predictions) / len(self.predictions)}
+        for kind in sorted({p["question_type"] for p in self.predictions if p["question_type"]}):
+            hits = [p["hit"] for p in self.predictions if p["question_type"] == kind]
+            metrics[f"exact_match/{kind}"] = sum(hits) / len(hits)
+        return metrics
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "question": "the first question of each record",
+            "decoding": "greedy",
+            "max_new_tokens": self.max_new_tokens,
+            "normalization": "lower case, punctuation and articles removed, whitespace collapsed",
+        }
+
+    def write(self, folder: Path) -> dict[str, Path]:
+        """``results.json`` and the routing report, and ``predictions.jsonl``: one answer per line."""
+        written = super().write(folder)
+        path = Path(folder) / "predictions.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in self.predictions))
+        written["predictions"] = path
+        return written
