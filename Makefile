@@ -4,10 +4,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch 2.14.1 + torchvision 0.29.1: the pair that works together here (see DEVELOPERS.md / README).
+# torch 2.14.1 + torchvision 0.29.1: the pair that works together here (see README.md, Set-up).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all test-load train llava-demo bench lint clean
+.PHONY: install test test-all test-load train llava-demo bench docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,14 +42,21 @@ llava-demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage3
 
 # The performance suite (MoE layers vs dense and peers, models, peak memory; about 20 minutes on 2 cores):
-# prints the tables and regenerates docs/performance.md. `make bench BENCH_ARGS=--quick` for a smoke test.
+# prints the tables and regenerates docs/benchmarks.md (docs/performance.md, the analysis, is written by hand).
+# `make bench BENCH_ARGS=--quick` for a smoke test.
 bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
-	HF_HUB_OFFLINE=1 $(PY) tools/bench.py --json logs/bench.json --markdown docs/performance.md $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) tools/bench.py --json logs/bench.json --markdown docs/benchmarks.md $(BENCH_ARGS)
+
+# The documentation site (mkdocs, API reference from the docstrings; docs/mkdocs.yml) into site/, with every
+# warning an error. `.venv/bin/mkdocs serve -f docs/mkdocs.yml` to read it while editing.
+docs: install
+	$(PY) -m pip install --quiet -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet -f docs/mkdocs.yml
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist site *.egg-info
