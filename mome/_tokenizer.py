@@ -15,25 +15,25 @@ cfg names the tokenizer as ``"<kind>:<name>"``; each kind has a factory in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._registry import (
-    CONFIG_NAME,
-    PretrainedCfg,
-    PretrainedUnavailableError,
-    _hub_download,
-    create_model,
-    get_pretrained_cfg,
-    parse_model_name,
-    split_model_name_tag,
-)
+from ._errors import PretrainedUnavailableError
 
-__all__ = ["TOKENIZER_FACTORIES", "HFTokenizer", "create_tokenizer", "get_tokenizer"]
+__all__ = [
+    "MOE_LLAVA_TINY_SPECIAL_TOKENS",
+    "MOE_LLAVA_TINY_VOCAB",
+    "TINY_VOCAB_SIZE",
+    "TOKENIZER_FACTORIES",
+    "HFTokenizer",
+    "Tokenizer",
+    "create_tokenizer",
+    "moe_llava_tiny_tokenizer",
+    "tiny_wordlevel_tokenizer",
+]
 
 Tokenizer = Callable[..., torch.Tensor]
 TokenizerFactory = Callable[[str, "int | None", "str | Path | None"], Tokenizer]
@@ -118,15 +118,64 @@ def tiny_wordlevel_tokenizer() -> Any:
     )
 
 
-def _moe_llava_tiny() -> Any:
-    from .models.moe_llava import moe_llava_tiny_tokenizer
+# ---------------------------------------------------------------------------------------------
+# MoE-LLaVA's tiny variant's tokenizer: a word-level vocabulary built in code (no download).
+# ---------------------------------------------------------------------------------------------
+#: Special tokens of the tiny tokenizer; ids 0..4 in this order.
+MOE_LLAVA_TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+#: Words of the tiny tokenizer (lower-cased): the chat template, the synthetic shapes questions and
+#: answers (``mome.data.shapes``) and a few common words, numbers and punctuation.
+MOE_LLAVA_TINY_VOCAB: tuple[str, ...] = (
+    # chat template and punctuation
+    "user", "assistant", "system", ":", "?", ".", ",", "!", "'", "-",
+    # shapes questions
+    "what", "which", "how", "many", "where", "is", "are", "the", "a", "an", "there", "in", "of", "on",
+    "this", "these", "image", "picture", "shape", "shapes", "colour", "color", "does", "do", "have",
+    "has", "shown", "see", "you", "can", "count", "answer", "with", "one", "word", "number", "position",
+    "describe", "and", "it", "they", "i",
+    # shapes answers
+    "red", "green", "blue", "yellow", "circle", "square", "triangle", "circles", "squares", "triangles",
+    "two", "three", "four", "five", "zero", "left", "middle", "right", "top", "bottom", "center",
+    "yes", "no",
+    # digits
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
+)  # fmt: skip
 
-    return moe_llava_tiny_tokenizer()
+
+def moe_llava_tiny_tokenizer() -> Any:
+    """The tiny variant's tokenizer: a transformers ``PreTrainedTokenizerFast`` built deterministically in code.
+
+    A ``tokenizers`` WordLevel model over :data:`MOE_LLAVA_TINY_SPECIAL_TOKENS` (ids 0-4: pad, bos ``<s>``, eos
+    ``</s>``, unk, ``<image>``) then :data:`MOE_LLAVA_TINY_VOCAB`, with a lower-casing normaliser and a
+    whitespace/punctuation pre-tokeniser; decoding joins words with spaces. ``len(tokenizer)`` is the
+    tiny model's vocabulary size and ``<image>`` (id 4) its image placeholder id. (``mome.get_tokenizer``
+    reads tokenizers from the pretrained cfg's ``tokenizer`` field; this one is exposed as a function.)
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(MOE_LLAVA_TINY_SPECIAL_TOKENS + MOE_LLAVA_TINY_VOCAB)}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="right",
+        model_max_length=128,
+    )
+    return tokenizer
 
 
 _BUILT_IN_TOKENIZERS: dict[str, Callable[[], Any]] = {
     "tiny-wordlevel": tiny_wordlevel_tokenizer,
-    "moe_llava_tiny": _moe_llava_tiny,
+    "moe_llava_tiny": moe_llava_tiny_tokenizer,
 }
 
 
@@ -156,48 +205,3 @@ def create_tokenizer(spec: str, context_length: int | None = None, cache_dir: st
     if not name:
         raise ValueError(f"tokenizer {spec!r} names nothing after '{kind}:'")
     return TOKENIZER_FACTORIES[kind](name, context_length, cache_dir)
-
-
-def _saved_config(source: str, name: str, cache_dir: str | Path | None) -> dict[str, Any]:
-    path = (
-        Path(name).expanduser() / CONFIG_NAME if source == "local-dir" else _hub_download(name, CONFIG_NAME, cache_dir)
-    )
-    if not path.is_file():
-        raise FileNotFoundError(f"{source}:{name}: no {CONFIG_NAME} in {path.parent}")
-    return json.loads(path.read_text())
-
-
-def _model_cfg(model_name: str, cache_dir: str | Path | None) -> PretrainedCfg:
-    """The model's card merged over the data defaults its entrypoint sets (built on the meta device)."""
-    source, name = parse_model_name(model_name)
-    if source is None:
-        cfg, arch, args = get_pretrained_cfg(name), name, {}
-    else:
-        config = _saved_config(source, name, cache_dir)
-        arch = split_model_name_tag(config["architecture"])[0]
-        cfg, args = PretrainedCfg.from_dict(config.get("pretrained_cfg", {})), config.get("model_args", {})
-    if cfg.tokenizer is None:
-        with torch.device("meta"):
-            model = create_model(arch, **args)
-        defaults = getattr(model, "pretrained_cfg", None)
-        if isinstance(defaults, PretrainedCfg):
-            cfg = defaults.replace(**cfg.to_dict(remove_null=True))
-    return cfg
-
-
-def get_tokenizer(model_name: str, context_length: int | None = None, cache_dir: str | Path | None = None) -> Tokenizer:
-    """The text tokenizer of ``model_name`` (``arch``, ``arch.tag``, ``local-dir:...`` or ``hf-hub:...``).
-
-    Args:
-        model_name: a model with a text side (LIMoE, VLMo, ...).
-        context_length: tokens per text; defaults to the model's ``pretrained_cfg.context_length``.
-        cache_dir: the Hugging Face cache (for ``hf-hub`` tokenizers and configs).
-
-    Raises:
-        ValueError: the model has no text side (its cfg names no tokenizer).
-        PretrainedUnavailableError: the tokenizer must come from the Hugging Face Hub and is not cached.
-    """
-    cfg = _model_cfg(model_name, cache_dir)
-    if not cfg.tokenizer:
-        raise ValueError(f"{model_name} has no text side: its pretrained_cfg names no tokenizer")
-    return create_tokenizer(cfg.tokenizer, context_length or cfg.context_length, cache_dir)

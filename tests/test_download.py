@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mome
-from mome import _download, _registry
+import mome
+from mome import _hub
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -100,10 +101,10 @@ def test_download_success_is_cached_and_loads_through_a_card(tmp_path, server, o
     server.files["/ckpt/w.safetensors"] = blob
     url, digest, cache = server.url("/ckpt/w.safetensors"), hashlib.sha256(blob).hexdigest(), tmp_path / "cache"
 
-    path = _download.download_url(url, sha256=digest, cache_dir=cache, progress=False)
-    assert path.read_bytes() == blob and path == _download.url_cache_path(url, cache)
+    path = _hub.download_url(url, sha256=digest, cache_dir=cache, progress=False)
+    assert path.read_bytes() == blob and path == _hub.url_cache_path(url, cache)
     assert path.is_relative_to(cache / "mome-urls") and _cached_files(cache) == ["w.safetensors"]
-    assert _download.download_url(url, sha256=digest, cache_dir=cache) == path
+    assert _hub.download_url(url, sha256=digest, cache_dir=cache) == path
     assert len(server.requests) == 1  # the second call used the cache
 
     overlay = {"url": url, "sha256": digest}
@@ -114,25 +115,25 @@ def test_download_success_is_cached_and_loads_through_a_card(tmp_path, server, o
         assert torch.equal(value, weights[key]), key
     assert len(server.requests) == 1
     # the cached copy is used offline and with local_files_only
-    assert _download.download_url(url, cache_dir=cache, local_files_only=True) == path
+    assert _hub.download_url(url, cache_dir=cache, local_files_only=True) == path
 
 
 def test_checksum_mismatch_deletes_the_download_and_names_the_file(tmp_path, server, online):
     _, blob = _weights_file(tmp_path)
     server.files["/w.safetensors"] = blob
     url, cache, wrong = server.url("/w.safetensors"), tmp_path / "cache", "ab" * 32
-    with pytest.raises(_download.ChecksumMismatchError) as info:
-        _download.download_url(url, sha256=wrong, cache_dir=cache, progress=False)
+    with pytest.raises(mome.ChecksumMismatchError) as info:
+        _hub.download_url(url, sha256=wrong, cache_dir=cache, progress=False)
     err = info.value
-    assert isinstance(err, ValueError) and _registry.ChecksumMismatchError is _download.ChecksumMismatchError
+    assert isinstance(err, ValueError) and mome.ChecksumMismatchError is _hub.ChecksumMismatchError
     assert err.expected == wrong and err.actual == hashlib.sha256(blob).hexdigest()
-    assert err.path == _download.url_cache_path(url, cache) and err.deleted
+    assert err.path == _hub.url_cache_path(url, cache) and err.deleted
     message = str(err)
     assert str(err.path) in message and wrong in message and err.actual in message and "deleted" in message
     assert _cached_files(cache) == []
 
     # through create_model: the same typed error, the model never sees the bytes
-    with pytest.raises(_download.ChecksumMismatchError, match="w.safetensors"):
+    with pytest.raises(mome.ChecksumMismatchError, match="w.safetensors"):
         mome.create_model(
             "_test_download_mlp.web",
             pretrained=True,
@@ -146,10 +147,10 @@ def test_a_cached_file_that_changed_is_caught_and_deleted(tmp_path, server, onli
     _, blob = _weights_file(tmp_path)
     server.files["/w.safetensors"] = blob
     url, cache, digest = server.url("/w.safetensors"), tmp_path / "cache", hashlib.sha256(blob).hexdigest()
-    path = _download.download_url(url, sha256=digest, cache_dir=cache, progress=False)
+    path = _hub.download_url(url, sha256=digest, cache_dir=cache, progress=False)
     path.write_bytes(blob[:-1] + b"\0")
-    with pytest.raises(_download.ChecksumMismatchError, match=digest):
-        _download.download_url(url, sha256=digest, cache_dir=cache, progress=False)
+    with pytest.raises(mome.ChecksumMismatchError, match=digest):
+        _hub.download_url(url, sha256=digest, cache_dir=cache, progress=False)
     assert not path.exists()
 
 
@@ -158,14 +159,14 @@ def test_interrupted_transfer_leaves_no_partial_file_and_a_retry_succeeds(tmp_pa
     server.files["/w.safetensors"] = blob
     url, cache, digest = server.url("/w.safetensors"), tmp_path / "cache", hashlib.sha256(blob).hexdigest()
     server.truncate = 10  # every attempt of this call is cut off
-    with pytest.raises(_download.DownloadError, match="closed after") as info:
-        _download.download_url(url, sha256=digest, cache_dir=cache, progress=False, retries=1)
+    with pytest.raises(mome.DownloadError, match="closed after") as info:
+        _hub.download_url(url, sha256=digest, cache_dir=cache, progress=False, retries=1)
     assert isinstance(info.value, mome.PretrainedUnavailableError) and url in str(info.value)
     assert len(server.requests) == 2
     assert _cached_files(cache) == []  # neither the final name nor the .incomplete file
 
     server.truncate = 0
-    path = _download.download_url(url, sha256=digest, cache_dir=cache, progress=False, retries=0)
+    path = _hub.download_url(url, sha256=digest, cache_dir=cache, progress=False, retries=0)
     assert path.read_bytes() == blob and _cached_files(cache) == ["w.safetensors"]
     assert server.requests[-1] == ("/w.safetensors", None)  # a fresh transfer, not a resumed one
 
@@ -175,7 +176,7 @@ def test_a_dropped_transfer_resumes_with_a_range_request(tmp_path, server, onlin
     server.files["/big.bin"] = blob
     server.truncate = 1
     cache = tmp_path / "cache"
-    path = _download.download_url(
+    path = _hub.download_url(
         server.url("/big.bin"), sha256=hashlib.sha256(blob).hexdigest(), cache_dir=cache, progress=False
     )
     assert path.read_bytes() == blob
@@ -186,8 +187,8 @@ def test_a_dropped_transfer_resumes_with_a_range_request(tmp_path, server, onlin
 
 def test_http_errors_are_typed_and_not_cached(tmp_path, server, online):
     url = server.url("/missing.safetensors")
-    with pytest.raises(_download.DownloadError, match="HTTP 404.*missing.safetensors|missing.safetensors.*HTTP 404"):
-        _download.download_url(url, cache_dir=tmp_path, progress=False)
+    with pytest.raises(mome.DownloadError, match="HTTP 404.*missing.safetensors|missing.safetensors.*HTTP 404"):
+        _hub.download_url(url, cache_dir=tmp_path, progress=False)
     assert len(server.requests) == 1 and _cached_files(tmp_path) == []
 
 
@@ -195,7 +196,7 @@ def test_offline_and_not_cached_is_a_clear_error(tmp_path, monkeypatch, server):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     url = server.url("/w.safetensors")
     with pytest.raises(mome.PretrainedUnavailableError, match="HF_HUB_OFFLINE"):
-        _download.download_url(url, cache_dir=tmp_path)
+        _hub.download_url(url, cache_dir=tmp_path)
     with pytest.raises(mome.PretrainedUnavailableError) as info:
         mome.create_model(
             "_test_download_mlp.web", pretrained=True, cache_dir=tmp_path, pretrained_cfg_overlay={"url": url}
@@ -223,7 +224,7 @@ def test_vmoe_sharded_checkpoint_brings_its_shards(tmp_path, server, online):
     server.files["/ckpt/model.data-00001-of-00002"] = b"shard one"
     cfg = mome.PretrainedCfg(url=server.url("/ckpt/model.index"), source_format="vmoe", converter="vmoe")
     cache = tmp_path / "cache"
-    path = _registry.fetch_pretrained(cfg.replace(architecture="_test_download_mlp", tag="vmoe"), cache_dir=cache)
+    path = mome.fetch_pretrained(cfg.replace(architecture="_test_download_mlp", tag="vmoe"), cache_dir=cache)
     assert path.name == "model.index"
     assert sorted(p.name for p in path.parent.iterdir()) == [
         "model.data-00000-of-00002",

@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 import mome
 import mome.models.limoe  # noqa: F401  (registers the LIMoE variants)
-from mome._tokenizer import HFTokenizer, create_tokenizer, get_tokenizer
+from mome import get_tokenizer
+from mome._tokenizer import HFTokenizer, create_tokenizer
 from mome.layers import ModalityMoE, MoE, SoftMoE, SparseMoE
 from mome.models.limoe import LIMOE_MOE_DEFAULTS, LIMoE
 

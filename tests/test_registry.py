@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 import mome
-from mome import _registry
 from mome.layers import SparseMoE
 
 # --- test entrypoints (unique names; the registry is process-global) -------------------------------
@@ -185,7 +184,7 @@ def test_pretrained_cfg_fields_are_fixed():
 def test_split_and_parse_model_name():
     assert mome.split_model_name_tag("vmoe_b16_e8.jft.ft") == ("vmoe_b16_e8", "jft.ft")
     assert mome.split_model_name_tag("vmoe_b16_e8", no_tag="none") == ("vmoe_b16_e8", "none")
-    parse = _registry.parse_model_name
+    parse = mome.parse_model_name
     assert parse("vmoe_b16_e8.tag") == (None, "vmoe_b16_e8.tag")
     assert parse("hf-hub:org/repo") == ("hf-hub", "org/repo")
     assert parse("hf_hub:org/repo") == ("hf-hub", "org/repo")
@@ -262,7 +261,7 @@ def test_checkpoint_mismatch_names_keys_and_leaves_model_unchanged(tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(bad, path)
     with pytest.raises(mome.CheckpointMismatchError) as info:
-        _registry._load_weights(model, path)
+        mome.load_checkpoint(model, path)
     message = str(info.value)
     assert str(path) in message and "head.bias" in message and "head.extra" in message
     assert "head.weight: checkpoint (2, 8) vs model (3, 8)" in message

@@ -33,7 +33,7 @@ from torch.utils.data import Subset
 from train_helpers import compose_train
 
 import mome
-from mome import _registry, zoo
+from mome import zoo
 from mome.data.base import BadSampleError, DataConfigError
 from mome.data.conversation import ConversationDataset, ConversationFormatError
 from mome.data.digits import DigitsDataModule
@@ -109,7 +109,7 @@ CHECKPOINTS = [e for e in _entries("checkpoint") if e["error"]]
 
 
 def _error_class(name: str) -> type[Exception]:
-    return getattr(_registry, name)
+    return getattr(mome, name)
 
 
 @pytest.mark.parametrize(
@@ -144,12 +144,12 @@ def test_bad_checkpoint_is_a_typed_error_and_changes_nothing(entry, tmp_path, mo
         model = mome.create_model(ARCH)
         before = _state(model)
         with pytest.raises(error):
-            _registry._load_weights(model, path)  # what create_model calls after building the model
+            mome.load_checkpoint(model, path)  # what create_model calls after building the model
         _assert_same_state(model, before)
         if path.suffix == ".safetensors":  # a saved folder whose weights file is the bad one
             saved = mome.save_pretrained(model, tmp_path / "saved")
-            shutil.copyfile(path, saved / _registry.WEIGHTS_NAME)
-            with pytest.raises(error, match=_registry.WEIGHTS_NAME):
+            shutil.copyfile(path, saved / "model.safetensors")
+            with pytest.raises(error, match="model.safetensors"):
                 mome.create_model(f"local-dir:{saved}")
     assert isinstance(info.value, ValueError)  # every checkpoint error is also a ValueError (one except clause)
     assert not (tmp_path / MARKER).exists()

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mome
-from mome import _registry, zoo
+from mome import zoo
 
 
 @mome.register_model(pretrained_cfgs={"evil": {"file": "/nonexistent/evil.bin"}})
@@ -44,12 +44,12 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, suffix
 
     model = mome.create_model("_test_security_mlp")
     before = _state(model)
-    with pytest.raises(_registry.UnsafeCheckpointError):
-        _registry._load_weights(model, path)
-    with pytest.raises(_registry.UnsafeCheckpointError, match=f"evil{suffix}.*weights_only"):
+    with pytest.raises(mome.UnsafeCheckpointError):
+        mome.load_checkpoint(model, path)
+    with pytest.raises(mome.UnsafeCheckpointError, match=f"evil{suffix}.*weights_only"):
         mome.create_model("_test_security_mlp", checkpoint_path=path)
     # a card pointing at the file: refused the same way, through pretrained=True
-    with pytest.raises(_registry.UnsafeCheckpointError, match="weights_only"):
+    with pytest.raises(mome.UnsafeCheckpointError, match="weights_only"):
         mome.create_model("_test_security_mlp.evil", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     assert not marker.exists()
     _assert_unchanged(model, before)
@@ -63,11 +63,11 @@ def test_truncated_safetensors_is_a_typed_error_and_the_model_is_unchanged(tmp_p
     before = _state(model)
     for cut in (len(blob) - 7, 100, 5):
         path.write_bytes(blob[:cut])
-        with pytest.raises(_registry.CorruptCheckpointError, match="weights.safetensors") as info:
-            _registry._load_weights(model, path)
+        with pytest.raises(mome.CorruptCheckpointError, match="weights.safetensors") as info:
+            mome.load_checkpoint(model, path)
         assert isinstance(info.value, ValueError)
         _assert_unchanged(model, before)
-    with pytest.raises(_registry.CorruptCheckpointError, match="weights.safetensors"):
+    with pytest.raises(mome.CorruptCheckpointError, match="weights.safetensors"):
         mome.create_model("_test_security_mlp", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
 
 
@@ -77,8 +77,8 @@ def test_truncated_torch_checkpoint_is_a_typed_error(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     model = mome.create_model("_test_security_mlp")
     before = _state(model)
-    with pytest.raises(_registry.CorruptCheckpointError, match="weights.pt"):
-        _registry._load_weights(model, path)
+    with pytest.raises(mome.CorruptCheckpointError, match="weights.pt"):
+        mome.load_checkpoint(model, path)
     _assert_unchanged(model, before)
 
 
@@ -103,7 +103,7 @@ def test_cards_are_read_with_safe_yaml(tmp_path):
 def test_a_users_file_is_never_deleted_on_a_checksum_mismatch(tmp_path):
     path = tmp_path / "mine.safetensors"
     save_file(_state(_test_security_mlp()), path)
-    with pytest.raises(_registry.ChecksumMismatchError, match="mine.safetensors") as info:
+    with pytest.raises(mome.ChecksumMismatchError, match="mine.safetensors") as info:
         mome.create_model(
             "_test_security_mlp", pretrained=True, pretrained_cfg_overlay={"file": str(path), "sha256": "0" * 64}
         )

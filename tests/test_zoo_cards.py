@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mome
-from mome import _registry, zoo
+from mome import zoo
 
 CARDS = sorted(mome.zoo_dir().glob("*.yaml"))
 CARD_IDS = [p.stem for p in CARDS]
@@ -164,7 +164,7 @@ def test_user_zoo_dir_cards_load_through_create_model(tmp_path):
     (tmp_path / "_test_zoo_pending_arch.later.yaml").write_text(
         yaml.safe_dump(_valid_card(architecture="_test_zoo_pending_arch", tag="later"))
     )
-    assert sorted(_registry.add_zoo_dir(tmp_path)) == ["_test_zoo_mlp.user", "_test_zoo_pending_arch.later"]
+    assert sorted(mome.add_zoo_dir(tmp_path)) == ["_test_zoo_mlp.user", "_test_zoo_pending_arch.later"]
     assert mome.list_pretrained("_test_zoo_mlp") == ["_test_zoo_mlp.user"]
     assert mome.get_pretrained_cfg("_test_zoo_mlp").file == str((tmp_path / "w.safetensors").resolve())
 
@@ -183,7 +183,7 @@ def test_user_zoo_dir_cards_load_through_create_model(tmp_path):
 
     assert mome.list_pretrained("_test_zoo_pending_arch") == ["_test_zoo_pending_arch.later"]
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        _registry.add_zoo_dir(tmp_path / "nope")
+        mome.add_zoo_dir(tmp_path / "nope")
 
 
 def test_a_foreign_card_is_converted_and_loaded_exactly(tmp_path):

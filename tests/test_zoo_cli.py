@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mome
-from mome import _download, _registry, zoo
+from mome import _hub, zoo
 
 
 @mome.register_model
@@ -42,7 +42,7 @@ def user_zoo(tmp_path_factory):
     web = {**common, "tag": "web", "url": "https://example.invalid/ckpt/w.safetensors", "sha256": digest}
     for card in (local, web):
         (folder / f"_test_cli_mlp.{card['tag']}.yaml").write_text(yaml.safe_dump(card))
-    _registry.add_zoo_dir(folder)
+    mome.add_zoo_dir(folder)
     return folder, weights, digest
 
 
@@ -92,7 +92,7 @@ def test_download_offline_is_one_clear_line(capsys, tmp_path, user_zoo):
 
 def test_download_and_verify_a_cached_file(capsys, tmp_path, user_zoo):
     folder, _, digest = user_zoo
-    cached = _download.url_cache_path("https://example.invalid/ckpt/w.safetensors", tmp_path)
+    cached = _hub.url_cache_path("https://example.invalid/ckpt/w.safetensors", tmp_path)
     cached.parent.mkdir(parents=True)
     cached.write_bytes((folder / "w.safetensors").read_bytes())  # as a download on another machine left it
     status, out, _ = _run(capsys, "download", "_test_cli_mlp.web", "--cache-dir", str(tmp_path), "--no-progress")

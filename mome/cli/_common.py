@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .._registry import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
+from .._errors import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
 from ..data.base import DataConfigError, MomeDataModule
 from ..lit.base import MomeTask, NonFiniteLossError, TaskConfigError
 

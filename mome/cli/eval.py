@@ -34,7 +34,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from .._registry import CheckpointMismatchError, split_model_name_tag
+from .._errors import CheckpointMismatchError
+from .._registry import split_model_name_tag
 from .._resources import conf_dir
 from ..lit import EvaluationTask
 from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint

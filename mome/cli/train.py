@@ -26,8 +26,9 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from .._registry import check_state_fits, save_pretrained
+from .._checkpoint import check_state_fits
 from .._resources import conf_dir
+from .._saving import save_pretrained
 from ..lit.base import model_from_checkpoint, read_lightning_checkpoint
 from ._common import ConfigError, build_datamodule, build_task, build_trainer, run_cli, setup_phase
 

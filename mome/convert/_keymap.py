@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .._registry import CheckpointMismatchError
+from .._errors import CheckpointMismatchError
 
-__all__ = ["KeyMap", "check_state_dict", "mismatch_report", "replicate", "resample_pos_embed"]
+__all__ = ["KeyMap", "mismatch_report", "replicate", "resample_pos_embed"]
 
 #: Keys shown per list in a mismatch report.
 MAX_LISTED = 20
@@ -36,23 +36,6 @@ def mismatch_report(header: str, sections: Iterable[tuple[str, Sequence[str]]]) 
     """``header`` plus one capped line per non-empty ``(label, keys)`` section, or None if all are empty."""
     lines = [_listing(label, list(keys)) for label, keys in sections if keys]
     return "\n".join([header, *lines]) if lines else None
-
-
-def check_state_dict(state: Mapping[str, Tensor], model_state: Mapping[str, Tensor], what: str) -> None:
-    """Raise :class:`~mome.CheckpointMismatchError` unless ``state`` has exactly ``model_state``'s keys and shapes."""
-    missing = [k for k in model_state if k not in state]
-    unexpected = [k for k in state if k not in model_state]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in model_state.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    report = mismatch_report(
-        f"{what} does not match the model exactly:",
-        [("missing key(s)", missing), ("unexpected key(s)", unexpected), ("mis-shaped key(s)", shapes)],
-    )
-    if report:
-        raise CheckpointMismatchError(report)
 
 
 def replicate(value: Tensor, num_experts: int) -> Tensor:

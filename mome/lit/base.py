@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import _registry
+from .._checkpoint import load_state_exactly
+from .._errors import CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
+from .._factory import create_model
 from ..layers.moe import aux_losses
 
 __all__ = [
@@ -61,7 +63,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     kwargs = {key: value for key, value in dict(spec).items() if key != "_target_"}
     if "model_name" not in kwargs:
         raise TaskConfigError(f"the model config needs a model_name field (got fields {sorted(kwargs)})")
-    return _registry.create_model(**kwargs)
+    return create_model(**kwargs)
 
 
 def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -81,11 +83,11 @@ def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[s
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        raise _registry.UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {err}") from err
+        raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {err}") from err
     except Exception as err:  # RuntimeError / EOFError / OSError of a truncated or damaged archive
-        raise _registry.CorruptCheckpointError(f"{path}: not a readable Lightning checkpoint ({err})") from err
+        raise CorruptCheckpointError(f"{path}: not a readable Lightning checkpoint ({err})") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise _registry.CorruptCheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
+        raise CorruptCheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint
 
 
@@ -100,11 +102,11 @@ def model_from_checkpoint(path: str | Path) -> nn.Module:
     checkpoint = read_lightning_checkpoint(path)
     spec = checkpoint.get("hyper_parameters", {}).get("model")
     if not isinstance(spec, Mapping):
-        raise _registry.CheckpointMismatchError(f"{path}: not a mome-train checkpoint (no hyper_parameters.model spec)")
+        raise CheckpointMismatchError(f"{path}: not a mome-train checkpoint (no hyper_parameters.model spec)")
     model = build_model(spec)
     prefix = "model."
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    _registry._load_state(model, state, str(path))
+    load_state_exactly(model, state, str(path))
     return model
 
 

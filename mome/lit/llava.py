@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _registry
+from .._checkpoint import load_state_exactly
+from .._factory import create_model
 from .base import MomeTask, TaskConfigError, model_from_checkpoint
 
 __all__ = ["LLaVATask", "answer_questions", "exact_match", "generate_answer", "normalize_answer"]
@@ -90,7 +91,7 @@ def answer_questions(
 def _load_init(path: str | Path) -> torch.nn.Module:
     path = Path(path)
     if path.is_dir():
-        return _registry.create_model(f"local-dir:{path}")
+        return create_model(f"local-dir:{path}")
     return model_from_checkpoint(path)
 
 
@@ -141,7 +142,7 @@ class LLaVATask(MomeTask):
             previous.upcycle(
                 moe_layers=self.model.moe_layers, num_experts=config.num_experts, top_k=config.num_experts_per_tok
             )
-        _registry._load_state(self.model, previous.state_dict(), f"task.init_from={path}")
+        load_state_exactly(self.model, previous.state_dict(), f"task.init_from={path}")
         configure_stage(self.model, self.stage, train_dense_ffn=self.train_dense_ffn)
 
     # ------------------------------------------------------------------------------- steps

@@ -1,9 +1,26 @@
-"""mome's model families, one per file; importing this package registers every variant."""
+"""mome's model families, one per file.
 
+Importing this package registers the families that need only torch and timm (V-MoE, Soft-MoE ViT,
+LIMoE, VLMo) and declares MoE-LLaVA, which needs transformers, as a lazy family: its module is imported
+the first time a ``moe_llava_*`` name is looked up or the models are listed
+(:func:`mome.register_lazy_family`), so ``import mome`` does not import transformers.
+"""
+
+from .. import _registry
 from . import limoe as limoe
-from . import moe_llava as moe_llava
 from . import soft_moe_vit as soft_moe_vit
 from . import vlmo as vlmo
 from . import vmoe as vmoe
 from ._moe_vit import MoEVisionTransformer as MoEVisionTransformer
 from ._moe_vit import resolve_moe_layers as resolve_moe_layers
+
+_registry.register_lazy_family(f"{__name__}.moe_llava", "moe_llava_*")
+
+
+def __getattr__(name: str):
+    """``mome.models.moe_llava`` on attribute access imports the lazy family (as ``import`` would)."""
+    if name == "moe_llava":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.moe_llava")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .._registry import PretrainedCfg
+from .._pretrained import PretrainedCfg
 from ..layers import Experts, ModalityMoE, SoftMoE, SparseMoE
 
 __all__ = ["MoEVisionTransformer", "build_moe_ffn", "resolve_moe_layers"]

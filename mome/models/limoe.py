@@ -57,7 +57,8 @@ from timm.layers import LayerNorm, PatchEmbed, get_act_layer, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .._registry import PretrainedCfg, register_model
+from .._pretrained import PretrainedCfg
+from .._registry import register_model
 from ..layers import MoE
 from ._moe_vit import MoEType, build_moe_ffn, resolve_moe_layers
 

@@ -71,7 +71,12 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .._registry import CheckpointMismatchError, PretrainedCfg, register_model
+from .._errors import CheckpointMismatchError
+from .._pretrained import PretrainedCfg
+from .._registry import register_model
+from .._tokenizer import MOE_LLAVA_TINY_SPECIAL_TOKENS as TINY_SPECIAL_TOKENS
+from .._tokenizer import MOE_LLAVA_TINY_VOCAB as MOE_LLAVA_TINY_VOCAB
+from .._tokenizer import moe_llava_tiny_tokenizer as moe_llava_tiny_tokenizer
 from ..layers import MoE
 from ._moe_vit import resolve_moe_layers
 
@@ -534,61 +539,6 @@ def _upcycle_mapped(mapped: dict[str, Tensor], origin: dict[str, str], model: Mo
         router = prefix + "router.proj.weight"
         mapped[router] = model.state_dict()[router].detach().clone()
         origin[router] = f"(random router of layer {index})"
-
-
-# ---------------------------------------------------------------------------------------------
-# The tiny variant's tokenizer: a word-level vocabulary built in code (no download).
-# ---------------------------------------------------------------------------------------------
-#: Special tokens of the tiny tokenizer; ids 0..4 in this order.
-TINY_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-#: Words of the tiny tokenizer (lower-cased): the chat template, the synthetic shapes questions and
-#: answers (``mome.data.shapes``) and a few common words, numbers and punctuation.
-MOE_LLAVA_TINY_VOCAB: tuple[str, ...] = (
-    # chat template and punctuation
-    "user", "assistant", "system", ":", "?", ".", ",", "!", "'", "-",
-    # shapes questions
-    "what", "which", "how", "many", "where", "is", "are", "the", "a", "an", "there", "in", "of", "on",
-    "this", "these", "image", "picture", "shape", "shapes", "colour", "color", "does", "do", "have",
-    "has", "shown", "see", "you", "can", "count", "answer", "with", "one", "word", "number", "position",
-    "describe", "and", "it", "they", "i",
-    # shapes answers
-    "red", "green", "blue", "yellow", "circle", "square", "triangle", "circles", "squares", "triangles",
-    "two", "three", "four", "five", "zero", "left", "middle", "right", "top", "bottom", "center",
-    "yes", "no",
-    # digits
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
-)  # fmt: skip
-
-
-def moe_llava_tiny_tokenizer() -> Any:
-    """The tiny variant's tokenizer: a transformers ``PreTrainedTokenizerFast`` built deterministically in code.
-
-    A ``tokenizers`` WordLevel model over :data:`TINY_SPECIAL_TOKENS` (ids 0-4: pad, bos ``<s>``, eos
-    ``</s>``, unk, ``<image>``) then :data:`MOE_LLAVA_TINY_VOCAB`, with a lower-casing normaliser and a
-    whitespace/punctuation pre-tokeniser; decoding joins words with spaces. ``len(tokenizer)`` is the
-    tiny model's vocabulary size and ``<image>`` (id 4) its image placeholder id. (``mome.get_tokenizer``
-    reads tokenizers from the pretrained cfg's ``tokenizer`` field; this one is exposed as a function.)
-    """
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(TINY_SPECIAL_TOKENS + MOE_LLAVA_TINY_VOCAB)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="right",
-        model_max_length=128,
-    )
-    return tokenizer
 
 
 TINY_VOCAB_SIZE = len(TINY_SPECIAL_TOKENS) + len(MOE_LLAVA_TINY_VOCAB)

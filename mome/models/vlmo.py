@@ -62,7 +62,8 @@ from timm.layers import DropPath, PatchEmbed, trunc_normal_, use_fused_attn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._registry import PretrainedCfg, register_model
+from .._pretrained import PretrainedCfg
+from .._registry import register_model
 from ..layers import Experts, MultiwayFFN
 
 __all__ = [

@@ -1,5 +1,9 @@
 """Fetching checkpoint files: Hugging Face Hub files and snapshots, plain URLs, sha256 checks.
 
+:func:`fetch_checkpoint` brings the weights a card (:class:`~mome.PretrainedCfg`) names onto disk:
+its ``file``, else its ``hf_hub_id`` file or whole repo, else its ``url`` (timm's order), with the
+companion files a format needs (the data shards of a vmoe ``.index``).
+
 Hub files go through ``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, ``local_files_only``,
 ``cache_dir``). Plain URLs (GitHub release assets, public buckets) are cached under the same cache
 root, in ``<cache>/mome-urls/<host>/<hash of the URL's folder>/<file name>``: files of one folder (a
@@ -17,15 +21,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from http.client import HTTPException
 from pathlib import Path
 
+from ._checkpoint import WEIGHTS_NAME
+from ._errors import ChecksumMismatchError, CorruptCheckpointError, DownloadError, PretrainedUnavailableError
+from ._pretrained import PretrainedCfg
+
 __all__ = [
-    "ChecksumMismatchError",
-    "DownloadError",
-    "PretrainedUnavailableError",
+    "CHECKPOINT_HINT",
+    "SHA256_PATTERN",
+    "cached_checkpoint",
     "check_sha256",
     "download_url",
+    "fetch_checkpoint",
     "hub_download",
     "hub_snapshot",
     "is_offline",
@@ -36,25 +46,6 @@ __all__ = [
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
 _URL_CACHE = "mome-urls"
-
-
-class PretrainedUnavailableError(RuntimeError):
-    """Pretrained weights that cannot be fetched or loaded here (offline, not converted, ...)."""
-
-
-class DownloadError(PretrainedUnavailableError):
-    """A transfer that failed (HTTP error, refused or dropped connection) after its retries."""
-
-
-class ChecksumMismatchError(ValueError):
-    """A file whose sha256 differs from the one its card expects (``path``, ``expected``, ``actual``)."""
-
-    def __init__(self, path: str | Path, expected: str, actual: str, deleted: bool) -> None:
-        self.path, self.expected, self.actual, self.deleted = Path(path), expected, actual, deleted
-        super().__init__(
-            f"{path}: sha256 {actual} does not match the expected {expected}"
-            + ("; the file was deleted, try again" if deleted else "")
-        )
 
 
 def is_offline() -> bool:
@@ -245,3 +236,114 @@ def hub_snapshot(
             f"there is network with `hf download {repo_id}` into the same cache ({type(err).__name__}: {err})"
         ) from err
     return Path(folder)
+
+
+#: Appended to every "weights not available" message.
+CHECKPOINT_HINT = "; or pass checkpoint_path= to load weights you have"
+#: Files a Hub snapshot of a foreign checkpoint needs (Hugging Face ``save_pretrained`` folders: MoE-LLaVA).
+SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.py"]
+
+
+def _vmoe_shards(index: Path) -> list[str]:
+    """File names of the data shards of a vmoe sharded checkpoint (``<prefix>.data-nnnnn-of-NNNNN``).
+
+    The ``.index`` file is a msgpack map whose ``shard_count`` says how many there are (vmoe
+    ``checkpoints/partitioned.py``).
+    """
+    import msgpack
+
+    try:
+        header = msgpack.unpackb(index.read_bytes(), raw=False, strict_map_key=False)
+        count = int(header["shard_count"])
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as err:
+        raise CorruptCheckpointError(f"{index}: not a vmoe checkpoint index (no shard_count): {err}") from err
+    prefix = index.name.removesuffix(".index")
+    return [f"{prefix}.data-{shard:05d}-of-{count:05d}" for shard in range(count)]
+
+
+def _fetch(cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_files_only: bool, progress: bool) -> Path:
+    """The card's checkpoint on disk: ``file``, else ``hf_hub_id``, else ``url`` (timm's order), sha256 checked.
+
+    A foreign card without ``hf_hub_filename`` is a whole Hub repo (the snapshot folder is returned).
+    A vmoe ``.index`` brings its data shards into the same folder.
+    """
+    if cfg.file:
+        path = Path(cfg.file).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: pretrained file {path} does not exist")
+        if path.is_file():
+            check_sha256(path, cfg.sha256, delete=False)
+        return path
+    sibling: Callable[[str], Path]  # fetches another file of the same folder (a shard)
+    if cfg.hf_hub_id:
+        if cfg.hf_hub_filename is None and cfg.needs_conversion():
+            return hub_snapshot(cfg.hf_hub_id, SNAPSHOT_PATTERNS, cache_dir, local_files_only=local_files_only)
+        filename = cfg.hf_hub_filename or WEIGHTS_NAME
+        path = hub_download(cfg.hf_hub_id, filename, cache_dir, local_files_only=local_files_only)
+        check_sha256(path, cfg.sha256, delete=True)
+        folder = filename.rpartition("/")[0]
+
+        def sibling(file: str) -> Path:
+            repo_file = f"{folder}/{file}" if folder else file
+            return hub_download(cfg.hf_hub_id, repo_file, cache_dir, local_files_only=local_files_only)
+
+    elif cfg.url:
+        options = {"cache_dir": cache_dir, "local_files_only": local_files_only, "progress": progress}
+        path = download_url(cfg.url, sha256=cfg.sha256, **options)
+        base = cfg.url.rpartition("/")[0]
+
+        def sibling(file: str) -> Path:
+            return download_url(f"{base}/{file}", **options)
+
+    else:
+        raise ValueError(f"{name} has no pretrained weights (mome.list_pretrained() lists those that do)")
+    if cfg.source_format == "vmoe" and path.name.endswith(".index"):
+        for shard in _vmoe_shards(path):
+            sibling(shard)
+    return path
+
+
+def fetch_checkpoint(
+    cfg: PretrainedCfg,
+    name: str,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    progress: bool = True,
+) -> Path:
+    """The checkpoint of the card ``cfg`` (called ``name`` in errors) on disk, downloaded once, sha256-checked.
+
+    Returns the file (or, for a whole Hub repo, the snapshot folder) in the card's upstream format.
+
+    Raises:
+        PretrainedUnavailableError: offline / ``local_files_only`` and not cached, or the transfer failed;
+            the message names the format and says how to pre-fetch the file or pass ``checkpoint_path=``.
+        ChecksumMismatchError: the file does not hash to the card's sha256 (a download is deleted).
+    """
+    try:
+        return _fetch(cfg, name, cache_dir, local_files_only, progress)
+    except PretrainedUnavailableError as err:
+        what = f"{name}: its weights"
+        if cfg.needs_conversion():
+            what += f" (the {cfg.source_format!r} format, converted by the zoo loader with {cfg.converter!r})"
+        raise type(err)(
+            f"{what} are not available here: {err}; pre-fetch them with `python -m mome.zoo download {name}`"
+            + CHECKPOINT_HINT
+        ) from err
+
+
+def cached_checkpoint(cfg: PretrainedCfg, cache_dir: str | Path | None = None) -> Path | None:
+    """Where the card's checkpoint file sits in the cache (or its ``file``), without downloading; None if absent."""
+    if cfg.file:
+        path = Path(cfg.file).expanduser()
+        return path if path.exists() else None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not cfg.hf_hub_filename and cfg.needs_conversion():
+            return None
+        found = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename or WEIGHTS_NAME, cache_dir=cache_dir)
+        return Path(found) if isinstance(found, str) else None
+    if cfg.url:
+        path = url_cache_path(cfg.url, cache_dir)
+        return path if path.is_file() else None
+    return None

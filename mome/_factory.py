@@ -1,0 +1,227 @@
+"""Building models by name: ``create_model``, ``get_tokenizer``, ``fetch_pretrained`` (timm's ``_factory``
+and ``_builder``; open_clip's ``factory.get_tokenizer``).
+
+``create_model(name)`` resolves ``name`` (``arch``, ``arch.tag``, ``local-dir:<folder>``, ``hf-hub:<repo>``),
+calls the registered entrypoint, and loads weights exactly: a saved folder's ``model.safetensors``, or
+with ``pretrained=True`` the card's checkpoint, fetched (:mod:`mome._hub`), read and converted by the
+one table of formats and converters (:mod:`mome._formats`, through :func:`mome.convert.load_converted`)
+and checked key by key before anything is loaded (:mod:`mome._checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, load_state_exactly
+from ._errors import PretrainedUnavailableError
+from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
+from ._pretrained import PretrainedCfg
+from ._registry import get_pretrained_cfg, model_entrypoint, split_model_name_tag
+from ._tokenizer import Tokenizer, create_tokenizer
+
+__all__ = [
+    "MODEL_SOURCES",
+    "create_model",
+    "fetch_pretrained",
+    "get_tokenizer",
+    "load_pretrained",
+    "parse_model_name",
+    "read_saved_config",
+]
+
+MODEL_SOURCES = ("hf-hub", "local-dir")
+_SOURCE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-_]+")  # 2+ chars, so a drive letter (C:\) is no prefix
+_PATH_CHARS = ("/", "\\", ":")
+
+
+def parse_model_name(model_name: str) -> tuple[str | None, str]:
+    """Split off a source prefix: ``'hf-hub:org/repo'`` -> ``('hf-hub', 'org/repo')``; ``(None, name)`` if none.
+
+    As in timm, an unprefixed name containing ``/``, ``\\`` or ``:`` is refused rather than silently
+    resolved to a registry model of the same basename.
+    """
+    prefix, sep, rest = model_name.partition(":")
+    if not sep or not _SOURCE_PREFIX.fullmatch(prefix):
+        if any(c in model_name for c in _PATH_CHARS):
+            raise ValueError(
+                f"model name {model_name!r} looks like a Hub repo id or a path; use 'hf-hub:{model_name}' to "
+                f"load from the Hugging Face Hub or 'local-dir:{model_name}' to load a saved folder"
+            )
+        return None, model_name
+    source = prefix.lower().replace("_", "-")
+    if source not in MODEL_SOURCES:
+        raise ValueError(f"unknown model source {prefix!r} in {model_name!r}; the sources are {MODEL_SOURCES}")
+    if not rest:
+        raise ValueError(f"model name {model_name!r} has nothing after '{prefix}:'")
+    return source, rest
+
+
+def load_pretrained(
+    model: nn.Module,
+    cfg: PretrainedCfg,
+    name: str,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> None:
+    """Fetch the card's checkpoint, convert it if its format is not mome's, and load it into ``model`` exactly."""
+    path = fetch_checkpoint(cfg, name, cache_dir, local_files_only, progress=True)
+    if not cfg.needs_conversion():
+        load_checkpoint(model, path)
+        return
+    try:
+        from .convert import load_converted
+    except ImportError as err:
+        raise PretrainedUnavailableError(
+            f"{name}: converting the {cfg.source_format!r} format needs mome.convert, which this installation lacks"
+            f"{CHECKPOINT_HINT} ({type(err).__name__}: {err})"
+        ) from err
+    state = load_converted(path, cfg.source_format, cfg.converter, model)
+    load_state_exactly(model, state, f"{path} (converted with {cfg.converter!r})")
+
+
+def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool = False) -> Path:
+    """The ``config.json`` + safetensors of a saved-folder Hub repo."""
+    return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
+
+
+def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg) -> nn.Module:
+    model = model_entrypoint(arch)(pretrained=pretrained, **kwargs)
+    # The entrypoint may set the architecture's data defaults; the card's fields take precedence.
+    defaults = getattr(model, "pretrained_cfg", None)
+    model.pretrained_cfg = defaults.replace(**cfg.to_dict(remove_null=True)) if defaults is not None else cfg
+    model.mome_model_name = arch
+    model.mome_model_args = dict(kwargs)
+    return model
+
+
+def create_model(
+    model_name: str,
+    pretrained: bool = False,
+    pretrained_cfg_overlay: Mapping[str, Any] | None = None,
+    checkpoint_path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a model by name (timm's ``create_model``).
+
+    Args:
+        model_name: ``arch``, ``arch.tag``, ``local-dir:/saved/folder`` or ``hf-hub:org/repo``; a saved
+            folder is built from its ``config.json`` (``kwargs`` override its ``model_args``) and its
+            ``model.safetensors`` is always loaded (``pretrained`` is not needed).
+        pretrained: load the card's weights (``file``, ``hf_hub_id`` via ``huggingface_hub``, or ``url``),
+            sha256-checked before loading and converted first when the card's format is not mome's.
+        pretrained_cfg_overlay: card fields to override, e.g. ``dict(file="w.safetensors")``.
+        checkpoint_path: a ``.safetensors`` or torch checkpoint loaded exactly after construction.
+        cache_dir: the Hugging Face cache to use (URL downloads go under it too).
+        local_files_only: never download; use only what is cached.
+        **kwargs: passed to the entrypoint; those set to None are dropped (so a CLI can pass them).
+            They override the card's ``model_kwargs``, which apply when the tag is named or
+            ``pretrained`` is set (a bare ``arch`` keeps the entrypoint's defaults).
+
+    The model gets ``pretrained_cfg`` (unless the entrypoint set one), ``mome_model_name`` and
+    ``mome_model_args`` (what :func:`save_pretrained` writes).
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    source, name = parse_model_name(model_name)
+    if source is None:
+        cfg = get_pretrained_cfg(name)
+        cfg = cfg.replace(**(pretrained_cfg_overlay or {}))
+        arch, tag = split_model_name_tag(name)
+        # a named tag (or pretrained weights) means that checkpoint's model: its card's kwargs apply
+        card_kwargs = cfg.model_kwargs if (tag or pretrained) else {}
+        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg)
+        if pretrained:
+            load_pretrained(model, cfg, name, cache_dir, local_files_only)
+    else:
+        folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir, local_files_only)
+        config = read_saved_config(folder, model_name)
+        arch = split_model_name_tag(config["architecture"])[0]
+        cfg = PretrainedCfg.from_dict({**config.get("pretrained_cfg", {}), **(pretrained_cfg_overlay or {})})
+        model = _build(arch, False, {**config.get("model_args", {}), **kwargs}, cfg.replace(architecture=arch))
+        load_checkpoint(model, folder / WEIGHTS_NAME)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def fetch_pretrained(
+    model_name: str | PretrainedCfg,
+    *,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Download (or find in the cache) the checkpoint of the card ``arch.tag`` and check its sha256.
+
+    Returns the file (or, for a whole Hub repo, the snapshot folder) in the upstream format of the
+    card (``cfg.source_format``). ``python -m mome.zoo download NAME`` calls this.
+
+    Raises:
+        PretrainedUnavailableError: offline / ``local_files_only`` and not cached, or the transfer failed;
+            the message says how to pre-fetch the file or pass ``checkpoint_path=``.
+        ChecksumMismatchError: the file does not hash to the card's sha256 (a download is deleted).
+    """
+    cfg = model_name if isinstance(model_name, PretrainedCfg) else get_pretrained_cfg(model_name)
+    name = model_name if isinstance(model_name, str) else f"{cfg.architecture}.{cfg.tag}"
+    return fetch_checkpoint(cfg, name, cache_dir, local_files_only, progress)
+
+
+def read_saved_config(folder: Path, model_name: str) -> dict[str, Any]:
+    """The ``config.json`` of a saved folder (``architecture``, ``model_args``, ``pretrained_cfg``).
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json`` (the message names ``model_name``).
+        ValueError: the config names no ``architecture``.
+    """
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_name}: no {CONFIG_NAME} in {folder}")
+    config = json.loads(config_path.read_text())
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise ValueError(f"{config_path} names no 'architecture'")
+    return config
+
+
+def _model_cfg(model_name: str, cache_dir: str | Path | None) -> PretrainedCfg:
+    """The model's card merged over the data defaults its entrypoint sets (built on the meta device)."""
+    source, name = parse_model_name(model_name)
+    if source is None:
+        cfg, arch, args = get_pretrained_cfg(name), name, {}
+    else:
+        folder = Path(name).expanduser() if source == "local-dir" else hub_download(name, CONFIG_NAME, cache_dir).parent
+        config = read_saved_config(folder, model_name)
+        arch = split_model_name_tag(config["architecture"])[0]
+        cfg, args = PretrainedCfg.from_dict(config.get("pretrained_cfg", {})), config.get("model_args", {})
+    if cfg.tokenizer is None:
+        with torch.device("meta"):
+            model = create_model(arch, **args)
+        defaults = getattr(model, "pretrained_cfg", None)
+        if isinstance(defaults, PretrainedCfg):
+            cfg = defaults.replace(**cfg.to_dict(remove_null=True))
+    return cfg
+
+
+def get_tokenizer(model_name: str, context_length: int | None = None, cache_dir: str | Path | None = None) -> Tokenizer:
+    """The text tokenizer of ``model_name`` (``arch``, ``arch.tag``, ``local-dir:...`` or ``hf-hub:...``).
+
+    Args:
+        model_name: a model with a text side (LIMoE, VLMo, ...).
+        context_length: tokens per text; defaults to the model's ``pretrained_cfg.context_length``.
+        cache_dir: the Hugging Face cache (for ``hf-hub`` tokenizers and configs).
+
+    Raises:
+        ValueError: the model has no text side (its cfg names no tokenizer).
+        PretrainedUnavailableError: the tokenizer must come from the Hugging Face Hub and is not cached.
+    """
+    cfg = _model_cfg(model_name, cache_dir)
+    if not cfg.tokenizer:
+        raise ValueError(f"{model_name} has no text side: its pretrained_cfg names no tokenizer")
+    return create_tokenizer(cfg.tokenizer, context_length or cfg.context_length, cache_dir)
