@@ -8,8 +8,9 @@ The run composes ``data``, ``model``, ``task``, ``trainer``, ``callbacks``, ``lo
    configuration or input error stops here with one line naming the field, and the run's folder is
    removed;
 2. ``trainer.fit`` (resuming from ``ckpt_path=``), then ``trainer.test`` on the best checkpoint;
-3. saves the trained model as a mome folder ``<output_dir>/model`` (``create_model("local-dir:...")``)
-   and prints a one-line summary.
+3. saves the trained model as a mome folder ``<output_dir>/model`` (``create_model("local-dir:...")``),
+   with ``export.push_to_hub=<org/name>`` uploads the same files to that Hub repo
+   (``create_model("hf-hub:<org/name>")``), and prints a one-line summary.
 
 Outputs go to ``logs/train/runs/<timestamp>/`` with Hydra's ``.hydra/`` folder. ``main`` returns the
 value of ``optimized_metric`` for sweepers (Optuna).
@@ -17,6 +18,7 @@ value of ``optimized_metric`` for sweepers (Optuna).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from .. import push_to_hub
 from .._checkpoint import check_state_fits
 from .._resources import conf_dir
 from .._saving import save_pretrained
@@ -72,6 +75,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         ckpt_path = _resolve_ckpt_path(cfg)
+        export, push_repo, private = _export_options(cfg)
         task = build_task(cfg)
         if ckpt_path not in _LIGHTNING_CKPT_PATHS:
             _check_resume_checkpoint(ckpt_path, task)
@@ -90,12 +94,56 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             objects["best_checkpoint"] = best
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    if cfg.get("export", True) and trainer.is_global_zero and not trainer.fast_dev_run:
+    if export and trainer.is_global_zero and not trainer.fast_dev_run:
+        model = _exportable_model(task, objects)
         output = Path(cfg.paths.output_dir) / "model"
-        objects["export_dir"] = save_pretrained(_exportable_model(task, objects), output)
+        objects["export_dir"] = save_pretrained(model, output, repo_id=push_repo)  # its card names the repo
+        if push_repo:
+            objects["pushed_to"] = _push(model, push_repo, private, output)
+    elif push_repo and trainer.fast_dev_run:
+        warnings.warn("export.push_to_hub: nothing pushed, trainer.fast_dev_run exports no model", stacklevel=2)
     if trainer.is_global_zero:
         print(_summary(cfg, metrics, objects))
     return metrics, objects
+
+
+def _export_options(cfg: DictConfig) -> tuple[bool, str | None, bool | None]:
+    """``(enabled, push_to_hub, private)`` of the ``export`` node; ``export=false`` (a bool) still means
+    ``export.enabled=false``.
+
+    ``push_to_hub`` is checked here, before training: it must be a Hub repo id (``name`` or ``org/name``), it
+    uploads the exported folder (so it needs the export) and ``private`` is a bool or null.
+    """
+    node = cfg.get("export", True)
+    if isinstance(node, bool):
+        return node, None, None
+    enabled, repo_id, private = node.get("enabled", True), node.get("push_to_hub"), node.get("private")
+    if repo_id is not None:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)  # a number (export.push_to_hub=123) is refused too
+        except HFValidationError as err:
+            raise ConfigError(f"export.push_to_hub={repo_id!r} is not a Hub repo id (org/name): {err}") from err
+        if not enabled:
+            raise ConfigError(f"export.push_to_hub={repo_id} uploads the exported model: set export.enabled=true")
+    if private is not None and not isinstance(private, bool):
+        raise ConfigError(f"export.private={private!r}: true, false or null (the Hub's default)")
+    return bool(enabled), repo_id, private
+
+
+def _push(model: nn.Module, repo_id: str, private: bool | None, folder: Path) -> str:
+    """Upload the exported model to ``repo_id`` with :func:`mome.push_to_hub`, which writes the exported folder's
+    files again (the same weights, config and card); returns the commit URL. A failed push names the folder."""
+    try:
+        return push_to_hub(model, repo_id, private=private)
+    except Exception as err:
+        err.add_note(
+            f"mome-train: the model is exported to {folder}; push it again with "
+            f"mome.push_to_hub(mome.create_model('local-dir:{folder}'), {repo_id!r})"
+        )
+        raise
 
 
 def _exportable_model(task: Any, objects: dict[str, Any]) -> Any:
@@ -106,7 +154,7 @@ def _exportable_model(task: Any, objects: dict[str, Any]) -> Any:
     if "best_checkpoint" not in objects:
         raise ConfigError(
             "export: the model is sharded by FSDP2 (trainer=fsdp_ep) and is exported from the tested checkpoint, "
-            "but there is none: keep the checkpoint callback and test=true, or set export=false"
+            "but there is none: keep the checkpoint callback and test=true, or set export.enabled=false"
         )
     return model_from_checkpoint(objects["best_checkpoint"])
 
@@ -117,6 +165,8 @@ def _summary(cfg: DictConfig, metrics: dict[str, float], objects: dict[str, Any]
     parts += [f"{k} {v:.4f}" for k, v in sorted(shown.items())]
     if "export_dir" in objects:
         parts.append(f"model saved to {objects['export_dir']}")
+    if "pushed_to" in objects:
+        parts.append(f"pushed to {objects['pushed_to']}")
     return "; ".join(parts)
 
 
