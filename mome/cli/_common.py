@@ -56,7 +56,7 @@ def setup_phase() -> Iterator[None]:
         raise SetupError(f"{type(err).__name__}: {message}") from err
 
 
-def _plain(node: Any) -> Any:
+def plain_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
@@ -66,10 +66,10 @@ def build_task(cfg: DictConfig) -> MomeTask:
         raise ConfigError("task: no task selected (task=contrastive|classification|vlmo|llava)")
     if cfg.get("model") is None:
         raise ConfigError("model: no model selected (model=<name>, see mome.list_models())")
-    kwargs = _plain(cfg.task)
+    kwargs = plain_container(cfg.task)
     task_class = get_class(kwargs.pop("_target_"))
     try:
-        return task_class(model=_plain(cfg.model), **kwargs)
+        return task_class(model=plain_container(cfg.model), **kwargs)
     except TypeError as err:
         raise ConfigError(f"task ({task_class.__name__}): {err}") from err
     except USER_ERRORS as err:

@@ -39,7 +39,7 @@ from .._registry import split_model_name_tag
 from .._resources import conf_dir
 from ..lit import EvaluationTask
 from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint
-from ._common import ConfigError, _plain, build_datamodule, build_trainer, run_cli, setup_phase
+from ._common import ConfigError, plain_container, build_datamodule, build_trainer, run_cli, setup_phase
 
 __all__ = ["evaluate", "load_model", "main", "model_overrides"]
 
@@ -56,7 +56,7 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:
     """The model to evaluate, its name and its ``pretrained`` field (weights source) for the results."""
-    spec = _plain(cfg.get("model")) or {}
+    spec = plain_container(cfg.get("model")) or {}
     spec = {k: v for k, v in spec.items() if v is not None or k == "model_name"}
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
@@ -92,7 +92,7 @@ def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> Evalu
         choice = HydraConfig.get().runtime.choices.get("eval_task") if HydraConfig.initialized() else None
         known = sorted(p.stem for p in (Path(conf_dir()) / "eval_task").glob("*.yaml"))
         raise ConfigError(f"eval_task={choice}: unknown evaluation task; known: {', '.join(known)}")
-    kwargs = _plain(node)
+    kwargs = plain_container(node)
     target = kwargs.pop("_target_")
     try:
         task_class = get_class(target)

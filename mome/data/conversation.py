@@ -412,7 +412,7 @@ class ConversationDataModule(MomeDataModule):
             self.setup("test")
         if "test" not in self.datasets:
             raise DataConfigError("data.test_file is not set: nothing to evaluate")
-        dataset = _WithPrompts(self.datasets["test"])
+        dataset = PromptedConversations(self.datasets["test"])
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -422,7 +422,7 @@ class ConversationDataModule(MomeDataModule):
         )
 
 
-class _WithPrompts(Dataset):
+class PromptedConversations(Dataset):
     """A :class:`ConversationDataset` whose samples also carry the first question as a generation prompt."""
 
     def __init__(self, dataset: ConversationDataset) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .base import DataConfigError
-from .conversation import IMAGE_PLACEHOLDER, ConversationDataset, _WithPrompts
+from .conversation import IMAGE_PLACEHOLDER, ConversationDataset, PromptedConversations
 
 __all__ = ["QuestionSamples", "collate_questions"]
 
@@ -29,7 +29,7 @@ class QuestionSamples(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         if not isinstance(dataset, ConversationDataset):
             raise DataConfigError(f"eval_task=vqa needs conversation records, got {type(dataset).__name__}")
-        self.prompts = _WithPrompts(dataset)
+        self.prompts = PromptedConversations(dataset)
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -201,7 +201,7 @@ class ShardedExperts(Experts):
         for name in EXPERT_PARAMETERS:
             shard = getattr(self, name)
             if shard is not None:
-                gathered = _all_gather_dim0(shard.detach(), self.group, self.ep_size)
+                gathered = all_gather_dim0(shard.detach(), self.group, self.ep_size)
                 setattr(full, name, nn.Parameter(gathered, requires_grad=shard.requires_grad))
         return full
 
@@ -214,7 +214,7 @@ def _all_to_all(rows: Tensor, out_splits: list[int], in_splits: list[int], group
     return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows.contiguous(), out_splits, in_splits, group))
 
 
-def _all_gather_dim0(shard: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:
+def all_gather_dim0(shard: Tensor, group: dist.ProcessGroup | None, size: int) -> Tensor:
     """``[n, ...]`` on each of ``size`` ranks -> ``[size * n, ...]`` in rank order."""
     parts = [torch.empty_like(shard) for _ in range(size)]
     dist.all_gather(parts, shard.contiguous(), group=group)
@@ -278,7 +278,7 @@ def gather_expert_state_dict(model: nn.Module, group: dist.ProcessGroup | None =
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         for name in EXPERT_PARAMETERS:
             if getattr(experts, name) is not None:
-                state[prefix + name] = _all_gather_dim0(state[prefix + name], experts.group, experts.ep_size)
+                state[prefix + name] = all_gather_dim0(state[prefix + name], experts.group, experts.ep_size)
     return state
 
 

@@ -51,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..layers.expert_parallel import (
-    _all_gather_dim0,
+    all_gather_dim0,
     expert_parameter_names,
     gather_expert_state_dict,
     shard_expert_state_dict,
@@ -201,7 +201,7 @@ class _ExpertParallelism:
             for key in sorted(entry):
                 value = entry[key]
                 if param is not None and isinstance(value, Tensor) and value.shape == param.shape:
-                    entry[key] = _all_gather_dim0(value, self.expert_group, self.ep_size)
+                    entry[key] = all_gather_dim0(value, self.expert_group, self.ep_size)
                 else:
                     entry[key] = _full(value)
         return state
