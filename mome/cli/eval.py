@@ -39,7 +39,7 @@ from .._registry import split_model_name_tag
 from .._resources import conf_dir
 from ..lit import EvaluationTask
 from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint
-from ._common import ConfigError, plain_container, build_datamodule, build_trainer, run_cli, setup_phase
+from ._common import ConfigError, build_datamodule, build_trainer, plain_container, run_cli, setup_phase
 
 __all__ = ["evaluate", "load_model", "main", "model_overrides"]
 
