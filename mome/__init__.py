@@ -6,6 +6,7 @@ imported on demand. The timm-contract families (V-MoE, Soft-MoE ViT) are also re
 registry, so ``timm.create_model("vmoe_s32_e8")`` works after ``import mome``.
 """
 
+from . import _timm
 from . import models as models  # registers the families (MoE-LLaVA lazily)
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._errors import CardError as CardError
@@ -38,5 +39,7 @@ from ._saving import save_pretrained as save_pretrained
 from ._upcycle import upcycle as upcycle
 from .layers import aux_losses as aux_losses
 from .layers import routing_stats as routing_stats
+
+_timm.register_timm_families()  # timm.create_model("vmoe_s32_e8") works after import mome
 
 __version__ = "0.1.0"

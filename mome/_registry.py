@@ -71,10 +71,16 @@ def register_lazy_family(module: str, pattern: str) -> None:
         _lazy_families[module] = pattern
 
 
-def _import_families(arch: str | None = None) -> None:
-    """Import the lazy families that could register ``arch`` (all of them when ``arch`` is None)."""
+def _import_families(arch: str | None = None, modules: Iterable[str] = ()) -> None:
+    """Import the lazy families that could register ``arch``, or those of ``modules`` (last part of the
+    module name), or all of them when neither is given."""
+    modules = set(modules)
     for module, pattern in list(_lazy_families.items()):
-        if arch is None or fnmatch.fnmatchcase(arch, pattern):
+        if arch is not None:
+            wanted = fnmatch.fnmatchcase(arch, pattern)
+        else:
+            wanted = not modules or module.rsplit(".", 1)[-1] in modules
+        if wanted:
             del _lazy_families[module]  # first: an import error is raised once, not on every lookup
             importlib.import_module(module)
             if _zoo_pending:
@@ -238,9 +244,9 @@ def list_models(
         exclude_filters: wildcard pattern(s) removed after ``filter``.
         include_tags: list ``arch.tag`` names (an arch without cards stays untagged); defaults to ``pretrained``.
     """
-    _import_families()
-    _ensure_zoo()
     include, exclude, modules = _to_list(filter), _to_list(exclude_filters), _to_list(module)
+    _import_families(modules=modules)
+    _ensure_zoo()
     include_tags = pretrained if include_tags is None else include_tags
     archs = [a for a in _entrypoints if not modules or _model_to_module[a] in modules]
     if include_tags:
