@@ -389,3 +389,29 @@ def test_converter_upcycles_a_dense_stage2_checkpoint(llm):
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(sparse(ids, images).logits, dense(ids, images).logits, rtol=0, atol=1e-5)
+
+
+def test_a_moe_llava_card_loads_an_upstream_folder_through_the_zoo(tmp_path):
+    """The card path: ``source_format: moe_llava`` (a save_pretrained folder, weights in two safetensors shards)
+    and ``converter: moe_llava`` come from the one table of formats and converters, so
+    ``create_model(..., pretrained=True)`` reads, converts and loads it exactly."""
+    from safetensors.torch import save_file
+
+    source = tiny("stablelm").eval()
+    upstream = upstream_layout(source, "stablelm")
+    keys = sorted(upstream)
+    folder = tmp_path / "MoE-LLaVA-tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    half = len(keys) // 2
+    save_file({k: upstream[k].contiguous() for k in keys[:half]}, folder / "model-00001-of-00002.safetensors")
+    save_file({k: upstream[k].contiguous() for k in keys[half:]}, folder / "model-00002-of-00002.safetensors")
+    card = {"file": str(folder), "source_format": "moe_llava", "converter": "moe_llava"}
+    loaded = mome.create_model(TINY, llm="stablelm", pretrained=True, pretrained_cfg_overlay=card).eval()
+    ids = torch.tensor([prompt_ids(source)])
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, images).logits, source(ids, images).logits, rtol=0, atol=0)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(mome.CheckpointMismatchError, match="MoE-LLaVA-tiny"):
+        mome.create_model(TINY, llm="stablelm", pretrained=True, pretrained_cfg_overlay=card)

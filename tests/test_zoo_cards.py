@@ -20,13 +20,6 @@ def _card(path):
     return yaml.safe_load(path.read_text())
 
 
-def _skip_unregistered_moe_llava(arch):
-    # MoE-LLaVA's architectures are added by mome.models.moe_llava, written in parallel with the zoo:
-    # only those cards may wait for their architecture, and only while it is not registered.
-    if arch.startswith("moe_llava") and not mome.is_model(arch):
-        pytest.skip(f"{arch} is not registered in this checkout")
-
-
 def test_the_zoo_covers_the_public_upstream_checkpoints():
     names = {p.stem for p in CARDS}
     for size in ("base", "base_plus", "large"):
@@ -50,12 +43,16 @@ def test_schema_covers_every_pretrained_cfg_field():
     assert set(zoo.CARD_SCHEMA) - {"default"} == fields
 
 
-def test_schema_converters_match_mome_convert():
-    convert = pytest.importorskip("mome.convert")
-    assert set(convert.CONVERTERS) <= set(zoo.CONVERTERS)
-    missing = set(zoo.CONVERTERS) - set(convert.CONVERTERS)
-    # the MoE-LLaVA converter is written in parallel with the zoo: it alone may be missing
-    assert missing <= {"moe_llava"}, missing
+def test_schema_converters_and_formats_are_the_one_table_of_mome_convert():
+    from mome import convert
+
+    assert set(zoo.CONVERTERS) == set(convert.CONVERTERS) and set(zoo.SOURCE_FORMATS) == set(convert.READERS)
+    for name in zoo.CONVERTERS:
+        assert callable(convert.CONVERTERS[name]), name  # every converter a card may name resolves
+    for name in zoo.SOURCE_FORMATS:
+        assert callable(convert.READERS[name]), name
+    with pytest.raises(KeyError, match="unknown converter 'nope'"):
+        convert.CONVERTERS["nope"]
 
 
 @pytest.mark.parametrize("path", CARDS, ids=CARD_IDS)
@@ -68,7 +65,6 @@ def test_every_card_is_valid_and_registered(path):
     if cfg.sha256 is not None:
         assert len(cfg.sha256) == 64 and int(cfg.sha256, 16) >= 0
     assert cfg.has_weights() and cfg.license and cfg.paper_ids
-    _skip_unregistered_moe_llava(cfg.architecture)
     assert mome.is_model(cfg.architecture)
     assert name in mome.list_pretrained(cfg.architecture)
     registered = mome.get_pretrained_cfg(name)
