@@ -209,3 +209,17 @@ def test_training_code_is_not_imported_by_the_library(module):
     """No module below ``mome.lit`` imports it (Lightning) or ``mome.cli`` (Hydra)."""
     importers = [m for m, targets in import_graph().items() if module in targets and _layer(m) < _layer("mome.lit")]
     assert not importers, importers
+
+
+def test_import_time_tool_reports_both_imports():
+    """``python tools/import_time.py`` (the figure docs/architecture.md quotes), one round."""
+    tool = PACKAGE.parent / "tools" / "import_time.py"
+    out = subprocess.run(
+        [sys.executable, str(tool), "--rounds", "1", "--modules", "json", "mome"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "import json" in out
+    line = next(line for line in out.splitlines() if "import mome" in line)
+    assert "loads torch, timm" in line and "transformers" not in line
