@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Callable
 from http.client import HTTPException
 from pathlib import Path
+from typing import Any
 
 from ._checkpoint import WEIGHTS_NAME
 from ._errors import ChecksumMismatchError, CorruptCheckpointError, DownloadError, PretrainedUnavailableError
@@ -190,6 +191,21 @@ def download_url(
     return dest
 
 
+def _from_hub(fetch: Callable[..., str], what: str, command: str, **options: Any) -> Path:
+    """Run a ``huggingface_hub`` fetch; a failure becomes a :class:`PretrainedUnavailableError` saying how to
+    pre-fetch (``hf download <command>``). Falsy ``local_files_only`` / ``revision`` options are dropped."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    options = {k: v for k, v in options.items() if v or k not in ("local_files_only", "revision")}
+    try:
+        return Path(fetch(**options))
+    except (OSError, EntryNotFoundError) as err:
+        raise PretrainedUnavailableError(
+            f"could not fetch {what} (offline or not found); pre-fetch it where there is network with "
+            f"`hf download {command}` into the same cache ({type(err).__name__}: {err})"
+        ) from err
+
+
 def hub_download(
     repo_id: str,
     filename: str,
@@ -200,17 +216,17 @@ def hub_download(
 ) -> Path:
     """``huggingface_hub.hf_hub_download`` with a :class:`PretrainedUnavailableError` telling how to pre-fetch."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
 
-    options = {k: v for k, v in (("local_files_only", local_files_only), ("revision", revision)) if v}
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir, **options))
-    except (OSError, EntryNotFoundError) as err:
-        raise PretrainedUnavailableError(
-            f"could not fetch {filename} from the Hugging Face Hub repo {repo_id} (offline or not found); "
-            f"pre-fetch it where there is network with `hf download {repo_id} {filename}` into the same cache "
-            f"({type(err).__name__}: {err})"
-        ) from err
+    return _from_hub(
+        huggingface_hub.hf_hub_download,
+        f"{filename} from the Hugging Face Hub repo {repo_id}",
+        f"{repo_id} {filename}",
+        repo_id=repo_id,
+        filename=filename,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        revision=revision,
+    )
 
 
 def hub_snapshot(
@@ -223,19 +239,17 @@ def hub_snapshot(
 ) -> Path:
     """``huggingface_hub.snapshot_download`` of ``allow_patterns``, with a pre-fetch hint when it fails."""
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
 
-    options = {k: v for k, v in (("local_files_only", local_files_only), ("revision", revision)) if v}
-    try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id, allow_patterns=allow_patterns, cache_dir=cache_dir, **options
-        )
-    except (OSError, EntryNotFoundError) as err:
-        raise PretrainedUnavailableError(
-            f"could not fetch the Hugging Face Hub repo {repo_id} (offline or not found); pre-fetch it where "
-            f"there is network with `hf download {repo_id}` into the same cache ({type(err).__name__}: {err})"
-        ) from err
-    return Path(folder)
+    return _from_hub(
+        huggingface_hub.snapshot_download,
+        f"the Hugging Face Hub repo {repo_id}",
+        repo_id,
+        repo_id=repo_id,
+        allow_patterns=allow_patterns,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+        revision=revision,
+    )
 
 
 #: Appended to every "weights not available" message.
