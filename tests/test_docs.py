@@ -22,8 +22,6 @@ PAGES = DOCS / CONFIG_DATA["docs_dir"]
 #: A Markdown table row longer than this does not fit a screen; a cell longer than CELL_LIMIT belongs in a paragraph.
 ROW_LIMIT = 160
 CELL_LIMIT = 120
-#: Being rewritten by the project lead; its two wide rows go with that rewrite.
-PENDING_REWRITE = {"architecture.md"}
 #: Words of a work log, not of documentation for a newcomer.
 LOG_WORDING = ("this session", "before the change", "earlier run", "we tried")
 
@@ -55,8 +53,6 @@ def too_wide(path: Path, row_limit: int = ROW_LIMIT, cell_limit: int = CELL_LIMI
 
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda path: str(path.relative_to(ROOT)))
 def test_every_table_fits_a_screen(path):
-    if path.name in PENDING_REWRITE and path.parent == DOCS:
-        pytest.skip(f"{path.name} is being rewritten")
     assert too_wide(path) == []
 
 
