@@ -16,7 +16,7 @@ from PIL import Image
 from train_helpers import compose_train
 
 from mome.cli._common import run_cli
-from mome.cli.eval import _job, evaluate, model_overrides
+from mome.cli.eval import _job, evaluate
 from mome.cli.train import train
 from mome.lit.metrics import RESULT_SCHEMA
 
@@ -177,19 +177,19 @@ def test_empty_split(tmp_path, capsys):
     _fails_early(tmp_path, capsys, [*overrides, *_csv_data(tmp_path, 0)], "empty")
 
 
-def test_model_takes_a_config_or_any_create_model_name():
-    args = ["model=vmoe_tiny_patch8_e4", "model=local-dir:runs/42/model", "model=limoe_tiny_patch8_e4.digits"]
-    args += ["model=hf-hub:org/repo", "model=null", "model.top_k=1", "+model.num_classes=10", "eval_task=retrieval"]
-    assert model_overrides(args) == [
-        "model=vmoe_tiny_patch8_e4",  # a config of conf/model: the group stays a group
-        "model.model_name=local-dir:runs/42/model",
-        "model.model_name=limoe_tiny_patch8_e4.digits",
-        "model.model_name=hf-hub:org/repo",
-        "model=null",
-        "model.top_k=1",
-        "+model.num_classes=10",
-        "eval_task=retrieval",
-    ]
+def test_model_takes_a_config_or_any_create_model_name(tmp_path):
+    """``model=`` selects a conf/model file or, for any other name, the ``mome-model://`` source's spec; the
+    group's other overrides apply to either (see also tests/test_model_configs.py)."""
+    cfg = compose_eval(tmp_path, ["model=vmoe_tiny_patch8_e4", "model.top_k=1", "+model.num_classes=10"])
+    assert cfg.model.moe_layers == "every_2" and cfg.model.top_k == 1 and cfg.model.num_classes == 10
+    for name in ("local-dir:runs/42/model", "limoe_tiny_patch8_e4.digits", "hf-hub:org/repo"):
+        cfg = compose_eval(tmp_path, [f"model={name}", "eval_task=retrieval"])
+        assert cfg.model == {"_target_": "mome.create_model", "model_name": name}
+
+
+def test_unknown_model_name_one_line(tmp_path, capsys):
+    line = _fails_early(tmp_path, capsys, ["model=limoe_tinyy"], "limoe_tinyy")
+    assert "UnknownModelError" in line and "limoe_tiny_patch8_e4" in line  # create_model's close matches
 
 
 def test_console_script_unknown_task_one_line(tmp_path):

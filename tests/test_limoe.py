@@ -77,13 +77,6 @@ def test_router_and_capacity_defaults():
     assert moe.global_entropy_threshold == pytest.approx(math.log(2))
 
 
-def test_defaults_agree_with_the_limoe_moe_config():
-    cfg = OmegaConf.to_container(OmegaConf.load(Path(mome.conf_dir()) / "moe" / "limoe.yaml"))
-    for key, value in LIMOE_MOE_DEFAULTS.items():
-        assert cfg[key] == pytest.approx(value), key
-    assert (cfg["top_k"], cfg["router"]) == (1, "noisy_top_k")
-
-
 def test_tiny_forward_backward_losses_and_stats(tokens):
     model = mome.create_model(TINY)
     images = torch.randn(2, 3, 32, 32)

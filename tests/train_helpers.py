@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import mome
+import mome.cli  # noqa: F401  (registers the mome-model:// config source conf/train.yaml and eval.yaml use)
 
 CONF = Path(mome.conf_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

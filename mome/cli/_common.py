@@ -16,11 +16,22 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .. import model_entrypoint
 from .._errors import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
 from ..data.base import DataConfigError, MomeDataModule
 from ..lit.base import MomeTask, NonFiniteLossError, TaskConfigError
 
-__all__ = ["ConfigError", "SetupError", "build_datamodule", "build_task", "build_trainer", "run_cli", "setup_phase"]
+__all__ = [
+    "ConfigError",
+    "SetupError",
+    "build_datamodule",
+    "build_task",
+    "build_trainer",
+    "check_moe",
+    "model_family",
+    "run_cli",
+    "setup_phase",
+]
 
 # Errors that mean "the configuration or the input is wrong": reported as one line, exit code 2.
 USER_ERRORS = (
@@ -60,12 +71,57 @@ def plain_container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+def model_family(model_name: str) -> str:
+    """The family of a registry model name (``arch`` or ``arch.tag``): the last part of the module that
+    registers its entrypoint, e.g. ``vmoe``, ``soft_moe_vit``, ``limoe``, ``vlmo``, ``moe_llava``."""
+    return model_entrypoint(model_name).__module__.rpartition(".")[2]
+
+
+def _choice(group: str) -> str:
+    """``<group>=<selected option>`` for messages (the group's name alone outside a Hydra run)."""
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return f"{group}={choice}" if choice else group
+
+
+def check_moe(cfg: DictConfig) -> None:
+    """Fail before anything is built when the selected ``moe`` recipe does not fit the model.
+
+    A recipe of ``conf/moe`` (``@package _global_``) is merged by Hydra into ``cfg.model``, the model spec,
+    and lists in ``moe.applies_to`` the model families (:func:`model_family`) whose entrypoints take its
+    fields. The model must be a registry name of one of them: a saved model (``local-dir:``, ``hf-hub:``)
+    keeps the layers it was saved with, and without ``model=`` (``mome-eval ckpt_path=`` alone) the
+    checkpoint's recorded spec is built, so in both cases the recipe would be ignored.
+    """
+    moe = cfg.get("moe")
+    if moe is None:
+        return
+    selected = _choice("moe")
+    families = list(moe.get("applies_to") or [])
+    if not families:
+        raise ConfigError(f"moe.applies_to: {selected} names no model family it applies to")
+    name = cfg.model.get("model_name") if cfg.get("model") is not None else None
+    if not name:
+        raise ConfigError(f"moe.applies_to: {selected} changes the MoE layers of model=<name>; no model is selected")
+    if ":" in str(name):
+        raise ConfigError(
+            f"moe.applies_to: {selected} changes the MoE layers, but model.model_name={name} is a saved model "
+            "whose layers are fixed; select its architecture (model=<arch>) instead"
+        )
+    family = model_family(str(name))
+    if family not in families:
+        raise ConfigError(
+            f"moe.applies_to: {selected} applies to {', '.join(families)} models, not to {name} (a {family} model)"
+        )
+
+
 def build_task(cfg: DictConfig) -> MomeTask:
-    """The task's LightningModule: ``cfg.task`` (its ``_target_`` class and kwargs) given ``cfg.model``."""
+    """The task's LightningModule: ``cfg.task`` (its ``_target_`` class and kwargs) given ``cfg.model``, the
+    model spec (``conf/model``, with a ``conf/moe`` recipe merged in; the task builds the model from it)."""
     if cfg.get("task") is None or "_target_" not in cfg.task:
         raise ConfigError("task: no task selected (task=contrastive|classification|vlmo|llava)")
     if cfg.get("model") is None:
         raise ConfigError("model: no model selected (model=<name>, see mome.list_models())")
+    check_moe(cfg)
     kwargs = plain_container(cfg.task)
     task_class = get_class(kwargs.pop("_target_"))
     try:

@@ -4,10 +4,11 @@ The run composes the ``data``, ``model``, ``eval_task``, ``trainer``, ``callback
 ``hydra`` and ``debug`` groups of ``mome-train``, then:
 
 1. builds the model: ``ckpt_path=`` alone rebuilds the model a ``mome-train`` checkpoint names in its
-   hyper-parameters (:func:`mome.lit.base.model_from_checkpoint`); ``model=...`` (a config of ``conf/model``, or
-   any name ``create_model`` takes: a registry name, ``arch.tag``, ``local-dir:`` or ``hf-hub:``, see
-   :func:`model_overrides`) or ``model.model_name=`` builds that model, and with a
-   ``ckpt_path=`` too loads the checkpoint into it strictly (missing and unexpected keys are an error);
+   hyper-parameters (:func:`mome.lit.base.model_from_checkpoint`); ``model=<name>`` (a config of ``conf/model``,
+   or any name ``create_model`` takes: a registry name, ``arch.tag``, ``local-dir:`` or ``hf-hub:``, answered
+   by the ``mome-model://`` config source, :mod:`mome.cli._model_source`) or ``model.model_name=`` builds that
+   model (with a ``moe=`` recipe merged in), and with a ``ckpt_path=`` too loads the checkpoint into it
+   strictly (missing and unexpected keys are an error);
 2. builds the evaluation task (``eval_task=zero_shot|retrieval|linear_probe|classification|vqa``, see
    :mod:`mome.lit.eval_tasks` and :mod:`mome.lit.eval_vqa`), checks that the data module's class can feed
    it (``check_data``), the data module bound to the model's preprocessing and tokenizer (with
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,9 @@ from .._registry import split_model_name_tag
 from .._resources import conf_dir
 from ..lit import EvaluationTask
 from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint
-from ._common import ConfigError, build_datamodule, build_trainer, plain_container, run_cli, setup_phase
+from ._common import ConfigError, build_datamodule, build_trainer, check_moe, plain_container, run_cli, setup_phase
 
-__all__ = ["evaluate", "load_model", "main", "model_overrides"]
+__all__ = ["evaluate", "load_model", "main"]
 
 
 def _one_line(err: Exception) -> str:
@@ -56,6 +56,7 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
 
 def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:
     """The model to evaluate, its name and its ``pretrained`` field (weights source) for the results."""
+    check_moe(cfg)
     spec = plain_container(cfg.get("model")) or {}
     spec = {k: v for k, v in spec.items() if v is not None or k == "model_name"}
     ckpt_path = cfg.get("ckpt_path")
@@ -173,31 +174,9 @@ def _job(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    run_cli("mome-eval", _job, cfg)
-
-
-def model_overrides(args: list[str]) -> list[str]:
-    """``model=<name>`` where ``<name>`` is no config of ``conf/model`` becomes ``model.model_name=<name>``.
-
-    So ``mome-eval model=limoe_tiny_patch8_e4.digits`` (an ``arch.tag``), ``model=local-dir:exported/run42``
-    and ``model=hf-hub:org/repo`` work as well as ``model=vmoe_tiny_patch8_e4`` (the config group, whose
-    kwargs ``+model.<key>=`` can extend). Every other argument is passed on unchanged.
-    """
-    configs = {path.stem for path in (Path(conf_dir()) / "model").glob("*.yaml")}
-    rewritten = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if key == "model" and sep and value not in configs and value not in ("", "null"):
-            arg = f"model.model_name={value}"
-        rewritten.append(arg)
-    return rewritten
-
-
-def main() -> None:
+def main(cfg: DictConfig) -> None:
     """The ``mome-eval`` console script (see the module docstring)."""
-    sys.argv[1:] = model_overrides(sys.argv[1:])
-    _hydra_main()
+    run_cli("mome-eval", _job, cfg)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """``mome-train``: train a model of the zoo with Lightning, configured by Hydra (``conf/train.yaml``).
 
 The run composes ``data``, ``model``, ``task``, ``trainer``, ``callbacks``, ``logger``, ``paths``,
-``experiment``, ``debug`` and ``hparams_search`` groups (the lightning-hydra-template's layout), then:
+``experiment``, ``debug`` and ``hparams_search`` groups (the lightning-hydra-template's layout), plus ``moe``
+(a routing recipe of ``conf/moe`` merged into the model spec, checked against the model's family), then:
 
-1. builds the task (which builds the model from its name and kwargs), the data module (bound to the
+1. builds the task (which builds the model from its spec: ``model_name`` and kwargs), the data module (bound to the
    model's preprocessing and tokenizer, set up eagerly), callbacks, loggers and trainer; any
    configuration or input error stops here with one line naming the field, and the run's folder is
    removed;

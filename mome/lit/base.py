@@ -1,9 +1,9 @@
 """The LightningModule base of every mome training task.
 
-A task receives the *model spec* (the ``conf/model/<name>.yaml`` node: ``model_name`` plus the
-``mome.create_model`` kwargs) and builds the model itself, so ``save_hyperparameters`` stays small and a
-checkpoint reloads with ``Task.load_from_checkpoint(path)`` and no other argument (the
-lightning-hydra-template's #456 trade-off, decided for names-and-kwargs).
+A task receives the *model spec* (the composed ``model`` node: ``model_name`` plus the
+``mome.create_model`` kwargs, see :func:`build_model`) and builds the model itself, so
+``save_hyperparameters`` stays small and a checkpoint reloads with ``Task.load_from_checkpoint(path)`` and no
+other argument (the lightning-hydra-template's #456 trade-off, decided for names-and-kwargs).
 
 Every training step optimises ``L = L_task + aux_loss_weight * sum_l sum_name aux_l[name]`` where
 ``aux_l`` are the weighted auxiliary losses of MoE layer ``l`` (``mome.aux_losses``); each term is logged
@@ -58,9 +58,22 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the terms."""
 
 
+#: The ``_target_`` of a model spec: ``conf/model`` files and ``model=<name>`` nodes are Hydra-instantiable.
+MODEL_TARGET = "mome.create_model"
+
+
 def build_model(spec: Mapping[str, Any]) -> nn.Module:
-    """``mome.create_model`` from a model spec (the ``conf/model`` node; a Hydra ``_target_`` is ignored)."""
-    kwargs = {key: value for key, value in dict(spec).items() if key != "_target_"}
+    """``mome.create_model(**spec)`` from a model spec: ``model_name`` plus ``create_model`` kwargs.
+
+    A spec (the composed ``model`` node of ``mome-train``/``mome-eval``, a checkpoint's
+    ``hyper_parameters.model``) may carry ``_target_: mome.create_model``, which makes the same node a
+    Hydra config: ``hydra.utils.instantiate(spec)`` builds the same model. Any other ``_target_`` is an
+    error, not ignored: this function builds with ``create_model`` only.
+    """
+    kwargs = dict(spec)
+    target = kwargs.pop("_target_", MODEL_TARGET)
+    if target != MODEL_TARGET:
+        raise TaskConfigError(f"model._target_={target}: a model spec is built by {MODEL_TARGET} (or has no _target_)")
     if "model_name" not in kwargs:
         raise TaskConfigError(f"the model config needs a model_name field (got fields {sorted(kwargs)})")
     return create_model(**kwargs)

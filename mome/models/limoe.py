@@ -39,7 +39,7 @@ Choices where the paper is silent or was not verifiable here [UNVERIFIED]: the p
 ``embed_dim`` equals the Transformer width (as big_vision's contrastive towers), the text is pooled
 at its end-of-text token (open_clip's convention, ``text.argmax(-1)``), the text tokenizer is
 open_clip's CLIP BPE (the paper used SentencePiece) with 16 tokens, MLPs use the tanh GELU (Flax's
-``nn.gelu``), and the entropy weights (0.01 each) and ``tau = log 2`` follow ``conf/moe/limoe.yaml``.
+``nn.gelu``), and the entropy weights (0.01 each) and ``tau = log 2`` (:data:`LIMOE_MOE_DEFAULTS`).
 Headline numbers (arXiv v1 / NeurIPS camera-ready): LIMoE-L/16 78.6% / 77.9% and LIMoE-H/14
 84.1% / 83.8% zero-shot ImageNet.
 """
@@ -67,7 +67,8 @@ __all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE", "limoe_state_dict_from_open_clip_text"
 IMAGE, TEXT = 0, 1
 
 
-#: MoE options of LIMoE's sparse layers (the same values as ``conf/moe/limoe.yaml``).
+#: MoE options of LIMoE's sparse layers: the one source of these values. ``conf/moe/limoe.yaml`` restates them as
+#: a recipe for the other families (``moe=limoe``); tests/test_moe_configs.py fails when the two differ.
 LIMOE_MOE_DEFAULTS: dict[str, Any] = {
     "batch_priority": True,
     "capacity_factor": 1.0,
