@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 import mome
-import mome
 from mome import _hub
 
 
