@@ -1,0 +1,78 @@
+"""Fidelity to upstream code: mome's models against outputs the upstream code itself produced.
+
+Each upstream fixture lives in ``tests/data/upstream/<folder>/``: the checkpoint as the upstream's own
+writer saved it, the inputs, the upstream forward's outputs, a ``README.md`` naming the upstream commit and
+the function that produced each file, and a ``meta.json``::
+
+    {"upstream": "google-research/vmoe", "commit": "<40 hex>", "generator": "tools/upstream_vmoe.py"}
+
+A ``tests/test_fidelity_<family>.py`` module lists its comparisons as ``CASES`` (a list of
+:class:`FidelityCase`) and checks each with ``case.check()``. ``tools/fidelity_table.py`` imports those
+modules, runs every case and writes the fidelity table (model, upstream commit, max diff) into
+``zoo/README.md`` and ``docs/fidelity.md``; ``tests/test_fidelity_table.py`` checks the table is current.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+UPSTREAM_DATA = Path(__file__).parent / "data" / "upstream"
+
+
+def fixture_dir(folder: str) -> Path:
+    """``tests/data/upstream/<folder>``, which must exist and hold a ``meta.json``."""
+    path = UPSTREAM_DATA / folder
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"upstream fixture {path} has no meta.json")
+    return path
+
+
+def fixture_meta(folder: str) -> dict:
+    return json.loads((fixture_dir(folder) / "meta.json").read_text())
+
+
+def max_abs_diff(ours: Tensor, theirs: Tensor, *, relative: bool = False) -> float:
+    """``max |ours - theirs|`` (shapes must agree), divided by ``max |theirs|`` when ``relative``."""
+    ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
+    if ours.shape != theirs.shape:
+        raise AssertionError(f"shape {tuple(ours.shape)} != upstream {tuple(theirs.shape)}")
+    diff = (ours - theirs).abs().max().item() if ours.numel() else 0.0
+    return diff / max(theirs.abs().max().item(), 1e-12) if relative else diff
+
+
+@dataclass(frozen=True)
+class FidelityCase:
+    """One comparison of a mome model with an upstream fixture.
+
+    Attributes:
+        name: the row's label in the fidelity table, e.g. ``"V-MoE S/32, pre_logits, fp32"``.
+        folder: the fixture folder under ``tests/data/upstream/``.
+        compare: builds the mome model through the public route, runs the fixture's inputs and returns
+            ``{output name: max diff}`` for every output the upstream produced.
+        tolerance: the largest allowed diff (1e-5 for fp32, 1e-2 for the bf16 dispatch option).
+        relative: whether ``compare`` reports diffs relative to the output's scale (say so for large outputs).
+    """
+
+    name: str
+    folder: str
+    compare: Callable[[], Mapping[str, float]]
+    tolerance: float = 1e-5
+    relative: bool = False
+
+    def measure(self) -> dict[str, float]:
+        diffs = dict(self.compare())
+        if not diffs:
+            raise AssertionError(f"{self.name}: compared no outputs")
+        return diffs
+
+    def check(self) -> dict[str, float]:
+        diffs = self.measure()
+        too_far = {k: v for k, v in diffs.items() if not v <= self.tolerance}
+        assert not too_far, f"{self.name}: outputs differ from upstream beyond {self.tolerance}: {too_far}"
+        return diffs
