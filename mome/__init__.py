@@ -10,6 +10,7 @@ from . import _timm
 from . import models as models  # registers the families (MoE-LLaVA lazily)
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._errors import CardError as CardError
+from ._errors import CheckpointFormatError as CheckpointFormatError
 from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import ChecksumMismatchError as ChecksumMismatchError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
@@ -20,6 +21,7 @@ from ._errors import UnsafeCheckpointError as UnsafeCheckpointError
 from ._factory import create_model as create_model
 from ._factory import fetch_pretrained as fetch_pretrained
 from ._factory import get_tokenizer as get_tokenizer
+from ._factory import load_checkpoint_file as load_checkpoint_file
 from ._factory import parse_model_name as parse_model_name
 from ._pretrained import PretrainedCfg as PretrainedCfg
 from ._registry import add_zoo_dir as add_zoo_dir

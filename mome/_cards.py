@@ -125,6 +125,7 @@ CARD_SCHEMA: dict[str, FieldSpec] = {
     ),
     "source_format": FieldSpec(_STR, "upstream checkpoint format", True, _one_of(SOURCE_FORMATS)),
     "converter": FieldSpec(_STR, "mome.convert converter for a foreign format", check=_one_of(CONVERTERS + ("mome",))),
+    "converter_options": FieldSpec((dict,), "keyword options of the converter (e.g. ignore_prefixes)", check=_kwargs),
     "input_size": FieldSpec((list,), "[channels, height, width]", True, _triple(True)),
     "mean": FieldSpec((list,), "per-channel normalisation mean", True, _triple(False)),
     "std": FieldSpec((list,), "per-channel normalisation std", True, _triple(False)),

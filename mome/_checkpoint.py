@@ -7,7 +7,9 @@ failed load leaves the model untouched and names every mismatching key. Safety: 
 
 from __future__ import annotations
 
+import json
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
+from ._errors import CheckpointFormatError, CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "check_state_fits",
+    "checkpoint_keys",
+    "describe_checkpoint",
+    "file_kind",
     "load_checkpoint",
     "load_state_exactly",
     "read_state_dict",
@@ -32,23 +37,125 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: Keys that wrap a state dict in training files (Lightning/unilm, DeepSpeed, timm train scripts).
 _WRAPPER_KEYS = ("state_dict", "module", "model")
+#: msgpack's first bytes: a map (fixmap 0x80-0x8f, map16, map32) whose first key is a string
+_MSGPACK_MAPS = {*range(0x80, 0x90), 0xDE, 0xDF}
+_MSGPACK_STRINGS = {*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file or a torch checkpoint.
+def file_kind(path: str | Path) -> str:
+    """What a checkpoint path holds, from its first bytes (not its name): ``"folder"``, ``"safetensors"``,
+    ``"torch"`` (zip archive or legacy pickle), ``"msgpack"`` (Flax, vmoe), ``"npz"`` or ``"unknown"``.
+
+    Raises ``FileNotFoundError`` if ``path`` does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch"
+        return "npz" if names and all(n.endswith(".npy") for n in names) else "unknown"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"  # an 8-byte header length, then the JSON header
+    if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "torch"  # a pickle (torch's legacy format): PROTO 2-5
+    if len(head) >= 2 and head[0] in _MSGPACK_MAPS and head[1] in _MSGPACK_STRINGS:
+        return "msgpack"
+    return "unknown"
+
+
+_KIND_WORDS = {
+    "safetensors": "a safetensors file",
+    "torch": "a torch checkpoint",
+    "msgpack": "a msgpack file (Flax serialisation, as vmoe writes)",
+    "npz": "a numpy .npz archive",
+}
+
+
+def describe_checkpoint(path: str | Path) -> str:
+    """One phrase on what ``path`` looks like, for error messages (kind, tensor count, a few keys)."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "folder":
+        config = path / CONFIG_NAME
+        files = sorted(p.name for p in path.iterdir())[:6]
+        if config.is_file():
+            try:
+                values = json.loads(config.read_text())
+            except ValueError:
+                values = {}
+            fields = {k: values[k] for k in ("architecture", "model_type", "architectures") if k in values}
+            return f"a folder with {CONFIG_NAME} ({fields or 'no architecture or model_type'}) and files {files}"
+        return f"a folder with files {files}"
+    if kind in ("safetensors", "torch"):
+        try:
+            keys = checkpoint_keys(path)
+        except (CorruptCheckpointError, UnsafeCheckpointError) as err:
+            return f"{_KIND_WORDS[kind]} that cannot be read ({type(err).__name__})"
+        return f"{_KIND_WORDS[kind]} with {len(keys)} tensors, e.g. {', '.join(keys[:4])}"
+    if kind in _KIND_WORDS:
+        return _KIND_WORDS[kind]
+    with open(path, "rb") as f:
+        return f"{path.stat().st_size} bytes of no known checkpoint format (starting {f.read(8)!r})"
+
+
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """The tensor names of a safetensors or torch file (unwrapped, ``module.`` stripped), or of every
+    weight file of a folder, reading as little as the format allows (safetensors: the header only)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        return [key for file in files for key in checkpoint_keys(file)]
+    if file_kind(path) == "safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CorruptCheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
+    return list(read_state_dict(path, mmap=True))
+
+
+def _torch_refusal(err: Exception) -> str:
+    """The part of torch's ``weights_only`` refusal that says what was refused, without its advice to retry
+    unsafely (mome never does)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith(("Unsupported", "Trying to", "Can only build"))]
+    return (said or lines or [type(err).__name__])[0].removeprefix("WeightsUnpickler error: ")
+
+
+def read_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file or a torch checkpoint (told apart by their bytes, not their names).
 
     A state dict wrapped in ``"state_dict"``, ``"module"`` or ``"model"`` is unwrapped and a ``module.``
     prefix (DDP, DeepSpeed) stripped.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CorruptCheckpointError: the file cannot be read (truncated, another format) or holds no state dict.
+        CheckpointFormatError: another format (a Flax msgpack or ``.npz`` file, a folder).
+        CorruptCheckpointError: the file cannot be read (truncated) or holds no state dict.
         UnsafeCheckpointError: a pickle that ``torch.load(weights_only=True)`` refuses; nothing in it runs.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
+    kind = file_kind(path)
+    if kind not in ("safetensors", "torch", "unknown"):
+        raise CheckpointFormatError(
+            f"{path} is {describe_checkpoint(path)}, not a torch or safetensors file"
+            + (" (pass checkpoint_format='vmoe' to read it as vmoe's format)" if kind in ("msgpack", "npz") else "")
+        )
+    if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -57,10 +164,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptCheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        if mmap and zipfile.is_zipfile(path) and path.suffix != ".safetensors":
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:  # from an open file: torch.load reads a path named *.safetensors as safetensors
+            with open(path, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
-            f"{path}: refused by torch.load(weights_only=True) (it is not a plain tensor checkpoint): {err}"
+            f"{path}: a pickle that holds more than tensors, refused unread (mome loads torch files with "
+            f"weights_only=True only): {_torch_refusal(err)}"
         ) from err
     except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged archives
         raise CorruptCheckpointError(f"{path}: not a readable torch checkpoint (truncated?): {err}") from err

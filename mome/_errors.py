@@ -10,6 +10,7 @@ from pathlib import Path
 
 __all__ = [
     "CardError",
+    "CheckpointFormatError",
     "CheckpointMismatchError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
@@ -30,6 +31,11 @@ class CheckpointMismatchError(ValueError):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file that cannot be read (truncated, not the format its name says)."""
+
+
+class CheckpointFormatError(CorruptCheckpointError):
+    """A checkpoint whose format cannot be told, or is not the format it was read as; the message says
+    what the file looks like and which formats were tried."""
 
 
 class UnsafeCheckpointError(ValueError):

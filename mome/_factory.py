@@ -19,8 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, load_state_exactly
-from ._errors import PretrainedUnavailableError
+from ._checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_state_fits,
+    file_kind,
+    load_checkpoint,
+    load_state_exactly,
+    read_state_dict,
+)
+from ._errors import CheckpointFormatError, CheckpointMismatchError, PretrainedUnavailableError
+from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
 from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
 from ._pretrained import PretrainedCfg
 from ._registry import get_pretrained_cfg, model_entrypoint, split_model_name_tag
@@ -31,6 +40,7 @@ __all__ = [
     "create_model",
     "fetch_pretrained",
     "get_tokenizer",
+    "load_checkpoint_file",
     "load_pretrained",
     "parse_model_name",
     "read_saved_config",
@@ -63,6 +73,20 @@ def parse_model_name(model_name: str) -> tuple[str | None, str]:
     return source, rest
 
 
+def _load_converted(
+    model: nn.Module, path: Path, source_format: str, converter: str, options: Mapping[str, Any]
+) -> None:
+    try:
+        from .convert import load_converted
+    except ImportError as err:
+        raise PretrainedUnavailableError(
+            f"{path}: converting the {source_format!r} format needs mome.convert, which this installation lacks"
+            f"{CHECKPOINT_HINT} ({type(err).__name__}: {err})"
+        ) from err
+    state = load_converted(path, source_format, converter, model, **options)
+    load_state_exactly(model, state, f"{path} (converted with {converter!r})")
+
+
 def load_pretrained(
     model: nn.Module,
     cfg: PretrainedCfg,
@@ -70,20 +94,84 @@ def load_pretrained(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
 ) -> None:
-    """Fetch the card's checkpoint, convert it if its format is not mome's, and load it into ``model`` exactly."""
+    """Fetch the card's checkpoint, convert it if its format is not mome's (with the card's
+    ``converter_options``), and load it into ``model`` exactly."""
     path = fetch_checkpoint(cfg, name, cache_dir, local_files_only, progress=True)
     if not cfg.needs_conversion():
         load_checkpoint(model, path)
         return
+    _load_converted(model, path, cfg.source_format, cfg.converter, cfg.converter_options)
+
+
+def _load_as(model: nn.Module, path: Path, source_format: str, converter: str | None, options: dict) -> None:
+    if converter is not None:
+        _load_converted(model, path, source_format, converter, options)
+        return
+    if options:
+        raise ValueError(
+            f"checkpoint_format={source_format!r} has no converter: converter_options {sorted(options)} do not apply"
+        )
+    load_state_exactly(model, FORMATS[source_format](path), str(path))
+
+
+def load_checkpoint_file(
+    model: nn.Module,
+    checkpoint_path: str | Path,
+    checkpoint_format: str | None = None,
+    converter_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Load a checkpoint in any known format into ``model`` exactly; returns the format it was read as.
+
+    ``checkpoint_format`` (a name of :data:`mome.convert.READERS`: ``"mome"``, ``"timm"``, ``"open_clip"``,
+    ``"unilm_vlmo"``, ``"vmoe"``, ``"moe_llava"``) is told from the file when omitted
+    (:func:`mome._formats.detect_format`); its default converter maps the upstream keys onto the model's,
+    with ``converter_options`` (e.g. ``ignore_prefixes``) as keyword arguments.
+
+    Raises:
+        CheckpointFormatError: the format cannot be told, or the file is not of the format named.
+        CheckpointMismatchError: the keys or shapes do not fit ``model``; names the keys (with the format
+            the keys look like when that is not the one named); ``model`` is left unchanged.
+    """
+    path = Path(checkpoint_path).expanduser()
+    if checkpoint_format is not None and checkpoint_format not in FORMATS:
+        raise CheckpointFormatError(
+            f"unknown checkpoint_format {checkpoint_format!r}; the formats are {sorted(FORMATS)}"
+        )
+    model_keys = list(model.state_dict())
+    source_format = checkpoint_format
+    if source_format is None:
+        try:
+            source_format = detect_format(path, model_keys)
+        except CheckpointFormatError as err:
+            if file_kind(path) not in ("safetensors", "torch"):
+                raise
+            # a tensor file with no upstream's keys: report its key diff against the model
+            check_state_fits(model, read_state_dict(path), f"{err}\n{path}")
+            raise
+    converter = DEFAULT_CONVERTERS[source_format]
+    options = dict(converter_options or {})
     try:
-        from .convert import load_converted
-    except ImportError as err:
-        raise PretrainedUnavailableError(
-            f"{name}: converting the {cfg.source_format!r} format needs mome.convert, which this installation lacks"
-            f"{CHECKPOINT_HINT} ({type(err).__name__}: {err})"
-        ) from err
-    state = load_converted(path, cfg.source_format, cfg.converter, model)
-    load_state_exactly(model, state, f"{path} (converted with {cfg.converter!r})")
+        _load_as(model, path, source_format, converter, options)
+    except CheckpointFormatError as err:
+        if checkpoint_format is None:
+            raise
+        raise CheckpointFormatError(
+            f"checkpoint_format={source_format!r} ({FORMAT_DESCRIPTIONS[source_format]}) cannot read it: {err}"
+        ) from None
+    except CheckpointMismatchError as err:
+        if checkpoint_format is None:
+            raise
+        try:
+            looks_like = detect_format(path, model_keys)
+        except (CheckpointFormatError, OSError, ValueError):
+            raise err from None
+        if looks_like == source_format:
+            raise
+        raise CheckpointMismatchError(
+            f"{path} looks like the {looks_like!r} format, not {source_format!r} "
+            f"(pass checkpoint_format={looks_like!r}): {err}"
+        ) from None
+    return source_format
 
 
 def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool = False) -> Path:
@@ -106,6 +194,8 @@ def create_model(
     pretrained: bool = False,
     pretrained_cfg_overlay: Mapping[str, Any] | None = None,
     checkpoint_path: str | Path | None = None,
+    checkpoint_format: str | None = None,
+    converter_options: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     **kwargs: Any,
@@ -119,7 +209,13 @@ def create_model(
         pretrained: load the card's weights (``file``, ``hf_hub_id`` via ``huggingface_hub``, or ``url``),
             sha256-checked before loading and converted first when the card's format is not mome's.
         pretrained_cfg_overlay: card fields to override, e.g. ``dict(file="w.safetensors")``.
-        checkpoint_path: a ``.safetensors`` or torch checkpoint loaded exactly after construction.
+        checkpoint_path: a checkpoint loaded exactly after construction: mome's own (a ``.safetensors``
+            or torch file, a saved folder) or an upstream one you already have (a vmoe ``.index`` or
+            msgpack file, a unilm VLMo ``.pt``, a timm or open_clip file, a MoE-LLaVA folder), converted.
+        checkpoint_format: the format of ``checkpoint_path`` (``"mome"``, ``"timm"``, ``"open_clip"``,
+            ``"unilm_vlmo"``, ``"vmoe"``, ``"moe_llava"``); told from the file when omitted.
+        converter_options: keyword options of the format's converter (e.g. ``ignore_prefixes``); for a
+            card's own checkpoint they come from its ``converter_options``.
         cache_dir: the Hugging Face cache to use (URL downloads go under it too).
         local_files_only: never download; use only what is cached.
         **kwargs: passed to the entrypoint; those set to None are dropped (so a CLI can pass them).
@@ -148,7 +244,9 @@ def create_model(
         model = _build(arch, False, {**config.get("model_args", {}), **kwargs}, cfg.replace(architecture=arch))
         load_checkpoint(model, folder / WEIGHTS_NAME)
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
+        load_checkpoint_file(model, checkpoint_path, checkpoint_format, converter_options)
+    elif checkpoint_format is not None or converter_options:
+        raise ValueError("checkpoint_format and converter_options apply to a checkpoint_path; none was given")
     return model
 
 

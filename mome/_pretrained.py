@@ -36,6 +36,8 @@ class PretrainedCfg:
     sha256: str | None = None
     source_format: str = NATIVE_FORMAT  # "mome", "vmoe", "unilm_vlmo", "timm", "open_clip", ...
     converter: str | None = None
+    # options of the converter (e.g. ``ignore_prefixes``), passed as keyword arguments
+    converter_options: dict[str, Any] = field(default_factory=dict)
     # data
     input_size: tuple[int, ...] | None = None
     mean: tuple[float, ...] | None = None

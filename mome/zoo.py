@@ -14,6 +14,8 @@ Command line::
     python -m mome.zoo show NAME              # the card as YAML
     python -m mome.zoo download NAME          # fetch into the cache, sha256-checked (pre-fetch for offline use)
     python -m mome.zoo convert NAME --out DIR # fetch, convert, write a mome folder (save_pretrained)
+    python -m mome.zoo convert NAME --file FILE --out DIR         # the card's model from a file you have
+    python -m mome.zoo convert --file FILE [--format F] --arch ARCH [--set k=v ...] [--option k=v ...] --out DIR
     python -m mome.zoo verify NAME            # sha256 of the cached file against the card
 
 Errors end the command with exit status 1 and one line on stderr.
@@ -25,10 +27,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ._cards import CARD_SCHEMA, CONVERTERS, SOURCE_FORMATS, FieldSpec, read_card, read_cards, validate_card
 from ._errors import (
     CardError,
+    CheckpointFormatError,
     CheckpointMismatchError,
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -92,8 +96,43 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignments(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{k: v}``, each value parsed as YAML (``depth=2``, ``ignore_prefixes=[a.]``)."""
+    import yaml
+
+    values = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
+        values[key] = yaml.safe_load(text)
+    return values
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
-    model = create_model(args.name, pretrained=True, cache_dir=args.cache_dir)
+    model_kwargs = _assignments(args.set, "--set")
+    options = _assignments(args.option, "--option")
+    if args.name is not None and args.arch is not None:
+        raise ValueError("give a card NAME or --arch, not both")
+    if args.name is not None:  # a card: its checkpoint, or --file in the card's format
+        overlay = {"file": args.file} if args.file else {}
+        if args.format is not None:
+            overlay["source_format"] = args.format
+        if options:
+            overlay["converter_options"] = options
+        model = create_model(
+            args.name, pretrained=True, pretrained_cfg_overlay=overlay, cache_dir=args.cache_dir, **model_kwargs
+        )
+    elif args.arch is not None and args.file is not None:
+        model = create_model(
+            args.arch,
+            checkpoint_path=args.file,
+            checkpoint_format=args.format,
+            converter_options=options or None,
+            **model_kwargs,
+        )
+    else:
+        raise ValueError("convert needs a card NAME, or --file FILE with --arch ARCH")
     print(save_pretrained(model, args.out))
     return 0
 
@@ -118,6 +157,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 _ERRORS = (
     CardError,
+    CheckpointFormatError,
     CheckpointMismatchError,
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -141,16 +181,28 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(run=_cmd_show)
     for command, run, text in (
         ("download", _cmd_download, "fetch a checkpoint into the cache (sha256-checked)"),
-        ("convert", _cmd_convert, "fetch, convert and write a mome folder"),
+        ("convert", _cmd_convert, "convert a card's or a local upstream checkpoint into a mome folder"),
         ("verify", _cmd_verify, "check the sha256 of the cached checkpoint"),
     ):
         cmd = sub.add_parser(command, help=text)
-        cmd.add_argument("name", help="arch.tag")
+        cmd.add_argument("name", nargs="?" if command == "convert" else None, help="arch.tag")
         cmd.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: its cache root)")
         if command == "download":
             cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
         if command == "convert":
             cmd.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, ...)")
+            cmd.add_argument("--file", default=None, help="an upstream checkpoint you have (file or folder)")
+            cmd.add_argument(
+                "--format",
+                default=None,
+                choices=sorted(SOURCE_FORMATS),
+                help="its format (default: told from the file)",
+            )
+            cmd.add_argument("--arch", default=None, help="the architecture to build (with --file, without a card)")
+            cmd.add_argument("--set", action="append", metavar="K=V", help="a model kwarg (YAML value); repeatable")
+            cmd.add_argument(
+                "--option", action="append", metavar="K=V", help="a converter option (YAML value); repeatable"
+            )
         cmd.set_defaults(run=run)
     return parser
 
