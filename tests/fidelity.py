@@ -57,6 +57,7 @@ class FidelityCase:
             ``{output name: max diff}`` for every output the upstream produced.
         tolerance: the largest allowed diff (1e-5 for fp32, 1e-2 for the bf16 dispatch option).
         relative: whether ``compare`` reports diffs relative to the output's scale (say so for large outputs).
+        cards: the zoo cards (``arch.tag``) whose format and architecture options this fixture covers.
     """
 
     name: str
@@ -64,6 +65,7 @@ class FidelityCase:
     compare: Callable[[], Mapping[str, float]]
     tolerance: float = 1e-5
     relative: bool = False
+    cards: tuple[str, ...] = ()
 
     def measure(self) -> dict[str, float]:
         diffs = dict(self.compare())
