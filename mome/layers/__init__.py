@@ -28,6 +28,7 @@ from .moe import aux_losses as aux_losses
 from .moe import routing_stats as routing_stats
 from .moe import timm_mlp_layer as timm_mlp_layer
 from .routers import ExpertChoiceRouter as ExpertChoiceRouter
+from .routers import GShardTop2Router as GShardTop2Router
 from .routers import HashRouter as HashRouter
 from .routers import ModalityRouter as ModalityRouter
 from .routers import NoisyTopKRouter as NoisyTopKRouter

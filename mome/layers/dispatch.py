@@ -91,7 +91,8 @@ def plan_dispatch(routing: Routing, capacity: int | None, num_groups: int = 1) -
 
     Priority under capacity follows V-MoE: all first choices before any second choice; within a
     choice rank, tokens in order, or by decreasing ``routing.priority`` (batch-prioritised routing).
-    Assignments beyond an expert's capacity are dropped: their combine weight becomes 0. With
+    Assignments beyond an expert's capacity are dropped: their combine weight becomes 0 (and, when
+    ``routing.renormalize_kept``, the token's kept weights are renormalised to sum to 1). With
     ``num_groups = G`` the ``T`` tokens form ``G`` contiguous groups of ``T / G`` tokens, and the
     capacity applies to each (expert, group) pair, as V-MoE routes each group independently.
 
@@ -150,11 +151,10 @@ def plan_dispatch(routing: Routing, capacity: int | None, num_groups: int = 1) -
     group_sizes.scatter_add_(0, sorted_key // num_groups, kept_long)
 
     dropped = ~kept.view(num_tokens, top_k)
-    routing = replace(
-        routing,
-        dropped=dropped,
-        combine_weights=routing.combine_weights.masked_fill(dropped, 0.0),
-    )
+    weights = routing.combine_weights.masked_fill(dropped, 0.0)
+    if routing.renormalize_kept:  # GShard / DeepSpeed top-2: w_j kept_j / max(sum_i w_i kept_i, eps)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    routing = replace(routing, dropped=dropped, combine_weights=weights)
     plan = DispatchPlan(
         order=order,
         group_sizes=group_sizes[:num_experts],

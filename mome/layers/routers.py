@@ -23,6 +23,7 @@ from .losses import noisy_top_k_selection_probs
 
 __all__ = [
     "ExpertChoiceRouter",
+    "GShardTop2Router",
     "HashRouter",
     "ModalityRouter",
     "NoisyTopKRouter",
@@ -49,6 +50,8 @@ class Routing:
             routing), or None for token order.
         modality_ids: ``[T]`` modality of each token, or None.
         capacity: tokens per expert fixed by the router itself (expert choice), else None.
+        renormalize_kept: after capacity, renormalise each token's weights over the choices that were kept
+            (GShard / DeepSpeed top-2: a token whose second choice is dropped gets weight 1 on its first).
     """
 
     expert_index: Tensor
@@ -60,6 +63,7 @@ class Routing:
     priority: Tensor | None = None
     modality_ids: Tensor | None = None
     capacity: int | None = None
+    renormalize_kept: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -192,6 +196,54 @@ class TopKRouter(Router):
             selection_probs=selection_probs,
             priority=priority,
             modality_ids=modality_ids,
+        )
+
+
+class GShardTop2Router(TopKRouter):
+    """GShard's top-2 gate as DeepSpeed implements it (``deepspeed.moe.sharded_moe.top2gating``, v0.9.5).
+
+    Lepikhin et al. 2020, "GShard: Scaling Giant Models with Conditional Computation and Automatic
+    Sharding"; MoE-LLaVA (Lin et al. 2024) trains and evaluates with this gate. With ``l = x W`` (fp32) and
+    ``p = softmax(l)``:
+
+        e_1 = argmax_e p_e
+        e_2 = argmax_{e != e_1} (l_e + g_e),  g ~ Gumbel(0, 1)   (sample_second=True: the Gumbel-max trick
+                                                                  samples e_2 from softmax over the rest)
+        e_2 = argmax_{e != e_1} p_e                               (sample_second=False)
+        w_j = p_{e_j} / (p_{e_1} + p_{e_2}),  renormalised over the kept choices after capacity
+
+    DeepSpeed samples the second expert in training *and* evaluation. The noise is drawn as
+    ``torch.distributions.Gumbel(0, 1).rsample([T, E])`` from torch's global generator, as DeepSpeed
+    draws it, so a run seeded as an upstream run routes as it did.
+    """
+
+    def __init__(self, dim: int, num_experts: int, *, sample_second: bool = True, bias: bool = False) -> None:
+        super().__init__(dim, num_experts, 2, renormalize=True, bias=bias)
+        self.sample_second = sample_second
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k=2, sample_second={self.sample_second}"
+
+    def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        logits = self.compute_logits(x, modality_ids)  # [T, E]
+        probs = logits.softmax(dim=-1)
+        first = probs.argmax(dim=-1)  # [T]
+        second_scores = logits
+        if self.sample_second:
+            zero, one = torch.zeros((), device=logits.device), torch.ones((), device=logits.device)
+            second_scores = logits + torch.distributions.Gumbel(zero, one).rsample(logits.shape)
+        taken = F.one_hot(first, self.num_experts).bool()
+        second = second_scores.masked_fill(taken, float("-inf")).argmax(dim=-1)  # [T]
+        index = torch.stack([first, second], dim=-1)  # [T, 2]
+        chosen = probs.gather(-1, index)  # [T, 2]
+        return Routing(
+            expert_index=index,
+            combine_weights=chosen / chosen.sum(dim=-1, keepdim=True),
+            dropped=torch.zeros_like(index, dtype=torch.bool),
+            router_probs=probs,
+            router_logits=logits,
+            modality_ids=modality_ids,
+            renormalize_kept=True,
         )
 
 
