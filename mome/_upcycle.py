@@ -5,39 +5,58 @@ Checkpoints", ICLR 2023, arXiv:2212.05055; MoE-LLaVA stage III, Lin et al. 2024,
 the FFN of each chosen block becomes an MoE whose ``E`` experts are copies of that FFN and whose
 router starts from its own random init; every other parameter is copied. With a top-k router that
 renormalises the chosen weights (``sum_j w_j = 1``) and no capacity limit (the default: dropless),
-the upcycled model computes exactly the dense function: ``sum_j w_j FFN(x) = FFN(x)``.
+the upcycled model computes exactly the dense function: ``sum_j w_j FFN(x) = FFN(x)``. A capacity
+limit (``capacity_factor``), weights that are not renormalised (V-MoE's ``renormalize=False``) or a
+Soft MoE layer (``moe_type="soft"``: slots mix the tokens of a sequence) start from a different
+function; those models are an initialisation, not the dense model.
 
-Dense models understood:
+Dense models understood, each rebuilt as a registered architecture of this module so that the
+result saves with :func:`mome.save_pretrained` and reloads exactly with
+``mome.create_model("local-dir:...")`` (``mome_model_name`` / ``mome_model_args`` are recorded):
 
 - a timm ``VisionTransformer`` (module, or a timm model name, optionally ``"timm:"``-prefixed, built
-  with ``timm.create_model``) -> :class:`~mome.models.MoEVisionTransformer` (V-MoE, or Soft MoE with
-  ``moe_type="soft"``) of the same configuration, weights through
+  with ``timm.create_model``) -> ``upcycled_timm_vit``: a :class:`~mome.models.MoEVisionTransformer`
+  (V-MoE, or Soft MoE with ``moe_type="soft"``) of the same configuration, weights through
   :func:`mome.convert.convert_timm_vit`;
-- an open_clip ``CLIP`` -> :class:`~mome.models.limoe.LIMoE` of the same width and depth, weights
-  through :func:`mome.convert.convert_open_clip` (visual tower's blocks; the class embedding and
-  ``ln_pre`` are left out, so this is an initialisation, not the same function);
-- a transformers causal LM (Llama, Mistral, Qwen2, Phi, StableLM, ...) -> the same model (a copy)
-  whose chosen decoder layers' ``mlp`` is a :class:`~mome.layers.MoE` built with
+- an open_clip ``CLIP`` (ViT image tower, transformer text tower) -> ``upcycled_open_clip``: the same
+  two-tower CLIP whose chosen blocks of both towers have an MoE FFN, weights through
+  :func:`mome.convert.convert_open_clip`. (A one-tower :class:`~mome.models.limoe.LIMoE` cannot compute
+  what a two-tower CLIP computes; ``convert_open_clip`` also initialises a LIMoE from CLIP weights, as an
+  initialisation only.)
+- a transformers causal LM (Llama, Mistral, Qwen2, Phi, StableLM, ...) -> ``upcycled_causal_lm``: the
+  same model (a copy) whose chosen decoder layers' ``mlp`` is a :class:`~mome.layers.MoE` built with
   :meth:`mome.layers.MoE.from_dense`. ``MoE`` maps ``[B, N, D] -> [B, N, D]`` like the MLP it
-  replaces, so the decoder layers, ``generate`` and :func:`mome.aux_losses` work unchanged;
-  ``from_pretrained`` cannot rebuild it (save it with ``safetensors.torch.save_model``).
+  replaces, so the decoder layers, ``generate`` and :func:`mome.aux_losses` work unchanged.
+
+The recorded ``model_args`` are JSON: the dense configuration (timm ViT arguments with activation and
+norm layers written as ``{"type": "torch.nn.GELU", ...}``; open_clip's model config; the transformers
+config dict) and the MoE options. A router given as a callable cannot be recorded: such a model runs,
+but :func:`mome.save_pretrained` refuses it.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
+from ._pretrained import PretrainedCfg
+from ._registry import register_model
 from .layers import MoE, Router, TopKRouter
 from .models import MoEVisionTransformer, resolve_moe_layers
+from .models._moe_vit import build_moe_ffn
 
-__all__ = ["upcycle"]
+__all__ = ["upcycle", "upcycled_causal_lm", "upcycled_open_clip", "upcycled_timm_vit"]
 
 RouterSpec = str | Callable[[int, int], Router]
+
+#: Namespaces a recorded layer type may name (``{"type": "torch.nn.GELU"}``): nothing else is imported.
+_LAYER_NAMESPACES = {"torch.nn": "torch.nn", "timm.layers": "timm.layers"}
 
 
 def upcycle(
@@ -59,16 +78,22 @@ def upcycle(
             an open_clip ``CLIP``, or a transformers causal LM. Modules are not modified.
         num_experts: experts per MoE layer.
         top_k: experts per token.
-        moe_layers: which blocks become MoE (:func:`mome.models.resolve_moe_layers`); None: V-MoE's
-            ``"every_2"`` for vision and LIMoE, MoE-LLaVA's ``"every_2_from_0"`` for language models.
+        moe_layers: which blocks become MoE (:func:`mome.models.resolve_moe_layers`; for a CLIP, in
+            each tower); None: V-MoE's ``"every_2"`` for vision and CLIP, MoE-LLaVA's
+            ``"every_2_from_0"`` for language models.
         router: ``"top_k"``, ``"noisy_top_k"`` (V-MoE, sigma = 1/E at training) or, for the sparse
-            layers of vision models, any router name :class:`~mome.layers.SparseMoE` takes; a
-            callable ``(dim, num_experts) -> Router`` for language models.
-        moe_type: ``"sparse"`` or ``"soft"`` (Soft MoE; vision models only).
+            layers of vision models, any router name :class:`~mome.layers.SparseMoE` takes; for language
+            models also a callable ``(dim, num_experts) -> Router`` (not savable).
+        moe_type: ``"sparse"`` or ``"soft"`` (Soft MoE; vision models and CLIP only).
         renormalize: renormalise the top-k weights (needed for the upcycled model to equal the dense one).
         pretrained: with a timm name, load timm's pretrained weights (cache / hub, offline-aware).
         **moe_kwargs: further MoE options (``capacity_factor``, ``aux_loss_weights``, ``dispatch``,
             ``group_size_images``, ``slots_per_expert``, ...). Dropless unless a capacity is given.
+
+    Returns:
+        the MoE model, in ``dense``'s device, dtype and train/eval mode, with ``mome_model_name`` and
+        ``mome_model_args`` recorded so that :func:`mome.save_pretrained` writes a folder
+        ``mome.create_model("local-dir:...")`` rebuilds exactly.
     """
     if isinstance(dense, str):
         import timm
@@ -76,22 +101,153 @@ def upcycle(
         dense = timm.create_model(dense.removeprefix("timm:"), pretrained=pretrained)
     from timm.models.vision_transformer import VisionTransformer
 
-    if isinstance(dense, MoEVisionTransformer):
+    if moe_type not in ("sparse", "soft"):
+        raise ValueError(f"moe_type must be 'sparse' or 'soft', got {moe_type!r}")
+    if isinstance(dense, MoEVisionTransformer) or any(isinstance(m, MoE) for m in dense.modules()):
         raise ValueError("this model already has MoE layers; upcycle a dense model")
+    moe = dict(moe_kwargs)
     if isinstance(dense, VisionTransformer):
-        return _upcycle_timm_vit(dense, num_experts, top_k, moe_layers, router, moe_type, renormalize, moe_kwargs)
+        args = _moe_args(
+            num_experts,
+            top_k,
+            "every_2" if moe_layers is None else moe_layers,
+            router,
+            moe_type,
+            renormalize,
+            moe,
+            vision=True,
+        )
+        return _upcycle_timm_vit(dense, args)
     if all(hasattr(dense, name) for name in ("visual", "token_embedding", "encode_text")):
-        return _upcycle_open_clip(dense, num_experts, top_k, moe_layers, router, moe_type, renormalize, moe_kwargs)
+        args = _moe_args(
+            num_experts,
+            top_k,
+            "every_2" if moe_layers is None else moe_layers,
+            router,
+            moe_type,
+            renormalize,
+            moe,
+            vision=False,
+        )
+        return _upcycle_open_clip(dense, args)
     if hasattr(dense, "config") and hasattr(dense.config, "num_hidden_layers"):
         if moe_type != "sparse":
             raise ValueError(
                 "language models are upcycled with moe_type='sparse' (Soft MoE mixes tokens of a sequence)"
             )
-        return _upcycle_causal_lm(dense, num_experts, top_k, moe_layers, router, renormalize, moe_kwargs)
+        return _upcycle_causal_lm(
+            dense, num_experts, top_k, "every_2_from_0" if moe_layers is None else moe_layers, router, renormalize, moe
+        )
     raise TypeError(
         f"cannot upcycle a {type(dense).__name__}: expected a timm VisionTransformer (or timm name), "
         "an open_clip CLIP or a transformers causal LM"
     )
+
+
+# ------------------------------------------------------------------------------------------ shared
+def _moe_args(
+    num_experts: int,
+    top_k: int,
+    moe_layers: str | Sequence[int],
+    router: RouterSpec,
+    moe_type: str,
+    renormalize: bool,
+    options: dict[str, Any],
+    vision: bool,
+) -> dict[str, Any]:
+    """The MoE arguments of the vision/CLIP entrypoints, as they are recorded (``moe_kwargs`` JSON)."""
+    if callable(router):
+        raise ValueError("vision models and CLIPs take a router name (e.g. 'top_k'), not a callable")
+    slots = options.pop("slots_per_expert", 1)
+    group_size_images = options.pop("group_size_images", None)
+    if group_size_images is not None and not vision:
+        raise ValueError("group_size_images applies to timm ViTs only")
+    if moe_type == "sparse":
+        options.setdefault("renormalize", renormalize)
+    elif options:
+        raise ValueError(f"{sorted(options)} configure sparse layers; a Soft MoE takes only slots_per_expert")
+    args = dict(
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_layers=moe_layers if isinstance(moe_layers, str) else [int(i) for i in moe_layers],
+        moe_type=moe_type,
+        router=router,
+        slots_per_expert=slots,
+        moe_kwargs=options,
+    )
+    if vision:
+        args["group_size_images"] = group_size_images
+    return args
+
+
+def _structure(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(name, type, extra_repr)`` of every submodule outside ``skip`` (what must agree to copy weights)."""
+    return [
+        (name, type(module).__name__, module.extra_repr())
+        for name, module in model.named_modules()
+        if name and not any(name == s or name.startswith(s + ".") for s in skip)
+    ]
+
+
+def _check_same_structure(model: nn.Module, dense: nn.Module, skip: Sequence[str], how: str) -> None:
+    ours, theirs = _structure(model, skip), _structure(dense, skip)
+    dense_names = {name for name, _, _ in theirs}
+    ours = [m for m in ours if m[1] != "Identity" or m[0] in dense_names]  # placeholders that compute nothing
+    if ours != theirs:
+        diff = [f"{a} vs dense {b}" for a, b in zip(ours, theirs) if a != b][:5]
+        if not diff:
+            diff = [f"{len(ours)} modules vs dense {len(theirs)}"]
+        raise ValueError(f"cannot rebuild this {type(dense).__name__} as {how} exactly; first differences: {diff}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _finish(model: nn.Module, dense: nn.Module, arch: str, args: dict[str, Any]) -> nn.Module:
+    """``model`` on ``dense``'s device/dtype and mode, with what :func:`mome.save_pretrained` records."""
+    parameter = next(dense.parameters())
+    if parameter.dtype != torch.float32:
+        args["dtype"] = _dtype_name(parameter.dtype)
+    model.mome_model_name = arch
+    model.mome_model_args = args
+    return model.to(device=parameter.device, dtype=parameter.dtype).train(dense.training)
+
+
+def _with_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
+    if dtype is None:
+        return model
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
+    return model.to(resolved)
+
+
+def layer_spec(module: nn.Module, **kwargs: Any) -> dict[str, Any]:
+    """``{"type": "torch.nn.GELU", **kwargs}``: a JSON record of a ``torch.nn`` or ``timm.layers`` class."""
+    import importlib
+
+    cls = type(module)
+    for prefix, namespace in _LAYER_NAMESPACES.items():
+        if getattr(importlib.import_module(namespace), cls.__name__, None) is cls:
+            return {"type": f"{prefix}.{cls.__name__}", **kwargs}
+    raise ValueError(f"cannot record the layer type {cls.__module__}.{cls.__qualname__} (torch.nn or timm.layers)")
+
+
+def layer_from_spec(spec: str | Mapping[str, Any] | None) -> Any:
+    """The layer class (or partial) a :func:`layer_spec` record names; a str (timm name) or None as is."""
+    import importlib
+
+    if spec is None or isinstance(spec, str):
+        return spec
+    options = dict(spec)
+    prefix, _, name = str(options.pop("type", "")).rpartition(".")
+    cls = (
+        getattr(importlib.import_module(_LAYER_NAMESPACES[prefix]), name, None) if prefix in _LAYER_NAMESPACES else None
+    )
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"layer spec {dict(spec)!r}: 'type' must name a torch.nn or timm.layers module class")
+    return functools.partial(cls, **options) if options else cls
 
 
 # ------------------------------------------------------------------------------------------ timm ViT
@@ -99,16 +255,18 @@ def _is_identity(module: nn.Module | None) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
 
+def _act_spec(act: nn.Module) -> dict[str, Any]:
+    return layer_spec(act, approximate=act.approximate) if isinstance(act, nn.GELU) else layer_spec(act)
+
+
 def _timm_vit_kwargs(vit: nn.Module) -> dict[str, Any]:
-    """The ``VisionTransformer`` arguments that rebuild ``vit``'s structure (checked afterwards)."""
+    """The ``VisionTransformer`` arguments, as JSON, that rebuild ``vit``'s structure (checked afterwards)."""
     block = vit.blocks[0]
     attn, mlp, norm = block.attn, block.mlp, block.norm1
-    act = mlp.act
-    act_layer = functools.partial(nn.GELU, approximate=act.approximate) if type(act) is nn.GELU else type(act)
     drop_path = getattr(vit.blocks[-1].drop_path1, "drop_prob", 0.0)
     return dict(
-        img_size=vit.patch_embed.img_size,
-        patch_size=vit.patch_embed.patch_size,
+        img_size=list(vit.patch_embed.img_size),
+        patch_size=list(vit.patch_embed.patch_size),
         in_chans=vit.patch_embed.proj.in_channels,
         num_classes=vit.num_classes,
         global_pool=vit.global_pool,
@@ -137,108 +295,218 @@ def _timm_vit_kwargs(vit: nn.Module) -> dict[str, Any]:
         proj_drop_rate=attn.proj_drop.p,
         attn_drop_rate=attn.attn_drop.p,
         drop_path_rate=drop_path,
-        norm_layer=functools.partial(type(norm), eps=norm.eps),
-        act_layer=act_layer,
+        norm_layer=layer_spec(norm, eps=norm.eps),
+        act_layer=_act_spec(mlp.act),
     )
 
 
-def _structure(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, str, str]]:
-    return [
-        (name, type(module).__name__, module.extra_repr())
-        for name, module in model.named_modules()
-        if name and not any(name == s or name.startswith(s + ".") for s in skip)
-    ]
-
-
-def _upcycle_timm_vit(
-    dense: nn.Module,
-    num_experts: int,
-    top_k: int,
-    moe_layers: str | Sequence[int] | None,
-    router: RouterSpec,
-    moe_type: str,
-    renormalize: bool,
-    moe_kwargs: Mapping[str, Any],
+@register_model
+def upcycled_timm_vit(
+    pretrained: bool = False,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    moe_layers: str | Sequence[int] = "every_2",
+    router: str = "top_k",
+    moe_kwargs: Mapping[str, Any] | None = None,
+    act_layer: str | Mapping[str, Any] | None = None,
+    norm_layer: str | Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    **kwargs: Any,
 ) -> MoEVisionTransformer:
-    from .convert import convert_timm_vit
+    """A timm ViT sparsely upcycled by :func:`mome.upcycle` (what its saved folder rebuilds).
 
-    options = dict(moe_kwargs)
-    slots = options.pop("slots_per_expert", 1)
-    group_size_images = options.pop("group_size_images", None)
-    if moe_type == "sparse":
-        options.setdefault("renormalize", renormalize)
+    :class:`~mome.models.MoEVisionTransformer` with a renormalised top-k router and no capacity limit
+    by default (``moe_kwargs={"renormalize": True}``), so that dense weights compute the dense function.
+    ``act_layer`` / ``norm_layer``: a timm layer name or a :func:`layer_spec` record; ``dtype``: the
+    parameters' dtype name. The other arguments are :class:`~mome.models.MoEVisionTransformer`'s.
+    """
+    options = dict(moe_kwargs or {})
+    if kwargs.get("moe_type", "sparse") == "sparse":
+        options.setdefault("renormalize", True)
     model = MoEVisionTransformer(
         num_experts=num_experts,
         top_k=top_k,
-        moe_layers="every_2" if moe_layers is None else moe_layers,
-        moe_type=moe_type,
+        moe_layers=moe_layers,
         router=router,
-        slots_per_expert=slots,
-        group_size_images=group_size_images,
         moe_kwargs=options,
-        **_timm_vit_kwargs(dense),
+        act_layer=layer_from_spec(act_layer),
+        norm_layer=layer_from_spec(norm_layer),
+        **kwargs,
     )
+    return _with_dtype(model, dtype)
+
+
+def _upcycle_timm_vit(dense: nn.Module, moe_args: dict[str, Any]) -> MoEVisionTransformer:
+    from .convert import convert_timm_vit
+
+    args = {**_timm_vit_kwargs(dense), **moe_args}
+    model = upcycled_timm_vit(**args)
     skip = [f"blocks.{i}.mlp" for i in model.moe_layer_indices]
-    ours, theirs = _structure(model, skip), _structure(dense, skip)
-    if ours != theirs:
-        diff = [f"{a} vs dense {b}" for a, b in zip(ours, theirs) if a != b][:5]
-        raise ValueError(f"cannot rebuild this {type(dense).__name__} as an MoE ViT exactly; first differences: {diff}")
+    _check_same_structure(model, dense, skip, "an MoE ViT")
     model.load_state_dict(convert_timm_vit(dense.state_dict(), model), strict=True)
     data_cfg = getattr(dense, "pretrained_cfg", None) or {}
     fields = ("input_size", "mean", "std", "interpolation", "crop_pct")
     model.pretrained_cfg = model.pretrained_cfg.replace(**{k: data_cfg[k] for k in fields if k in data_cfg})
-    parameter = next(dense.parameters())
-    return model.to(device=parameter.device, dtype=parameter.dtype).train(dense.training)
+    return _finish(model, dense, "upcycled_timm_vit", args)
 
 
 # ------------------------------------------------------------------------------------------ open_clip
-def _upcycle_open_clip(
-    clip: nn.Module,
-    num_experts: int,
-    top_k: int,
-    moe_layers: str | Sequence[int] | None,
-    router: RouterSpec,
-    moe_type: str,
-    renormalize: bool,
-    moe_kwargs: Mapping[str, Any],
-) -> nn.Module:
-    from .convert import OPEN_CLIP_NO_COUNTERPART, convert_open_clip
-    from .models.limoe import LIMoE
+#: ``open_clip.get_model_config("ViT-B-32")``: the default of ``upcycled_open_clip``
+_OPEN_CLIP_DEFAULT = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12},
+}
+_CLIP_VOCAB = 49408  # open_clip's CLIP BPE
 
+
+def _tower_cfg(transformer: nn.Module) -> dict[str, Any]:
+    block = transformer.resblocks[0]
+    width = block.mlp.c_fc.in_features
+    cfg: dict[str, Any] = dict(
+        layers=len(transformer.resblocks),
+        width=width,
+        mlp_ratio=block.mlp.c_fc.out_features / width,
+        ls_init_value=None if _is_identity(block.ls_1) else 1.0,  # values come with the weights
+    )
+    if block.ln_1.eps != 1e-5:
+        cfg["norm_kwargs"] = {"eps": block.ln_1.eps}
+    return cfg
+
+
+def _open_clip_cfg(clip: nn.Module) -> dict[str, Any]:
+    """The open_clip model config (``CLIP(**cfg)``) that rebuilds ``clip``'s structure (checked afterwards)."""
     visual = clip.visual
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
-        raise TypeError(f"only open_clip CLIPs with a ViT image tower can become a LIMoE, not {type(visual).__name__}")
-    block = visual.transformer.resblocks[0]
-    width = visual.conv1.out_channels
-    options = dict(moe_kwargs)
-    slots = options.pop("slots_per_expert", 1)
-    if moe_type == "sparse":
-        options.setdefault("renormalize", renormalize)
-        options.setdefault("num_modalities", 2)  # image and text tokens share the routed layers
-    model = LIMoE(
-        img_size=visual.image_size,
-        patch_size=visual.conv1.kernel_size,
-        in_chans=visual.conv1.in_channels,
-        width=width,
-        depth=len(visual.transformer.resblocks),
-        num_heads=block.attn.num_heads,
-        mlp_ratio=block.mlp.c_fc.out_features / width,
-        embed_dim=visual.proj.shape[1],
-        vocab_size=clip.token_embedding.num_embeddings,
-        context_length=clip.positional_embedding.shape[0],
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_layers="every_2" if moe_layers is None else moe_layers,
-        moe_type=moe_type,
-        router=router,
-        slots_per_expert=slots,
-        moe_kwargs=options,
-        act_layer=type(block.mlp.gelu),
+        raise TypeError(f"only open_clip CLIPs with a ViT image tower can be upcycled, not {type(visual).__name__}")
+    if not hasattr(clip, "transformer"):
+        raise TypeError(
+            f"only open_clip CLIPs with a transformer text tower can be upcycled, not {type(clip).__name__}"
+        )
+    vision = _tower_cfg(visual.transformer)
+    vision.update(
+        image_size=list(visual.image_size),
+        patch_size=list(visual.patch_size),
+        head_width=vision["width"] // visual.transformer.resblocks[0].attn.num_heads,
+        patch_dropout=float(getattr(visual.patch_dropout, "prob", 0.0)),
+        no_ln_pre=_is_identity(visual.ln_pre),
+        final_ln_after_pool=bool(visual.final_ln_after_pool),
+        pool_type=visual.pool_type,
+        output_tokens=bool(visual.output_tokens),
     )
-    state = convert_open_clip(clip.state_dict(), model, ignore_prefixes=OPEN_CLIP_NO_COUNTERPART)
-    model.load_state_dict(state, strict=True)
-    parameter = next(clip.parameters())
-    return model.to(device=parameter.device, dtype=parameter.dtype).train(clip.training)
+    text = _tower_cfg(clip.transformer)
+    text.update(
+        context_length=int(clip.context_length),
+        vocab_size=int(clip.vocab_size),
+        heads=clip.transformer.resblocks[0].attn.num_heads,
+        no_causal_mask=clip.attn_mask is None,
+        pool_type=clip.text_pool_type,
+        eos_id=int(clip.text_eos_id),
+        proj_type="none" if clip.text_projection is None else "linear",
+        proj_bias=isinstance(clip.text_projection, nn.Linear) and clip.text_projection.bias is not None,
+    )
+    proj = clip.text_projection
+    embed_dim = (proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]) if proj is not None else 0
+    from open_clip.transformer import QuickGELU
+
+    cfg: dict[str, Any] = dict(
+        embed_dim=int(embed_dim or visual.output_dim),
+        vision_cfg=vision,
+        text_cfg=text,
+        quick_gelu=isinstance(visual.transformer.resblocks[0].mlp.gelu, QuickGELU),
+    )
+    if clip.logit_scale.dim():
+        cfg["nonscalar_logit_scale"] = True
+    if getattr(clip, "logit_bias", None) is not None:
+        cfg["init_logit_bias"] = 0.0  # SigLIP: the value comes with the weights
+    return cfg
+
+
+def _clip_ffn_as_mlp(ffn: nn.Module) -> nn.Module:
+    """open_clip's ``mlp`` (``Sequential(c_fc, gelu, c_proj)``) viewed as a timm ``Mlp`` (same modules)."""
+    from timm.layers import Mlp
+
+    names = [name for name, _ in ffn.named_children()]
+    if names != ["c_fc", "gelu", "c_proj"]:
+        raise ValueError(f"cannot upcycle an open_clip MLP with children {names} (expected c_fc, gelu, c_proj)")
+    with torch.device("meta"):
+        mlp = Mlp(ffn.c_fc.in_features, ffn.c_fc.out_features)
+    mlp.fc1, mlp.act, mlp.fc2 = ffn.c_fc, ffn.gelu, ffn.c_proj
+    return mlp
+
+
+def _clip_moe_blocks(clip: nn.Module, moe_layers: str | Sequence[int]) -> list[str]:
+    """The module names of the MLPs that become MoE layers: the chosen blocks of each tower."""
+    names = []
+    for tower in ("visual.transformer", "transformer"):
+        blocks = clip.get_submodule(tower).resblocks
+        names += [f"{tower}.resblocks.{i}.mlp" for i in resolve_moe_layers(moe_layers, len(blocks))]
+    return names
+
+
+@register_model
+def upcycled_open_clip(
+    pretrained: bool = False,
+    *,
+    model_cfg: Mapping[str, Any] | None = None,
+    num_experts: int = 8,
+    top_k: int = 2,
+    moe_layers: str | Sequence[int] = "every_2",
+    moe_type: Literal["sparse", "soft"] = "sparse",
+    router: str = "top_k",
+    slots_per_expert: int = 1,
+    moe_kwargs: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+) -> nn.Module:
+    """An open_clip CLIP sparsely upcycled by :func:`mome.upcycle` (what its saved folder rebuilds).
+
+    ``open_clip.model.CLIP(**model_cfg)`` (default: open_clip's ``ViT-B-32`` config) whose FFN in the
+    blocks ``moe_layers`` of *each* tower is an MoE (a renormalised top-k router without a capacity
+    limit by default, so that dense weights compute the dense function). The open_clip interface is
+    unchanged (``encode_image``, ``encode_text``, ``forward(image, text)``, ``logit_scale``); every
+    non-MoE parameter keeps open_clip's name, so the ``"open_clip"`` checkpoint format loads into it.
+    """
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from open_clip.model import CLIP
+
+    cfg = copy.deepcopy(dict(model_cfg or _OPEN_CLIP_DEFAULT))
+    clip = CLIP(**cfg)
+    options = {"renormalize": True, **(moe_kwargs or {})} if moe_type == "sparse" else dict(moe_kwargs or {})
+    for name in _clip_moe_blocks(clip, moe_layers):
+        parent, _, child = name.rpartition(".")
+        dense = _clip_ffn_as_mlp(clip.get_submodule(name))
+        moe = build_moe_ffn(dense, num_experts, top_k, moe_type, router, slots_per_expert, options, upcycle=True)
+        setattr(clip.get_submodule(parent), child, moe)
+    clip.moe_layer_names = _clip_moe_blocks(clip, moe_layers)
+    text_cfg = cfg.get("text_cfg", {})
+    standard_bpe = text_cfg.get("vocab_size", _CLIP_VOCAB) == _CLIP_VOCAB and not text_cfg.get("hf_tokenizer_name")
+    clip.pretrained_cfg = PretrainedCfg(
+        input_size=(3, *clip.visual.image_size),
+        mean=OPENAI_DATASET_MEAN,
+        std=OPENAI_DATASET_STD,
+        interpolation="bicubic",
+        crop_pct=1.0,
+        context_length=clip.context_length,
+        tokenizer="open_clip:ViT-B-32" if standard_bpe else None,  # open_clip's CLIP BPE
+        paper_ids="arXiv:2212.05055",
+        paper_name="Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints",
+    )
+    return _with_dtype(clip, dtype)
+
+
+def _upcycle_open_clip(clip: nn.Module, moe_args: dict[str, Any]) -> nn.Module:
+    from .convert import convert_open_clip
+
+    args = {"model_cfg": _open_clip_cfg(clip), **moe_args}
+    model = upcycled_open_clip(**args)
+    _check_same_structure(model, clip, model.moe_layer_names, "an upcycled open_clip CLIP")
+    model.load_state_dict(convert_open_clip(clip.state_dict(), model), strict=True)
+    data_cfg = getattr(clip, "pretrained_cfg", None) or {}
+    fields = {k: data_cfg[k] for k in ("mean", "std", "interpolation") if data_cfg.get(k) is not None}
+    if fields:
+        model.pretrained_cfg = model.pretrained_cfg.replace(**fields)
+    return _finish(model, clip, "upcycled_open_clip", args)
 
 
 # ------------------------------------------------------------------------------------------ causal LMs
@@ -261,23 +529,100 @@ def _build_router(router: RouterSpec, dim: int, num_experts: int, top_k: int, re
     return TopKRouter(dim, num_experts, top_k, renormalize=renormalize, noise_std=noise_std)
 
 
-def _upcycle_causal_lm(
-    dense: nn.Module,
+def _moe_into_lm(
+    model: nn.Module,
     num_experts: int,
     top_k: int,
-    moe_layers: str | Sequence[int] | None,
+    moe_layers: str | Sequence[int],
     router: RouterSpec,
     renormalize: bool,
     moe_kwargs: Mapping[str, Any],
 ) -> nn.Module:
-    model = copy.deepcopy(dense)
+    """Replace the chosen decoder layers' ``mlp`` of ``model`` (in place) by MoEs of copies of it."""
     layers = _decoder_layers(model)
-    indices = resolve_moe_layers("every_2_from_0" if moe_layers is None else moe_layers, len(layers))
     dim = model.config.hidden_size
-    for index in indices:
+    for index in resolve_moe_layers(moe_layers, len(layers)):
         mlp = layers[index].mlp
         parameter = next(mlp.parameters())
         gate = _build_router(router, dim, num_experts, top_k, renormalize)
         moe = MoE.from_dense(mlp, num_experts, top_k, router=gate, **moe_kwargs)
         layers[index].mlp = moe.to(device=parameter.device, dtype=parameter.dtype)
     return model
+
+
+#: the default of ``upcycled_causal_lm``: a small Llama (a demo size, not a released model)
+_CAUSAL_LM_DEFAULT = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
+
+
+@register_model
+def upcycled_causal_lm(
+    pretrained: bool = False,
+    *,
+    config: Mapping[str, Any] | None = None,
+    num_experts: int = 8,
+    top_k: int = 2,
+    moe_layers: str | Sequence[int] = "every_2_from_0",
+    router: str = "top_k",
+    renormalize: bool = True,
+    moe_kwargs: Mapping[str, Any] | None = None,
+    attn_implementation: str | None = None,
+    dtype: str | None = None,
+) -> nn.Module:
+    """A transformers causal LM sparsely upcycled by :func:`mome.upcycle` (what its saved folder rebuilds).
+
+    ``AutoModelForCausalLM.from_config`` of ``config`` (a transformers config dict with its
+    ``model_type``; default: a 4-layer Llama of width 256) whose decoder layers ``moe_layers`` have an
+    :class:`~mome.layers.MoE` FFN built by :meth:`~mome.layers.MoE.from_dense`.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = dict(config or _CAUSAL_LM_DEFAULT)
+    model_type = options.pop("model_type", None)
+    if not model_type:
+        raise ValueError("upcycled_causal_lm: config needs its 'model_type' (e.g. 'llama')")
+    hf_config = AutoConfig.for_model(model_type, **options)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(hf_config, **extra)
+    model = _moe_into_lm(model, num_experts, top_k, moe_layers, router, renormalize, moe_kwargs or {})
+    model.pretrained_cfg = PretrainedCfg(
+        paper_ids="arXiv:2212.05055",
+        paper_name="Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints",
+    )
+    return _with_dtype(model, dtype)
+
+
+def _upcycle_causal_lm(
+    dense: nn.Module,
+    num_experts: int,
+    top_k: int,
+    moe_layers: str | Sequence[int],
+    router: RouterSpec,
+    renormalize: bool,
+    moe_kwargs: Mapping[str, Any],
+) -> nn.Module:
+    model = _moe_into_lm(copy.deepcopy(dense), num_experts, top_k, moe_layers, router, renormalize, moe_kwargs)
+    if callable(router):
+        return model  # runs, but cannot be recorded: save_pretrained asks for model_name=
+    args = dict(
+        config=json.loads(dense.config.to_json_string(use_diff=False)),
+        num_experts=num_experts,
+        top_k=top_k,
+        moe_layers=moe_layers if isinstance(moe_layers, str) else [int(i) for i in moe_layers],
+        router=router,
+        renormalize=renormalize,
+        moe_kwargs=dict(moe_kwargs),
+        attn_implementation=getattr(dense.config, "_attn_implementation", None),
+    )
+    with torch.device("meta"):  # the recorded arguments must rebuild this structure
+        rebuilt = upcycled_causal_lm(**args)
+    _check_same_structure(rebuilt, model, [], "an upcycled causal LM")
+    model.pretrained_cfg = rebuilt.pretrained_cfg
+    return _finish(model, dense, "upcycled_causal_lm", args)

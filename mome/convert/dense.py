@@ -9,19 +9,23 @@ router (and a Soft MoE's ``mu``/``scale``, and any shared expert) keeps the mode
   (:class:`~mome.models.MoEVisionTransformer`). Non-MoE parameters have timm's names already; in
   an MoE block ``blocks.i.mlp.fc{1,2}.{weight,bias}`` fill ``blocks.i.mlp.experts.{w,b}_{in,out}``.
   ``pos_embed`` is resampled to the model's grid.
-- :func:`convert_open_clip`: an open_clip CLIP state dict into a :class:`~mome.models.limoe.LIMoE`.
-  LIMoE has *one* tower for both modalities, so its blocks come from one CLIP tower
-  (``shared_blocks_from``, the visual tower by default; the other tower's blocks are left out by
-  that choice). The text embeddings, ``ln_final`` and ``text_projection`` map through
-  :func:`~mome.models.limoe.limoe_state_dict_from_open_clip_text`; the image side maps
-  ``visual.conv1`` -> ``patch_embed.proj`` (bias 0: CLIP's conv has none),
-  ``visual.positional_embedding[1:]`` -> ``pos_embed`` (LIMoE has no class token),
-  ``visual.ln_post`` -> ``image_norm``, ``visual.proj`` (``[D, E]``) -> ``image_proj.weight``
-  (bias 0), and ``logit_scale``. ``visual.class_embedding`` (with the class row of the positions)
-  and ``visual.ln_pre`` have no LIMoE counterpart and are reported unless ignored
-  (:data:`OPEN_CLIP_NO_COUNTERPART`). This is an initialisation, not the same function: CLIP's
-  text attention is causal and its image head pools the class token, LIMoE's text is
-  bidirectional and its image head averages the patches.
+- :func:`convert_open_clip`: an open_clip CLIP state dict into
+
+  * an upcycled open_clip CLIP (``mome.upcycle(clip)``, arch ``upcycled_open_clip``): open_clip's own
+    names everywhere; in an MoE block ``mlp.c_fc`` / ``mlp.c_proj`` fill every expert. The dense
+    function is kept (renormalised top-k, dropless).
+  * a :class:`~mome.models.limoe.LIMoE`, as an *initialisation only*. LIMoE has *one* tower for both
+    modalities, so its blocks come from one CLIP tower (``shared_blocks_from``, the visual tower by
+    default; the other tower's blocks are left out by that choice). The text embeddings, ``ln_final``
+    and ``text_projection`` map through :func:`~mome.models.limoe.limoe_state_dict_from_open_clip_text`;
+    the image side maps ``visual.conv1`` -> ``patch_embed.proj`` (bias 0: CLIP's conv has none),
+    ``visual.positional_embedding[1:]`` -> ``pos_embed`` (LIMoE has no class token),
+    ``visual.ln_post`` -> ``image_norm``, ``visual.proj`` (``[D, E]``) -> ``image_proj.weight``
+    (bias 0), and ``logit_scale``. ``visual.class_embedding`` (with the class row of the positions)
+    and ``visual.ln_pre`` have no LIMoE counterpart and are reported unless ignored
+    (:data:`OPEN_CLIP_NO_COUNTERPART`). The LIMoE does not compute the CLIP's function: one tower
+    serves both modalities, CLIP's text attention is causal and its image head pools the class token,
+    LIMoE's text is bidirectional and its image head averages the patches.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..layers import Experts
 from ..models.limoe import LIMoE, limoe_state_dict_from_open_clip_text
 from ._keymap import KeyMap, replicate, resample_pos_embed
 
@@ -40,19 +45,31 @@ __all__ = ["OPEN_CLIP_NO_COUNTERPART", "convert_open_clip", "convert_timm_vit"]
 #: open_clip CLIP keys (prefixes) with no LIMoE counterpart; pass them as ``ignore_prefixes`` to accept the loss.
 OPEN_CLIP_NO_COUNTERPART = ("visual.class_embedding", "visual.ln_pre.")
 
-#: stacked Experts parameter <- dense timm ``Mlp`` parameter (both nn.Linear layout)
-_EXPERTS_FROM_MLP = (("w_in", "fc1.weight"), ("b_in", "fc1.bias"), ("w_out", "fc2.weight"), ("b_out", "fc2.bias"))
+#: stacked Experts parameter <- dense FFN parameter (both nn.Linear layout), per dense naming (timm, open_clip)
+_EXPERTS_FROM_FFN = {
+    "timm": (("w_in", "fc1.weight"), ("b_in", "fc1.bias"), ("w_out", "fc2.weight"), ("b_out", "fc2.bias")),
+    "open_clip": (("w_in", "c_fc.weight"), ("b_in", "c_fc.bias"), ("w_out", "c_proj.weight"), ("b_out", "c_proj.bias")),
+}
 
 
-def _moe_block_indices(model: nn.Module) -> list[int]:
-    return [i for i, block in enumerate(model.blocks) if hasattr(block.mlp, "experts")]
+def _moe_ffns(model: nn.Module) -> list[tuple[str, Experts]]:
+    """``(module name, experts)`` of every MoE FFN of ``model`` (sparse or soft)."""
+    return [(name, m.experts) for name, m in model.named_modules() if isinstance(getattr(m, "experts", None), Experts)]
+
+
+def _copy_dense_ffns(km: KeyMap, model: nn.Module, naming: str) -> None:
+    """Every expert of each MoE FFN ``<name>`` from the dense FFN of the same name (``<name>.fc1.weight``, ...)."""
+    for name, experts in _moe_ffns(model):
+        for ours, theirs in _EXPERTS_FROM_FFN[naming]:  # [out, in] -> [E, out, in]; [out] -> [E, out]
+            if f"{name}.experts.{ours}" in km.target:
+                km.copy(f"{name}.experts.{ours}", f"{name}.{theirs}", lambda v, n=experts.num_experts: replicate(v, n))
 
 
 def _keep_moe_init(km: KeyMap, model: nn.Module) -> None:
-    """Routers, Soft-MoE slot parameters and shared experts of the MoE blocks keep the model's init."""
-    for i in _moe_block_indices(model):
+    """Routers, Soft-MoE slot parameters and shared experts of the MoE FFNs keep the model's init."""
+    for name, _ in _moe_ffns(model):
         for key in km.target:
-            if key.startswith(f"blocks.{i}.mlp.") and key not in km.attempted:
+            if key.startswith(f"{name}.") and key not in km.attempted:
                 km.keep_target(key)
 
 
@@ -65,12 +82,7 @@ def convert_timm_vit(
     shapes that disagree (e.g. a different width or depth).
     """
     km = KeyMap(state, model.state_dict(), "timm ViT state dict", ignore_prefixes)
-    for i in _moe_block_indices(model):
-        experts = model.blocks[i].mlp.experts
-        prefix = f"blocks.{i}.mlp."
-        for ours, theirs in _EXPERTS_FROM_MLP:  # [out, in] -> [E, out, in]; [out] -> [E, out]
-            if f"{prefix}experts.{ours}" in km.target:
-                km.copy(f"{prefix}experts.{ours}", prefix + theirs, lambda v, n=experts.num_experts: replicate(v, n))
+    _copy_dense_ffns(km, model, "timm")
     _keep_moe_init(km, model)
     if "pos_embed" in km.target:
         prefix_tokens = 0 if model.no_embed_class else model.num_prefix_tokens
@@ -84,17 +96,24 @@ def convert_timm_vit(
 
 def convert_open_clip(
     state: Mapping[str, Tensor],
-    model: LIMoE,
+    model: nn.Module,
     *,
     ignore_prefixes: Iterable[str] = (),
     shared_blocks_from: Literal["visual", "text"] = "visual",
 ) -> dict[str, Tensor]:
-    """An open_clip CLIP state dict -> ``model``'s (a LIMoE of the same width and depth); see the module docstring.
+    """An open_clip CLIP state dict -> ``model``'s: an upcycled CLIP (``upcycled_open_clip``) of the same
+    configuration, or a LIMoE of the same width and depth (an initialisation); see the module docstring.
 
     Routers keep the model's init. Raises :class:`~mome.CheckpointMismatchError` on keys without
     a counterpart (e.g. :data:`OPEN_CLIP_NO_COUNTERPART`, unless in ``ignore_prefixes``), missing
     keys or shapes that disagree.
     """
+    if not isinstance(model, LIMoE):  # an upcycled CLIP: open_clip's names, FFNs into every expert
+        km = KeyMap(state, model.state_dict(), "open_clip checkpoint", ignore_prefixes)
+        _copy_dense_ffns(km, model, "open_clip")
+        _keep_moe_init(km, model)
+        km.copy_same_names()
+        return km.finish()
     if shared_blocks_from not in ("visual", "text"):
         raise ValueError(f"shared_blocks_from must be 'visual' or 'text', got {shared_blocks_from!r}")
     blocks_src = "visual.transformer.resblocks." if shared_blocks_from == "visual" else "transformer.resblocks."
