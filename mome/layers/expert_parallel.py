@@ -96,6 +96,7 @@ class ShardedExperts(Experts):
                 act_layer=experts.act,
                 bias=experts.b_in is not None,
                 dispatch=experts.dispatch,
+                dispatch_dtype=experts.dispatch_dtype,
             )
         self.num_experts = experts.num_experts
         self.num_local_experts = local

@@ -28,9 +28,29 @@ from torch import Tensor, nn
 from .dispatch import DispatchPlan
 from .routers import Routing
 
-__all__ = ["Dispatch", "Experts"]
+__all__ = ["Dispatch", "Experts", "resolve_dispatch_dtype", "round_through"]
 
 Dispatch = Literal["sorted", "buffers"]
+
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dispatch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None``, a torch floating dtype, or its name (``"bfloat16"``, ``"float16"``, ``"float32"``) -> dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.removeprefix("torch.")]
+    raise ValueError(
+        f"dispatch_dtype must be None, a floating torch dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}"
+    )
+
+
+def round_through(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``x`` rounded to ``dtype`` and cast back (the data that crosses a bf16 dispatch); as is when None."""
+    if dtype is None or x.dtype == dtype or not x.is_floating_point():
+        return x
+    return x.to(dtype).to(x.dtype)
 
 
 def _grouped_mm_ok(rows: Tensor, weight: Tensor) -> bool:
@@ -170,6 +190,9 @@ class Experts(nn.Module):
         act_layer: activation module class (``nn.GELU`` default, ``nn.SiLU`` for SwiGLU).
         bias: biases on both projections.
         dispatch: default dispatch path, ``"sorted"`` or ``"buffers"``.
+        dispatch_dtype: the dtype the tokens and the expert outputs cross the dispatch in (e.g.
+            ``torch.bfloat16``, vmoe's ``Bfloat16Dispatcher``): each expert's input and output are rounded
+            to it and cast back, the FFN and the weighted combine run in the compute dtype. None: no rounding.
     """
 
     def __init__(
@@ -182,6 +205,7 @@ class Experts(nn.Module):
         act_layer: type[nn.Module] | nn.Module = nn.GELU,
         bias: bool = True,
         dispatch: Dispatch = "sorted",
+        dispatch_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
@@ -192,6 +216,7 @@ class Experts(nn.Module):
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.gated = gated
         self.dispatch = dispatch
+        self.dispatch_dtype = resolve_dispatch_dtype(dispatch_dtype)
         in_width = 2 * hidden_dim if gated else hidden_dim
         self.w_in = nn.Parameter(torch.empty(num_experts, in_width, dim))
         self.w_out = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
@@ -212,6 +237,7 @@ class Experts(nn.Module):
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
             f"gated={self.gated}, bias={self.b_in is not None}, dispatch={self.dispatch!r}"
+            + (f", dispatch_dtype={self.dispatch_dtype}" if self.dispatch_dtype is not None else "")
         )
 
     def _activate(self, hidden: Tensor) -> Tensor:
@@ -228,18 +254,20 @@ class Experts(nn.Module):
         """
         num_rows = rows.shape[0]
         group_ends = group_sizes.cumsum(0)
+        rows = round_through(rows, self.dispatch_dtype)
         hidden = grouped_matmul(rows, self.w_in, group_ends)  # [R, H or 2H]
         if self.b_in is not None:  # in place: the matmul output is not saved for its backward
             hidden += self.b_in.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
         out = grouped_matmul(self._activate(hidden), self.w_out, group_ends)  # [R, D]
         if self.b_out is not None:
             out += self.b_out.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
-        return out
+        return round_through(out, self.dispatch_dtype)
 
     def forward_batched(self, buffers: Tensor) -> Tensor:
         """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection)."""
+        buffers = round_through(buffers, self.dispatch_dtype)
         hidden = self._activate(batched_linear(buffers, self.w_in, self.b_in))  # [E, C, H']
-        return batched_linear(hidden, self.w_out, self.b_out)  # [E, C, D]
+        return round_through(batched_linear(hidden, self.w_out, self.b_out), self.dispatch_dtype)  # [E, C, D]
 
     def forward_slots(self, buffers: Tensor) -> Tensor:
         """Per-expert slot buffers of all ``E`` experts ``[E, C, D]`` -> ``[E, C, D]``.

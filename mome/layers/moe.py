@@ -289,7 +289,8 @@ class SparseMoE(MoE):
             callable ``(dim, num_experts) -> Router``.
         renormalize, noise_std, batch_priority, modality_experts: router options (see
             :class:`~mome.layers.routers.TopKRouter`); ``noise_std`` defaults to 1 for the noisy router.
-        gated, act_layer, bias: expert options (see :class:`~mome.layers.experts.Experts`).
+        gated, act_layer, bias, dispatch_dtype: expert options (see :class:`~mome.layers.experts.Experts`;
+            ``dispatch_dtype="bfloat16"`` rounds what crosses the dispatch as vmoe's ``Bfloat16Dispatcher``).
         num_shared_experts: number of always-on shared experts (one FFN of width
             ``num_shared_experts * shared_hidden_dim``, default ``hidden_dim``).
         **moe_kwargs: capacity, dispatch and loss options of :class:`MoE`.
@@ -313,6 +314,7 @@ class SparseMoE(MoE):
         num_shared_experts: int = 0,
         shared_hidden_dim: int | None = None,
         dispatch: Dispatch = "sorted",
+        dispatch_dtype: torch.dtype | str | None = None,
         **moe_kwargs,
     ) -> None:
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
@@ -340,7 +342,16 @@ class SparseMoE(MoE):
             built = ModalityRouter(num_experts)
         else:
             raise ValueError(f"router must be one of {RouterSpec.__args__} or a callable, got {router!r}")
-        experts = Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias, dispatch=dispatch)
+        experts = Experts(
+            num_experts,
+            dim,
+            hidden_dim,
+            gated=gated,
+            act_layer=act_layer,
+            bias=bias,
+            dispatch=dispatch,
+            dispatch_dtype=dispatch_dtype,
+        )
         shared = None
         if num_shared_experts:
             from timm.layers import GluMlp, Mlp

@@ -10,8 +10,10 @@ process the slots, and each token takes a convex combination of all slot outputs
 
 This follows the official ``vmoe/projects/soft_moe/router.py``: the L2 normalisation (eps 1e-6) and
 the learned scalar ``scale`` only enter the logits; ``mu`` is ``[D, E*P]`` (lecun-normal init).
-No auxiliary loss. Shapes: ``B`` sequences, ``M`` tokens, ``D`` width, ``E`` experts, ``P`` slots
-per expert, ``S = E*P``.
+With ``dispatch_dtype`` (e.g. bfloat16) the tokens entering the dispatch and the slot outputs entering
+the combine are rounded to that dtype, as the official router's ``Bfloat16Dispatcher`` does; the weights
+and both weighted sums stay in the compute dtype. No auxiliary loss. Shapes: ``B`` sequences, ``M``
+tokens, ``D`` width, ``E`` experts, ``P`` slots per expert, ``S = E*P``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .experts import Experts
+from .experts import Experts, resolve_dispatch_dtype, round_through
 from .moe import RoutedLayer
 
 __all__ = ["SoftMoE"]
@@ -42,6 +44,9 @@ class SoftMoE(RoutedLayer):
         slots_per_expert: ``P``.
         gated, act_layer, bias: expert options (see :class:`~mome.layers.experts.Experts`).
         experts: pre-built :class:`Experts` (e.g. upcycled), instead of the options above.
+        dispatch_dtype: round the tokens before the dispatch and the slot outputs before the combine
+            to this dtype (``"bfloat16"``: the official Soft MoE's hard-coded ``Bfloat16Dispatcher``);
+            None (default): no rounding.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class SoftMoE(RoutedLayer):
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
         experts: Experts | None = None,
+        dispatch_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
@@ -67,11 +73,22 @@ class SoftMoE(RoutedLayer):
             )
         self.num_experts = num_experts
         self.slots_per_expert = slots_per_expert
+        self.dispatch_dtype = resolve_dispatch_dtype(dispatch_dtype)
         self.mu = nn.Parameter(torch.randn(dim, num_experts * slots_per_expert) / math.sqrt(dim))  # lecun normal
         self.scale = nn.Parameter(torch.ones(()))
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}"
+        extra = f", dispatch_dtype={self.dispatch_dtype}" if self.dispatch_dtype is not None else ""
+        return f"num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}{extra}"
+
+    def routing_weights(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dispatch, combine)``, each ``[B, M, E*P]`` (slot ``e*P + p``), for tokens ``[B, M, D]``."""
+        logits = torch.einsum(
+            "bmd,ds->bms", _l2_normalize(tokens, -1), _l2_normalize(self.mu, 0) * self.scale
+        ).float()  # [B, M, S]
+        dispatch = logits.softmax(dim=1).to(tokens.dtype)  # over tokens
+        combine = logits.softmax(dim=2).to(tokens.dtype)  # over slots
+        return dispatch, combine
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
         """``x [B, M, D]`` (or ``[M, D]``, one sequence) -> same shape."""
@@ -79,12 +96,8 @@ class SoftMoE(RoutedLayer):
         tokens = x.unsqueeze(0) if squeeze else x  # [B, M, D]
         batch, _, dim = tokens.shape
         num_experts, slots = self.num_experts, self.slots_per_expert
-        logits = torch.einsum(
-            "bmd,ds->bms", _l2_normalize(tokens, -1), _l2_normalize(self.mu, 0) * self.scale
-        ).float()  # [B, M, S]
-        dispatch = logits.softmax(dim=1).to(tokens.dtype)  # over tokens
-        combine = logits.softmax(dim=2).to(tokens.dtype)  # over slots
-        slot_inputs = torch.einsum("bms,bmd->bsd", dispatch, tokens)  # [B, S, D]
+        dispatch, combine = self.routing_weights(tokens)  # [B, M, S] each
+        slot_inputs = torch.einsum("bms,bmd->bsd", dispatch, round_through(tokens, self.dispatch_dtype))  # [B, S, D]
         # [B, E*P, D] -> [E, B*P, D]: each expert's slots of all sequences in one buffer.
         buffers = (
             slot_inputs.view(batch, num_experts, slots, dim).transpose(0, 1).reshape(num_experts, batch * slots, dim)
@@ -93,6 +106,7 @@ class SoftMoE(RoutedLayer):
         slot_outputs = (
             slot_outputs.view(num_experts, batch, slots, dim).transpose(0, 1).reshape(batch, num_experts * slots, dim)
         )
+        slot_outputs = round_through(slot_outputs, self.dispatch_dtype)
         out = torch.einsum("bms,bsd->bmd", combine, slot_outputs)  # [B, M, D]
         with torch.no_grad():
             self.last_routing_stats = {
