@@ -220,6 +220,8 @@ def np_forward(image, params, *, gap=False):
         x = np_block(x, enc[f"encoderblock_{i}"])
     x = layer_norm(x, enc["encoder_norm"]["scale"], enc["encoder_norm"]["bias"])
     x = x.mean(axis=1) if gap else x[:, 0]
+    if "pre_logits" in params:  # vmoe's representation_size: Dense + tanh
+        x = np.tanh(x @ params["pre_logits"]["kernel"] + params["pre_logits"]["bias"])
     return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
@@ -227,21 +229,24 @@ def as64(tree):
     return {k: as64(v) if isinstance(v, dict) else np.asarray(v, dtype=np.float64) for k, v in tree.items()}
 
 
+SPARSE = dict(
+    img_size=IMG,
+    patch_size=PATCH,
+    embed_dim=D,
+    depth=2,
+    num_heads=HEADS,
+    mlp_ratio=HIDDEN / D,
+    num_classes=CLASSES,
+    num_experts=EXPERTS,
+    top_k=2,
+    moe_layers=[1],
+    router="top_k",
+    act_layer="gelu_tanh",
+)
+
+
 def sparse_model():
-    return MoEVisionTransformer(
-        img_size=IMG,
-        patch_size=PATCH,
-        embed_dim=D,
-        depth=2,
-        num_heads=HEADS,
-        mlp_ratio=HIDDEN / D,
-        num_classes=CLASSES,
-        num_experts=EXPERTS,
-        top_k=2,
-        moe_layers=[1],
-        router="top_k",
-        act_layer="gelu_tanh",
-    ).eval()
+    return MoEVisionTransformer(**SPARSE).eval()
 
 
 def soft_model(**kwargs):
@@ -296,7 +301,7 @@ def test_single_file_bfloat16_and_npz(tmp_path):
 def test_reader_refuses_incomplete_shards(tmp_path):
     write_vmoe_sharded(tmp_path / "ckpt", flax_params(np.random.default_rng(0)), num_shards=2)
     (tmp_path / "ckpt.data-00001-of-00002").unlink()
-    with pytest.raises(FileNotFoundError, match="shard"):
+    with pytest.raises(mome.CorruptCheckpointError, match="shard ckpt.data-00001-of-00002, which is missing"):
         read_checkpoint(tmp_path / "ckpt", "vmoe")
 
 
@@ -334,13 +339,33 @@ def test_soft_moe_tree_with_qk_norm_matches_numpy_reference(tmp_path):
     np.testing.assert_allclose(logits, np_forward(image, p64, gap=True), atol=1e-4, rtol=0)
 
 
-def test_soft_moe_into_timm_fc_norm_layout_warns():
+def test_soft_moe_into_timm_fc_norm_layout_is_refused():
     state = {
         k: torch.from_numpy(v)
         for k, v in flat(flax_params(np.random.default_rng(0), soft=True, qk_norm=True, cls=False)).items()
     }
-    with pytest.warns(UserWarning, match="fc_norm"):
+    with pytest.raises(mome.CheckpointMismatchError, match="encoder_norm .* before pooling.*fc_norm=False"):
         CONVERTERS["vmoe"](state, soft_model(fc_norm=None))
+
+
+def test_pre_logits_matches_numpy_reference(tmp_path):
+    rng = np.random.default_rng(11)
+    params = flax_params(rng)
+    params["pre_logits"] = {"kernel": (rng.standard_normal((D, 24)) * 0.3).astype(np.float32)}
+    params["pre_logits"]["bias"] = (rng.standard_normal(24) * 0.3).astype(np.float32)
+    params["head"]["kernel"] = (rng.standard_normal((24, CLASSES)) * 0.3).astype(np.float32)
+    write_vmoe_sharded(tmp_path / "vmoe", params)
+    model = MoEVisionTransformer(**{**SPARSE, "representation_size": 24}).eval()
+    model.load_state_dict(load_converted(tmp_path / "vmoe", "vmoe", "vmoe", model), strict=True)
+    assert model.head_hidden_size == 24 and model.num_features == D
+    image = np.random.default_rng(12).standard_normal((2, 3, IMG, IMG))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(image).float()).double().numpy()
+        pre = model.forward_head(model.forward_features(torch.from_numpy(image).float()), pre_logits=True)
+    np.testing.assert_allclose(logits, np_forward(image, as64(params)), atol=1e-4, rtol=0)
+    assert pre.shape == (2, 24) and pre.abs().max() < 1  # tanh
+    with pytest.raises(mome.CheckpointMismatchError, match="representation_size=24"):
+        load_converted(tmp_path / "vmoe", "vmoe", "vmoe", sparse_model())
 
 
 def test_train_state_params_subtree_and_ignored_optimizer(tmp_path):
@@ -365,8 +390,8 @@ def test_missing_extra_and_misshaped_keys_are_named(tmp_path):
     del missing["Encoder/encoderblock_1/Moe/Router/dense/kernel"]
     with pytest.raises(mome.CheckpointMismatchError, match="checkpoint lacks: Encoder/encoderblock_1/Moe/Router"):
         CONVERTERS["vmoe"](missing, model)
-    extra = {**state, "pre_logits/kernel": torch.zeros(D, D)}
-    with pytest.raises(mome.CheckpointMismatchError, match="no counterpart in the model: pre_logits/kernel"):
+    extra = {**state, "Encoder/encoderblock_1/Moe/Router/extra": torch.zeros(D, D)}
+    with pytest.raises(mome.CheckpointMismatchError, match="no counterpart in the model: Encoder/encoderblock_1/Moe"):
         CONVERTERS["vmoe"](extra, model)
     wrong = {**state, "Encoder/encoderblock_1/Moe/Mlp/Dense_0/kernel": torch.zeros(EXPERTS + 1, D, HIDDEN)}
     with pytest.raises(mome.CheckpointMismatchError, match=r"blocks\.1\.mlp\.experts\.w_in .*\(5, 64, 32\)"):

@@ -37,20 +37,24 @@ vmoe                                               mome (timm ViT + MoE)
 ``Moe/Mlp/Dense_1/kernel [E, H, D]``, ``bias``      ``mlp.experts.w_out [E, D, H]``, ``b_out [E, D]``
 ``Moe/Router/dense/kernel [D, E]``                  ``mlp.router.proj.weight [E, D]``
 ``Moe/Router/mu [D, E, P]``, ``scale []``           ``mlp.mu [D, E*P]`` (slot ``e*P + p``), ``mlp.scale``
-``Encoder/encoder_norm/{scale,bias}``               ``norm`` (``fc_norm`` in timm's GAP layout)
+``Encoder/encoder_norm/{scale,bias}``               ``norm`` (before pooling, as upstream)
+``pre_logits/{kernel,bias}``                        ``pre_logits.fc.{weight (transposed), bias}``
 ``head/{kernel,bias}``                              ``head.{weight (transposed), bias}``
 =================================================  ============================================
 
 Which blocks hold an MoE, and whether it is sparse or soft, is read from the target model; a
 checkpoint that disagrees shows up as upstream keys without a counterpart and model keys left
-without a value. A full train state (``params/...``, ``opt_state/...``) converts its ``params``
+without a value. ``pre_logits`` (vmoe's ``representation_size``: a Dense + tanh between pooling and
+head) needs a model built with ``representation_size`` of that width. vmoe normalises every token
+(``encoder_norm``) before pooling; a model whose final norm follows pooling (timm's ``fc_norm``, the
+default of ``global_pool="avg"``) computes another function and is refused: build it with
+``fc_norm=False``. A full train state (``params/...``, ``opt_state/...``) converts its ``params``
 subtree; the rest must be ignored explicitly (``ignore_prefixes=("opt_state/", ...)``).
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +64,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._checkpoint import describe_checkpoint, file_kind
+from .._errors import CheckpointFormatError, CheckpointMismatchError, CorruptCheckpointError
 from ..layers import MoE, SoftMoE
 from ._keymap import KeyMap, resample_pos_embed
 
-__all__ = ["convert_vmoe", "read_vmoe_checkpoint"]
+__all__ = ["convert_vmoe", "is_vmoe_checkpoint", "read_vmoe_checkpoint"]
 
 _CHUNKS_MAGIC = "__msgpack_array_chunk_a87ca2__"  # vmoe's ArrayChunks (data shards)
 _FLAX_CHUNKED = "__msgpack_chunked_array__"  # flax.serialization's chunked big arrays
@@ -102,7 +108,7 @@ def _text(value: bytes | str) -> str:
 def _torch_dtype(name: bytes | str) -> torch.dtype:
     name = _text(name)
     if name not in _TORCH_DTYPES:
-        raise ValueError(f"vmoe checkpoint: unsupported dtype {name!r}")
+        raise CorruptCheckpointError(f"vmoe checkpoint: unsupported dtype {name!r}")
     return _TORCH_DTYPES[name]
 
 
@@ -127,7 +133,7 @@ class _IndexInfo:
 def _slice_from_bytes(data: bytes) -> tuple[int | None, int | None]:
     start, stop, step = _msgpack().unpackb(data, raw=True)
     if step not in (None, 1):
-        raise ValueError(f"vmoe checkpoint: strided slice (step={step}) is not a vmoe chunk")
+        raise CorruptCheckpointError(f"vmoe checkpoint: strided slice (step={step}) is not a vmoe chunk")
     return start, stop
 
 
@@ -154,11 +160,42 @@ def _ext_hook(code: int, data: bytes) -> Any:
         shape, dtype = _ext_hook(_EXT_SHAPED, shaped)
         return _IndexInfo(shape, dtype, tuple(_slice_nd_from_bytes(s) for s in slices), tuple(shards))
     names = {_EXT_COMPLEX: "complex scalar", _EXT_SLICE_ND_ARRAY: "SliceNdArray"}
-    raise ValueError(f"vmoe checkpoint: unexpected msgpack extension {code} ({names.get(code, 'unknown')})")
+    raise CorruptCheckpointError(f"vmoe checkpoint: unexpected msgpack extension {code} ({names.get(code, 'unknown')})")
+
+
+_NOT_VMOE = (
+    "vmoe checkpoints are a <prefix>.index with its <prefix>.data-nnnnn-of-NNNNN shards, one Flax msgpack "
+    "file, or a big_vision .npz"
+)
+
+
+_MSGPACK_STRINGS = {*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB}
+
+
+def _starts_msgpack_map(path: Path) -> bool:
+    """Whether ``path`` starts with a msgpack map (fixmap, map16 or map32) whose first key is a string."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    header = {0xDE: 3, 0xDF: 5}.get(head[0], 1) if head else 0  # bytes before the first key
+    fixmap = bool(head) and 0x80 <= head[0] <= 0x8F
+    return (fixmap or header > 1) and len(head) > header and head[header] in _MSGPACK_STRINGS
 
 
 def _unpack_file(path: Path) -> Any:
-    return _msgpack().unpackb(path.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    """The msgpack content of ``path``; a file of another kind or a broken one raises a typed error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"vmoe checkpoint file {path} does not exist")
+    if not _starts_msgpack_map(path):
+        raise CheckpointFormatError(f"{path} is not a vmoe checkpoint: it is {describe_checkpoint(path)}; {_NOT_VMOE}")
+    msgpack = _msgpack()
+    try:
+        return msgpack.unpackb(path.read_bytes(), ext_hook=_ext_hook, raw=False, strict_map_key=False)
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as err:  # truncated or corrupted bytes
+        raise CorruptCheckpointError(
+            f"{path}: a msgpack file that cannot be decoded ({type(err).__name__}: {err})"
+        ) from err
 
 
 # ------------------------------------------------------------------------------------------- trees
@@ -197,11 +234,11 @@ def _read_sharded(prefix: Path) -> dict[str, Tensor]:
     """Assemble every leaf of ``<prefix>.index`` from its chunks in the ``.data-*`` shards."""
     index = _unpack_file(Path(f"{prefix}.index"))
     if not isinstance(index, Mapping) or "index" not in index or "shard_count" not in index:
-        raise ValueError(f"{prefix}.index is not a vmoe checkpoint index (no 'index' / 'shard_count')")
+        raise CheckpointFormatError(f"{prefix}.index is not a vmoe checkpoint index (no 'index' / 'shard_count')")
     leaves = _flatten(index["index"])
     infos = list(leaves.values())
     if not all(isinstance(info, _IndexInfo) for info in infos):
-        raise ValueError(f"{prefix}.index: leaves must be IndexInfo records")
+        raise CorruptCheckpointError(f"{prefix}.index: leaves must be IndexInfo records")
     shard_count = int(index["shard_count"])
     buffers = [torch.zeros(info.shape, dtype=info.dtype) for info in infos]
     filled = [0] * len(infos)
@@ -209,16 +246,21 @@ def _read_sharded(prefix: Path) -> dict[str, Tensor]:
     for shard in shards:
         shard_path = Path(f"{prefix}.data-{shard:05d}-of-{shard_count:05d}")
         if not shard_path.is_file():
-            raise FileNotFoundError(f"vmoe checkpoint shard {shard_path} is missing")
+            raise CorruptCheckpointError(
+                f"vmoe checkpoint {prefix}.index names shard {shard_path.name}, which is missing: fetch every "
+                f"{prefix.name}.data-*-of-{shard_count:05d} file next to the index"
+            )
         content = _unpack_file(shard_path)
         if not isinstance(content, Mapping) or not content.get(_CHUNKS_MAGIC):
-            raise ValueError(f"{shard_path} is not a vmoe data shard (no array-chunk marker)")
+            raise CheckpointFormatError(f"{shard_path} is not a vmoe data shard (no array-chunk marker)")
         for leaf_id, chunks in content.items():
             if leaf_id == _CHUNKS_MAGIC:
                 continue
             leaf = int(leaf_id)
             if not 0 <= leaf < len(infos):
-                raise ValueError(f"{shard_path}: chunk for leaf {leaf}, but the index has {len(infos)} leaves")
+                raise CorruptCheckpointError(
+                    f"{shard_path}: chunk for leaf {leaf}, but the index has {len(infos)} leaves"
+                )
             buffer = buffers[leaf]
             for subchunks, slice_nd in chunks:
                 region = tuple(
@@ -232,7 +274,7 @@ def _read_sharded(prefix: Path) -> dict[str, Tensor]:
     names = list(leaves)
     incomplete = [name for name, buffer, count in zip(names, buffers, filled) if count != buffer.numel()]
     if incomplete:
-        raise ValueError(f"vmoe checkpoint {prefix}: shards do not cover leaves {incomplete[:20]}")
+        raise CorruptCheckpointError(f"vmoe checkpoint {prefix}: shards do not cover leaves {incomplete[:20]}")
     return dict(zip(names, buffers))
 
 
@@ -241,22 +283,77 @@ def read_vmoe_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
     ``path``: a sharded checkpoint's prefix, ``.index`` file or any ``.data-*`` shard; a single Flax
     msgpack file; or an ``.npz`` (read with ``allow_pickle=False``).
+
+    Raises:
+        FileNotFoundError: ``path`` (or the index of a prefix) does not exist.
+        CheckpointFormatError: a file of another kind (a torch pickle, safetensors, ...), said in the message.
+        CorruptCheckpointError: a vmoe file that cannot be decoded, or a sharded checkpoint with a shard missing.
     """
     path = Path(path)
     prefix = _shard_prefix(path)
     if prefix is not None:
         return _read_sharded(prefix)
-    if path.suffix == ".npz":
+    if path.is_file() and file_kind(path) == "npz":
         with np.load(path, allow_pickle=False) as arrays:
             return {key: torch.from_numpy(np.array(arrays[key])) for key in arrays.files}
     tree = _unpack_file(path)
     if not isinstance(tree, Mapping):
-        raise ValueError(f"{path}: expected a msgpack-serialised parameter tree, found {type(tree).__name__}")
+        raise CheckpointFormatError(
+            f"{path}: expected a msgpack-serialised parameter tree, found {type(tree).__name__}"
+        )
+    if tree.get(_CHUNKS_MAGIC):
+        raise CheckpointFormatError(f"{path} is a vmoe data shard without its .index next to it; {_NOT_VMOE}")
     flat = _flatten(tree)
     bad = [key for key, value in flat.items() if not isinstance(value, Tensor)]
     if bad:
-        raise ValueError(f"{path}: non-array leaves {bad[:20]}")
+        raise CheckpointFormatError(f"{path}: non-array leaves {bad[:20]} (not a vmoe parameter tree)")
     return flat
+
+
+def is_vmoe_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is something :func:`read_vmoe_checkpoint` reads, told from bytes, not from the name alone.
+
+    True for a sharded checkpoint's ``.index`` (a msgpack map with ``index`` and ``shard_count``), one of its
+    ``.data-*`` shards or its prefix when the index is next to it, a Flax msgpack parameter tree, and an
+    ``.npz`` of ``/``-joined big_vision/vmoe names. Reads at most the file's first map keys; never raises for
+    a path that exists (False for torch or safetensors files, folders and anything else).
+    """
+    path = Path(path)
+    prefix = _shard_prefix(path)
+    if prefix is not None:
+        return _first_map_keys(Path(f"{prefix}.index")) >= {"index", "shard_count"}
+    if not path.is_file():
+        return False
+    try:
+        kind = file_kind(path)
+        if kind == "npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                return any("/" in key for key in arrays.files)
+    except (OSError, ValueError):
+        return False
+    return bool(_first_map_keys(path))
+
+
+def _first_map_keys(path: Path, limit: int = 64) -> set[str]:
+    """The string keys of the msgpack map at the top of ``path`` (up to ``limit``), or an empty set."""
+    if not path.is_file():
+        return set()
+    msgpack = _msgpack()
+    try:
+        if not _starts_msgpack_map(path):
+            return set()
+        with open(path, "rb") as f:
+            unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, ext_hook=lambda code, data: None)
+            keys = set()
+            for _ in range(min(unpacker.read_map_header(), limit)):
+                key = unpacker.unpack()
+                if not isinstance(key, str):
+                    return set()
+                keys.add(key)
+                unpacker.skip()
+            return keys
+    except (OSError, ValueError, msgpack.UnpackException):
+        return set()
 
 
 # ------------------------------------------------------------------------------------------- convert
@@ -356,15 +453,25 @@ def convert_vmoe(
         _layer_norm(km, f"{dst}.norm2", f"{src}/LayerNorm_1")
         _attention(km, f"{dst}.attn", f"{src}/SelfAttention")
         _ffn(km, block.mlp, f"{dst}.mlp", src)
+    if "fc_norm.weight" in km.target:
+        raise CheckpointMismatchError(
+            f"vmoe checkpoint: upstream applies {root}Encoder/encoder_norm to every token before pooling, but this "
+            "model's final norm is timm's fc_norm after pooling (the default for global_pool='avg'), a different "
+            "function; build the model with fc_norm=False"
+        )
     if "norm.weight" in km.target:
         _layer_norm(km, "norm", f"{root}Encoder/encoder_norm")
-    elif "fc_norm.weight" in km.target:
-        warnings.warn(
-            "vmoe's encoder_norm precedes pooling but this model's fc_norm follows it (timm's layout for "
-            "global_pool='avg'); the converted model is not numerically identical: build it with fc_norm=False",
-            stacklevel=2,
+    if "pre_logits.fc.weight" in km.target:
+        km.copy("pre_logits.fc.weight", f"{root}pre_logits/kernel", _kernel_t)
+        km.copy("pre_logits.fc.bias", f"{root}pre_logits/bias")
+    elif f"{root}pre_logits/kernel" in km.source:
+        km.error(
+            f"the checkpoint has a pre_logits layer ({root}pre_logits/kernel: vmoe's representation_size="
+            f"{km.source[f'{root}pre_logits/kernel'].shape[-1]}) but the model has none: build it with "
+            "representation_size=<that width>"
         )
-        _layer_norm(km, "fc_norm", f"{root}Encoder/encoder_norm")
+        km.consume(f"{root}pre_logits/kernel")
+        km.consume(f"{root}pre_logits/bias")
     if "head.weight" in km.target:
         km.copy("head.weight", f"{root}head/kernel", _kernel_t)
         km.copy("head.bias", f"{root}head/bias")

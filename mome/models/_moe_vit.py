@@ -9,11 +9,14 @@ dict loads strictly into the non-MoE parameters and upcycling is a copy.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import torch
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from torch import Tensor, nn
 
 from .._pretrained import PretrainedCfg
 from ..layers import Experts, ModalityMoE, SoftMoE, SparseMoE
@@ -32,19 +35,31 @@ def build_moe_ffn(
     slots_per_expert: int,
     options: Mapping[str, Any],
     upcycle: bool = False,
+    dispatch_dtype: torch.dtype | str | None = None,
 ) -> nn.Module:
     """The MoE layer that replaces the dense timm ``Mlp`` of a block (same width and activation).
 
     ``"sparse"``: :class:`~mome.layers.SparseMoE` with ``options``; ``"soft"``:
     :class:`~mome.layers.SoftMoE`; ``"modality_pools"``: :class:`~mome.layers.ModalityMoE` (needs
     modality ids; ``options["experts_per_modality"]`` or an even image/text split of ``num_experts``).
-    ``upcycle`` copies the dense FFN into every expert (sparse upcycling).
+    ``upcycle`` copies the dense FFN into every expert (sparse upcycling). ``dispatch_dtype`` rounds what
+    crosses the dispatch (vmoe's bf16 dispatchers; see :class:`~mome.layers.Experts`).
     """
     dim, hidden = dense.fc1.in_features, dense.fc1.out_features
     act_layer = type(dense.act)
     if moe_type == "soft":
         experts = Experts.from_dense(dense, num_experts) if upcycle else None
-        return SoftMoE(dim, hidden, num_experts, slots_per_expert, act_layer=act_layer, experts=experts)
+        return SoftMoE(
+            dim,
+            hidden,
+            num_experts,
+            slots_per_expert,
+            act_layer=act_layer,
+            experts=experts,
+            dispatch_dtype=dispatch_dtype,
+        )
+    if dispatch_dtype is not None:
+        options = {**options, "dispatch_dtype": dispatch_dtype}
     if moe_type == "modality_pools":
         if router not in ("top_k", "noisy_top_k"):
             raise ValueError(f"moe_type='modality_pools' routes within pools with a top-k router, not {router!r}")
@@ -106,15 +121,24 @@ class MoEVisionTransformer(VisionTransformer):
         moe_type: ``"sparse"`` (:class:`~mome.layers.SparseMoE`), ``"soft"`` (:class:`~mome.layers.SoftMoE`)
             or ``"modality_pools"`` (:class:`~mome.layers.ModalityMoE`; image tokens use the image pool).
         router: router of the sparse layers (``"noisy_top_k"``, ``"top_k"``, ``"expert_choice"``, ...).
-        group_size_images: route tokens in groups of this many images (V-MoE token groups); None
+        group_size_images: route tokens in groups of this many images (V-MoE token groups: capacity
+            and the routing losses apply per group); the batch must then be a multiple of it. None
             routes the whole batch as one group.
         slots_per_expert: Soft MoE slots per expert.
         moe_kwargs: further :class:`~mome.layers.SparseMoE` options (capacity, losses, BPR, noise ...).
         upcycle: initialise every expert as a copy of the dense FFN it replaces (sparse upcycling).
+        representation_size: add timm's historical ``pre_logits`` layer between pooling and head:
+            ``pre_logits = tanh(x W + b)`` of this width (``pre_logits.fc``, ``pre_logits.act``; the
+            ViT paper's representation layer, vmoe's ``representation_size``, timm < 0.6's
+            ``representation_size``). ``forward_head(x, pre_logits=True)`` returns its output and
+            ``head_hidden_size`` is its width. None: no such layer (timm's default).
+        dispatch_dtype: the dtype tokens cross the expert dispatch in (``"bfloat16"``: vmoe's
+            ``dispatcher.bfloat16`` / Soft MoE's hard-coded bf16 dispatcher): what enters and leaves
+            the experts is rounded to it, everything else runs in the model's dtype. None: no rounding.
+        **vit_kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth ...).
 
     ``pretrained_cfg`` defaults to big_vision/vmoe preprocessing: pixel values in [-1, 1]
     (mean = std = 0.5), bilinear resize to the input size without a centre crop (vmoe eval pipelines).
-        **vit_kwargs: timm ``VisionTransformer`` arguments (img_size, patch_size, embed_dim, depth ...).
     """
 
     def __init__(
@@ -129,12 +153,19 @@ class MoEVisionTransformer(VisionTransformer):
         slots_per_expert: int = 1,
         moe_kwargs: Mapping[str, Any] | None = None,
         upcycle: bool = False,
+        representation_size: int | None = None,
+        dispatch_dtype: torch.dtype | str | None = None,
         **vit_kwargs: Any,
     ) -> None:
         super().__init__(**vit_kwargs)
         if moe_type not in ("sparse", "soft", "modality_pools"):
             raise ValueError(f"moe_type must be 'sparse', 'soft' or 'modality_pools', got {moe_type!r}")
+        if group_size_images is not None and (not isinstance(group_size_images, int) or group_size_images < 1):
+            raise ValueError(f"group_size_images must be a positive integer or None, got {group_size_images!r}")
+        if representation_size is not None and (not isinstance(representation_size, int) or representation_size < 1):
+            raise ValueError(f"representation_size must be a positive integer or None, got {representation_size!r}")
         self.moe_layer_indices = resolve_moe_layers(moe_layers, len(self.blocks))
+        self.group_size_images = group_size_images
         tokens_per_image = self.patch_embed.num_patches + self.num_prefix_tokens
         options = dict(moe_kwargs or {})
         if moe_type == "modality_pools":  # image tokens only: every token is modality 0 (image)
@@ -153,5 +184,48 @@ class MoEVisionTransformer(VisionTransformer):
         for index in self.moe_layer_indices:
             block = self.blocks[index]
             block.mlp = build_moe_ffn(
-                block.mlp, num_experts, top_k, moe_type, router, slots_per_expert, options, upcycle
+                block.mlp,
+                num_experts,
+                top_k,
+                moe_type,
+                router,
+                slots_per_expert,
+                options,
+                upcycle,
+                dispatch_dtype=dispatch_dtype,
             )
+        self.representation_size = representation_size
+        if representation_size is None:
+            self.pre_logits = nn.Identity()
+        else:
+            fc = nn.Linear(self.embed_dim, representation_size)
+            trunc_normal_(fc.weight, std=0.02)
+            nn.init.zeros_(fc.bias)
+            self.pre_logits = nn.Sequential(OrderedDict([("fc", fc), ("act", nn.Tanh())]))
+            self.head_hidden_size = representation_size
+            self.reset_classifier(self.num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's ``reset_classifier``; the new head reads the ``pre_logits`` width when there is one."""
+        super().reset_classifier(num_classes, global_pool)
+        if getattr(self, "representation_size", None) is not None and num_classes > 0:
+            self.head = nn.Linear(self.representation_size, num_classes).to(self.pre_logits.fc.weight)
+            self.head.train(self.training)
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.group_size_images is not None and x.shape[0] % self.group_size_images:
+            raise ValueError(
+                f"this model routes tokens in groups of group_size_images={self.group_size_images} images (the "
+                f"upstream's token groups), so the batch must be a multiple of {self.group_size_images}; got "
+                f"{x.shape[0]} images. Pad the batch to a multiple of {self.group_size_images}, or build the model "
+                "with a group_size_images that divides your batches (1 routes each image on its own)"
+            )
+        return super().forward_features(x, *args, **kwargs)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's head (pool, ``fc_norm``, dropout) with the optional ``pre_logits`` layer before ``head``."""
+        x = self.pool(x)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        x = self.pre_logits(x)
+        return x if pre_logits else self.head(x)

@@ -8,7 +8,14 @@ Each Soft MoE layer mixes all tokens of an image into ``E * P`` slots with
 outputs back with ``C = softmax_slots(...)`` (see :class:`mome.layers.SoftMoE`). Released configs
 (JFT-4B, LAION): MoE in all of the last half of the blocks (S, B: last 6 of 12; L: last 12 of 24;
 H: last 16 of 32), 128 experts for S/16, B/16 and L/16 and 256 for S/14 and H/14, one slot per
-expert, global-average-pooled classifier, QK-norm in attention. No auxiliary loss. The paper's
+expert, global-average-pooled classifier, QK-norm in attention. No auxiliary loss.
+
+Head layout as upstream: vmoe's ``VisionTransformerMoe`` applies ``encoder_norm`` to every token and
+then averages (``classifier="gap"``), so these variants build timm's ViT with ``fc_norm=False`` (the
+final ``norm`` before pooling) rather than timm's default for ``global_pool="avg"`` (``fc_norm`` after
+pooling, a different function). The official Soft MoE router always wraps its dispatcher in
+``Bfloat16Dispatcher``; pass ``dispatch_dtype="bfloat16"`` to reproduce those outputs to the bit of
+rounding, leave it None for fp32 dispatch. The paper's
 abstract states 128 experts for H/14; the released config uses 256, which these variants follow.
 No checkpoint was released (JFT-4B and LAION models are not public).
 """
@@ -24,13 +31,14 @@ __all__ = ["MoEVisionTransformer"]
 
 
 def _create_soft_moe_vit(**kwargs: Any) -> MoEVisionTransformer:
-    """Soft MoE defaults (last half, one slot per expert, GAP head, QK-norm) under user overrides."""
+    """Soft MoE defaults (last half, one slot per expert, norm-then-GAP head, QK-norm) under user overrides."""
     options = {
         "moe_type": "soft",
         "moe_layers": "last_half",
         "slots_per_expert": 1,
         "class_token": False,
         "global_pool": "avg",
+        "fc_norm": False,  # vmoe: encoder_norm, then global average pooling
         "qk_norm": True,
         "act_layer": "gelu_tanh",
         **kwargs,

@@ -13,6 +13,13 @@ with a per-expert capacity ``ceil(S k C / E)`` rounded up to a multiple of 4 per
 tokens (token groups of 8 images), optional batch-prioritised routing, and the importance and load
 auxiliary losses (weight 0.005 each). MLPs use the tanh approximation of GELU (Flax's ``nn.gelu``).
 Released checkpoints: S/32 (8 layers, E=8, k=2, last 2) and B/16 (E=8, k=2, every 2).
+
+What the released checkpoints' configs (``vmoe/configs/vmoe_paper/``) set, and their cards carry in
+``model_kwargs``: token groups of 8 images (``group_size_images=8``; the family default routes the whole
+batch as one group), the capacity factor of evaluation (S/32: 4.0; B/16 pre-training: 1.05; fine-tuned:
+1.5), the einsum dispatcher in bfloat16 (``dispatch_dtype="bfloat16"``), and for the S/32 pre-training
+checkpoints a ``pre_logits`` Dense + tanh before the head (``representation_size=512``; B/16's
+``pretrain_imagenet21k.py`` and the fine-tuning configs set none).
 """
 
 from __future__ import annotations
