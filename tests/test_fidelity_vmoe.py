@@ -353,3 +353,25 @@ def test_pre_logits_checkpoint_into_a_model_without_it_names_representation_size
         mome.create_model(
             "vmoe_s32_e8", checkpoint_path=_checkpoint("vmoe_last2_prelogits"), **TINY, depth=6, moe_layers="last_2"
         )
+
+
+@pytest.mark.parametrize("moe_type", ["sparse", "soft"])
+def test_dispatch_dtype_rounds_only_what_crosses_the_dispatch(moe_type) -> None:
+    """None and "float32" change nothing in an fp32 model; bf16 gives the same result on both dispatch paths."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=5, moe_layers=[1])
+    if moe_type == "sparse":
+        kwargs["moe_kwargs"] = {"capacity_factor": 1.0}
+    reference = mome.create_model("vmoe_tiny_patch8_e4", moe_type=moe_type, **kwargs).eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        plain = reference(images)
+        for dtype, expect_equal in (("float32", True), ("bfloat16", False)):
+            model = mome.create_model("vmoe_tiny_patch8_e4", moe_type=moe_type, dispatch_dtype=dtype, **kwargs).eval()
+            model.load_state_dict(reference.state_dict())
+            out = model(images)
+            assert torch.equal(out, plain) == expect_equal
+            assert (out - plain).abs().max() < 0.05
+            if moe_type == "sparse":
+                model.blocks[1].mlp.dispatch = "buffers"
+                torch.testing.assert_close(model(images), out, rtol=0, atol=1e-6)
