@@ -118,3 +118,29 @@ def test_open_clip_width_mismatch_is_reported():
         CONVERTERS["open_clip"](
             tiny_clip().state_dict(), tiny_limoe(width=32, num_heads=2), ignore_prefixes=OPEN_CLIP_NO_COUNTERPART
         )
+
+
+def test_open_clip_into_an_upcycled_clip_fills_every_expert_and_names_bad_keys():
+    clip = tiny_clip()
+    model = mome.create_model(
+        "upcycled_open_clip",
+        model_cfg=dict(
+            embed_dim=32,
+            vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16),
+            text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=4, layers=2),
+        ),
+        num_experts=4,
+    )
+    router = model.transformer.resblocks[1].mlp.router.proj.weight.detach().clone()
+    state = CONVERTERS["open_clip"](clip.state_dict(), model)
+    for e in range(4):
+        assert torch.equal(
+            state["transformer.resblocks.1.mlp.experts.w_out"][e], clip.transformer.resblocks[1].mlp.c_proj.weight
+        )
+    assert torch.equal(state["transformer.resblocks.1.mlp.router.proj.weight"], router)  # the router keeps its init
+    assert torch.equal(state["visual.class_embedding"], clip.visual.class_embedding)
+    broken = {k: v for k, v in clip.state_dict().items() if k != "visual.transformer.resblocks.1.mlp.c_fc.bias"}
+    with pytest.raises(
+        mome.CheckpointMismatchError, match=r"lacks: visual\.transformer\.resblocks\.1\.mlp\.c_fc\.bias"
+    ):
+        CONVERTERS["open_clip"](broken, model)
