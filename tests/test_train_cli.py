@@ -79,7 +79,10 @@ def test_top_k_above_num_experts_fails_before_training(tmp_path, capsys):
 def test_missing_data_path_fails_before_training(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     _fails_early(
-        tmp_path, capsys, ["experiment=vmoe_imagefolder", f"data.root={missing}", "model=vmoe_tiny_patch8_e4"], "root"
+        tmp_path,
+        capsys,
+        ["experiment=vmoe_imagefolder", f"data.root={missing}", "model=vmoe_tiny_patch8_e4", "model.num_classes=2"],
+        "root",
     )
 
 
@@ -114,38 +117,62 @@ def _images(folder, count, size=32):
     return paths
 
 
-@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n not in EMBEDDED])
-def test_real_data_templates_run_on_tiny_files(name, tmp_path):
-    """The templates for real data run one step on tiny files in their formats (with tiny models)."""
-    overrides = [
-        f"experiment={name}",
-        "trainer.fast_dev_run=1",
-        "logger=csv",
-        "data.num_workers=0",
-        "data.batch_size=2",
-    ]
-    if name == "vmoe_imagefolder":
-        for split in ("train", "val", "test"):
-            for label in ("cat", "dog"):
-                _images(tmp_path / "folder" / split / label, 2)
-        overrides += [f"data.root={tmp_path / 'folder'}", "model=vmoe_tiny_patch8_e4", "+model.num_classes=2"]
-    elif name == "limoe_csv":
-        paths = _images(tmp_path / "pairs", 4)
-        rows = ["filepath\ttitle", *[f"{p.name}\ta photo of thing {i}" for i, p in enumerate(paths)]]
-        (tmp_path / "pairs" / "train.tsv").write_text("\n".join(rows) + "\n")
-        csv = tmp_path / "pairs" / "train.tsv"
-        overrides += [f"data.train_file={csv}", f"data.val_file={csv}", f"data.test_file={csv}"]
-        overrides += ["model=limoe_tiny_patch8_e4"]
-    elif name == "moe_llava_json":
-        from mome.data.shapes import write_shapes_dataset
+def _pairs(tmp_path):
+    paths = _images(tmp_path / "pairs", 4)
+    rows = ["filepath\ttitle", *[f"{p.name}\ta photo of thing {i}" for i, p in enumerate(paths)]]
+    csv = tmp_path / "pairs" / "train.tsv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
 
-        files = write_shapes_dataset(tmp_path / "shapes", {"train": 4, "val": 2, "test": 2})
-        overrides += [f"data.{split}_file={path}" for split, path in files.items()]
-        overrides += ["model=moe_llava_tiny_e4", "data.max_length=64", "trainer.precision=32-true"]
-    else:
-        pytest.fail(f"no tiny data recipe for the template {name}")
+
+# The templates for real data run their header commands end to end in tests/test_experiments.py; here, what a
+# template needs and the user did not give stops the run before training, with one line.
+def test_template_without_its_required_values_names_them(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, ["experiment=limoe_csv"], "data.train_file=<value>")
+    _fails_early(tmp_path, capsys, ["experiment=vmoe_imagefolder"], "data.root=<value> model.num_classes=<value>")
+
+
+def test_limoe_csv_without_a_test_file_fails_before_training(tmp_path, capsys):
+    """The bug: limoe_csv's documented command trained, then crashed at test (data.test_file is not set)."""
+    csv = _pairs(tmp_path)
+    overrides = ["experiment=limoe_csv", f"data.train_file={csv}", f"data.val_file={csv}", "model=limoe_tiny_patch8_e4"]
+    _fails_early(tmp_path, capsys, overrides, "test=true tests the trained model: data.test_file is not set")
+
+
+def test_monitoring_a_missing_validation_split_fails_before_training(tmp_path, capsys):
+    csv = _pairs(tmp_path)
+    overrides = ["experiment=limoe_csv", f"data.train_file={csv}", f"data.test_file={csv}"]
+    overrides += ["model=limoe_tiny_patch8_e4"]
+    _fails_early(tmp_path, capsys, overrides, "callbacks.model_checkpoint.monitor=val/loss needs a validation split")
+
+
+def test_no_validation_split_turns_validation_off(tmp_path, capsys):
+    csv = _pairs(tmp_path)
+    overrides = ["experiment=limoe_csv", f"data.train_file={csv}", f"data.test_file={csv}"]
+    overrides += ["model=limoe_tiny_patch8_e4"]
+    overrides += ["callbacks.model_checkpoint.monitor=null", "trainer.fast_dev_run=1", "data.batch_size=2"]
+    overrides += ["data.num_workers=0", "logger=csv", "trainer.precision=32-true"]
     metrics, _ = train(compose_train(tmp_path / "run", overrides))
-    assert any(k.startswith("test/") for k in metrics), metrics
+    assert "test/loss" in metrics and not any(k.startswith("val/") for k in metrics)
+    assert "mome-train: no validation (data.val_file is not set" in capsys.readouterr().out
+
+
+def test_head_that_does_not_fit_the_classes_fails_before_training(tmp_path, capsys):
+    for split in ("train", "val", "test"):
+        for label in ("cat", "dog"):
+            _images(tmp_path / "folder" / split / label, 2)
+    overrides = ["experiment=vmoe_imagefolder", f"data.root={tmp_path / 'folder'}", "model=vmoe_tiny_patch8_e4"]
+    _fails_early(tmp_path, capsys, [*overrides, "model.num_classes=1000"], "model.num_classes=1000 but the data has 2")
+
+
+def test_moe_recipe_is_a_group_choice_not_an_addition(tmp_path):
+    """``+moe=<recipe>`` was accepted and composed into nothing; ``moe=<recipe>`` merges it into the model spec."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="moe"):
+        compose_train(tmp_path, ["experiment=vmoe_digits", "+moe=switch_z_loss"])
+    cfg = compose_train(tmp_path, ["experiment=vmoe_digits", "moe=switch_z_loss"])
+    assert cfg.model.router == "top_k" and cfg.model.moe_kwargs.aux_loss_weights.z_loss == 0.001
 
 
 def test_export_tool_turns_a_checkpoint_into_a_model_folder(tmp_path):

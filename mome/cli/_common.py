@@ -27,7 +27,9 @@ __all__ = [
     "build_datamodule",
     "build_task",
     "build_trainer",
+    "check_missing",
     "check_moe",
+    "check_splits",
     "model_family",
     "run_cli",
     "setup_phase",
@@ -81,6 +83,53 @@ def _choice(group: str) -> str:
     """``<group>=<selected option>`` for messages (the group's name alone outside a Hydra run)."""
     choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
     return f"{group}={choice}" if choice else group
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Fail before anything is built when the config leaves a value the user must give (``???``).
+
+    A template for real data (``experiment=limoe_csv``, ``vmoe_imagefolder``, ...) marks the paths and sizes
+    only the user knows as mandatory (``data.train_file: ???``, ``model.num_classes: ???``); the error lists
+    every one of them in one line, as the overrides to add.
+    """
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not str(key).startswith("hydra."))
+    if missing:
+        experiment = _choice("experiment")
+        needs = " ".join(f"{key}=<value>" for key in missing)
+        raise ConfigError(f"{experiment} needs a value for {', '.join(missing)}: add {needs} to the command")
+
+
+def _monitored(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(callbacks.<key>.monitor, metric)`` of every configured callback that monitors a metric."""
+    found = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if isinstance(node, DictConfig) and node.get("monitor"):
+            found.append((f"callbacks.{key}.monitor", str(node.monitor)))
+    return found
+
+
+def check_splits(cfg: DictConfig, datamodule: MomeDataModule) -> str | None:
+    """Fail before training when a split the run will read is not configured: the test split with ``test=true``
+    (``trainer.test`` runs after training), the validation split when a callback monitors a ``val/`` metric
+    (``ModelCheckpoint`` would fail at the end of the first epoch).
+
+    Returns why there is no validation split (the data module's message), or ``None`` when there is one.
+    """
+    no_val = None
+    if cfg.get("train", True):
+        try:
+            datamodule.val_dataloader()
+        except DataConfigError as err:
+            no_val = str(err)
+        for field, metric in _monitored(cfg):
+            if no_val and metric.startswith("val/"):
+                raise ConfigError(f"{field}={metric} needs a validation split: {no_val} (or set {field}=null)")
+    if cfg.get("test", True):
+        try:
+            datamodule.test_dataloader()
+        except DataConfigError as err:
+            raise ConfigError(f"test=true tests the trained model: {err} (or set test=false)") from err
+    return no_val
 
 
 def check_moe(cfg: DictConfig) -> None:

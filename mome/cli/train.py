@@ -34,7 +34,16 @@ from .._checkpoint import check_state_fits
 from .._resources import conf_dir
 from .._saving import save_pretrained
 from ..lit.base import model_from_checkpoint, read_lightning_checkpoint
-from ._common import ConfigError, build_datamodule, build_task, build_trainer, run_cli, setup_phase
+from ._common import (
+    ConfigError,
+    build_datamodule,
+    build_task,
+    build_trainer,
+    check_missing,
+    check_splits,
+    run_cli,
+    setup_phase,
+)
 
 __all__ = ["main", "train"]
 
@@ -73,6 +82,7 @@ def _check_resume_checkpoint(path: str, task: nn.Module) -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one training job from a composed config; returns ``(metrics, objects)``."""
     with setup_phase():
+        check_missing(cfg)
         if cfg.get("seed") is not None:
             L.seed_everything(cfg.seed, workers=True)
         ckpt_path = _resolve_ckpt_path(cfg)
@@ -81,7 +91,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if ckpt_path not in _LIGHTNING_CKPT_PATHS:
             _check_resume_checkpoint(ckpt_path, task)
         datamodule = build_datamodule(cfg, task)
+        no_val = check_splits(cfg, datamodule)
+        task.check_datamodule(datamodule)
         trainer = build_trainer(cfg)
+        if no_val:  # Lightning would ask the data module for the missing loader: validation is off instead
+            print(f"mome-train: no validation ({no_val})")
+            trainer.limit_val_batches = 0  # after the Trainer is built: trainer.fast_dev_run sets it too
     objects = {"cfg": cfg, "task": task, "datamodule": datamodule, "trainer": trainer}
 
     if cfg.get("train", True):

@@ -189,6 +189,8 @@ class MomeDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if split not in self.datasets:
             self.setup("fit" if split in ("train", "val") else "test")
+        if split not in self.datasets:
+            raise DataConfigError(self.missing_split(split))
         dataset = self.datasets[split]
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise DataConfigError(f"{type(self).__name__}: the {split!r} split is empty")
@@ -211,6 +213,10 @@ class MomeDataModule(L.LightningDataModule):
         if self.trainer is None:
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    def missing_split(self, split: str) -> str:
+        """Why ``split`` has no dataset (a subclass names the field that configures it)."""
+        return f"{type(self).__name__} has no {split!r} split"
 
     collate_fn: Callable | None = None  # default_collate unless a subclass sets one
 

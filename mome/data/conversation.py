@@ -407,11 +407,14 @@ class ConversationDataModule(MomeDataModule):
                 batch[key] = [sample[key] for sample in samples]
         return batch
 
+    def missing_split(self, split: str) -> str:
+        return f"data.{split}_file is not set: {type(self).__name__} has no {split!r} split"
+
     def test_dataloader(self) -> Any:
         if "test" not in self.datasets:
             self.setup("test")
         if "test" not in self.datasets:
-            raise DataConfigError("data.test_file is not set: nothing to evaluate")
+            raise DataConfigError(self.missing_split("test"))
         dataset = PromptedConversations(self.datasets["test"])
         return torch.utils.data.DataLoader(
             dataset,

@@ -240,6 +240,10 @@ class MomeTask(L.LightningModule):
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batch_size = _infer_batch_size(batch)
 
+    def check_datamodule(self, datamodule: Any) -> None:
+        """Fail before training when ``datamodule`` cannot feed this task (a subclass checks what it needs, e.g.
+        the number of classes); the base task accepts any data module."""
+
     # -------------------------------------------------------------------- checkpoint RNG state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the RNG states (noisy routers draw from torch's), so a resumed run continues the stream."""

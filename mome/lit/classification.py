@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 
-from .base import MomeTask
+from .base import MomeTask, TaskConfigError
 
 __all__ = ["ClassificationTask", "classification_metrics"]
 
@@ -46,6 +46,16 @@ class ClassificationTask(MomeTask):
             raise ValueError(f"model {self.model_name} has num_classes={num_classes}; set model.num_classes")
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
+
+    def check_datamodule(self, datamodule: Any) -> None:
+        """The head must have one output per class of the data (as ``mome-eval`` requires of the exported model): a
+        label >= ``model.num_classes`` would stop training mid-epoch, extra outputs would never be trained."""
+        classes = getattr(datamodule, "num_classes", None)
+        head = int(self.model.num_classes)
+        if isinstance(classes, int) and classes != head:
+            raise TaskConfigError(
+                f"model.num_classes={head} but the data has {classes} classes: set model.num_classes={classes}"
+            )
 
     def forward(self, image: Tensor) -> Tensor:
         return self.model(image)

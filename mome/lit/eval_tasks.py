@@ -435,7 +435,9 @@ class RetrievalTask(EvaluationTask):
 
     @property
     def needs_text(self) -> bool:
-        return self.captions == "batch"
+        # "auto" reads the batch captions of a data module without class names (e.g. webdataset shards), which
+        # is known only once the data module is built: keep the captions until then
+        return self.captions != "class_templates"
 
     def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
         has_classes = bool(getattr(datamodule, "classnames", None)) and bool(getattr(datamodule, "templates", None))
