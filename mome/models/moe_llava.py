@@ -20,14 +20,19 @@ probability (GShard / Switch; DeepSpeed's ``l_aux``). ``forward`` returns a tran
 weighted load-balancing term is read with :func:`mome.aux_losses` (``{"load_balance": tensor}``) and
 the training task adds it, as for every mome model.
 
-Experts: E = 4, top-2, renormalised gates, capacity ``ceil(T k c / E)`` with ``c = 1.5`` in training and
-``c = 2.0`` at evaluation (= T for E = 4, k = 2: no token is dropped at evaluation, so cached and
-uncached generation agree), ``min_capacity = 0``; ``capacity_factor=None`` (``"dropless"`` through
-``mome.create_model``) is dropless. DeepSpeed's top-2 capacity ``ceil(2 c S / E)`` is the same number. Routing is
-deterministic: DeepSpeed v0.9.5's ``top2gating`` adds Gumbel noise to the logits before choosing the
-second expert, also at evaluation, which makes upstream inference slightly stochastic; mome's router
-adds no noise, so ``model.eval()`` is deterministic. All tokens of a batch, padding included, are
-routed together (as upstream).
+Experts: E = 4, top-2 (DeepSpeed's gate, :class:`~mome.layers.GShardTop2Router`), capacity
+``max(ceil(T k c / E), min_capacity)`` with ``c = 1.5`` in training and ``c = 2.0`` at evaluation (= T for
+E = 4, k = 2: no token is dropped at evaluation, so cached and uncached generation agree),
+``min_capacity = 0``; ``capacity_factor=None`` (``"dropless"`` through ``mome.create_model``) is dropless.
+DeepSpeed v0.9.5's top-2 capacity ``ceil(2 c S / E)`` (at least ``min_capacity``) is the same number, it
+serves every first choice before any second choice, in token order, as mome does, and it renormalises
+the gates over the choices it kept (a token whose second choice is dropped gets weight 1 on its first):
+``Routing.renormalize_kept``. DeepSpeed v0.9.5 chooses the second expert by adding Gumbel noise to the
+logits, also at evaluation, which makes upstream inference stochastic. ``top2_2nd_expert_sampling=True``
+(DeepSpeed's later name for it) does the same, drawing the noise from torch's global generator as
+DeepSpeed does, so a run seeded as an upstream run reproduces it (the ``moe_tuned`` cards set it); the
+default ``False`` takes the second most probable expert, so ``model.eval()`` is deterministic. All tokens
+of a batch, padding included, are routed together (as upstream).
 
 Images: the prompt holds one placeholder id ``config.image_token_id`` per patch token of each image
 (``config.image_seq_length`` per image, images in prompt order, any number per sample); upstream
@@ -77,7 +82,7 @@ from .._registry import register_model
 from .._tokenizer import MOE_LLAVA_TINY_SPECIAL_TOKENS as TINY_SPECIAL_TOKENS
 from .._tokenizer import MOE_LLAVA_TINY_VOCAB as MOE_LLAVA_TINY_VOCAB
 from .._tokenizer import moe_llava_tiny_tokenizer as moe_llava_tiny_tokenizer
-from ..layers import MoE
+from ..layers import Experts, GShardTop2Router, MoE, Router, TopKRouter
 from ._moe_vit import resolve_moe_layers
 
 __all__ = [
@@ -95,7 +100,13 @@ PAPER = dict(
     license="apache-2.0",
 )
 
-_UPCYCLE_OPTIONS = ("capacity_factor", "eval_capacity_factor", "min_capacity", "router_aux_loss_coef")
+_UPCYCLE_OPTIONS = (
+    "capacity_factor",
+    "eval_capacity_factor",
+    "min_capacity",
+    "router_aux_loss_coef",
+    "top2_2nd_expert_sampling",
+)
 #: Upstream ``moe_mode`` names accepted for ``moe_layers`` besides those of ``resolve_moe_layers``.
 _UPSTREAM_MOE_MODES = {"sparse": "every_2_from_0", "dense": "all", "second_half": "last_half"}
 
@@ -121,6 +132,8 @@ class MoELLaVAConfig(LlavaConfig):
         capacity_factor, eval_capacity_factor: ``c`` in training / evaluation; None is dropless.
         min_capacity: DeepSpeed's ``min_capacity``.
         router_aux_loss_coef: weight of the load-balancing loss (0.01).
+        top2_2nd_expert_sampling: sample the second expert with Gumbel noise, in training and evaluation, as
+            DeepSpeed v0.9.5's top-2 gate does (see :class:`~mome.layers.GShardTop2Router`); top-2 only.
     """
 
     model_type = "mome_moe_llava"
@@ -132,15 +145,24 @@ class MoELLaVAConfig(LlavaConfig):
     eval_capacity_factor: float | None = 2.0
     min_capacity: int = 0
     router_aux_loss_coef: float = 0.01
+    top2_2nd_expert_sampling: bool = False
 
 
 def _moe_from_dense(mlp: nn.Module, config: MoELLaVAConfig) -> MoE:
-    """The MoE FFN of one layer: ``E`` copies of ``mlp`` (sparse upcycling) and a random top-k router."""
+    """The MoE FFN of one layer: ``E`` copies of ``mlp`` (sparse upcycling) and a random router: DeepSpeed's
+    top-2 gate for ``k = 2`` (as upstream), a renormalised top-k softmax router otherwise."""
     weights = {"load_balance": config.router_aux_loss_coef} if config.router_aux_loss_coef else {}
-    return MoE.from_dense(
-        mlp,
-        config.num_experts,
-        config.num_experts_per_tok,
+    top_k, sample = config.num_experts_per_tok, config.top2_2nd_expert_sampling
+    if sample and top_k != 2:
+        raise ValueError(f"top2_2nd_expert_sampling applies to top-2 routing, but num_experts_per_tok={top_k}")
+    experts = Experts.from_dense(mlp, config.num_experts)
+    if top_k == 2:  # built after the experts, as MoE.from_dense builds its router: the same random init
+        router: Router = GShardTop2Router(experts.dim, config.num_experts, sample_second=sample)
+    else:
+        router = TopKRouter(experts.dim, config.num_experts, top_k, renormalize=True)
+    return MoE(
+        router.to(experts.w_in.dtype),
+        experts,
         capacity_factor=config.capacity_factor,
         eval_capacity_factor=config.eval_capacity_factor,
         min_capacity=config.min_capacity,
@@ -243,7 +265,7 @@ class MoELLaVA(LlavaForConditionalGeneration):
         (``nn.Linear`` init). With dropless routing (``capacity_factor=None``) the upcycled model
         computes exactly what the dense one did: ``sum_j g_j FFN(x) = FFN(x)`` since ``sum_j g_j = 1``.
         ``moe_options`` overrides ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``,
-        ``router_aux_loss_coef`` in the config (which ``save_pretrained`` writes).
+        ``router_aux_loss_coef``, ``top2_2nd_expert_sampling`` in the config (which ``save_pretrained`` writes).
         """
         unknown = sorted(set(moe_options) - set(_UPCYCLE_OPTIONS))
         if unknown:
@@ -366,6 +388,7 @@ def configure_stage(model: MoELLaVA, stage: Literal[1, 2, 3], *, train_dense_ffn
 # Rotary ``inv_freq`` buffers, if saved, are skipped (recomputed from the config).
 # ---------------------------------------------------------------------------------------------
 _EXPERT_PREFIX = "mlp.deepspeed_moe.experts.deepspeed_experts."
+_PROJECTOR = "model.multi_modal_projector."
 _ROUTER_KEY = "mlp.deepspeed_moe.gate.wg.weight"
 _EXPERT_PARAMS = (  # DeepSpeed expert Linear -> stacked Experts parameter (gate/up are concatenated first)
     ("down_proj.weight", "w_out"),
@@ -409,8 +432,42 @@ def _translate_llm_key(key: str, qwen: bool) -> list[tuple[str, int | None]]:
     return [("transformer." + rest, None)]  # no counterpart: reported as unmatched
 
 
+def _upstream_key(ours: str, qwen: bool, vision_has_prefix: bool) -> str:
+    """The upstream name a missing key of ours would have come from (the inverse of the key map above)."""
+    root = "transformer." if qwen else "model."
+    if ours.startswith("model.vision_tower."):
+        tail = ours.removeprefix("model.vision_tower.")
+        return f"{root}image_tower.image_tower." + (tail if vision_has_prefix else "vision_model." + tail)
+    if ours.startswith(_PROJECTOR):
+        linear, _, param = ours.removeprefix(_PROJECTOR).partition(".")
+        return f"{root}mm_projector.image_spatial_proj.{ {'linear_1': 0, 'linear_2': 2}.get(linear, linear) }.{param}"
+    rest = ours.removeprefix("model.language_model.")
+    if not rest.startswith("layers."):
+        if qwen:
+            rest = {"embed_tokens.weight": "wte.weight", "norm.weight": "ln_f.weight"}.get(rest, rest)
+        return ours if ours == rest else root + rest
+    _, index, tail = rest.split(".", 2)
+    layer = f"{root}{'h' if qwen else 'layers'}.{index}."
+    if tail == "mlp.router.proj.weight":
+        return layer + _ROUTER_KEY
+    if tail.startswith("mlp.experts."):
+        name = tail.removeprefix("mlp.experts.")
+        params = [p for p, ours_name in _EXPERT_PARAMS if ours_name == name]
+        if name == "w_in":
+            params = ["gate_proj.weight", "up_proj.weight", *params]
+        if qwen:
+            params = [{v: k for k, v in _QWEN_EXPERT_KEYS.items()}.get(p, p) for p in params]
+        return " / ".join(f"{layer}{_EXPERT_PREFIX}*.{p}" for p in params)
+    if qwen:
+        for kind in ("weight", "bias"):
+            if tail in (f"self_attn.{p}_proj.{kind}" for p in "qkv"):
+                return f"{layer}attn.c_attn.{kind}"
+        tail = {v: k for k, v in _QWEN_LAYER_KEYS.items()}.get(tail, tail)
+    return layer + tail
+
+
 def moe_llava_state_dict_from_hf(
-    state_dict: Mapping[str, Tensor], model: MoELLaVA, *, upcycle_dense: bool = False
+    state_dict: Mapping[str, Tensor], model: MoELLaVA, *, upcycle_dense: bool = False, projector_only: bool = False
 ) -> dict[str, Tensor]:
     """Map an upstream MoE-LLaVA state dict (Phi-2, StableLM, Qwen v1 layouts; see the key map above) onto ``model``.
 
@@ -423,6 +480,12 @@ def moe_llava_state_dict_from_hf(
     ``upcycle_dense=True`` loads a dense (stage-II) checkpoint into an MoE model (the start of stage III):
     the dense FFN of each of ``model``'s MoE layers is copied into every expert and the router keeps
     ``model``'s current (random) weights, as :meth:`MoELLaVA.upcycle` does.
+
+    ``projector_only=True`` reads a stage-I file (upstream's ``mm_projector.bin``: the ``mlp2x_gelu``
+    projector and nothing else, written by ``safe_save_model_for_hf_trainer`` with ``tune_mm_mlp_adapter``):
+    the file must hold exactly the projector's keys, and every other tensor of ``model`` keeps its current
+    value. Upstream pairs that file with the LLM's and CLIP's own releases; load those into
+    ``model.language_model`` / ``model.vision_tower`` yourself.
     """
     target = model.state_dict()
     qwen = any(k.startswith("transformer.h.") for k in state_dict)
@@ -432,6 +495,7 @@ def moe_llava_state_dict_from_hf(
     origin: dict[str, str] = {}  # our key -> the upstream key it came from
     unmatched: list[str] = []
     shapes: list[str] = []
+    absent: list[str] = []  # upstream expert keys the checkpoint lacks (a gap in the expert numbering)
     experts: dict[tuple[str, str], dict[int, tuple[str, Tensor]]] = {}  # (layer, param) -> {e: (key, tensor)}
 
     def put(ours: str, value: Tensor, source: str) -> None:
@@ -473,8 +537,9 @@ def moe_llava_state_dict_from_hf(
         if by_expert is None:
             return None
         order = sorted(by_expert)
-        if order != list(range(len(order))):
-            unmatched.extend(by_expert[e][0] for e in order)
+        if order != list(range(len(order))):  # a gap: name the experts' keys the checkpoint lacks
+            template = by_expert[order[0]][0].replace(f"{_EXPERT_PREFIX}{order[0]}.", _EXPERT_PREFIX + "{}.")
+            absent.extend(template.format(e) for e in range(order[-1]) if e not in by_expert)
             return None
         reference = tuple(by_expert[0][1].shape)
         odd = [f"{k}: {tuple(t.shape)} vs expert 0 {reference}" for k, t in by_expert.values() if t.shape != reference]
@@ -497,6 +562,12 @@ def moe_llava_state_dict_from_hf(
     unmatched.extend(by[e][0] for by in experts.values() for e in sorted(by))
     if upcycle_dense:
         _upcycle_mapped(mapped, origin, model)
+    if projector_only:  # a stage-I file: the projector from the file, everything else as the model has it
+        unmatched.extend(origin.pop(k) for k in [k for k in mapped if not k.startswith(_PROJECTOR)])
+        mapped = {k: v for k, v in mapped.items() if k.startswith(_PROJECTOR)}
+        for key, value in target.items():
+            if not key.startswith(_PROJECTOR):
+                mapped[key], origin[key] = value, "(kept: not part of a stage-I projector file)"
 
     unmatched.extend(origin[k] for k in mapped if k not in target)
     missing = [k for k in target if k not in mapped]
@@ -505,9 +576,18 @@ def moe_llava_state_dict_from_hf(
         for k, v in mapped.items()
         if k in target and tuple(v.shape) != tuple(target[k].shape)
     ]
-    if unmatched or missing or shapes:
+    if unmatched or missing or shapes or absent:
         lines = [f"the upstream MoE-LLaVA state dict does not match {type(model).__name__} exactly:"]
-        for label, keys in (("unmatched", sorted(unmatched)), ("missing", missing), ("mis-shaped", shapes)):
+        unmatched = [f"{k} (upstream layer {k.rpartition('.')[0]}, no counterpart)" for k in sorted(unmatched)]
+        missing = [f"{k} (upstream {_upstream_key(k, qwen, vision_has_prefix)})" for k in missing]
+        absent = [f"{k} (upstream layer {k.rpartition('.')[0]})" for k in absent]
+        labelled = (
+            ("unmatched", unmatched),
+            ("missing", missing),
+            ("mis-shaped", shapes),
+            ("missing upstream", absent),
+        )
+        for label, keys in labelled:
             if keys:
                 more = f" (+{len(keys) - 20} more)" if len(keys) > 20 else ""
                 lines.append(f"  {len(keys)} {label} key(s): {', '.join(keys[:20])}{more}")
@@ -576,6 +656,7 @@ def _create_moe_llava(
     eval_capacity_factor: float | Literal["dropless"] | None = 2.0,
     min_capacity: int = 0,
     router_aux_loss_coef: float = 0.01,
+    top2_2nd_expert_sampling: bool = False,
     vision_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
 ) -> MoELLaVA:
@@ -603,6 +684,7 @@ def _create_moe_llava(
         eval_capacity_factor=eval_capacity_factor,
         min_capacity=min_capacity,
         router_aux_loss_coef=router_aux_loss_coef,
+        top2_2nd_expert_sampling=top2_2nd_expert_sampling,
     )
     model = MoELLaVA(config)
     model.pretrained_cfg = model.pretrained_cfg.replace(tokenizer=tokenizer)
