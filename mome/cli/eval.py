@@ -1,7 +1,7 @@
 """``mome-eval``: evaluate a model of the zoo or a ``mome-train`` checkpoint with Lightning (``conf/eval.yaml``).
 
-The run composes the ``data``, ``model``, ``eval_task``, ``trainer``, ``callbacks``, ``logger``, ``paths``,
-``hydra`` and ``debug`` groups of ``mome-train``, then:
+The run composes the ``data``, ``model``, ``moe``, ``eval_task``, ``trainer``, ``logger``, ``paths``, ``hydra`` and
+``debug`` groups (``mome-train``'s ``callbacks`` act on training only, so they are not a group here), then:
 
 1. builds the model: ``ckpt_path=`` alone rebuilds the model a ``mome-train`` checkpoint names in its
    hyper-parameters (:func:`mome.lit.base.model_from_checkpoint`); ``model=<name>`` (a config of ``conf/model``,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from .._resources import conf_dir
 from ..lit import EvaluationTask
 from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint
 from ._common import ConfigError, build_datamodule, build_trainer, check_moe, plain_container, run_cli, setup_phase
+from ._help import check_plugins
 
 __all__ = ["evaluate", "load_model", "main"]
 
@@ -174,9 +176,14 @@ def _job(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="eval")
-def main(cfg: DictConfig) -> None:
-    """The ``mome-eval`` console script (see the module docstring)."""
+def _hydra_main(cfg: DictConfig) -> None:
     run_cli("mome-eval", _job, cfg)
+
+
+def main() -> None:
+    """The ``mome-eval`` console script (see the module docstring)."""
+    check_plugins("mome-eval", sys.argv[1:])  # before Hydra composes the config a missing plugin cannot load
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ value of ``optimized_metric`` for sweepers (Optuna).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from ._common import (
     run_cli,
     setup_phase,
 )
+from ._help import check_plugins
 
 __all__ = ["main", "train"]
 
@@ -193,8 +195,14 @@ def _job(cfg: DictConfig) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     return run_cli("mome-train", _job, cfg)
+
+
+def main() -> float | None:
+    """The ``mome-train`` console script (see the module docstring); returns ``optimized_metric`` for sweepers."""
+    check_plugins("mome-train", sys.argv[1:])  # before Hydra composes the config a missing plugin cannot load
+    return _hydra_main()
 
 
 if __name__ == "__main__":
