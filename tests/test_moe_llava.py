@@ -415,3 +415,62 @@ def test_a_moe_llava_card_loads_an_upstream_folder_through_the_zoo(tmp_path):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(mome.CheckpointMismatchError, match="MoE-LLaVA-tiny"):
         mome.create_model(TINY, llm="stablelm", pretrained=True, pretrained_cfg_overlay=card)
+
+
+# -- DeepSpeed's top-2 gate ------------------------------------------------------------------------------------
+def test_gshard_top2_router_without_sampling_is_renormalised_top2():
+    from mome.layers import GShardTop2Router, TopKRouter
+
+    torch.manual_seed(0)
+    gate = GShardTop2Router(16, 4, sample_second=False)
+    plain = TopKRouter(16, 4, 2, renormalize=True)
+    plain.load_state_dict(gate.state_dict())
+    x = torch.randn(50, 16)
+    ours, theirs = gate(x), plain(x)
+    assert torch.equal(ours.expert_index, theirs.expert_index) and ours.renormalize_kept
+    torch.testing.assert_close(ours.combine_weights, theirs.combine_weights)
+
+
+def test_gshard_top2_router_samples_the_second_expert_from_the_global_generator():
+    from mome.layers import GShardTop2Router
+
+    gate = GShardTop2Router(16, 4)  # sample_second=True: as DeepSpeed v0.9.5, also in eval mode
+    gate.eval()
+    x = torch.randn(200, 16) * 3
+    torch.manual_seed(7)
+    first = gate(x)
+    torch.manual_seed(7)
+    noise = torch.distributions.Gumbel(torch.tensor(0.0), torch.tensor(1.0)).rsample((200, 4))
+    torch.manual_seed(7)
+    again = gate(x)
+    assert torch.equal(first.expert_index, again.expert_index)
+    probs = first.router_probs
+    assert torch.equal(first.expert_index[:, 0], probs.argmax(-1))  # the first choice is never sampled
+    masked = (first.router_logits + noise).scatter(1, first.expert_index[:, :1], float("-inf"))
+    assert torch.equal(first.expert_index[:, 1], masked.argmax(-1))
+    assert not torch.equal(first.expert_index[:, 1], probs.topk(2).indices[:, 1])  # the noise changes some
+
+
+def test_dropped_choices_renormalise_the_kept_gate_as_deepspeed():
+    model = tiny("stablelm", eval_capacity_factor=0.25).eval()  # capacity ceil(T/8): most second choices drop
+    seen = {}
+    moe = model.language_model.layers[0].mlp
+    moe.experts.register_forward_pre_hook(lambda m, args: seen.update(routing=args[1]))  # returns None
+    with torch.no_grad():
+        model(torch.tensor([prompt_ids(model)]), torch.randn(1, 3, 32, 32))
+    routing = seen["routing"]
+    kept = ~routing.dropped
+    one = kept.sum(-1) == 1
+    assert one.any() and (~kept).all(-1).any()
+    torch.testing.assert_close(routing.combine_weights[one].sum(-1), torch.ones(int(one.sum())))
+    assert (routing.combine_weights[(~kept).all(-1)] == 0).all()
+
+
+def test_top2_sampling_needs_top2_and_is_saved(tmp_path):
+    with pytest.raises(ValueError, match="top2_2nd_expert_sampling"):
+        tiny(top_k=1, top2_2nd_expert_sampling=True)
+    model = tiny(top2_2nd_expert_sampling=True)
+    assert model.language_model.layers[0].mlp.router.sample_second
+    mome.save_pretrained(model, tmp_path / "m")
+    again = mome.create_model(f"local-dir:{tmp_path / 'm'}")
+    assert again.language_model.layers[0].mlp.router.sample_second
