@@ -239,18 +239,24 @@ def test_stored_index_of_another_layout_is_refused():
         CONVERTERS["unilm_vlmo"](state, tiny_vlmo())
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning:timm.*")
 def test_higher_resolution_resizes_the_table_and_keeps_text_rows():
-    state = upstream_state()
-    model = tiny_vlmo(img_size=32)  # 4x4 patches instead of 2x2
+    state = upstream_state(img_size=32)
+    model = tiny_vlmo(img_size=48)  # 6x6 patches instead of 4x4
     converted = CONVERTERS["unilm_vlmo"](state, model)
     table = converted["relative_position_bias_table"]
     assert table.shape == model.relative_position_bias_table.shape
-    old_offsets, new_offsets = 3 * 3, 7 * 7
+    old_offsets, new_offsets = 7 * 7, 11 * 11
     torch.testing.assert_close(table[new_offsets:], state["relative_position_bias_table"][old_offsets:])
     torch.testing.assert_close(
         table[new_offsets // 2], state["relative_position_bias_table"][old_offsets // 2]
-    )  # (0, 0)
+    )  # (0, 0): the spline interpolates, so the sample points keep their values
+
+
+def test_a_table_too_small_for_the_bicubic_resize_is_reported():
+    # upstream's interp2d(kind="cubic") cannot fit a 3x3 grid of offsets (2x2 patches) either
+    with pytest.raises(mome.CheckpointMismatchError, match="3x3 offset grid is too small") as info:
+        CONVERTERS["unilm_vlmo"](upstream_state(), tiny_vlmo(img_size=32))
+    assert "mis-shaped" not in str(info.value)  # nothing half-converted is reported as a shape error
 
 
 def test_base_plus_style_absolute_positions_are_resampled():

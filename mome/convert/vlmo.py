@@ -27,15 +27,16 @@ Loader quirks reproduced (as upstream's ``load_pretrained_weight``):
 - ``transformer.pos_embed`` (base_plus) is resampled bicubically to the model's patch grid.
 - The shared relative-position table ``[R, heads * depth]`` (layer ``l`` reads columns
   ``[l*heads, (l+1)*heads)``, see :mod:`mome.models.vlmo`) is resized for another image resolution
-  with the geometric-progression interpolation of BEiT/VLMo
-  (:func:`timm.layers.resize_rel_pos_bias_table`), keeping the CLS and text rows.
+  with the geometric-progression bicubic interpolation of BEiT/VLMo (:func:`resize_rel_pos_table`,
+  upstream's ``interp2d`` reproduced exactly), keeping the CLS and text rows.
 - The stored index buffers (``relative_position_index``, ``text_relative_position_index``,
   ``text_imag_relative_position_index``) are consumed and, at the same resolution, checked to
   equal the model's own (cropped like the text positions): the table rows then mean the same.
 
-Upstream parts mome's VLMo does not have (``vqa_classifier.*``, ``nlvr2_classifier.*``, a 3-row
-NLVR2 ``token_type_embeddings``) are reported, never dropped, unless the caller names them in
-``ignore_prefixes``.
+Upstream builds only the heads of its ``loss_names``, so each released file holds its own set; the model's
+``heads`` must name the same (the zoo cards do): ``vqa_classifier.*`` and ``nlvr2_classifier.*`` (with its
+3-row ``token_type_embeddings``) load into the ``"vqa"`` / ``"nlvr2"`` heads. An upstream part the model
+has no head for is reported, never dropped, unless the caller names it in ``ignore_prefixes``.
 """
 
 from __future__ import annotations
@@ -45,10 +46,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+from .._errors import CheckpointMismatchError
 from ..models.vlmo import VLMo
 from ._keymap import KeyMap, resample_pos_embed
 
-__all__ = ["convert_unilm_vlmo"]
+__all__ = ["convert_unilm_vlmo", "resize_rel_pos_table", "upstream_layer"]
 
 _UPSTREAM_MODALITY = {"image": "imag", "text": "text"}  # our MultiwayFFN.modalities -> upstream suffix
 _EXPERT_PARAMS = (("w_in", "fc1.weight"), ("b_in", "fc1.bias"), ("w_out", "fc2.weight"), ("b_out", "fc2.bias"))
@@ -65,17 +67,71 @@ _RENAMED_HEADS = {
 _INDEX_BUFFERS = ("relative_position_index", "text_relative_position_index", "text_imag_relative_position_index")
 
 
+def _geometric_offsets(src: int, dst: int) -> list[float]:
+    """BEiT's source sample points for a ``src``-wide offset axis stretched onto ``dst`` offsets: spacing
+    ``1, q, q^2, ...`` away from 0, with ``q`` found by bisection so that ``sum_{i<src//2} q^i`` reaches
+    ``dst // 2`` (``geometric_progression`` in upstream's ``load_pretrained_weight``)."""
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    distances, cur = [], 1.0
+    for i in range(src // 2):
+        distances.append(cur)
+        cur += q ** (i + 1)
+    return [-d for d in reversed(distances)] + [0.0] + distances
+
+
+def resize_rel_pos_table(table: Tensor, grid: tuple[int, int], num_rows: int) -> Tensor:
+    """VLMo's shared relative-position table ``[R, heads * depth]`` resized for another patch grid, as
+    upstream's ``VLMo.load_pretrained_weight`` does it (BEiT's geometric-progression resize).
+
+    The last ``num_rows - (2W-1)^2`` rows (image CLS rows, text->image, image->text and the text rows) are
+    kept; the first ``(2S-1)^2`` rows, the square grid of image offsets, are sampled at the geometric source
+    points of :func:`_geometric_offsets` and interpolated per column by the interpolating bicubic spline on
+    that grid (upstream: ``scipy.interpolate.interp2d(x, y, z, kind="cubic")``, removed from SciPy 1.14;
+    here its equivalent, ``RectBivariateSpline(y, x, z, kx=3, ky=3, s=0)``, the same FITPACK ``regrid``
+    fit), evaluated at the integer offsets ``-(W-1) ... W-1`` in float64 and stored in the table's dtype.
+    """
+    from scipy.interpolate import RectBivariateSpline
+
+    if grid[0] != grid[1]:
+        raise ValueError(f"upstream resizes square patch grids only, not {tuple(grid)}")
+    dst_size = 2 * grid[0] - 1
+    num_extra = num_rows - dst_size * dst_size
+    src_size = int((table.shape[0] - num_extra) ** 0.5)
+    if num_extra < 0 or src_size * src_size != table.shape[0] - num_extra:
+        raise ValueError(f"{table.shape[0]} rows are not a square offset grid plus the {num_extra} other rows")
+    if src_size == dst_size:
+        return table
+    if src_size < 4:
+        raise ValueError(f"a {src_size}x{src_size} offset grid is too small for a bicubic spline")
+    points = _geometric_offsets(src_size, dst_size)
+    half = dst_size // 2
+    targets = [float(v) for v in range(-half, half + 1)]  # upstream: np.arange(-t, t + 0.1, 1.0)
+    grid_rows = table[: src_size * src_size].double().cpu().numpy()
+    columns = []
+    for column in range(table.shape[1]):
+        z = grid_rows[:, column].astype("float32").reshape(src_size, src_size)  # [y, x], as upstream's .float()
+        spline = RectBivariateSpline(points, points, z, kx=3, ky=3, s=0)
+        columns.append(torch.from_numpy(spline(targets, targets)).reshape(-1))  # [(2W-1)^2]
+    resized = torch.stack(columns, dim=1).to(table.dtype)  # [(2W-1)^2, heads * depth]
+    return torch.cat([resized.to(table.device), table[table.shape[0] - num_extra :]], dim=0)
+
+
 def _resize_rel_pos_table(km: KeyMap, model: VLMo) -> None:
     table = km.take("relative_position_bias_table")
     if table is None:
         return
     target_shape = tuple(km.target["relative_position_bias_table"].shape)
     if table.shape[0] != target_shape[0] and table.shape[1] == target_shape[1]:
-        from timm.layers import resize_rel_pos_bias_table
-
         try:
-            table = resize_rel_pos_bias_table(table, model.patch_embed.grid_size, target_shape)
-        except (ValueError, AssertionError) as err:
+            table = resize_rel_pos_table(table, tuple(model.patch_embed.grid_size), target_shape[0])
+        except ValueError as err:
+            km.attempted.add("relative_position_bias_table")  # reported here, not copied as is
             km.error(f"relative_position_bias_table {tuple(table.shape)} cannot be resized to {target_shape}: {err}")
             return
     km.put("relative_position_bias_table", table, "relative_position_bias_table")
@@ -160,12 +216,63 @@ def convert_unilm_vlmo(
             for param in ("weight", "bias"):
                 km.copy(f"{dst}mlp.vl_norm.{param}", f"{src}norm2_vl.{param}")
     for ours, theirs in _RENAMED_HEADS.items():
-        km.copy(ours, theirs)
+        if ours in km.target:
+            km.copy(ours, theirs)
     if model.relative_position_bias_table is not None:
         _resize_rel_pos_table(km, model)
     _check_index_buffers(km, model)
     _text_positions(km, model)
-    if model.mlm_score.decoder.weight is model.text_embeddings.word_embeddings.weight:
+    if model.mlm_score is not None and model.mlm_score.decoder.weight is model.text_embeddings.word_embeddings.weight:
         _check_tied_decoder(km)
     km.copy_same_names()  # text embeddings, token types, pooler, MLM head, logit scales
-    return km.finish()
+    try:
+        return km.finish()
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{err}\n  upstream layer(s): {'; '.join(_layers_at_fault(km))}") from None
+
+
+_FFN_NAMES = {"imag": "V-FFN (image expert)", "text": "L-FFN (text expert)", "vl": "VL-FFN (fusion expert)"}
+_TOP_LAYERS = {
+    "relative_position_bias_table": "the shared relative position bias",
+    "text_embeddings": "the BERT text embeddings",
+    "token_type_embeddings": "the modality type embeddings (3 rows with the NLVR2 head)",
+    "pooler": "the pooler (ITM / VQA / NLVR2 input)",
+    "itm_score": "the ITM head",
+    "itc_image_proj": "the ITC head",
+    "itc_text_proj": "the ITC head",
+    "itc_vl_image_proj": "the VL-FFN ITC head",
+    "itc_vl_text_proj": "the VL-FFN ITC head",
+    "logit_scale": "the ITC head",
+    "logit_vl_scale": "the VL-FFN ITC head",
+    "mlm_score": "the MLM head",
+    "vqa_classifier": "the VQA head (heads=[..., 'vqa'])",
+    "nlvr2_classifier": "the NLVR2 head (heads=[..., 'nlvr2'])",
+}
+
+
+def upstream_layer(key: str) -> str:
+    """The upstream VLMo layer an upstream key belongs to, in words: ``transformer.blocks.3.mlp_imag.fc2.bias``
+    -> ``transformer.blocks.3.mlp_imag: block 3, V-FFN (image expert)``."""
+    parts = key.split(".")
+    if parts[:2] == ["transformer", "blocks"] and len(parts) > 3:
+        block, sub = parts[2], parts[3]
+        for prefix in ("mlp_", "norm2_"):
+            if sub.startswith(prefix) and sub[len(prefix) :] in _FFN_NAMES:
+                what = _FFN_NAMES[sub[len(prefix) :]] + (" norm" if prefix == "norm2_" else "")
+                return f"transformer.blocks.{block}.{sub}: block {block}, {what}"
+        return f"transformer.blocks.{block}.{sub}: block {block}, shared {'attention' if sub == 'attn' else sub}"
+    if parts[0] == "transformer":
+        return f"transformer.{parts[1]}: the vision embedding / final norm"
+    if parts[0] in _TOP_LAYERS:
+        return f"{parts[0]}: {_TOP_LAYERS[parts[0]]}"
+    return f"{parts[0]}: not part of upstream's VLMo"
+
+
+def _layers_at_fault(km: KeyMap) -> list[str]:
+    """The upstream layers of the keys a failed conversion reports (unused, absent, mis-shaped)."""
+    keys = [k for k in km.source if k not in km.used and not k.startswith(km.ignore_prefixes)] + km.absent
+    for key, value in km.out.items():
+        if key in km.target and tuple(value.shape) != tuple(km.target[key].shape):
+            keys += km.origin[key].split(" + ")
+    layers = dict.fromkeys(upstream_layer(k) for k in keys)
+    return list(layers) or ["(value checks only)"]

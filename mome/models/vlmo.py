@@ -23,6 +23,10 @@ The two encoders form a dual encoder for retrieval (ITC: ``itc_image_proj``/``it
 the CLS tokens, ``logit_scale``); the fusion encoder feeds the ITM head (``Linear(D, 2)`` on the
 pooled text CLS) and the MLM head. Pre-training adds a second contrastive pair whose top blocks use
 the VL-FFN (``encode_image(..., vlffn=True)`` with ``itc_vl_*_proj`` and ``logit_vl_scale``).
+Fine-tuning heads on the pooled fusion CLS ``p``: VQA, ``vqa_classifier(p)`` (``Linear(D, 2D)``, LayerNorm,
+GELU, ``Linear(2D, answers)``); NLVR2, ``nlvr2_classifier([p_0; p_1])`` over the two images of a pair, the
+second image with a third token type. A model has only the ``heads`` it is built with, as upstream builds
+only those of its ``loss_names`` (a released file holds exactly those).
 
 Positions. base and large: no absolute position embedding (the BERT position table exists but is
 unused, as with upstream's ``position_embedding_type="rel_pos"``), and one relative-position-bias
@@ -48,12 +52,14 @@ Parameter names follow upstream's (``relative_position_bias_table``, ``text_embe
 block ``i`` are ``blocks.i.mlp.moe.experts.{w_in,b_in,w_out,b_out}[m]`` (upstream ``mlp_imag``
 for m=0, ``mlp_text`` for m=1) with norms ``blocks.i.mlp.norm.{weight,bias}[m]`` (``norm2_imag``,
 ``norm2_text``), the VL expert is ``blocks.i.mlp.vl_ffn``/``vl_norm`` (``mlp_vl``/``norm2_vl``),
-and the ITC/ITM heads are plain ``nn.Linear`` (upstream ``itc_*_proj.fc``, ``itm_score.fc``).
+and the ITC/ITM heads are plain ``nn.Linear`` (upstream ``itc_*_proj.fc``, ``itm_score.fc``); the VQA and
+NLVR2 classifiers keep upstream's ``vqa_classifier.{0,1,3}`` / ``nlvr2_classifier.{0,1,3}``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -76,6 +82,10 @@ __all__ = [
 ]
 
 IMAGE, TEXT = 0, 1  # modality ids, indices into MultiwayFFN.modalities
+#: The task heads a VLMo may have (upstream builds the heads of its ``loss_names``).
+HEADS = ("itc", "itc_vl", "itm", "mlm", "vqa", "nlvr2")
+#: Those of VLMo's pre-training (ITC on both paths, ITM, MLM): the released ``*_patch16_224.pt`` files.
+PRETRAINING_HEADS = ("itc", "itc_vl", "itm", "mlm")
 MODALITIES = ("image", "text")
 
 
@@ -256,6 +266,12 @@ class VLMo(nn.Module):
         layer_scale_init_values: their initial value (0.1); None also means no layer scale.
         drop_rate, attn_drop_rate, drop_path_rate: dropout, attention dropout, stochastic depth.
         tie_mlm_decoder: share the MLM decoder weight with the word embeddings (upstream does not).
+        heads: the task heads the model has, as upstream builds only those of its ``loss_names`` (a checkpoint
+            holds exactly these): ``"itc"`` (``itc_{image,text}_proj``, ``logit_scale``), ``"itc_vl"``
+            (``itc_vl_*_proj``, ``logit_vl_scale``), ``"itm"``, ``"mlm"``, ``"vqa"`` (``vqa_classifier``) and
+            ``"nlvr2"`` (``nlvr2_classifier`` and a third token type for the second image). Pre-training:
+            itc, itc_vl, itm, mlm (the default); stage-2 text pre-training: mlm; retrieval fine-tuning: itc.
+        vqa_num_classes: answers of the VQA classifier (3129 for VQAv2, upstream's ``vqav2_label_size``).
     """
 
     def __init__(
@@ -281,6 +297,8 @@ class VLMo(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         tie_mlm_decoder: bool = False,
+        heads: Sequence[str] = PRETRAINING_HEADS,
+        vqa_num_classes: int = 3129,
     ) -> None:
         super().__init__()
         from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
@@ -289,6 +307,13 @@ class VLMo(nn.Module):
             raise ValueError(f"vlffn_start_layer_index={vlffn_start_layer_index} must lie in [0, depth={depth}]")
         if max_text_len < 1:
             raise ValueError(f"max_text_len must be positive, got {max_text_len}")
+        heads = tuple(heads)
+        unknown = sorted(set(heads) - set(HEADS))
+        if unknown:
+            raise ValueError(f"unknown VLMo heads {unknown}; the heads are {list(HEADS)}")
+        if tie_mlm_decoder and "mlm" not in heads:
+            raise ValueError("tie_mlm_decoder=True needs the 'mlm' head")
+        self.heads = tuple(h for h in HEADS if h in heads)
         rel_pos_text_len = max_text_len if rel_pos_text_len is None else rel_pos_text_len
         if use_rel_pos_bias and rel_pos_text_len < max_text_len:
             raise ValueError(f"rel_pos_text_len={rel_pos_text_len} must be >= max_text_len={max_text_len}")
@@ -318,8 +343,8 @@ class VLMo(nn.Module):
             pad_token_id=pad_token_id,
         )
         self.text_embeddings = BertEmbeddings(self.bert_config)
-        # modality type embedding added to every token: row 0 = text, row 1 = image
-        self.token_type_embeddings = nn.Embedding(2, embed_dim)
+        # modality type embedding added to every token: row 0 = text, row 1 = image (row 2: NLVR2's second image)
+        self.token_type_embeddings = nn.Embedding(3 if "nlvr2" in self.heads else 2, embed_dim)
 
         # blocks
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
@@ -358,14 +383,17 @@ class VLMo(nn.Module):
 
         # heads
         self.pooler = _Pooler(embed_dim)
-        self.itm_score = nn.Linear(embed_dim, 2)
-        self.itc_image_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.itc_text_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.itc_vl_image_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.itc_vl_text_proj = nn.Linear(embed_dim, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.logit_vl_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.mlm_score = _MLMHead(self.bert_config)
+        has = self.heads.__contains__
+        self.itm_score = nn.Linear(embed_dim, 2) if has("itm") else None
+        self.itc_image_proj = nn.Linear(embed_dim, embed_dim, bias=False) if has("itc") else None
+        self.itc_text_proj = nn.Linear(embed_dim, embed_dim, bias=False) if has("itc") else None
+        self.itc_vl_image_proj = nn.Linear(embed_dim, embed_dim, bias=False) if has("itc_vl") else None
+        self.itc_vl_text_proj = nn.Linear(embed_dim, embed_dim, bias=False) if has("itc_vl") else None
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if has("itc") else None
+        self.logit_vl_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07))) if has("itc_vl") else None
+        self.mlm_score = _MLMHead(self.bert_config) if has("mlm") else None
+        self.vqa_classifier = _classifier(embed_dim, 2 * embed_dim, vqa_num_classes) if has("vqa") else None
+        self.nlvr2_classifier = _classifier(2 * embed_dim, 2 * embed_dim, 2) if has("nlvr2") else None
 
         self.init_weights()
         if tie_mlm_decoder:
@@ -393,8 +421,9 @@ class VLMo(nn.Module):
         if self.relative_position_bias_table is not None:
             nn.init.zeros_(self.relative_position_bias_table)
         with torch.no_grad():
-            self.logit_scale.fill_(math.log(1 / 0.07))
-            self.logit_vl_scale.fill_(math.log(1 / 0.07))
+            for scale in (self.logit_scale, self.logit_vl_scale):
+                if scale is not None:
+                    scale.fill_(math.log(1 / 0.07))
 
     @staticmethod
     def _init_module(module: nn.Module) -> None:
@@ -440,13 +469,16 @@ class VLMo(nn.Module):
         return full.index_select(0, keep).index_select(1, keep)
 
     # ------------------------------------------------------------------------------- embeddings
-    def embed_image(self, image: Tensor) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, 1 + P, D]``: CLS + patches (+ ``pos_embed``) + image type embedding."""
+    def embed_image(self, image: Tensor, token_type: int = 1) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, 1 + P, D]``: CLS + patches (+ ``pos_embed``) + the image type embedding
+        (row ``token_type``: 1, or 2 for NLVR2's second image)."""
+        if token_type >= self.token_type_embeddings.num_embeddings:
+            raise ValueError(f"image token type {token_type} needs the 'nlvr2' head (3 token types)")
         x = self.patch_embed(image)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        return self.pos_drop(x) + self.token_type_embeddings.weight[1]
+        return self.pos_drop(x) + self.token_type_embeddings.weight[token_type]
 
     def embed_text(self, text_ids: Tensor) -> Tensor:
         """``[B, L]`` ids -> ``[B, L, D]``: BERT embeddings (absolute positions only without the relative
@@ -519,14 +551,17 @@ class VLMo(nn.Module):
         vl_from = self.vlffn_start_layer_index if vlffn else self.depth
         return self._run_blocks(x, modality_ids, index, self.text_key_mask(text_ids, text_mask), vl_from)
 
-    def forward_fusion(self, image: Tensor, text_ids: Tensor, text_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_fusion(
+        self, image: Tensor, text_ids: Tensor, text_mask: Tensor | None = None, image_token_type: int = 1
+    ) -> tuple[Tensor, Tensor]:
         """Fusion path on ``[text; image]``: ``(tokens [B, L + 1 + P, D], pooled [B, D])``.
 
         Below ``vlffn_start_layer_index`` text tokens use the L-FFN and image tokens the V-FFN; from
         it on all tokens use the VL-FFN. ``pooled`` is ``tanh(dense(text CLS))`` (ITM / VQA input).
+        ``image_token_type`` picks the image's type embedding (2: NLVR2's second image).
         """
         text = self.embed_text(text_ids)
-        image_tokens = self.embed_image(image)
+        image_tokens = self.embed_image(image, image_token_type)
         if image_tokens.shape[0] != text.shape[0]:
             raise ValueError(f"{image_tokens.shape[0]} images but {text.shape[0]} texts")
         x = torch.cat([text, image_tokens], dim=1)
@@ -547,16 +582,18 @@ class VLMo(nn.Module):
     def encode_image(self, image: Tensor, normalize: bool = False, vlffn: bool = False) -> Tensor:
         """Image embedding ``[B, D]``: ``itc_image_proj(CLS)`` of the image-only path (with ``vlffn``:
         ``itc_vl_image_proj`` of the path whose top blocks use the VL-FFN)."""
+        proj = self._head("itc_vl" if vlffn else "itc", self.itc_vl_image_proj if vlffn else self.itc_image_proj)
         cls = self.forward_image(image, vlffn=vlffn)[:, 0]
-        features = (self.itc_vl_image_proj if vlffn else self.itc_image_proj)(cls)
+        features = proj(cls)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(
         self, text: Tensor, normalize: bool = False, text_mask: Tensor | None = None, vlffn: bool = False
     ) -> Tensor:
         """Text embedding ``[B, D]``: ``itc_text_proj(CLS)`` of the text-only path (``vlffn`` as above)."""
+        proj = self._head("itc_vl" if vlffn else "itc", self.itc_vl_text_proj if vlffn else self.itc_text_proj)
         cls = self.forward_text(text, text_mask, vlffn=vlffn)[:, 0]
-        features = (self.itc_vl_text_proj if vlffn else self.itc_text_proj)(cls)
+        features = proj(cls)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(
@@ -568,6 +605,7 @@ class VLMo(nn.Module):
         output_dict: bool = False,
     ) -> tuple[Tensor | None, Tensor | None, Tensor] | dict[str, Tensor | None]:
         """Dual encoder (open_clip): ``(image_features, text_features, logit_scale.exp())``, normalised."""
+        self._head("itc", self.logit_scale)
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True, text_mask=text_mask) if text is not None else None
         if output_dict:
@@ -581,16 +619,47 @@ class VLMo(nn.Module):
     # ------------------------------------------------------------------------------- task heads
     def itm_logits(self, image: Tensor, text_ids: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """Image-text matching logits ``[B, 2]`` (index 1 = match) from the pooled fusion CLS."""
-        return self.itm_score(self.forward_fusion(image, text_ids, text_mask)[1])
+        head = self._head("itm", self.itm_score)
+        return head(self.forward_fusion(image, text_ids, text_mask)[1])
 
     def mlm_logits(self, text_ids: Tensor, image: Tensor | None = None, text_mask: Tensor | None = None) -> Tensor:
         """Masked-LM logits ``[B, L, vocab]`` over the text tokens of the fusion path (with an image)
         or of the text-only path (without, as in VLMo's text pre-training)."""
+        head = self._head("mlm", self.mlm_score)
         if image is None:
             tokens = self.forward_text(text_ids, text_mask)
         else:
             tokens = self.forward_fusion(image, text_ids, text_mask)[0][:, : text_ids.shape[1]]
-        return self.mlm_score(tokens)
+        return head(tokens)
+
+    def vqa_logits(self, image: Tensor, text_ids: Tensor, text_mask: Tensor | None = None) -> Tensor:
+        """VQA answer logits ``[B, vqa_num_classes]``: ``vqa_classifier(pooled fusion CLS)`` (upstream scores
+        them with a sigmoid per answer, binary cross-entropy against soft VQA scores)."""
+        head = self._head("vqa", self.vqa_classifier)
+        return head(self.forward_fusion(image, text_ids, text_mask)[1])
+
+    def nlvr2_logits(
+        self, image_0: Tensor, image_1: Tensor, text_ids: Tensor, text_mask: Tensor | None = None
+    ) -> Tensor:
+        """NLVR2 logits ``[B, 2]`` (index 1 = true) for a sentence about two images: each image is fused with
+        the text (the second with token type 2) and the two pooled CLS vectors, concatenated ``[B, 2D]``,
+        go through ``nlvr2_classifier``."""
+        head = self._head("nlvr2", self.nlvr2_classifier)
+        pooled_0 = self.forward_fusion(image_0, text_ids, text_mask, image_token_type=1)[1]
+        pooled_1 = self.forward_fusion(image_1, text_ids, text_mask, image_token_type=2)[1]
+        return head(torch.cat([pooled_0, pooled_1], dim=-1))
+
+    def _head(self, name: str, module: Any) -> Any:
+        if module is None:
+            raise RuntimeError(
+                f"this VLMo has no {name!r} head (heads={list(self.heads)}); build it with heads=[..., {name!r}]"
+            )
+        return module
+
+
+def _classifier(in_dim: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """Upstream's task MLP: ``Linear -> LayerNorm -> GELU -> Linear`` (keys ``0``, ``1``, ``3``)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_classes))
 
 
 # ----------------------------------------------------------------------------------- variants
