@@ -37,6 +37,7 @@ train: install
 
 # MoE-LLaVA's three MoE-tuning stages on the synthetic shapes VQA set (each stage starts from the last).
 llava-demo: install
+	rm -rf logs/moe_llava_shapes
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage1
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage2
 	HF_HUB_OFFLINE=1 $(VENV)/bin/mome-train experiment=moe_llava_shapes_stage3

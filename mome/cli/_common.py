@@ -20,6 +20,7 @@ from .. import model_entrypoint
 from .._errors import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
 from ..data.base import DataConfigError, MomeDataModule
 from ..lit.base import MomeTask, NonFiniteLossError, TaskConfigError
+from . import _run_folder
 
 __all__ = [
     "ConfigError",
@@ -225,10 +226,13 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
 
 
 def _remove_unfinished_output(prog: str) -> None:
-    """Remove this run's output folder if it holds no checkpoint (nothing worth keeping was written)."""
+    """Remove this run's output folder if this run created it and it holds no checkpoint (nothing worth keeping
+    was written); a folder that existed before the run (a resumed run's) is left alone."""
     if not HydraConfig.initialized():
         return
     output = Path(HydraConfig.get().runtime.output_dir)
+    if output.absolute() in _run_folder.EARLIER:
+        return
     if output.is_dir() and not any(output.rglob("*.ckpt")):
         shutil.rmtree(output, ignore_errors=True)
         print(f"{prog}: removed the unfinished output folder {output}", file=sys.stderr)

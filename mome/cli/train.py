@@ -19,6 +19,7 @@ value of ``optimized_metric`` for sweepers (Optuna).
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -46,6 +48,7 @@ from ._common import (
     setup_phase,
 )
 from ._help import check_plugins
+from ._run_folder import free_name
 
 __all__ = ["main", "train"]
 
@@ -62,8 +65,40 @@ def _metric(metrics: dict[str, Any], name: str | None) -> float | None:
 _LIGHTNING_CKPT_PATHS = (None, "last", "best", "hpc", "registry")
 
 
+def _checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where this run's ``ModelCheckpoint`` writes (``callbacks.model_checkpoint.dirpath``, else
+    ``<output_dir>/checkpoints``)."""
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    return Path(str(node.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"))
+
+
+def newest_last_checkpoint(folder: Path) -> Path | None:
+    """The newest ``last.ckpt`` / ``last-v<N>.ckpt`` in ``folder`` (``None`` when there is none).
+
+    ``ModelCheckpoint`` names its last checkpoint ``last-v1.ckpt``, ``last-v2.ckpt``, ... when ``last.ckpt`` is
+    taken (a second run in the same folder), and a resumed run keeps writing the name it resumed from, so the newest
+    file is the one written last (modification time; the higher version on a tie), not the highest version.
+    """
+    found = []
+    for path in folder.glob("last*.ckpt"):
+        match = re.fullmatch(r"last(?:-v(\d+))?\.ckpt", path.name)
+        if match and path.is_file():
+            found.append((path.stat().st_mtime_ns, int(match.group(1) or 0), path))
+    return max(found)[2] if found else None
+
+
 def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":  # resolved here, so the file is checked before training and a miss is an error
+        folder = _checkpoint_dir(cfg)
+        last = newest_last_checkpoint(folder)
+        if last is None:
+            raise ConfigError(
+                f"ckpt_path=last: no last checkpoint in {folder}; ckpt_path=last resumes the run of "
+                "hydra.run.dir=<its folder>, or give ckpt_path=<checkpoint file>"
+            )
+        print(f"mome-train: ckpt_path=last resumes from {last}")
+        return str(last)
     if ckpt_path in _LIGHTNING_CKPT_PATHS:
         return ckpt_path
     if not Path(ckpt_path).is_file():
@@ -107,6 +142,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:  # the checkpoint's state_dict holds the average of weight averaging (callbacks=[default,ema]), whose
+            # callback would load the raw weights over it at test: test (and export) the averaged weights
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None)
         if best:  # the exported model is the one tested
             objects["best_checkpoint"] = best
@@ -114,7 +152,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     if export and trainer.is_global_zero and not trainer.fast_dev_run:
         model = _exportable_model(task, objects)
-        output = Path(cfg.paths.output_dir) / "model"
+        output = free_name(Path(cfg.paths.output_dir) / "model")  # a resumed finished run exports beside, as model-v1
         objects["export_dir"] = save_pretrained(model, output, repo_id=push_repo)  # its card names the repo
         if push_repo:
             objects["pushed_to"] = _push(model, push_repo, private, output)
