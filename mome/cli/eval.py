@@ -104,7 +104,13 @@ def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> Evalu
     if not (isinstance(task_class, type) and issubclass(task_class, EvaluationTask)):
         raise ConfigError(f"eval_task._target_={target} is not a mome.lit.EvaluationTask")
     try:
-        return task_class(model, model_name=model_name, routing_report=bool(cfg.get("routing_report", True)), **kwargs)
+        return task_class(
+            model,
+            model_name=model_name,
+            routing_report=bool(cfg.get("routing_report", True)),
+            eval_capacity=cfg.get("eval_capacity", "dropless"),
+            **kwargs,
+        )
     except TypeError as err:
         raise ConfigError(f"eval_task ({task_class.__name__}): {err}") from err
 
@@ -167,8 +173,25 @@ def _summary(record: dict[str, Any], output_dir: Path) -> str:
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
     return (
         f"mome-eval: {record['model']} ({record['pretrained']}) on {record['dataset']} {record['task']}: {metrics} "
-        f"({record['n_samples']} samples); results in {output_dir / 'results.json'}"
+        f"({record['n_samples']} samples{_drops(record.get('routing'))}); results in {output_dir / 'results.json'}"
     )
+
+
+def _drops(routing: dict[str, Any] | None) -> str:
+    """``, eval_capacity=dropless, dropped 0.0% of routed tokens`` (and the layer and modality that dropped most)."""
+    if not routing:
+        return ""
+    dropped = 100 * routing["dropped_fraction"]
+    text = f", eval_capacity={routing['eval_capacity']}, dropped {dropped:.1f}% of routed tokens"
+    worst = [
+        (fraction, f"{layer} {modality}")
+        for layer, entry in routing["layers"].items()
+        for modality, fraction in entry["per_modality"].items()
+    ]
+    if worst and max(worst)[0] > 0:
+        fraction, where = max(worst)
+        text += f" (most: {100 * fraction:.1f}% in {where})"
+    return text
 
 
 def _job(cfg: DictConfig) -> dict[str, Any]:

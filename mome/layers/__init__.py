@@ -25,6 +25,7 @@ from .moe import MoE as MoE
 from .moe import RoutedLayer as RoutedLayer
 from .moe import SparseMoE as SparseMoE
 from .moe import aux_losses as aux_losses
+from .moe import eval_capacity as eval_capacity
 from .moe import routing_stats as routing_stats
 from .moe import timm_mlp_layer as timm_mlp_layer
 from .routers import ExpertChoiceRouter as ExpertChoiceRouter

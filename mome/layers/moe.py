@@ -7,7 +7,8 @@ whole model by :func:`aux_losses` and :func:`routing_stats`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -18,7 +19,16 @@ from .dispatch import compute_capacity, plan_dispatch
 from .experts import Dispatch, Experts
 from .routers import ExpertChoiceRouter, HashRouter, ModalityRouter, Router, Routing, TopKRouter
 
-__all__ = ["AUX_LOSSES", "MoE", "RoutedLayer", "SparseMoE", "aux_losses", "routing_stats", "timm_mlp_layer"]
+__all__ = [
+    "AUX_LOSSES",
+    "MoE",
+    "RoutedLayer",
+    "SparseMoE",
+    "aux_losses",
+    "eval_capacity",
+    "routing_stats",
+    "timm_mlp_layer",
+]
 
 #: Auxiliary losses an :class:`MoE` can add, by name (weights are given in ``aux_loss_weights``).
 AUX_LOSSES = ("load_balance", "importance", "load", "z_loss", "local_entropy", "global_entropy")
@@ -397,6 +407,34 @@ def timm_mlp_layer(**moe_kwargs) -> Callable[..., MoE]:
 
 def _routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, RoutedLayer)]
+
+
+@contextmanager
+def eval_capacity(model: nn.Module, capacity_factor: float | None = None) -> Iterator[list[str]]:
+    """Evaluate every token-choice :class:`MoE` layer of ``model`` at ``capacity_factor`` (``None``: dropless)
+    inside the ``with`` block; the layers' own ``eval_capacity_factor`` and dispatch are restored after it.
+
+    With a capacity ``C = ceil(c k T / E)`` an expert keeps at most ``C`` of the ``T`` tokens of a forward pass
+    (of a routing group), so which tokens are dropped depends on the other samples of the batch, and so does a
+    metric. Dropless evaluation (``C = inf``) makes every output a function of the model and its sample only.
+    A layer with capacity buffers (``dispatch="buffers"``) uses the sorted dispatch meanwhile (the same results:
+    :mod:`mome.layers.experts`). Expert-choice layers are left alone: the expert picks its tokens among the
+    whole batch by design (Zhou et al. 2022), there is no token-choice capacity to lift.
+
+    Yields the names of the layers it changed.
+    """
+    saved = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, MoE) and not isinstance(layer.router, ExpertChoiceRouter):
+            saved.append((name, layer, layer.eval_capacity_factor, layer.dispatch))
+            layer.eval_capacity_factor = capacity_factor
+            if capacity_factor is None and layer.dispatch == "buffers":
+                layer.dispatch = "sorted"
+    try:
+        yield [name for name, *_ in saved]
+    finally:
+        for _, layer, factor, dispatch in saved:
+            layer.eval_capacity_factor, layer.dispatch = factor, dispatch
 
 
 def aux_losses(model: nn.Module, *, clear: bool = True) -> dict[str, Tensor]:

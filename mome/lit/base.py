@@ -26,6 +26,7 @@ import fnmatch
 import math
 import random
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,13 @@ from torch import Tensor, nn
 from .._checkpoint import load_state_exactly
 from .._errors import CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
 from .._factory import create_model
-from ..layers.moe import aux_losses
+from ..layers.moe import aux_losses, eval_capacity
 
 __all__ = [
     "MomeTask",
     "NonFiniteLossError",
     "TaskConfigError",
+    "EvalCapacity",
     "build_model",
     "model_from_checkpoint",
     "read_lightning_checkpoint",
@@ -123,6 +125,40 @@ def model_from_checkpoint(path: str | Path) -> nn.Module:
     return model
 
 
+class EvalCapacity:
+    """The capacity of the MoE layers while a task validates or tests (``eval_capacity`` of the tasks).
+
+    ``"dropless"`` (the default of ``mome-train``'s validation and test and of ``mome-eval``): no token-choice
+    layer drops a token, so every output is a function of the model and its sample, not of the batch it
+    shares (:func:`mome.layers.eval_capacity`); ``"model"``: the layers' own ``eval_capacity_factor`` (a
+    family's documented eval capacity, e.g. the value a V-MoE card sets as upstream does); a number ``c > 0``:
+    that capacity factor in every layer.
+    """
+
+    def __init__(self, value: str | float | None = "dropless") -> None:
+        if value is None or value == "dropless":
+            self.value: str | float = "dropless"
+        elif value == "model":
+            self.value = "model"
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            self.value = float(value)
+        else:
+            raise TaskConfigError(f"eval_capacity must be 'dropless', 'model' or a capacity factor > 0, got {value!r}")
+        self._stack: ExitStack | None = None
+
+    def enter(self, model: nn.Module) -> None:
+        """Apply to ``model`` until :meth:`exit` (nothing for ``"model"``)."""
+        self.exit()
+        self._stack = ExitStack()
+        if self.value != "model":
+            self._stack.enter_context(eval_capacity(model, None if self.value == "dropless" else self.value))
+
+    def exit(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
 def set_trainable(model: nn.Module, trainable: Sequence[str] | None, frozen: Sequence[str] = ()) -> list[str]:
     """Freeze parameters by name pattern (``fnmatch``); return the names left trainable.
 
@@ -164,6 +200,8 @@ class MomeTask(L.LightningModule):
         trainable / frozen: parameter-name patterns (see :func:`set_trainable`).
         grad_checkpointing: call the model's ``set_grad_checkpointing(True)`` (timm's switch).
         check_finite: stop on a NaN/inf loss (one host sync per step).
+        eval_capacity: the MoE capacity at validation and test: ``"dropless"`` (default), ``"model"`` (the
+            layers' own eval capacity) or a capacity factor (:class:`EvalCapacity`).
     """
 
     def __init__(
@@ -176,6 +214,7 @@ class MomeTask(L.LightningModule):
         frozen: Sequence[str] = (),
         grad_checkpointing: bool = False,
         check_finite: bool = True,
+        eval_capacity: str | float | None = "dropless",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -194,6 +233,20 @@ class MomeTask(L.LightningModule):
                 raise TaskConfigError(f"{type(self.model).__name__} has no set_grad_checkpointing switch")
             self.model.set_grad_checkpointing(True)
         self._tokenizer = None
+        self.eval_capacity = EvalCapacity(eval_capacity)
+
+    # -------------------------------------------------------------- evaluation capacity (dropless)
+    def on_validation_start(self) -> None:
+        self.eval_capacity.enter(self.model)
+
+    def on_validation_end(self) -> None:
+        self.eval_capacity.exit()
+
+    def on_test_start(self) -> None:
+        self.eval_capacity.enter(self.model)
+
+    def on_test_end(self) -> None:
+        self.eval_capacity.exit()
 
     # ------------------------------------------------------------------------------ helpers
     @property

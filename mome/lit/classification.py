@@ -19,14 +19,19 @@ __all__ = ["ClassificationTask", "classification_metrics"]
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Top-1, top-5 (when there are more than 5 classes) and mean per-class recall."""
+    """Top-1, top-5 (when there are more than 5 classes) and mean per-class recall.
+
+    Without torchmetrics' compute groups: a collection groups metrics whose states are equal after the first
+    ``update`` and then updates one state for the group, so top-1 and top-5 shared one state whenever the first
+    batch could not tell them apart (a batch of one sample: top-5 read as top-1).
+    """
     metrics: dict[str, Any] = {
         "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
         "mean_per_class_recall": MulticlassRecall(num_classes, average="macro"),
     }
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
 
 
 class ClassificationTask(MomeTask):

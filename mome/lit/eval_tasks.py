@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..data.base import DataConfigError, MomeDataModule
 from ..data.conversation import ConversationDataModule
-from .base import MomeTask, TaskConfigError
+from .base import EvalCapacity, MomeTask, TaskConfigError
 from .classification import classification_metrics
 from .metrics import clip_benchmark_names, fit_linear_probe, result_record, retrieval_recall_at_k
 from .routing_report import RoutingRecorder, write_routing_report
@@ -138,7 +138,12 @@ class EvaluationTask(L.LightningModule, abc.ABC):
     Args:
         model: the model to evaluate (built by ``mome-eval``; kept in eval mode).
         model_name: the name written in the results.
-        routing_report: count the routing of the MoE layers (:class:`RoutingRecorder`).
+        routing_report: write the routing report of the MoE layers (:class:`RoutingRecorder`): ``routing.json``
+            and its figures. The dropped share of the routed tokens, per layer and modality, is always counted
+            and written in ``results.json`` (``routing``).
+        eval_capacity: the MoE capacity while evaluating: ``"dropless"`` (default: the results are a function of
+            the model and the samples, not of how they are batched), ``"model"`` (the layers' own eval capacity,
+            e.g. a V-MoE card's) or a capacity factor (:class:`mome.lit.base.EvalCapacity`).
     """
 
     #: the task's name in the results (CLIP_benchmark's where it has one)
@@ -148,8 +153,15 @@ class EvaluationTask(L.LightningModule, abc.ABC):
 
     tokenizer = MomeTask.tokenizer  # the model's tokenizer, from its pretrained cfg
 
-    def __init__(self, model: nn.Module, model_name: str = "", routing_report: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        model_name: str = "",
+        routing_report: bool = True,
+        eval_capacity: str | float | None = "dropless",
+    ) -> None:
         super().__init__()
+        self.eval_capacity = EvalCapacity(eval_capacity)
         self.model = model.eval().requires_grad_(False)
         self.model_name = model_name or str(getattr(model, "mome_model_name", type(model).__name__))
         self.routing_report = routing_report
@@ -254,8 +266,8 @@ class EvaluationTask(L.LightningModule, abc.ABC):
     # -- Lightning hooks ------------------------------------------------------------------------------
     def on_test_start(self) -> None:
         self._start = time.perf_counter()
-        if self.routing_report:
-            self._recorder = RoutingRecorder(num_classes=len(self.classnames)).attach(self.model)
+        self.eval_capacity.enter(self.model)
+        self._recorder = RoutingRecorder(num_classes=len(self.classnames)).attach(self.model)
 
     def on_test_epoch_start(self) -> None:
         loaders = self.trainer.test_dataloaders
@@ -297,6 +309,7 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         self.log("n_samples", float(self.num_samples), sync_dist=False)
 
     def on_test_end(self) -> None:
+        self.eval_capacity.exit()
         if self._recorder is not None:
             self._recorder.detach()
         if self.output_dir is not None and self.trainer.is_global_zero:
@@ -319,8 +332,10 @@ class EvaluationTask(L.LightningModule, abc.ABC):
             wall_time_s=round(time.perf_counter() - self._start, 3),
             **fields,
         )
-        self.written = {"results": folder / "results.json"}
         if self._recorder is not None and self._recorder.layers:
+            record["routing"] = {"eval_capacity": self.eval_capacity.value, **self._recorder.drops()}
+        self.written = {"results": folder / "results.json"}
+        if self.routing_report and self._recorder is not None and self._recorder.layers:
             report = {"model": record["model"], "dataset": record["dataset"], "task": self.name}
             report.update(self._recorder.report(self.classnames))
             self.written.update({f"routing_{k}": v for k, v in write_routing_report(report, folder).items()})

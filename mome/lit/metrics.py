@@ -46,6 +46,15 @@ RESULT_SCHEMA: dict[str, Any] = {
         "n_samples": {"type": "integer", "minimum": 1},
         "split": {"type": "string"},
         "protocol": {"type": "object"},
+        "routing": {  # dropped share of the routed assignments of the MoE layers (mome's field)
+            "type": "object",
+            "required": ["eval_capacity", "dropped_fraction", "layers"],
+            "properties": {
+                "eval_capacity": {"type": ["string", "number"]},
+                "dropped_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+                "layers": {"type": "object"},
+            },
+        },
         "param_count": {"type": "number"},
         "mome_version": {"type": "string"},
         "torch_version": {"type": "string"},

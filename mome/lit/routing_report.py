@@ -189,6 +189,28 @@ class RoutingRecorder:
         return hook
 
     # -- the report --------------------------------------------------------------------------------
+    def drops(self) -> dict[str, Any]:
+        """The dropped share of the routed assignments, over the whole set: overall (every token-choice layer
+        together, ``1 - sum kept / sum requested``), per layer and per layer and modality (the ``routing`` field
+        of ``results.json``)."""
+        layers = {name: counts for name, counts in self.layers.items() if counts.kind == "sparse"}
+        kept = sum((float(c.kept.sum()) for c in layers.values()), 0.0)
+        requested = sum((float(c.requested.sum()) for c in layers.values()), 0.0)
+        return {
+            "dropped_fraction": 1.0 - kept / requested if requested > 0 else 0.0,
+            "layers": {
+                name: {
+                    "dropped_fraction": _dropped(counts.kept.sum(), counts.requested.sum()),
+                    "per_modality": {
+                        _modality_name(m): _dropped(counts.kept[m].sum(), counts.requested[m])
+                        for m in range(counts.kept.shape[0])
+                        if counts.tokens[m] > 0
+                    },
+                }
+                for name, counts in layers.items()
+            },
+        }
+
     def report(self, classnames: Sequence[str] | None = None) -> dict[str, Any]:
         """Shares of the whole evaluation set per layer (and per modality and class); see the formulas above."""
         layers: dict[str, Any] = {}
@@ -230,13 +252,17 @@ def _shares(counts: Tensor) -> list[float]:
     return [float(v) / total if total > 0 else 0.0 for v in counts.tolist()]
 
 
+def _dropped(kept: Tensor, requested: Tensor) -> float:
+    return 1.0 - float(kept) / float(requested) if requested > 0 else 0.0
+
+
 def _drop_and_entropy(
     kept: Tensor, requested: Tensor, tokens: Tensor, counts: _LayerCounts, m: int | None = None
 ) -> dict[str, float]:
     unrouted = counts.unrouted.sum() if m is None else counts.unrouted[m]
     entropy = counts.entropy.sum() if m is None else counts.entropy[m]
     return {
-        "dropped_fraction": 1.0 - float(kept.sum()) / float(requested) if requested > 0 else 0.0,
+        "dropped_fraction": _dropped(kept.sum(), requested),
         "unrouted_fraction": float(unrouted) / float(tokens) if tokens > 0 else 0.0,
         "router_entropy": float(entropy) / float(tokens) if tokens > 0 else 0.0,
     }
