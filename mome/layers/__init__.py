@@ -28,6 +28,7 @@ from .moe import aux_losses as aux_losses
 from .moe import eval_capacity as eval_capacity
 from .moe import routing_stats as routing_stats
 from .moe import timm_mlp_layer as timm_mlp_layer
+from .routers import CausalRoutingError as CausalRoutingError
 from .routers import ExpertChoiceRouter as ExpertChoiceRouter
 from .routers import GShardTop2Router as GShardTop2Router
 from .routers import HashRouter as HashRouter
@@ -36,4 +37,5 @@ from .routers import NoisyTopKRouter as NoisyTopKRouter
 from .routers import Router as Router
 from .routers import Routing as Routing
 from .routers import TopKRouter as TopKRouter
+from .routers import check_causal_safe as check_causal_safe
 from .soft_moe import SoftMoE as SoftMoE

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .losses import noisy_top_k_selection_probs
 
 __all__ = [
+    "CausalRoutingError",
     "ExpertChoiceRouter",
     "GShardTop2Router",
     "HashRouter",
@@ -30,6 +31,8 @@ __all__ = [
     "Router",
     "Routing",
     "TopKRouter",
+    "check_causal_safe",
+    "noncausal_reason",
 ]
 
 
@@ -376,3 +379,47 @@ class ModalityRouter(Router):
             raise ValueError("ModalityRouter needs modality_ids")
         expert = self.expert_of_modality[modality_ids]
         return _one_hot_routing(expert, self.num_experts, modality_ids, x.dtype)
+
+
+# ----------------------------------------------------------------------------------- causal models
+class CausalRoutingError(ValueError):
+    """A router that looks across the sequence was put into a causal (autoregressive) model."""
+
+
+def noncausal_reason(layer: nn.Module) -> str | None:
+    """Why routing with ``layer`` (a router, or an MoE layer with a ``router`` and a ``capacity_factor``) makes a
+    token's output depend on later tokens of the forward pass, or ``None`` when each token's expert choice is its
+    own (token choice: top-k, noisy top-k, hash, modality routing).
+
+    - expert choice (Zhou et al. 2022): expert ``e`` takes the ``C`` tokens with the largest ``S[:, e]`` among all
+      ``T`` tokens, so whether token ``t`` is computed depends on the scores of tokens after it;
+    - batch-prioritised routing under a capacity (V-MoE BPR): tokens are served in order of their router weight,
+      not of their position, so a later token can take an earlier token's place in an expert's buffer.
+    """
+    router = getattr(layer, "router", layer)
+    if isinstance(router, ExpertChoiceRouter):
+        return "expert-choice routing: each expert picks its top tokens among the whole sequence, later ones included"
+    capacity = getattr(layer, "capacity_factor", 1.0)  # a router alone: a capacity may be set on its layer
+    if getattr(router, "batch_priority", False) and capacity is not None:
+        return (
+            "batch-prioritised routing under a capacity: a later token with a larger router weight takes an "
+            "earlier token's place"
+        )
+    return None
+
+
+def check_causal_safe(layer: nn.Module, *, allow_noncausal: bool = False) -> None:
+    """Refuse a router that looks across the sequence in a causal LM (see :func:`noncausal_reason`): such a model
+    leaks future tokens into the logits of past positions, so its training loss is not a next-token loss and its
+    generation differs from its teacher-forced forward. ``allow_noncausal=True`` accepts it knowingly.
+
+    Raises:
+        CausalRoutingError: one line naming the router, why it leaks and how to opt in.
+    """
+    reason = noncausal_reason(layer)
+    if reason is not None and not allow_noncausal:
+        router = getattr(layer, "router", layer)
+        raise CausalRoutingError(
+            f"{type(router).__name__} in a causal LM leaks future tokens into past logits ({reason}); use a "
+            "token-choice router (router='top_k'), or allow_noncausal_routing=True to accept the leak"
+        )
