@@ -47,7 +47,7 @@ from torch import nn
 
 from ._pretrained import PretrainedCfg
 from ._registry import register_model
-from .layers import MoE, Router, TopKRouter
+from .layers import MoE, Router, TopKRouter, check_causal_safe
 from .models import MoEVisionTransformer, resolve_moe_layers
 from .models._moe_vit import build_moe_ffn
 
@@ -538,14 +538,18 @@ def _moe_into_lm(
     renormalize: bool,
     moe_kwargs: Mapping[str, Any],
 ) -> nn.Module:
-    """Replace the chosen decoder layers' ``mlp`` of ``model`` (in place) by MoEs of copies of it."""
+    """Replace the chosen decoder layers' ``mlp`` of ``model`` (in place) by MoEs of copies of it; a router that
+    looks across the sequence is refused unless ``moe_kwargs["allow_noncausal_routing"]`` (``check_causal_safe``)."""
     layers = _decoder_layers(model)
     dim = model.config.hidden_size
+    moe_kwargs = dict(moe_kwargs)
+    allow_noncausal = bool(moe_kwargs.pop("allow_noncausal_routing", False))
     for index in resolve_moe_layers(moe_layers, len(layers)):
         mlp = layers[index].mlp
         parameter = next(mlp.parameters())
         gate = _build_router(router, dim, num_experts, top_k, renormalize)
         moe = MoE.from_dense(mlp, num_experts, top_k, router=gate, **moe_kwargs)
+        check_causal_safe(moe, allow_noncausal=allow_noncausal)
         layers[index].mlp = moe.to(device=parameter.device, dtype=parameter.dtype)
     return model
 
