@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict, read_write
 from train_helpers import CONF, compose_train
 
 import mome
@@ -105,6 +105,16 @@ def test_timestamped_run_dir_is_resolved_once(tmp_path):
     RunFolderGuard().on_run_start(config=cfg)
     fixed = OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"]
     assert "${" not in fixed and fixed.startswith(str(tmp_path)) and "/logs/train/runs/" in fixed
+
+
+def test_default_folder_taken_by_a_run_of_the_same_second_goes_beside(tmp_path):
+    used = tmp_path / "logs" / "train" / "runs" / "2026-01-01_00-00-00"
+    _earlier_run(used)
+    cfg = compose_train(tmp_path / "compose", [])  # hydra.run.dir not given: the timestamped default
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.run.dir = str(used)  # as resolved by a run started in the same second as the earlier one
+    RunFolderGuard().on_run_start(config=cfg)
+    assert cfg.hydra.run.dir == f"{used}-v1" and sorted(p.name for p in used.iterdir()) == [".hydra", "model"]
 
 
 def test_free_name(tmp_path):

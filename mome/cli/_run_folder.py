@@ -5,7 +5,9 @@ starts, so a second ``mome-train`` (or ``mome-eval``) into the folder of an earl
 recorded config, and then its exported ``model/`` (and ``results.json``). :class:`RunFolderGuard` runs at Hydra's
 ``on_run_start`` / ``on_multirun_start``, before anything is written:
 
-- a folder that already holds files is refused with one line and exit code 2, naming the folder and what to do;
+- a folder given on the command line (``hydra.run.dir=``, ``hydra.sweep.dir=``) that already holds files is refused
+  with one line and exit code 2, naming the folder and what to do; the default, timestamped folder of another run
+  started in the same second gets a ``-v1`` (``-v2``, ...) suffix instead;
 - except for ``mome-train ckpt_path=...`` (a resume continues its own run's folder): then Hydra records this run's
   config beside the earlier one, in ``.hydra-v1`` (``-v2``, ...), and the export goes beside the earlier one too
   (:func:`free_name`: ``model-v1``, ...);
@@ -76,6 +78,10 @@ class RunFolderGuard(Callback):
                 return
             prog = _prog(config)
             resume = prog == "mome-train" and config.get("ckpt_path") is not None
+            if not resume and not _given(config, "hydra.run.dir"):  # the default, timestamped folder is taken
+                config.hydra.run.dir = str(free_name(folder))  # (two runs started in the same second): beside it
+                EARLIER.discard(folder.absolute())
+                return
             if not resume:
                 _refuse(
                     prog,
@@ -92,12 +98,19 @@ class RunFolderGuard(Callback):
         with read_write(config.hydra), open_dict(config.hydra):
             folder = Path(str(config.hydra.sweep.dir))
             config.hydra.sweep.dir = str(folder)
-            if folder.exists() and any(folder.iterdir()):
+            if folder.exists() and any(folder.iterdir()) and not _given(config, "hydra.sweep.dir"):
+                config.hydra.sweep.dir = str(free_name(folder))
+            elif folder.exists() and any(folder.iterdir()):
                 _refuse(
                     _prog(config),
                     f"hydra.sweep.dir={folder} already holds an earlier sweep ({_listing(folder)}); it is not "
                     "overwritten: choose another hydra.sweep.dir (or remove that folder)",
                 )
+
+
+def _given(config: DictConfig, key: str) -> bool:
+    """Whether the command line set ``key`` (else it is the default, timestamped folder)."""
+    return any(str(o).lstrip("+~").split("=", 1)[0] == key for o in config.hydra.overrides.get("hydra", []))
 
 
 def _listing(folder: Path, shown: int = 4) -> str:
