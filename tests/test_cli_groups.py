@@ -87,3 +87,18 @@ def test_mome_train_without_optuna_says_which_extra(tmp_path):
     )
     assert result.returncode == 2 and "pip install 'mome[optuna]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "logs").exists()
+
+
+def test_adding_a_group_the_app_already_has_names_the_plain_choice(capsys):
+    """``+moe=switch_z_loss`` and ``+callbacks=ema`` (a config comment once said so): one line naming what works."""
+    for prog, arg, expected in (
+        ("mome-train", "+moe=switch_z_loss", "select the option with moe=switch_z_loss"),
+        ("mome-eval", "+moe=vmoe", "select the option with moe=vmoe"),
+        ("mome-train", "+callbacks=ema", "callbacks=[default,...]"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            check_plugins(prog, ["experiment=vmoe_digits", arg] if prog == "mome-train" else [arg])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: {arg}: ") and expected in lines[0]
+    check_plugins("mome-train", ["+model.num_classes=10", "+trainer.enable_progress_bar=false", "moe=vmoe"])

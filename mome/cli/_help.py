@@ -80,12 +80,21 @@ def config_groups(config_name: str) -> str:
 
 
 def check_plugins(prog: str, argv: Sequence[str]) -> None:
-    """Exit 2 with one line when a command-line override selects a group option whose plugin is not installed."""
+    """Exit 2 with one line when a command-line override selects a group option whose plugin is not installed, or
+    adds (``+group=option``) a group the app's defaults list already has (Hydra's own error names a YAML form)."""
+    groups = app_groups(prog.removeprefix("mome-"))
     for arg in argv:
         key, sep, value = arg.partition("=")
         group = key.lstrip("+~").split("@")[0]
         if not sep:
             continue
+        if key.startswith("+") and not key.startswith("++") and group in groups and "." not in group:
+            print(
+                f"{prog}: error: {arg}: {group} is a group of {prog} already: select the option with {group}={value}"
+                + (" (several callbacks: callbacks=[default,...])" if group == "callbacks" else ""),
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
         for option in value.split(","):  # a multirun sweep over options: hparams_search=a,b
             missing = missing_plugin(group, option.strip())
             if missing:
