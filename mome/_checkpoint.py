@@ -30,6 +30,7 @@ __all__ = [
     "load_state_exactly",
     "read_state_dict",
     "read_state_dict_folder",
+    "starts_msgpack_map",
 ]
 
 #: The two files of a saved folder (``save_pretrained``; timm's and open_clip's Hub layout).
@@ -37,9 +38,25 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: Keys that wrap a state dict in training files (Lightning/unilm, DeepSpeed, timm train scripts).
 _WRAPPER_KEYS = ("state_dict", "module", "model")
-#: msgpack's first bytes: a map (fixmap 0x80-0x8f, map16, map32) whose first key is a string
-_MSGPACK_MAPS = {*range(0x80, 0x90), 0xDE, 0xDF}
+#: msgpack string markers (fixstr 0xa0-0xbf, str8, str16, str32)
 _MSGPACK_STRINGS = {*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB}
+
+
+def starts_msgpack_map(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes, at least 6) starts a msgpack map whose first key is a string.
+
+    A fixmap (``0x80``-``0x8f``) holds its size in its first byte; map16 (``0xde``) and map32 (``0xdf``)
+    are followed by a 2- or 4-byte size, so the first key's marker is byte 1, 3 or 5.
+    """
+    if not head:
+        return False
+    if 0x80 <= head[0] <= 0x8F:
+        first_key = 1
+    elif head[0] in (0xDE, 0xDF):
+        first_key = 3 if head[0] == 0xDE else 5
+    else:
+        return False
+    return len(head) > first_key and head[first_key] in _MSGPACK_STRINGS
 
 
 def file_kind(path: str | Path) -> str:
@@ -68,7 +85,7 @@ def file_kind(path: str | Path) -> str:
         return "safetensors"  # an 8-byte header length, then the JSON header
     if len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "torch"  # a pickle (torch's legacy format): PROTO 2-5
-    if len(head) >= 2 and head[0] in _MSGPACK_MAPS and head[1] in _MSGPACK_STRINGS:
+    if starts_msgpack_map(head):
         return "msgpack"
     return "unknown"
 

@@ -132,7 +132,8 @@ def _signature_text(alternatives: tuple[tuple[str, ...], ...]) -> str:
 def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> str:
     """The source format of the checkpoint at ``path``, told from its bytes and key names.
 
-    A msgpack or ``.npz`` file (or a folder holding a vmoe ``.index``) is ``"vmoe"``; a folder with
+    A msgpack or ``.npz`` file, a sharded vmoe checkpoint (its ``<prefix>``, ``<prefix>.index`` or a
+    ``<prefix>.data-*`` shard) or a folder holding a vmoe ``.index`` is ``"vmoe"``; a folder with
     mome's ``config.json`` + ``model.safetensors`` is ``"mome"``; a file whose keys are exactly
     ``model_keys`` (the target model's state-dict keys) is ``"mome"``; otherwise the one format of
     :data:`KEY_SIGNATURES` whose key prefixes all occur.
@@ -143,6 +144,8 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
             which formats were tried (pass ``checkpoint_format=`` to choose).
     """
     path = Path(path)
+    if _is_vmoe_shard_set(path):
+        return "vmoe"
     kind = file_kind(path)
     if kind in ("msgpack", "npz"):
         return "vmoe"
@@ -182,3 +185,10 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
         f"{path}: cannot tell its checkpoint format; it is {describe_checkpoint(path)}; tried {'; '.join(tried)}. "
         f"Pass checkpoint_format= one of {sorted(FORMATS)}"
     )
+
+
+def _is_vmoe_shard_set(path: Path) -> bool:
+    """Whether ``path`` names a sharded vmoe checkpoint (its prefix, index or a data shard) with its index."""
+    from .convert.vmoe import is_vmoe_checkpoint  # numpy/msgpack only when a path needs telling
+
+    return not path.is_dir() and is_vmoe_checkpoint(path)

@@ -113,6 +113,34 @@ def test_detect_format_vmoe_and_folders(tmp_path):
     assert detect_format(tmp_path) == "vmoe"  # a folder with a vmoe .index
 
 
+def test_msgpack_maps_of_every_size_are_msgpack(tmp_path):
+    # fixmap (<16 keys), map16 (<65536 keys: vmoe's data shards) and map32 headers
+    for size in (3, 40, 70_000):
+        path = tmp_path / f"map{size}"
+        path.write_bytes(msgpack.packb({f"k{i}": i for i in range(size)}))
+        assert file_kind(path) == "msgpack", size
+    (tmp_path / "ints").write_bytes(msgpack.packb({1: 2}))  # a map keyed by integers is no Flax tree
+    assert file_kind(tmp_path / "ints") == "unknown"
+
+
+def test_every_path_to_a_sharded_vmoe_checkpoint_is_told_vmoe():
+    """vmoe's own writer (tests/data/upstream/vmoe_every2): an index, two map16 data shards, and their prefix."""
+    from fidelity import fixture_dir
+
+    folder = fixture_dir("vmoe_every2")
+    shards = sorted(folder.glob("ckpt.data-*"))
+    assert len(shards) == 2
+    for shard in shards:
+        assert file_kind(shard) == "msgpack"
+    for path in (folder / "ckpt", folder / "ckpt.index", *shards, folder):
+        assert detect_format(path) == "vmoe", path
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=16, num_heads=2, mlp_ratio=2.0, num_classes=10)
+    kwargs |= dict(num_experts=4, depth=4, moe_layers="every_2")
+    from_prefix = mome.create_model("vmoe_b16_e8", checkpoint_path=folder / "ckpt", **kwargs)
+    from_shard = mome.create_model("vmoe_b16_e8", checkpoint_path=shards[1], **kwargs)
+    _assert_same_state(from_prefix.state_dict(), from_shard.state_dict())
+
+
 def test_unknown_bytes_name_what_was_tried(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00hello, world")
     with pytest.raises(CheckpointFormatError) as info:

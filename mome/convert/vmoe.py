@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._checkpoint import describe_checkpoint, file_kind
+from .._checkpoint import describe_checkpoint, file_kind, starts_msgpack_map
 from .._errors import CheckpointFormatError, CheckpointMismatchError, CorruptCheckpointError
 from ..layers import MoE, SoftMoE
 from ._keymap import KeyMap, resample_pos_embed
@@ -169,16 +169,10 @@ _NOT_VMOE = (
 )
 
 
-_MSGPACK_STRINGS = {*range(0xA0, 0xC0), 0xD9, 0xDA, 0xDB}
-
-
 def _starts_msgpack_map(path: Path) -> bool:
-    """Whether ``path`` starts with a msgpack map (fixmap, map16 or map32) whose first key is a string."""
+    """Whether ``path`` starts with a msgpack map whose first key is a string."""
     with open(path, "rb") as f:
-        head = f.read(6)
-    header = {0xDE: 3, 0xDF: 5}.get(head[0], 1) if head else 0  # bytes before the first key
-    fixmap = bool(head) and 0x80 <= head[0] <= 0x8F
-    return (fixmap or header > 1) and len(head) > header and head[header] in _MSGPACK_STRINGS
+        return starts_msgpack_map(f.read(6))
 
 
 def _unpack_file(path: Path) -> Any:
