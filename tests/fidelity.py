@@ -9,7 +9,8 @@ the function that produced each file, and a ``meta.json``::
 A ``tests/test_fidelity_<family>.py`` module lists its comparisons as ``CASES`` (a list of
 :class:`FidelityCase`) and checks each with ``case.check()``. ``tools/fidelity_table.py`` imports those
 modules, runs every case and writes the fidelity table (model, upstream commit, max diff) into
-``zoo/README.md`` and ``docs/fidelity.md``; ``tests/test_fidelity_table.py`` checks the table is current.
+``zoo/README.md`` and ``docs/fidelity.md``; ``case.check()`` compares each measurement with its recorded
+row and ``tests/test_fidelity_table.py`` checks the rows are exactly the cases and the zoo's cards.
 """
 
 from __future__ import annotations
@@ -23,6 +24,47 @@ import torch
 from torch import Tensor
 
 UPSTREAM_DATA = Path(__file__).parent / "data" / "upstream"
+ROOT = Path(__file__).resolve().parent.parent
+#: where tools/fidelity_table.py writes the measured tables, between these markers
+FIDELITY_DOC = ROOT / "docs" / "fidelity.md"
+ZOO_README = ROOT / "zoo" / "README.md"
+CASE_TABLE_MARKERS = ("<!-- fidelity-cases:start -->", "<!-- fidelity-cases:end -->")
+CARD_TABLE_MARKERS = ("<!-- fidelity-cards:start -->", "<!-- fidelity-cards:end -->")
+#: a measurement agrees with its recorded row when within this factor (the table keeps two digits; other
+#: CPUs may round differently) or both are below ``_EXACT`` (fp32's epsilon: exact up to rounding)
+_AGREE_FACTOR, _EXACT = 2.0, 2e-7
+
+
+def between(text: str, markers: tuple[str, str]) -> str:
+    """The text between ``markers`` (which must both occur, in order)."""
+    start, end = markers
+    if start not in text or end not in text.split(start, 1)[1]:
+        raise ValueError(f"the markers {start} ... {end} are missing")
+    return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
+
+
+def replace_between(text: str, markers: tuple[str, str], block: str) -> str:
+    between(text, markers)
+    head, rest = text.split(markers[0], 1)
+    return f"{head}{markers[0]}\n{block}\n{markers[1]}{rest.split(markers[1], 1)[1]}"
+
+
+def read_case_table(path: Path = FIDELITY_DOC) -> dict[str, tuple[float, str]]:
+    """``{case name: (max diff, worst output)}`` as recorded in ``docs/fidelity.md``'s case table."""
+    rows = {}
+    for line in between(path.read_text(), CASE_TABLE_MARKERS).splitlines():
+        if not line.startswith("| ") or line.startswith("| case |"):
+            continue  # headings, prose, table headers and separators
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        name, diff, output = cells[0], cells[1].split()[0], cells[2].strip("`")
+        rows[name] = (float(diff), output)
+    return rows
+
+
+def agrees_with_record(measured: float, recorded: float) -> bool:
+    if max(measured, recorded) <= _EXACT:
+        return True
+    return recorded / _AGREE_FACTOR <= measured + _EXACT and measured <= recorded * _AGREE_FACTOR + _EXACT
 
 
 def fixture_dir(folder: str) -> Path:
@@ -74,7 +116,15 @@ class FidelityCase:
         return diffs
 
     def check(self) -> dict[str, float]:
+        """Every output within ``tolerance``, and the largest diff as ``docs/fidelity.md`` records it."""
         diffs = self.measure()
         too_far = {k: v for k, v in diffs.items() if not v <= self.tolerance}
         assert not too_far, f"{self.name}: outputs differ from upstream beyond {self.tolerance}: {too_far}"
+        rerun = "; rerun HF_HUB_OFFLINE=1 python tools/fidelity_table.py"
+        recorded = read_case_table().get(self.name)
+        assert recorded is not None, f"{self.name}: no row in {FIDELITY_DOC.name}{rerun}"
+        largest = max(diffs.values())
+        assert agrees_with_record(largest, recorded[0]), (
+            f"{self.name}: largest diff {largest:.1e} but {FIDELITY_DOC.name} records {recorded[0]:.1e}{rerun}"
+        )
         return diffs

@@ -197,7 +197,7 @@ CASES: list[FidelityCase] = [
     ],
     *[
         FidelityCase(
-            f"timm ViT -> {card} (card route; blocks before the Soft MoE, copied experts), fp32",
+            f"timm ViT -> {card} (card; blocks before Soft MoE, experts copied)",
             TIMM,
             partial(compare_soft_moe_card, card),
             cards=(card,),

@@ -197,9 +197,16 @@ for _family in ARCH:
     for _route in ("path", "card"):
         _via = "checkpoint_path" if _route == "path" else "card"
         _label = f"MoE-LLaVA-{NAMES[_family]}"
+
+        def _card(tag: str, family: str = _family, route: str = _route) -> tuple[str, ...]:
+            return (f"{ARCH[family]}.{tag}",) if route == "card" else ()
+
         CASES += [
             FidelityCase(
-                f"{_label} MoE-tuned (E=4, top-2, Gumbel), {_via}, fp32", _folder, compare_moe(_family, _route)
+                f"{_label} MoE-tuned (E=4, top-2, Gumbel), {_via}, fp32",
+                _folder,
+                compare_moe(_family, _route),
+                cards=_card("moe_tuned"),
             ),
             FidelityCase(
                 f"{_label} MoE-tuned, eval capacity {DROP[_family]['eval_capacity_factor']} "
@@ -207,8 +214,18 @@ for _family in ARCH:
                 _folder,
                 compare_moe(_family, _route, drop=True),
             ),
-            FidelityCase(f"{_label} stage II dense, {_via}, fp32", _folder, compare_stage2(_family, _route)),
-            FidelityCase(f"{_label} stage I projector, {_via}, fp32", _folder, compare_stage1(_family, _route)),
+            FidelityCase(
+                f"{_label} stage II dense, {_via}, fp32",
+                _folder,
+                compare_stage2(_family, _route),
+                cards=_card("stage2_dense"),
+            ),
+            FidelityCase(
+                f"{_label} stage I projector, {_via}, fp32",
+                _folder,
+                compare_stage1(_family, _route),
+                cards=_card("stage1_projector"),
+            ),
         ]
     CASES.append(
         FidelityCase(
@@ -235,7 +252,7 @@ def test_fixtures_name_the_upstream_and_cover_every_moe_llava_card():
         assert meta["upstream"] == "PKU-YuanGroup/MoE-LLaVA" and len(meta["commit"]) == 40
         assert meta["generator"] == "tools/upstream_moe_llava.py"
     cards = {p.stem for p in mome.zoo_dir().glob("moe_llava_*.yaml")}
-    assert cards == set(CARD_FIXTURES)
+    assert cards == set(CARD_FIXTURES) == {card for case in CASES for card in case.cards}
 
 
 def test_the_gumbel_noise_matters_and_deterministic_routing_differs():
