@@ -3,6 +3,11 @@ with the format told from the file when omitted, converter options, typed one-li
 format, and ``python -m mome.zoo convert --file``."""
 
 import pickle
+import re
+import shlex
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
@@ -287,3 +292,56 @@ def test_zoo_convert_options_and_usage_errors(tmp_path, capsys):
     assert "needs a card NAME, or --file FILE with --arch ARCH" in capsys.readouterr().err
     assert zoo_main(["convert", "--file", "f", "--arch", "limoe_b16_e8", "--set", "oops", "--out", "x"]) == 1
     assert "--set 'oops': expected NAME=VALUE" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the README's lines
+
+
+def _readme_section() -> tuple[str, list[str]]:
+    """The python block and the bash lines of README.md's "an upstream checkpoint you already have"."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("An upstream checkpoint you already have", 1)[1].split("How close each card", 1)[0]
+    python = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    bash = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return python, [line for line in bash.splitlines() if line.strip()]
+
+
+def test_the_readme_lines_load_files_the_upstream_code_wrote(tmp_path, monkeypatch):
+    """README.md's lines, run as written on files named as there (vmoe's sharded checkpoint and unilm's
+    Lightning checkpoint, from tests/data/upstream), with only the tiny fixtures' sizes added; each model
+    has the weights of the routes tests/test_fidelity_{vmoe,vlmo}.py compare with the upstream outputs."""
+    from fidelity import fixture_dir
+    from test_fidelity_vlmo import _by_path as vlmo_by_path
+    from test_fidelity_vlmo import _tiny as vlmo_sizes
+    from test_fidelity_vmoe import TINY as VMOE_SIZES
+    from test_fidelity_vmoe import _vmoe_by_path
+
+    shutil.copytree(fixture_dir("vmoe_every2"), tmp_path / "vmoe_b16")
+    shutil.copy(fixture_dir("vlmo_relpos_vl4m") / "checkpoint.pt", tmp_path / "vlmo_base_patch16_224.pt")
+    monkeypatch.chdir(tmp_path)
+    sizes = {"vmoe_b16_e8": dict(VMOE_SIZES, depth=4), "vlmo_base_patch16_224": vlmo_sizes("vlmo_relpos_vl4m")}
+    expected = {
+        "vmoe_b16_e8": _vmoe_by_path("vmoe_every2", 1.05, "float32").state_dict(),
+        "vlmo_base_patch16_224": vlmo_by_path("vlmo_relpos_vl4m").state_dict(),
+    }
+
+    python, bash = _readme_section()
+    built = []
+
+    def create_model(name, **kwargs):
+        built.append(name.split(".")[0])
+        model = mome.create_model(name, **kwargs, **sizes[built[-1]])
+        _assert_same_state(model.state_dict(), expected[built[-1]])
+        return model
+
+    exec(python, {"mome": SimpleNamespace(create_model=create_model)})
+    assert built == ["vmoe_b16_e8", "vlmo_base_patch16_224"]
+
+    for line in bash:
+        words = shlex.split(line)
+        assert words[:3] == ["python", "-m", "mome.zoo"], line
+        arch = (words[4] if not words[4].startswith("--") else words[words.index("--arch") + 1]).split(".")[0]
+        sets = [f"--set={key}={value}" for key, value in sizes[arch].items()]
+        assert zoo_main([*words[3:], *sets]) == 0, line
+        out = Path(words[words.index("--out") + 1])
+        _assert_same_state(mome.create_model(f"local-dir:{out}").state_dict(), expected[arch])
