@@ -54,6 +54,11 @@ def _check_outputs(out: Path, record: dict, task: str, per_class: bool = True) -
     assert (out / "routing_per_class.png").exists() == per_class
     if per_class:
         assert (out / "routing_per_class.png").read_bytes()[:8] == PNG
+    # the patch routing maps of the first routing_maps=8 images (tests/test_routing_report.py checks the grids)
+    assert (out / "routing_patch_map.png").read_bytes()[:8] == PNG
+    patches = json.loads((out / "routing_patches.json").read_text())
+    assert len(patches["images"]) == min(8, record["n_samples"])
+    assert all(set(image["layers"]) == set(patches["layers"]) for image in patches["images"])
 
 
 def test_zero_shot_from_a_mome_train_checkpoint(tmp_path, limoe_checkpoint, capsys):

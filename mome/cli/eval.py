@@ -15,8 +15,10 @@ The run composes the ``data``, ``model``, ``moe``, ``eval_task``, ``trainer``, `
    ``train_augment=false``), the task's loaders of ``split=`` and the trainer; any configuration or input
    error stops here with one line and exit code 2, and the run's folder is removed;
 3. ``trainer.test`` (Lightning's progress bars, any strategy: no sample is counted twice under DDP), then
-   ``results.json`` (CLIP_benchmark schema) and the routing report (``routing.json`` and PNGs) in the
-   run's output folder (``eval_task=vqa`` adds ``predictions.jsonl``), and a one-line summary.
+   ``results.json`` (CLIP_benchmark schema) and the routing report (``routing.json`` and PNGs; with
+   ``routing_maps: N``, the patch routing maps of the first N images, ``routing_patches.json`` and
+   ``routing_patch_map.png``) in the run's output folder (``eval_task=vqa`` adds ``predictions.jsonl``), and
+   a one-line summary.
 """
 
 from __future__ import annotations
@@ -108,11 +110,21 @@ def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> Evalu
             model,
             model_name=model_name,
             routing_report=bool(cfg.get("routing_report", True)),
+            routing_maps=_routing_maps(cfg.get("routing_maps", 8)),
             eval_capacity=cfg.get("eval_capacity", "dropless"),
             **kwargs,
         )
     except TypeError as err:
         raise ConfigError(f"eval_task ({task_class.__name__}): {err}") from err
+
+
+def _routing_maps(value: Any) -> int:
+    """``routing_maps=``: how many images get a patch routing map (0: none)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"routing_maps={value}: give a number of images >= 0 (0 turns the patch maps off)")
+    return value
 
 
 def _data_class(cfg: DictConfig) -> type | None:

@@ -61,6 +61,7 @@ __all__ = [
     "LinearProbeTask",
     "RetrievalTask",
     "ZeroShotClassificationTask",
+    "patch_grid",
     "split_loader",
 ]
 
@@ -131,6 +132,18 @@ def _templates(datamodule: MomeDataModule, templates: Sequence[str] | None, task
     return found
 
 
+def patch_grid(model: nn.Module, images: Tensor | None = None) -> tuple[int, int] | None:
+    """``(H_p, W_p)``: the patch grid of ``images [B, C, H, W]`` in ``model``'s timm ``patch_embed`` (V-MoE,
+    Soft MoE ViT, LIMoE, VLMo), or None for a model without one."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "grid_size", None) is None:
+        return None
+    if images is not None and hasattr(embed, "dynamic_feat_size") and getattr(embed, "dynamic_img_size", False):
+        height, width = embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        return int(height), int(width)
+    return int(embed.grid_size[0]), int(embed.grid_size[1])
+
+
 # ------------------------------------------------------------------------------------------- base
 class EvaluationTask(L.LightningModule, abc.ABC):
     """Base of the evaluation tasks: no training; exact under DDP; routing counted; results written.
@@ -144,6 +157,9 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         eval_capacity: the MoE capacity while evaluating: ``"dropless"`` (default: the results are a function of
             the model and the samples, not of how they are batched), ``"model"`` (the layers' own eval capacity,
             e.g. a V-MoE card's) or a capacity factor (:class:`mome.lit.base.EvalCapacity`).
+        routing_maps: with ``routing_report``, the patch routing maps of the first this many images of the
+            evaluated split (rank 0's under DDP): ``routing_patches.json`` and ``routing_patch_map.png``
+            (:meth:`RoutingRecorder.capture_patches`); 0: none.
     """
 
     #: the task's name in the results (CLIP_benchmark's where it has one)
@@ -159,8 +175,12 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         model_name: str = "",
         routing_report: bool = True,
         eval_capacity: str | float | None = "dropless",
+        routing_maps: int = 8,
     ) -> None:
         super().__init__()
+        if isinstance(routing_maps, bool) or not isinstance(routing_maps, int) or routing_maps < 0:
+            raise TaskConfigError(f"routing_maps must be a number of images >= 0, got {routing_maps!r}")
+        self.routing_maps = routing_maps
         self.eval_capacity = EvalCapacity(eval_capacity)
         self.model = model.eval().requires_grad_(False)
         self.model_name = model_name or str(getattr(model, "mome_model_name", type(model).__name__))
@@ -176,6 +196,7 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         self._planned: list[list[Tensor]] = []  # per loader: dataset indices of each batch of this process
         self._keep: list[list[Tensor] | None] = []  # per loader: first-occurrence masks (DDP only)
         self._indices: list[list[Tensor]] = []  # per loader: indices of the samples evaluated here
+        self._batch_indices: Tensor | None = None  # dataset indices of the batch being evaluated (maps only)
         self._start = 0.0
 
     # -- what a task defines ------------------------------------------------------------------------
@@ -226,13 +247,34 @@ class EvaluationTask(L.LightningModule, abc.ABC):
 
     def image_features(self, image: Tensor, labels: Tensor | None = None) -> Tensor:
         """Unit-norm embeddings (CLIP-style models) or the pooled pre-logits features (timm ViTs)."""
-        with self._routing_labels(labels):
+        with self._routing_labels(labels), self._patch_capture(image):
             if hasattr(self.model, "encode_image"):
                 return self.model.encode_image(image, normalize=True)
             return self.model.forward_head(self.model.forward_features(image), pre_logits=True)
 
     def _routing_labels(self, labels: Tensor | None) -> Any:
         return nullcontext() if self._recorder is None else self._recorder.labels(labels)
+
+    def _patch_capture(
+        self,
+        images: Tensor,
+        grid: tuple[int, int] | None = None,
+        token_positions: Tensor | None = None,
+        num_tokens: int | None = None,
+    ) -> Any:
+        """Keep the patch routing maps of ``images`` (while fewer than ``routing_maps`` are kept, on rank 0, on
+        the evaluated split); ``grid`` defaults to the model's ``patch_embed`` grid (:func:`patch_grid`)."""
+        recorder = self._recorder
+        if recorder is None or not self.routing_report or self._batch_indices is None or self.global_rank != 0:
+            return nullcontext()
+        remaining = self.routing_maps - len(recorder.patch_maps)
+        grid = grid or patch_grid(self.model, images)
+        if remaining <= 0 or grid is None or images.ndim != 4 or images.shape[0] == 0:
+            return nullcontext()
+        indices = self._batch_indices.tolist()
+        if len(indices) != images.shape[0]:
+            indices = None
+        return recorder.capture_patches(images, grid, indices, token_positions, num_tokens, limit=remaining)
 
     def _routing_paused(self, pause: bool = True) -> Any:
         """Forward passes not counted in the routing report (e.g. the prompts on every process but one)."""
@@ -294,9 +336,14 @@ class EvaluationTask(L.LightningModule, abc.ABC):
             if not mask.any():
                 return
         self._indices[dataloader_idx].append(indices)
-        if dataloader_idx == len(self._indices) - 1:
+        evaluated = dataloader_idx == len(self._indices) - 1  # not the linear probe's train split
+        if evaluated:
             self.num_samples += int(indices.numel())
-        self.evaluate_batch(batch, dataloader_idx)
+        self._batch_indices = indices if evaluated else None
+        try:
+            self.evaluate_batch(batch, dataloader_idx)
+        finally:
+            self._batch_indices = None
 
     def on_test_epoch_end(self) -> None:
         self.results = self.compute()
@@ -338,7 +385,8 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         if self.routing_report and self._recorder is not None and self._recorder.layers:
             report = {"model": record["model"], "dataset": record["dataset"], "task": self.name}
             report.update(self._recorder.report(self.classnames))
-            self.written.update({f"routing_{k}": v for k, v in write_routing_report(report, folder).items()})
+            written = write_routing_report(report, folder, self._recorder.patch_maps)
+            self.written.update({f"routing_{k}": v for k, v in written.items()})
         self.written["results"].write_text(json.dumps(record, indent=2) + "\n")
         return self.written
 
@@ -607,7 +655,7 @@ class ClassificationEvalTask(EvaluationTask):
         self.metrics = classification_metrics(self.num_classes, "").to(self.device)
 
     def evaluate_batch(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        with self._routing_labels(batch["label"]):
+        with self._routing_labels(batch["label"]), self._patch_capture(batch["image"]):
             logits = self.model(batch["image"])
         self.metrics.update(logits, batch["label"])
 

@@ -8,6 +8,7 @@ reference answer); the DDP de-duplication, routing report and results record are
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,20 @@ class VQAEvalTask(EvaluationTask):
         self._answered = []
 
     def evaluate_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
-        answered = llava.answer_questions(
-            self.model,
-            self.tokenizer.tokenizer,
-            batch["prompt_ids"],
-            batch["prompt_images"],
-            batch["answers"],
-            self.max_new_tokens,
-        )
+        answered = []
+        indices = self._batch_indices
+        for position, (prompt, images) in enumerate(zip(batch["prompt_ids"], batch["prompt_images"], strict=True)):
+            self._batch_indices = None if indices is None else indices[position].repeat(images.shape[0])
+            with self._llava_patch_capture(prompt, images):
+                answered += llava.answer_questions(
+                    self.model,
+                    self.tokenizer.tokenizer,
+                    [prompt],
+                    [images],
+                    [batch["answers"][position]],
+                    self.max_new_tokens,
+                )
+        self._batch_indices = indices
         for position, (prediction, hit) in enumerate(answered):
             self._answered.append(
                 {
@@ -95,6 +102,25 @@ class VQAEvalTask(EvaluationTask):
                     "hit": bool(hit),
                 }
             )
+
+    def _llava_patch_capture(self, prompt: torch.Tensor, images: torch.Tensor) -> Any:
+        """The patch maps of a prompt's images: image ``j``'s patches are the ``j``-th run of ``H_p W_p``
+        placeholder ids (``config.image_token_id``) of ``prompt [1, L]``, row-major over the vision tower's
+        grid (its CLS token is not spliced in: ``vision_feature_select_strategy="default"``)."""
+        config = self.model.config
+        vision = config.vision_config
+        token_id = getattr(config, "image_token_id", None)
+        token_id = getattr(config, "image_token_index", None) if token_id is None else token_id
+        side = vision.image_size // vision.patch_size
+        positions = (prompt.reshape(-1) == token_id).nonzero().reshape(-1)  # [n * H_p * W_p]
+        if (
+            token_id is None
+            or getattr(config, "vision_feature_select_strategy", "default") != "default"
+            or images.ndim != 4
+            or positions.numel() != images.shape[0] * side * side
+        ):
+            return nullcontext()
+        return self._patch_capture(images, (side, side), positions.view(images.shape[0], -1), prompt.numel())
 
     def compute(self) -> dict[str, float]:
         indices = self.gather(torch.cat(self._indices[0]).to(self.device)).cpu()

@@ -27,6 +27,24 @@ Counts are tensors, so the evaluation task sums them over processes (``trainer.s
 at the end. :func:`write_routing_report` saves ``routing.json`` plus ``routing_heatmap.png`` (experts x
 layers, one panel per modality, :func:`mome.lit.callbacks.routing_heatmap`) and
 ``routing_per_class.png`` (classes x experts per MoE layer, as LIMoE's Fig. 6 and V-MoE's Fig. 8).
+
+Patch routing maps (the V-MoE and LIMoE papers' per-image figures): inside
+:meth:`RoutingRecorder.capture_patches` (``mome-eval`` wraps the forward passes of the first ``routing_maps``
+images of the evaluated split), the same hooks also keep, per image and MoE layer, the expert of every
+image patch as a ``[H_p, W_p]`` grid (the patch grid, row-major as ``PatchEmbed`` flattens it):
+
+- token-choice layers: among the token's *computed* assignments (after capacity) the one with the largest
+  combine weight, i.e. its first choice unless that was dropped; ``-1`` when no expert computed the token
+  (dropped). The image tokens of the call are those of modality 0 (or all, without modality ids), sample-major;
+  each image's leading ``n - H_p W_p`` tokens are its prefix (the CLS token of a timm ViT or VLMo; none in
+  LIMoE) and are left out. With ``token_positions`` (MoE-LLaVA: the image placeholders in the LLM
+  sequence) the patches are read at those positions of the call that routes the whole prompt (not the
+  decoding steps);
+- Soft MoE layers: the expert whose slots give the largest share of the token's output (the combine weights
+  summed over each expert's slots, the quantity their ``expert_load`` averages); they never drop.
+
+:func:`write_routing_report` saves them as ``routing_patches.json`` and ``routing_patch_map.png`` (rows =
+images, columns = the image then one panel per MoE layer, a colour per expert, black = dropped).
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +64,15 @@ from ..layers.routers import Routing
 from ..layers.soft_moe import SoftMoE
 from .callbacks import routing_heatmap
 
-__all__ = ["RoutingRecorder", "expert_preference_plot", "write_routing_report"]
+__all__ = [
+    "PatchMap",
+    "RoutingRecorder",
+    "expert_preference_plot",
+    "patch_map_plot",
+    "patch_map_report",
+    "top_assignment",
+    "write_routing_report",
+]
 
 MODALITY_NAMES = ("image", "text")  # modality ids 0 and 1 of LIMoE and VLMo
 
@@ -68,6 +95,66 @@ class _LayerCounts:
         }
 
 
+@dataclass
+class PatchMap:
+    """The routing of one image's patches (see the module docstring).
+
+    Attributes:
+        index: the image's index in the evaluated dataset (None when not known).
+        image: ``[C, H, W]``, the image as the model saw it (normalised).
+        layers: per MoE layer, ``[H_p, W_p]`` int64: the expert of each patch, ``-1`` = dropped.
+        prefix_tokens: per MoE layer, the image's leading non-patch tokens left out (CLS: 1).
+    """
+
+    index: int | None
+    image: Tensor
+    layers: dict[str, Tensor] = field(default_factory=dict)
+    prefix_tokens: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _PatchCapture:
+    """The images of the forward pass being captured and, per layer, their grids ``[B, H_p, W_p]``."""
+
+    images: Tensor  # [B, C, H, W]
+    grid: tuple[int, int]  # (H_p, W_p)
+    indices: list[int | None]
+    positions: Tensor | None = None  # [B, H_p * W_p]: the patches' positions among the call's tokens
+    num_tokens: int | None = None  # the tokens of the call that holds them (the positions' call)
+    maps: dict[str, Tensor] = field(default_factory=dict)
+    prefix: dict[str, int] = field(default_factory=dict)
+
+    def take(self, name: str, per_token: Tensor, image: Tensor | None) -> None:
+        """Keep ``per_token [T]`` (a value per token of one MoE call) as layer ``name``'s grids, if this call
+        holds the captured images' patches (``image [T]``: the image tokens; None: all)."""
+        if name in self.maps:
+            return  # the first call of the layer that fits (e.g. LIMoE's image stream runs first)
+        batch, (height, width) = self.images.shape[0], self.grid
+        patches = height * width
+        if self.positions is not None:
+            if per_token.numel() != self.num_tokens:
+                return  # not the pass that routes the whole prompt (a decoding step)
+            self.maps[name] = per_token[self.positions.to(per_token.device)].view(batch, height, width).cpu()
+            self.prefix[name] = 0
+            return
+        tokens = per_token if image is None else per_token[image]  # [B * n], sample-major
+        if batch == 0 or tokens.numel() % batch or tokens.numel() // batch < patches:
+            return  # not these images' tokens (e.g. a text-only pass)
+        per_image = tokens.numel() // batch
+        self.maps[name] = tokens.view(batch, per_image)[:, per_image - patches :].reshape(batch, height, width).cpu()
+        self.prefix[name] = per_image - patches
+
+
+def top_assignment(routing: Routing) -> Tensor:
+    """``[T]``: per token, the computed assignment with the largest combine weight (its first choice unless
+    that was dropped), ``-1`` where no expert computed the token."""
+    kept = ~routing.dropped  # [T, k]
+    weights = routing.combine_weights.float().masked_fill(~kept, float("-inf"))  # [T, k]
+    choice = weights.argmax(dim=-1, keepdim=True)  # [T, 1]
+    expert = routing.expert_index.gather(-1, choice).squeeze(-1)  # [T]
+    return torch.where(kept.any(dim=-1), expert, torch.full_like(expert, -1))
+
+
 def _modality_of(routing: Routing, num_tokens: int, device: torch.device) -> Tensor:
     if routing.modality_ids is not None:
         return routing.modality_ids.long()
@@ -86,6 +173,8 @@ class RoutingRecorder:
         self.layers: dict[str, _LayerCounts] = {}
         self._handles: list[Any] = []
         self._labels: Tensor | None = None
+        self._capture: _PatchCapture | None = None
+        self.patch_maps: list[PatchMap] = []
         self.enabled = True
 
     def attach(self, model: nn.Module) -> RoutingRecorder:
@@ -95,10 +184,10 @@ class RoutingRecorder:
             if isinstance(module, MoE):
                 counts = _LayerCounts("sparse", module.num_experts, module.num_modalities, self.num_classes)
                 self._handles.append(module.router.register_forward_hook(self._router_hook(counts)))
-                self._handles.append(module.experts.register_forward_pre_hook(self._experts_hook(counts)))
+                self._handles.append(module.experts.register_forward_pre_hook(self._experts_hook(counts, name)))
             elif isinstance(module, SoftMoE):
                 counts = _LayerCounts("soft", module.num_experts, 1, 0)
-                self._handles.append(module.register_forward_hook(self._soft_hook(counts)))
+                self._handles.append(module.register_forward_hook(self._soft_hook(counts, name)))
             else:
                 continue
             self.layers[name] = counts
@@ -117,6 +206,39 @@ class RoutingRecorder:
             yield
         finally:
             self._labels = None
+
+    @contextmanager
+    def capture_patches(
+        self,
+        images: Tensor,
+        grid: tuple[int, int],
+        indices: Sequence[int | None] | None = None,
+        token_positions: Tensor | None = None,
+        num_tokens: int | None = None,
+        limit: int | None = None,
+    ) -> Iterator[None]:
+        """Forward passes inside this context see ``images [B, C, H, W]``, whose patch grid is ``grid``
+        ``(H_p, W_p)``: keep the expert of every patch in every MoE layer (:attr:`patch_maps`, one
+        :class:`PatchMap` per image, dataset ``indices``). ``token_positions [B, H_p * W_p]`` (with
+        ``num_tokens``, the tokens of the call that holds them) place the patches among a layer's tokens,
+        e.g. MoE-LLaVA's image placeholders; without them the image tokens are found by modality. Only the
+        first ``limit`` images are kept (None: all)."""
+        batch = images.shape[0]
+        found = list(indices) if indices is not None else [None] * batch
+        self._capture = _PatchCapture(images.detach().float().cpu(), tuple(grid), found, token_positions, num_tokens)
+        try:
+            yield
+        finally:
+            capture, self._capture = self._capture, None
+            for b in range(batch if limit is None else min(batch, limit)):
+                self.patch_maps.append(
+                    PatchMap(
+                        index=None if found[b] is None else int(found[b]),
+                        image=capture.images[b],
+                        layers={name: grid[b] for name, grid in capture.maps.items()},
+                        prefix_tokens=dict(capture.prefix),
+                    )
+                )
 
     @contextmanager
     def paused(self, pause: bool = True) -> Iterator[None]:
@@ -149,11 +271,15 @@ class RoutingRecorder:
 
         return hook
 
-    def _experts_hook(self, counts: _LayerCounts) -> Callable[..., None]:
+    def _experts_hook(self, counts: _LayerCounts, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            routing: Routing = args[1]
+            if self._capture is not None:
+                with torch.no_grad():
+                    image = None if routing.modality_ids is None else routing.modality_ids == 0
+                    self._capture.take(name, top_assignment(routing), image)
             if not self.enabled:
                 return
-            routing: Routing = args[1]
             with torch.no_grad():
                 expert = routing.expert_index.cpu()  # [T, k]
                 kept = (~routing.dropped).cpu().double()  # [T, k]
@@ -177,8 +303,15 @@ class RoutingRecorder:
         per_image = one_hot.view(num_images, -1, one_hot.shape[1]).sum(1)  # [B, N, E] -> [B, E]
         counts.per_class.index_add_(0, labels, per_image)
 
-    def _soft_hook(self, counts: _LayerCounts) -> Callable[..., None]:
+    def _soft_hook(self, counts: _LayerCounts, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if self._capture is not None and self._capture.positions is None:
+                tokens = args[0] if args[0].dim() == 3 else args[0][None]  # [B, M, D]
+                if tokens.shape[0] == self._capture.images.shape[0]:
+                    with torch.no_grad():
+                        combine = module.routing_weights(tokens)[1].float()  # [B, M, E * P]
+                        share = combine.view(*combine.shape[:2], module.num_experts, -1).sum(-1)  # [B, M, E]
+                        self._capture.take(name, share.argmax(-1).reshape(-1), None)
             load = module.last_routing_stats.get("expert_load") if self.enabled else None
             if load is None:
                 return
@@ -294,9 +427,104 @@ def expert_preference_plot(report: dict[str, Any], title: str = "expert share of
     return fig
 
 
-def write_routing_report(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
-    """Save ``routing.json``, ``routing_heatmap.png`` and (with per-class counts) ``routing_per_class.png``
-    in ``folder``; returns the paths written."""
+def _patch_layers(maps: Sequence[PatchMap]) -> list[str]:
+    names: dict[str, None] = {}
+    for patch_map in maps:
+        names.update(dict.fromkeys(patch_map.layers))
+    return list(names)
+
+
+def patch_map_report(maps: Sequence[PatchMap], report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON of ``routing_patches.json``: per layer its kind, experts and the prefix tokens left out, and
+    per image its dataset index and, per layer, the ``[H_p, W_p]`` grid of experts (``-1``: dropped)."""
+    entries = (report or {}).get("layers", {})
+    layers = {}
+    for name in _patch_layers(maps):
+        prefix = next(m.prefix_tokens[name] for m in maps if name in m.prefix_tokens)
+        entry = entries.get(name, {})
+        layers[name] = {"kind": entry.get("kind"), "num_experts": entry.get("num_experts"), "prefix_tokens": prefix}
+    return {
+        "value": "expert of each image patch (token-choice: the computed assignment with the largest combine "
+        "weight; soft: the expert with the largest share of the token's output); -1: dropped",
+        "layers": layers,
+        "images": [
+            {
+                "index": m.index,
+                "patch_grid": list(next(iter(m.layers.values())).shape) if m.layers else None,
+                "layers": {name: grid.tolist() for name, grid in m.layers.items()},
+            }
+            for m in maps
+        ],
+    }
+
+
+def _displayable(image: Tensor) -> Tensor:
+    """``[C, H, W]`` (normalised) -> ``[H, W, 3]`` or ``[H, W]`` in [0, 1] (min-max over the image)."""
+    image = image.float()
+    image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-12)
+    if image.shape[0] == 1:
+        return image[0]
+    return image[:3].permute(1, 2, 0)
+
+
+def patch_map_plot(maps: Sequence[PatchMap], num_experts: int, title: str = "expert of each image patch") -> Any:
+    """A matplotlib figure: a row per image, the image then one panel per MoE layer whose patches are coloured
+    by expert (black: dropped), with a legend (V-MoE's and LIMoE's per-image routing figures); ``None``
+    without maps."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    layers = _patch_layers(maps)
+    if not maps or not layers:
+        return None
+    num_experts = max(int(num_experts), 1)
+    if num_experts <= 10:
+        colours = list(plt.get_cmap("tab10").colors[:num_experts])
+    elif num_experts <= 20:
+        colours = list(plt.get_cmap("tab20").colors[:num_experts])
+    else:
+        colours = [plt.get_cmap("hsv")(e / num_experts) for e in range(num_experts)]
+    cmap = ListedColormap(["black", *colours])  # value v -> colour v + 1 (-1: dropped)
+    columns = 1 + len(layers)
+    width, height = 1.25 * columns + 0.6, 1.25 * len(maps) + 0.9
+    fig, axes = plt.subplots(len(maps), columns, figsize=(width, height), squeeze=False)
+    dropped = False
+    for row, patch_map in zip(axes, maps):
+        row[0].imshow(_displayable(patch_map.image).numpy(), cmap="gray", interpolation="nearest")
+        row[0].set_ylabel("image" if patch_map.index is None else f"#{patch_map.index}", fontsize=7)
+        for ax, name in zip(row[1:], layers):
+            grid = patch_map.layers.get(name)
+            if grid is not None:
+                dropped = dropped or bool((grid < 0).any())
+                ax.imshow((grid + 1).numpy(), cmap=cmap, vmin=0, vmax=num_experts, interpolation="nearest")
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, name in zip(axes[0][1:], layers):
+        ax.set_title(name, fontsize=7)
+    handles = [Patch(color=colours[e], label=f"expert {e}") for e in range(num_experts)]
+    if dropped:
+        handles.append(Patch(color="black", label="dropped"))
+    ncol = max(1, min(len(handles), int(width // 0.95)))
+    legend_rows = -(-len(handles) // ncol)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
+    bottom = min(0.5, (0.2 * legend_rows + 0.1) / height)
+    fig.subplots_adjust(left=0.3 / width, right=1 - 0.05 / width, bottom=bottom, top=1 - 0.55 / height)
+    fig.subplots_adjust(wspace=0.08, hspace=0.08)
+    return fig
+
+
+def write_routing_report(
+    report: dict[str, Any], folder: str | Path, patch_maps: Sequence[PatchMap] = ()
+) -> dict[str, Path]:
+    """Save ``routing.json``, ``routing_heatmap.png``, (with per-class counts) ``routing_per_class.png`` and
+    (with ``patch_maps``) ``routing_patches.json`` and ``routing_patch_map.png`` in ``folder``; returns the
+    paths written."""
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
@@ -320,4 +548,15 @@ def write_routing_report(report: dict[str, Any], folder: str | Path) -> dict[str
         written["per_class"] = folder / "routing_per_class.png"
         fig.savefig(written["per_class"], dpi=90)
         plt.close(fig)
+    if patch_maps:
+        header = {key: report[key] for key in ("model", "dataset", "task") if key in report}
+        written["patches"] = folder / "routing_patches.json"
+        written["patches"].write_text(json.dumps({**header, **patch_map_report(patch_maps, report)}) + "\n")
+        experts = [report["layers"].get(name, {}).get("num_experts", 0) for name in _patch_layers(patch_maps)]
+        experts += [int(grid.max()) + 1 for m in patch_maps for grid in m.layers.values() if grid.numel()]
+        fig = patch_map_plot(patch_maps, max(experts, default=1))
+        if fig is not None:
+            written["patch_map"] = folder / "routing_patch_map.png"
+            fig.savefig(written["patch_map"], dpi=90)
+            plt.close(fig)
     return written
