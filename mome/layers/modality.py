@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .experts import Experts
-from .moe import MoE, SparseMoE
+from .moe import MoE, SparseMoE, recomputing
 from .routers import ModalityRouter
 
 __all__ = ["ModalityLayerNorm", "ModalityMoE", "MultiwayFFN"]
@@ -92,7 +92,8 @@ class MultiwayFFN(nn.Module):
         if use_vl:
             if self.vl_ffn is None:
                 raise ValueError("use_vl=True but this MultiwayFFN was built without vl_expert")
-            self.moe.last_routing_stats = {}  # the modality experts compute nothing in this pass
+            if not recomputing():
+                self.moe.last_routing_stats = {}  # the modality experts compute nothing in this pass
             return self.vl_ffn(self.vl_norm(x))
         if modality_ids is None:
             raise ValueError(f"MultiwayFFN needs modality_ids (indices into {self.modalities})")

@@ -26,12 +26,27 @@ __all__ = [
     "SparseMoE",
     "aux_losses",
     "eval_capacity",
+    "recomputing",
     "routing_stats",
     "timm_mlp_layer",
 ]
 
 #: Auxiliary losses an :class:`MoE` can add, by name (weights are given in ``aux_loss_weights``).
 AUX_LOSSES = ("load_balance", "importance", "load", "z_loss", "local_entropy", "global_entropy")
+
+
+def recomputing() -> bool:
+    """True while autograd runs a backward pass, where ``torch.utils.checkpoint`` re-runs a checkpointed forward.
+
+    A routed layer records its aux losses and routing statistics in the forward pass only: the re-run under
+    gradient checkpointing (``set_grad_checkpointing``, ``gradient_checkpointing_enable``) computes the same
+    values again, and recording them would replace what the step recorded after :func:`aux_losses` read it (a
+    loss read twice, a graph kept alive, statistics of a partial re-run). Read from autograd's current graph
+    task (``-1`` outside ``backward``); False under ``torch.compile``, whose compiled backward re-runs no Python.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 class RoutedLayer(nn.Module):
@@ -194,7 +209,9 @@ class MoE(RoutedLayer):
         return num_tokens // self.group_size
 
     def _record(self, routing: Routing, requested: Tensor, num_groups: int = 1) -> None:
-        """Store this forward pass's weighted aux losses and its routing statistics."""
+        """Store this forward pass's weighted aux losses and its routing statistics (not in a checkpoint's
+        re-run of the forward during backward: :func:`recomputing`). The losses are computed in a re-run too: their
+        backward needs the tensors the re-run saves again."""
         probs, modality = routing.router_probs, routing.modality_ids
         grouped_probs = probs.view(num_groups, -1, probs.shape[-1])  # [G, T/G, E]
         num_modalities = self.num_modalities
@@ -216,7 +233,10 @@ class MoE(RoutedLayer):
                 raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
             elif name == "global_entropy":
                 raw[name] = L.global_entropy_loss(probs, modality, num_modalities, self.global_entropy_threshold).sum()
-        self.last_aux_losses = {name: self.aux_loss_weights[name] * value for name, value in raw.items()}
+        weighted = {name: self.aux_loss_weights[name] * value for name, value in raw.items()}
+        if recomputing():
+            return
+        self.last_aux_losses = weighted
         with torch.no_grad():
             stats = _routing_statistics(routing, requested, num_modalities)
             stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .experts import Experts, resolve_dispatch_dtype, round_through
-from .moe import RoutedLayer
+from .moe import RoutedLayer, recomputing
 
 __all__ = ["SoftMoE"]
 
@@ -108,6 +108,8 @@ class SoftMoE(RoutedLayer):
         )
         slot_outputs = round_through(slot_outputs, self.dispatch_dtype)
         out = torch.einsum("bms,bsd->bmd", combine, slot_outputs)  # [B, M, D]
+        if recomputing():  # a gradient checkpoint's re-run in backward: the forward pass recorded these
+            return out.squeeze(0) if squeeze else out
         with torch.no_grad():
             self.last_routing_stats = {
                 "combine_weights_max_mean": combine.amax(dim=2).mean().float(),

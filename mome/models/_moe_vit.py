@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -212,7 +213,9 @@ class MoEVisionTransformer(VisionTransformer):
             self.head = nn.Linear(self.representation_size, num_classes).to(self.pre_logits.fc.weight)
             self.head.train(self.training)
 
-    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward_features(
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, *args: Any, **kwargs: Any
+    ) -> Tensor:
         if self.group_size_images is not None and x.shape[0] % self.group_size_images:
             raise ValueError(
                 f"this model routes tokens in groups of group_size_images={self.group_size_images} images (the "
@@ -220,7 +223,13 @@ class MoEVisionTransformer(VisionTransformer):
                 f"{x.shape[0]} images. Pad the batch to a multiple of {self.group_size_images}, or build the model "
                 "with a group_size_images that divides your batches (1 routes each image on its own)"
             )
-        return super().forward_features(x, *args, **kwargs)
+        plain = attn_mask is None and not is_causal and not args and not kwargs
+        if self.grad_checkpointing and plain and not torch.jit.is_scripting():
+            # timm's forward_features with its checkpoint_seq made non-reentrant whatever TIMM_REENTRANT_CKPT says:
+            # a reentrant checkpoint runs the forward under no_grad, so the MoE aux losses would train nothing.
+            x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+            return self.norm(checkpoint_seq(self.blocks, x, use_reentrant=False))
+        return super().forward_features(x, attn_mask, is_causal, *args, **kwargs)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """timm's head (pool, ``fc_norm``, dropout) with the optional ``pre_logits`` layer before ``head``."""

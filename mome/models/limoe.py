@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's normalisation
 from timm.layers import LayerNorm, PatchEmbed, get_act_layer, trunc_normal_
+from timm.models import checkpoint
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -159,6 +160,7 @@ class LIMoE(nn.Module):
         self.pad_id = pad_id
         self.route_padding = route_padding
         self.output_dict = output_dict
+        self.grad_checkpointing = False
         act = get_act_layer(act_layer)
 
         # Image input: timm's patch embedding + learned positions (no class token: the head pools).
@@ -253,6 +255,25 @@ class LIMoE(nn.Module):
             ]
         return [x + block.drop_path2(block.ls2(out)) for x, out in zip(xs, outs)]
 
+    def _block(
+        self,
+        block: Block,
+        xs: list[Tensor],
+        masks: list[Tensor | None],
+        modalities: list[int],
+        routed: list[Tensor | None],
+    ) -> list[Tensor]:
+        """One pre-norm block over every stream: attention per stream, then the (joint) FFN."""
+        xs = [x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=m))) for x, m in zip(xs, masks)]
+        return self._ffn(block, xs, modalities, routed)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of every block (timm's switch): a block's activations are recomputed in
+        backward instead of stored (``torch.utils.checkpoint``, non-reentrant; the MoE layers record their aux
+        losses and statistics once, in the forward pass: :func:`mome.layers.moe.recomputing`)."""
+        self.grad_checkpointing = enable
+
     def _encode(self, image: Tensor | None, text: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """Unnormalised features of the given streams, run together through the tower."""
         xs, masks, modalities, routed = [], [], [], []
@@ -270,8 +291,12 @@ class LIMoE(nn.Module):
         if not xs:
             raise ValueError("give an image, a text, or both")
         for block in self.blocks:
-            xs = [x + block.drop_path1(block.ls1(block.attn(block.norm1(x), attn_mask=m))) for x, m in zip(xs, masks)]
-            xs = self._ffn(block, xs, modalities, routed)
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                # timm's checkpoint, non-reentrant always: the aux losses the MoE records in the forward keep
+                # their graph (a reentrant checkpoint runs the forward under no_grad).
+                xs = checkpoint(self._block, block, xs, masks, modalities, routed, use_reentrant=False)
+            else:
+                xs = self._block(block, xs, masks, modalities, routed)
         image_features = self._image_head(xs[0]) if image is not None else None
         text_features = self._text_head(xs[-1], text) if text is not None else None
         return image_features, text_features

@@ -251,6 +251,22 @@ class MoELLaVA(LlavaForConditionalGeneration):
         vision = self.config.vision_config
         return (vision.image_size // vision.patch_size) ** 2
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch (what ``task.grad_checkpointing`` calls) over transformers' own:
+        ``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})`` (named
+        ``activation_checkpointing_enable`` from transformers 5.x on; every decoder and vision layer re-runs its
+        forward in backward; non-reentrant, so the aux losses the MoE layers record in the forward keep their
+        graph, and the layers record them once: :func:`mome.layers.moe.recomputing`), or its ``_disable()``."""
+        new_api = hasattr(self, "activation_checkpointing_enable")
+        if enable and new_api:
+            self.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enable:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif new_api:
+            self.activation_checkpointing_disable()
+        else:
+            self.gradient_checkpointing_disable()
+
     # -- stage III: sparse upcycling -----------------------------------------------------------------
     def upcycle(
         self,

