@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 
+import lightning as L
 import pytest
 import timm.layers
 import torch
@@ -128,3 +129,41 @@ def test_grad_checkpointing_stays_non_reentrant(family, monkeypatch):
     assert aux and all(value for key, value in aux.items() if key.endswith(".requires_grad"))
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Losses(L.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
+def fit(task, batch, steps: int, **trainer_kwargs) -> list[float]:
+    """The training losses of ``steps`` optimiser steps of a CPU ``Trainer`` on ``batch`` repeated."""
+    losses = _Losses()
+    kwargs = {"enable_model_summary": False, **trainer_kwargs}
+    kwargs["callbacks"] = [losses, *trainer_kwargs.get("callbacks", ())]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+    loader = torch.utils.data.DataLoader([batch] * steps, batch_size=None)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(task, train_dataloaders=loader)
+    return losses.values
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_mixed_trains(family):
+    task, batch = make_task(family)
+    losses = fit(task, batch, 3, precision="bf16-mixed")
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses

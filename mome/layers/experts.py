@@ -160,13 +160,22 @@ class _BatchedLinear(torch.autograd.Function):
         x, weight, bias = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        # Under autocast (bf16-mixed) the forward's bmm ran in the autocast dtype while x and the weight were
+        # saved in theirs, and a backward runs without autocast: compute in the gradient's dtype and return each
+        # gradient in its input's dtype (no-ops without autocast).
         x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None  # [E, C, in]
-        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None  # [E, out, in]
-        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None  # [E, out]
+        dtype = grad.dtype
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad, weight.to(dtype)).to(x.dtype)  # [E, C, in]
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad.transpose(1, 2), x.to(dtype)).to(weight.dtype)  # [E, out, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(1).to(ctx.bias_dtype)  # [E, out]
         return grad_x, grad_weight, grad_bias
 
 
