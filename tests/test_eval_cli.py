@@ -70,6 +70,9 @@ def test_zero_shot_from_a_mome_train_checkpoint(tmp_path, limoe_checkpoint, caps
     _check_outputs(out, record, "zeroshot_classification")
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("mome-eval: limoe_tiny_patch8_e4") and "acc1" in line and str(out) in line
+    # one sample's cost (mome._flops; tests/test_family_features.py checks the counts by hand)
+    cost = record["cost"]
+    assert 0 < cost["active_params"] < cost["total_params"] and cost["flops"] > 0 and "active FLOPs" in line
     # the routing report covers every test image and every prompt (10 classes x 6 templates)
     routing = json.loads((out / "routing.json").read_text())
     layer = next(iter(routing["layers"].values()))

@@ -167,3 +167,107 @@ def test_bf16_mixed_trains(family):
     task, batch = make_task(family)
     losses = fit(task, batch, 3, precision="bf16-mixed")
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses))), losses
+
+
+def _compiled_first_loss(family: str, compile) -> tuple[list[float], list[float]]:
+    from torch._dynamo.utils import counters
+
+    eager, batch = make_task(family)
+    compiled, _ = make_task(family, compile=compile)
+    compiled.load_state_dict(eager.state_dict())
+    expected = fit(eager, batch, 2)
+    torch._dynamo.reset()
+    counters.clear()
+    losses = fit(compiled, batch, 2)
+    assert counters["stats"]["unique_graphs"] > 0  # the training steps ran compiled graphs
+    assert all(m._compiled_call_impl is not None for m in compiled.compile_targets())
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # compiled in place: eager's parameter names
+    assert all(torch.isfinite(torch.tensor(losses)))
+    torch.testing.assert_close(losses[0], expected[0], rtol=1e-4, atol=1e-5)
+    return losses, expected
+
+
+@pytest.mark.parametrize("family", ["vmoe", "limoe"])
+def test_compile_first_step_loss_equals_eager_aot_eager(family):
+    """``task.compile={backend: aot_eager}``: Dynamo and AOTAutograd (forward and backward graphs), no codegen."""
+    _compiled_first_loss(family, {"backend": "aot_eager"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_true_first_step_loss_equals_eager(family):
+    """``task.compile=true``: torch.compile's default backend (inductor, C++ code generation on CPU). Inductor draws
+    random numbers from its own generator, so a noisy router (V-MoE, LIMoE) routes differently from eager unless
+    ``torch._inductor.config.fallback_random`` (set here: then the second step's loss, after one update with the
+    compiled gradients, is eager's too)."""
+    import torch._inductor.config
+
+    with torch._inductor.config.patch(fallback_random=True):
+        losses, expected = _compiled_first_loss(family, True)
+    torch.testing.assert_close(losses[1], expected[1], rtol=1e-3, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+
+def test_moe_layer_flops_match_a_hand_count():
+    """One MoE layer, dropless: the router ``2 T D E`` plus ``k`` expert FFNs per token,
+    ``2 D H + 2 H D`` each (FlopCounterMode counted 0 for the sorted dispatch's grouped_mm before)."""
+    from timm.layers import Mlp
+
+    from mome._flops import count_flops
+    from mome.layers import SparseMoE
+
+    tokens, dim, hidden, experts, top_k = 24, 32, 64, 4, 2
+    x = torch.randn(1, tokens, dim)
+    assert count_flops(Mlp(dim, hidden), x) == tokens * (2 * dim * hidden + 2 * hidden * dim)
+    for dispatch in ("sorted", "buffers"):  # count_flops evaluates dropless: capacity buffers use the sorted path
+        capacity = dict(capacity_factor=2.0, eval_capacity_factor=2.0) if dispatch == "buffers" else {}
+        layer = SparseMoE(dim, hidden, num_experts=experts, top_k=top_k, router="top_k", dispatch=dispatch, **capacity)
+        expected = 2 * tokens * dim * experts + tokens * top_k * (2 * dim * hidden + 2 * hidden * dim)
+        assert count_flops(layer, x) == expected, dispatch
+
+
+def test_vit_flops_and_parameters_match_a_hand_count():
+    """The tiny V-MoE dense (``moe_layers="none"``) against ``2 m n k`` per product, then with its MoE layers:
+    each adds its router and a second expert per token (k = 2); active parameters are the dense ones plus
+    k/E of the expert parameters."""
+    from mome._flops import model_cost, parameter_counts
+
+    dense = mome.create_model("vmoe_tiny_patch8_e4", moe_layers="none")
+    d, hidden, depth, classes = dense.embed_dim, dense.blocks[0].mlp.fc1.out_features, len(dense.blocks), 10
+    patches, patch_size = dense.patch_embed.num_patches, dense.patch_embed.patch_size[0]
+    t = patches + 1  # the class token
+    per_block = 2 * t * d * 3 * d + 2 * (2 * t * t * d) + 2 * t * d * d + 2 * t * (d * hidden + hidden * d)
+    expected = 2 * patches * (3 * patch_size**2) * d + depth * per_block + 2 * d * classes
+    image = torch.zeros(1, 3, 32, 32)
+    cost = model_cost(dense, image)
+    assert cost["flops"] == expected and cost["active_params"] == cost["total_params"] and cost["expert_params"] == 0
+
+    moe = mome.create_model("vmoe_tiny_patch8_e4")
+    layers = [b.mlp for b in moe.blocks if hasattr(b.mlp, "experts")]
+    num_experts, top_k = layers[0].num_experts, layers[0].router.top_k
+    routers = len(layers) * 2 * t * d * num_experts
+    second_expert = len(layers) * (top_k - 1) * 2 * t * (d * hidden + hidden * d)
+    assert model_cost(moe, image)["flops"] == expected + routers + second_expert
+    counts = parameter_counts(moe)
+    expert_params = sum(p.numel() for layer in layers for p in layer.experts.parameters())
+    assert counts["expert_params"] == expert_params
+    assert counts["active_params"] == counts["total_params"] - expert_params + expert_params * top_k // num_experts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_summary_reports_flops_and_the_moe_cost(family):
+    """Lightning's summary runs the task's ``example_input_array`` (one sample): its Total FLOPs are not 0, and
+    ``MoEModelSummary`` adds the active/total parameters and the active FLOPs."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from mome.lit import MoEModelSummary
+
+    task, batch = make_task(family)
+    assert ModelSummary(task, max_depth=1).total_flops > 0
+    summary = MoEModelSummary(max_depth=1)
+    fit(task, batch, 1, callbacks=[summary], enable_model_summary=True)
+    cost = task.model_cost()
+    assert 0 < cost["active_params"] <= cost["total_params"] and cost["flops"] > 0
+    assert summary.cost_line.startswith("MoE cost: active params") and "active FLOPs" in summary.cost_line

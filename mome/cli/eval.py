@@ -172,6 +172,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "split": split,
         "config_hash": hashlib.sha256(resolved.encode()).hexdigest()[:12],
     }
+    if cfg.get("cost", True):
+        from .._flops import example_input, model_cost
+
+        task.record_fields["cost"] = model_cost(model, example_input(model))  # one sample, dropless, eval mode
     trainer.test(task, dataloaders=loaders, verbose=False)
     objects = {"cfg": cfg, "task": task, "datamodule": datamodule, "trainer": trainer, "output_dir": output_dir}
     if not trainer.is_global_zero:  # rank 0 writes the results
@@ -185,8 +189,18 @@ def _summary(record: dict[str, Any], output_dir: Path) -> str:
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
     return (
         f"mome-eval: {record['model']} ({record['pretrained']}) on {record['dataset']} {record['task']}: {metrics} "
-        f"({record['n_samples']} samples{_drops(record.get('routing'))}); results in {output_dir / 'results.json'}"
+        f"({record['n_samples']} samples{_drops(record.get('routing'))}{_cost(record.get('cost'))}); "
+        f"results in {output_dir / 'results.json'}"
     )
+
+
+def _cost(cost: dict[str, int] | None) -> str:
+    """``, active params 1.2M of 3.4M total (experts 2.9M), active FLOPs 9.3M per sample`` (``mome._flops``)."""
+    if not cost:
+        return ""
+    from ..lit.callbacks import format_cost
+
+    return f", {format_cost(cost)}"
 
 
 def _drops(routing: dict[str, Any] | None) -> str:

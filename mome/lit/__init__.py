@@ -4,7 +4,7 @@ Every task class is exported here: ``conf/task`` and ``conf/eval_task`` name the
 """
 
 from .base import MomeTask, NonFiniteLossError, TaskConfigError, build_model, model_from_checkpoint, set_trainable
-from .callbacks import RoutingTelemetry, routing_heatmap
+from .callbacks import MoEModelSummary, RoutingTelemetry, routing_heatmap
 from .classification import ClassificationTask
 from .contrastive import ContrastiveTask
 from .eval_tasks import (
@@ -29,6 +29,7 @@ __all__ = [
     "ExpertParallelFSDPStrategy",
     "LLaVATask",
     "LinearProbeTask",
+    "MoEModelSummary",
     "MomeTask",
     "NonFiniteLossError",
     "RetrievalTask",

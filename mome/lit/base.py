@@ -202,6 +202,10 @@ class MomeTask(L.LightningModule):
         check_finite: stop on a NaN/inf loss (one host sync per step).
         eval_capacity: the MoE capacity at validation and test: ``"dropless"`` (default), ``"model"`` (the
             layers' own eval capacity) or a capacity factor (:class:`EvalCapacity`).
+        compile: ``torch.compile`` the model when the trainer sets the task up (``configure_model``), in place
+            (``nn.Module.compile``: parameter names, checkpoints and exports stay those of the eager model);
+            ``True`` for torch's defaults (inductor), or a mapping of ``torch.compile`` keyword arguments
+            (``{"backend": "aot_eager"}``, ``{"mode": "max-autotune"}``, ...). False (default): eager.
     """
 
     def __init__(
@@ -215,6 +219,7 @@ class MomeTask(L.LightningModule):
         grad_checkpointing: bool = False,
         check_finite: bool = True,
         eval_capacity: str | float | None = "dropless",
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -234,6 +239,49 @@ class MomeTask(L.LightningModule):
             self.model.set_grad_checkpointing(True)
         self._tokenizer = None
         self.eval_capacity = EvalCapacity(eval_capacity)
+        if not isinstance(compile, (bool, Mapping)):
+            raise TaskConfigError(f"task.compile must be true, false or torch.compile kwargs, got {compile!r}")
+        self.compile_kwargs: dict[str, Any] | None = (
+            dict(compile) if isinstance(compile, Mapping) else ({} if compile else None)
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward (what the model summary runs on :attr:`example_input_array`)."""
+        return self.model(*args, **kwargs)
+
+    @property
+    def example_input_array(self) -> Any:
+        """One example sample of the model's input (:func:`mome._flops.example_input`, batch size 1), so Lightning's
+        model summary reports the FLOPs of one sample ("Total FLOPs") and each layer's sizes."""
+        if self._example_input_array is None:
+            from .._flops import example_input
+
+            self._example_input_array = example_input(self.model)
+        return self._example_input_array
+
+    @example_input_array.setter
+    def example_input_array(self, example: Any) -> None:
+        self._example_input_array = example
+
+    def model_cost(self) -> dict[str, int]:
+        """Total and active parameters and the active FLOPs of one sample (:func:`mome._flops.model_cost`)."""
+        from .._flops import model_cost
+
+        return model_cost(self.model, self.example_input_array)
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules ``task.compile`` compiles in place: the model, whose forward the task's steps call. A task
+        whose steps call other methods of the model names the modules those run (VLMo: its blocks)."""
+        return [self.model]
+
+    def configure_model(self) -> None:
+        """``task.compile``: compile :meth:`compile_targets` in place, once (Lightning calls this hook at every
+        fit/validate/test)."""
+        if self.compile_kwargs is None:
+            return
+        for module in self.compile_targets():
+            if getattr(module, "_compiled_call_impl", None) is None:
+                module.compile(**self.compile_kwargs)
 
     # -------------------------------------------------------------- evaluation capacity (dropless)
     def on_validation_start(self) -> None:

@@ -1,4 +1,4 @@
-"""Lightning callbacks of mome: routing telemetry.
+"""Lightning callbacks of mome: routing telemetry, and the model summary with the MoE cost per sample.
 
 :class:`RoutingTelemetry` reads ``mome.routing_stats`` (the statistics of the last forward pass) after the
 training batch of every ``every_n_steps``-th step and writes them to the loggers *at that step* (one row of the
@@ -32,7 +32,33 @@ from torch import Tensor
 
 from ..layers.moe import routing_stats
 
-__all__ = ["RoutingTelemetry", "routing_heatmap"]
+__all__ = ["MoEModelSummary", "RoutingTelemetry", "format_cost", "routing_heatmap"]
+
+
+def format_cost(cost: dict[str, int]) -> str:
+    """``active params 1.2 M of 3.4 M total (experts 2.9 M), active FLOPs 9.3 M per sample`` (see ``mome._flops``)."""
+    from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count as count
+
+    return (
+        f"active params {count(cost['active_params'])} of {count(cost['total_params'])} total "
+        f"(experts {count(cost['expert_params'])}), active FLOPs {count(cost['flops'])} per sample"
+    )
+
+
+class MoEModelSummary(L.pytorch.callbacks.RichModelSummary):
+    """Lightning's (rich) model summary, whose "Total FLOPs" are one sample's (the task's ``example_input_array``),
+    followed by one line with the MoE cost per sample: total and active parameters and the active FLOPs measured
+    with dropless routing (:meth:`mome.lit.MomeTask.model_cost`, definitions in ``mome._flops``). The line is also
+    in ``self.cost_line`` (rank 0)."""
+
+    cost_line: str | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._max_depth == 0 or not trainer.is_global_zero or not hasattr(pl_module, "model_cost"):
+            return
+        self.cost_line = f"MoE cost: {format_cost(pl_module.model_cost())}"
+        print(self.cost_line)
 
 
 def routing_heatmap(load: dict[str, Tensor], title: str = "expert load") -> Any:

@@ -46,6 +46,11 @@ RESULT_SCHEMA: dict[str, Any] = {
         "n_samples": {"type": "integer", "minimum": 1},
         "split": {"type": "string"},
         "protocol": {"type": "object"},
+        "cost": {  # one sample's cost (mome._flops): total and active parameters, active FLOPs (mome's field)
+            "type": "object",
+            "required": ["total_params", "active_params", "expert_params", "flops"],
+            "additionalProperties": {"type": "integer", "minimum": 0},
+        },
         "routing": {  # dropped share of the routed assignments of the MoE layers (mome's field)
             "type": "object",
             "required": ["eval_capacity", "dropped_fraction", "layers"],

@@ -77,6 +77,11 @@ class VLMoTask(ContrastiveTask):
         self._frozen_slices: dict[str, Tensor] = {}
         self._collator: Any = None
 
+    def compile_targets(self) -> list[nn.Module]:
+        """``task.compile`` compiles every block: the stages train through ``encode_image``, ``encode_text``,
+        ``mlm_logits`` and ``itm_logits``, not the model's forward, and each of those runs the blocks."""
+        return list(self.model.blocks)
+
     # ------------------------------------------------------------------------------- stages
     def stage_at(self, epoch: int) -> str:
         """The stage the schedule runs at ``epoch``."""
