@@ -29,14 +29,22 @@ Under FSDP2 (``torch.distributed.fsdp.fully_shard``, through Lightning's ``Model
 dense parameters are sharded over all ``W`` ranks instead of replicated: every element of an
 ``nn.ModuleList`` (the transformer blocks) and the model are wrapped with the experts passed as
 ``ignored_params``, so FSDP2 reduce-scatters the mean of the dense gradients and the expert gradients
-are reduced as above. Its checkpoints are single files holding full tensors (dense ``DTensor`` shards
-and expert shards gathered), like the DDP ones, so they move freely between the strategies and one
-process.
+are reduced as above. Parameters FSDP2 cannot shard stay whole on every rank (replicated, as under DDP):
+0-d ones (LIMoE's and VLMo's ``logit_scale``, Soft MoE's ``scale``: ``fully_shard`` refuses scalars, and
+reshaping them would change the state dict) and those of the task itself outside its networks (VLMo's
+``mask_embedding``); they are passed as ``ignored_params`` too, broadcast from rank 0 at setup, and their
+gradients are averaged over the ``W`` ranks (``all_reduce`` / ``W``), the mean DDP computes. Its
+checkpoints are single files holding full tensors (dense ``DTensor`` shards and expert shards gathered),
+like the DDP ones, so they move freely between the strategies and one process.
+
+Under gradient accumulation (``accumulate_grad_batches > 1``) the expert and replicated gradients are
+reduced once, after the last micro-batch (Lightning's ``block_backward_sync``, as DDP's ``no_sync``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Generator, Iterable, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,12 +53,13 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..layers.expert_parallel import (
+    ShardedExperts,
     all_gather_dim0,
     expert_parameter_names,
     gather_expert_state_dict,
@@ -61,7 +70,13 @@ from ..layers.expert_parallel import (
 from ..layers.moe import MoE
 from ..layers.soft_moe import SoftMoE
 
-__all__ = ["ExpertParallelDDPStrategy", "ExpertParallelFSDPStrategy"]
+__all__ = [
+    "ExpertParallelDDPStrategy",
+    "ExpertParallelFSDPStrategy",
+    "forward_is_collective",
+    "fully_shard_dense",
+    "reduce_replicated_grads",
+]
 
 
 def _check_size(expert_parallel_size: int | None) -> int | None:
@@ -78,6 +93,100 @@ def _local(tensor: Tensor) -> Tensor:
 def _full(tensor: Any) -> Any:
     """The whole tensor of an FSDP2 ``DTensor`` (collective); anything else as it is."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def forward_is_collective(module: nn.Module) -> bool:
+    """Whether a forward pass of ``module`` is a collective of all ranks: its experts are sharded (``trainer=ddp_ep``,
+    ``fsdp_ep``: tokens go to other ranks by all-to-all) or its parameters are FSDP2 shards (all-gathered). Then
+    every rank must run it, as often as the others (a rank-0-only forward, or a generation loop that stops
+    earlier on one rank, leaves the others waiting)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return any(isinstance(m, (ShardedExperts, FSDPModule)) for m in module.modules())
+
+
+#: Methods of the model contracts (timm, open_clip, VLMo, transformers) a task calls instead of ``forward``: FSDP2
+#: must gather the parameters around them too (``register_fsdp_forward_method``).
+FSDP_FORWARD_METHODS = (
+    "encode_image",
+    "encode_text",
+    "forward_features",
+    "forward_head",
+    "forward_image",
+    "forward_text",
+    "itm_logits",
+    "mlm_logits",
+    "generate",
+)
+
+
+def fully_shard_dense(task: nn.Module, mesh: Any, expert_names: Iterable[str] = ()) -> list[str]:
+    """FSDP2 on the dense parameters of ``task`` (a LightningModule or any module holding networks), in place.
+
+    ``fully_shard`` goes on each part of each block (the children of each element of an ``nn.ModuleList``
+    outside the MoE layers: attention, norms, FFN or MoE) and on each of the task's child networks, whose
+    :data:`FSDP_FORWARD_METHODS` (``encode_text``, ``generate``, ...) gather the parameters as ``forward`` does.
+    The parts, not the blocks, are the units because a tower may drive its blocks' parts itself (LIMoE runs
+    attention per stream, then one joint FFN, never ``block(x)``): a block unit would then never be gathered.
+    Left out (``ignored_params``): the expert tensors named ``expert_names`` (sharded by expert already) and
+    the 0-d parameters (``fully_shard`` refuses scalars; making them 1-d would change the state dict). Those
+    0-d parameters and the task's own parameters outside its networks stay whole on every rank: they are
+    broadcast from rank 0 here (DDP's start) and their gradients must be averaged with
+    :func:`reduce_replicated_grads` after each synchronising backward. Returns their names.
+    """
+    expert_names = set(expert_names)
+    experts = {p for name, p in task.named_parameters() if name in expert_names}
+    ignored = experts | {p for p in task.parameters() if p.ndim == 0}
+    for network in [child for child in task.children() if any(True for _ in child.parameters())]:
+        inside_moe = {
+            id(m) for layer in network.modules() if isinstance(layer, (MoE, SoftMoE)) for m in layer.modules()
+        }
+        parts = [
+            part
+            for module_list in network.modules()
+            if isinstance(module_list, nn.ModuleList) and id(module_list) not in inside_moe
+            for block in module_list
+            for part in block.children()
+        ]
+        for part in reversed(parts):  # descendants before their ancestors, as FSDP2 needs
+            dense = [p for p in part.parameters() if p not in ignored]
+            if (
+                dense
+                and not isinstance(part, FSDPModule)
+                and not any(isinstance(m, FSDPModule) for m in part.modules())
+            ):
+                fully_shard(part, mesh=mesh, ignored_params={p for p in part.parameters() if p in ignored})
+        if any(p not in ignored for p in network.parameters()):
+            fully_shard(network, mesh=mesh, ignored_params={p for p in network.parameters() if p in ignored})
+            for method in FSDP_FORWARD_METHODS:
+                if callable(getattr(network, method, None)):
+                    register_fsdp_forward_method(network, method)
+    replicated = [
+        (name, p) for name, p in task.named_parameters() if not isinstance(p, DTensor) and name not in expert_names
+    ]
+    with torch.no_grad():
+        for _, p in replicated:  # every replica starts from rank 0's values, as under DDP
+            dist.broadcast(p, src=0)
+    return [name for name, _ in replicated]
+
+
+def reduce_replicated_grads(params: Iterable[Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """The gradients of parameters replicated on every rank of ``group``, made their mean over the ranks (DDP's
+    all-reduce), in place. A gradient that is None on every rank stays None (an unused or frozen parameter);
+    one missing on some ranks only counts as zeros there, as under DDP."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(present, group=group)  # one small collective, so every rank reduces the same list below
+    size = dist.get_world_size(group)
+    for p, count in zip(params, present.tolist()):
+        if count == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
+        p.grad.div_(size)
 
 
 class _ExpertParallelism:
@@ -148,7 +257,7 @@ class _ExpertParallelism:
             grad.div_(self.world_size)
 
     def _dense_square_norm(self, squares: Tensor) -> Tensor:
-        """The squared norm of the dense gradients from this rank's part (replicated under DDP)."""
+        """The squared norm of the sharded dense (``DTensor``) gradients from this rank's part (none under DDP)."""
         return squares
 
     def _clip_grad_by_norm(self, optimizer: Optimizer, clip_val: float) -> None:
@@ -158,16 +267,19 @@ class _ExpertParallelism:
         if not params:
             return
         device = _local(params[0].grad).device
-        dense_sq = torch.zeros((), device=device, dtype=torch.float64)
+        dense_sq = torch.zeros((), device=device, dtype=torch.float64)  # FSDP2 shards (DTensor)
+        replicated_sq = torch.zeros((), device=device, dtype=torch.float64)  # whole on every rank
         expert_sq = torch.zeros((), device=device, dtype=torch.float64)
         for p in params:
             square = _local(p.grad.detach()).double().pow(2).sum()
             if id(p) in expert_ids:
                 expert_sq += square
-            else:
+            elif isinstance(p.grad, DTensor):
                 dense_sq += square
+            else:
+                replicated_sq += square
         dist.all_reduce(expert_sq, group=self.expert_group)  # the layer's experts live on the P ranks
-        total_norm = (self._dense_square_norm(dense_sq) + expert_sq).sqrt()
+        total_norm = (self._dense_square_norm(dense_sq) + replicated_sq + expert_sq).sqrt()
         coefficient = (clip_val / (total_norm + 1e-6)).clamp(max=1.0)
         for p in params:
             _local(p.grad.detach()).mul_(coefficient.to(p.grad.dtype))
@@ -306,6 +418,8 @@ class ExpertParallelFSDPStrategy(_ExpertParallelism, ModelParallelStrategy):
     def __init__(self, expert_parallel_size: int | None = None, **kwargs: Any) -> None:
         super().__init__(save_distributed_checkpoint=False, **kwargs)
         self._init_expert_parallelism(expert_parallel_size)
+        self._replicated_names: list[str] = []
+        self._sync_blocked = False
 
     def setup_environment(self) -> None:
         self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
@@ -324,31 +438,38 @@ class ExpertParallelFSDPStrategy(_ExpertParallelism, ModelParallelStrategy):
         self.setup_precision_plugin()
 
     def _fully_shard(self, task: nn.Module) -> None:
-        """``fully_shard`` on each block (element of an ``nn.ModuleList`` outside the MoE layers) and on
-        each of the task's networks, the expert tensors ignored (they are sharded by expert already)."""
-        experts = set(self._expert_parameters())
-        mesh = self.device_mesh["data_parallel"]
-        for network in [child for child in task.children() if any(True for _ in child.parameters())]:
-            inside_moe = {
-                id(m) for layer in network.modules() if isinstance(layer, (MoE, SoftMoE)) for m in layer.modules()
-            }
-            blocks = [
-                block
-                for module_list in network.modules()
-                if isinstance(module_list, nn.ModuleList) and id(module_list) not in inside_moe
-                for block in module_list
-            ]
-            for block in reversed(blocks):  # descendants before their ancestors, as FSDP2 needs
-                dense = [p for p in block.parameters() if p not in experts]
-                if dense and not isinstance(block, FSDPModule):
-                    fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in experts})
-            fully_shard(network, mesh=mesh, ignored_params={p for p in network.parameters() if p in experts})
+        """FSDP2 on the dense parameters (:func:`fully_shard_dense`); the rest stays replicated."""
+        self._replicated_names = fully_shard_dense(task, self.device_mesh["data_parallel"], self._expert_names)
+
+    def _replicated_parameters(self) -> list[Tensor]:
+        params = dict(self.lightning_module.named_parameters())
+        return [params[name] for name in self._replicated_names]
+
+    def _reduce_replicated_grads(self) -> None:
+        reduce_replicated_grads(self._replicated_parameters())
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Lightning calls this around the backward passes of the micro-batches before the last one of a
+        gradient accumulation: the expert and replicated gradients are reduced once, after the last (reducing
+        each micro-batch's sum would divide the earlier ones by ``W`` again)."""
+        self._sync_blocked = True
+        try:
+            yield None
+        finally:
+            self._sync_blocked = False
 
     def post_backward(self, closure_loss: Tensor) -> None:
         """FSDP2 reduce-scatters the dense gradients at every backward; the expert gradients follow."""
         super().post_backward(closure_loss)
-        if self.sharded:
+        if self.sharded and not self._sync_blocked:
             self._reduce_expert_grads()
+            self._reduce_replicated_grads()
+            # A parameter frozen after fully_shard (VLMo's text stage) still gets a gradient: FSDP2's unsharded
+            # parameter keeps the requires_grad it had when first gathered. Drop it, as DDP would never make it.
+            for p in self.lightning_module.parameters():
+                if not p.requires_grad:
+                    p.grad = None
 
     def _dense_square_norm(self, squares: Tensor) -> Tensor:
         dist.all_reduce(squares)  # every rank holds a 1/W shard of each dense gradient
@@ -396,4 +517,5 @@ class ExpertParallelFSDPStrategy(_ExpertParallelism, ModelParallelStrategy):
 
     def teardown(self) -> None:
         self.precision_plugin.__dict__.pop("clip_grad_by_norm", None)
+        self._sync_blocked = False
         super().teardown()
