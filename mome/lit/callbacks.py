@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..layers.moe import routing_stats
+from .expert_parallel import forward_is_collective
 
 __all__ = ["MoEModelSummary", "RoutingTelemetry", "format_cost", "routing_heatmap"]
 
@@ -56,6 +57,9 @@ class MoEModelSummary(L.pytorch.callbacks.RichModelSummary):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if self._max_depth == 0 or not trainer.is_global_zero or not hasattr(pl_module, "model_cost"):
+            return
+        if forward_is_collective(pl_module):  # rank 0 alone would wait for the others' all-to-all / all-gather
+            print("MoE cost: not measured under expert parallelism or FSDP (mome-eval of the export reports it)")
             return
         self.cost_line = f"MoE cost: {format_cost(pl_module.model_cost())}"
         print(self.cost_line)

@@ -33,6 +33,7 @@ from torch import Tensor
 from .._checkpoint import load_state_exactly
 from .._factory import create_model
 from .base import MomeTask, TaskConfigError, model_from_checkpoint
+from .expert_parallel import forward_is_collective
 
 __all__ = ["LLaVATask", "answer_questions", "exact_match", "generate_answer", "normalize_answer"]
 
@@ -67,6 +68,7 @@ def generate_answer(model: Any, tokenizer: Any, prompt_ids: Tensor, images: Tens
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        synced_gpus=forward_is_collective(model),  # every rank decodes as many steps
     )
     return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
 
@@ -181,8 +183,16 @@ class LLaVATask(MomeTask):
                 self._answers[kind].append(hit)
 
     def on_test_epoch_end(self) -> None:
-        for kind, hits in sorted(self._answers.items()):
-            total = torch.tensor([sum(hits), len(hits)], dtype=torch.float64, device=self.device)
-            total = self.all_gather(total).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else total
+        counts = {kind: (sum(hits), len(hits)) for kind, hits in self._answers.items()}
+        parts = [counts]
+        if self.trainer.world_size > 1:  # one gather of every rank's counts: the ranks' question kinds differ
+            parts = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, counts)
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for part in parts:
+            for kind, (hits, count) in part.items():
+                totals[kind][0] += hits
+                totals[kind][1] += count
+        for kind, (hits, count) in sorted(totals.items()):
             name = "test/exact_match" if kind == "all" else f"test/exact_match/{kind}"
-            self.log(name, float(total[0] / total[1]), rank_zero_only=True)
+            self.log(name, hits / count, rank_zero_only=True)
