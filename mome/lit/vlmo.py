@@ -27,8 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
+from ..layers.expert_parallel import ShardedExperts
 from .base import TaskConfigError
 from .contrastive import ContrastiveTask
 
@@ -77,6 +80,13 @@ class VLMoTask(ContrastiveTask):
         self._frozen_slices: dict[str, Tensor] = {}
         self._collator: Any = None
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if isinstance(self.trainer.strategy, DDPStrategy):  # ddp, ddp_spawn, ddp_ep: before DDP wraps the task
+            # Every stage leaves parameters without a gradient (the image stage the text path, the text stage the
+            # frozen image path, the other stages the MIM head): DDP must look for them at each step.
+            self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
+
     def compile_targets(self) -> list[nn.Module]:
         """``task.compile`` compiles every block: the stages train through ``encode_image``, ``encode_text``,
         ``mlm_logits`` and ``itm_logits``, not the model's forward, and each of those runs the blocks."""
@@ -107,7 +117,9 @@ class VLMoTask(ContrastiveTask):
                 param.requires_grad_(True)
             elif any(part in name for part in _MULTIWAY_STACKED):
                 param.requires_grad_(True)  # the TEXT slice trains; the IMAGE slice is restored each step
-                self._frozen_slices[name] = param.detach()[IMAGE].clone()
+                row = self._image_row(name, param)
+                if row is not None:  # on this rank
+                    self._frozen_slices[name] = row[0][row[1]].clone()
             else:
                 param.requires_grad_(name.startswith(_TEXT_STAGE_TRAINABLE))
 
@@ -116,7 +128,27 @@ class VLMoTask(ContrastiveTask):
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for name, value in self._frozen_slices.items():
-                    params[name][IMAGE] = value
+                    local, index = self._image_row(name, params[name])
+                    local[index] = value
+
+    def _image_row(self, name: str, param: Tensor) -> tuple[Tensor, int] | None:
+        """This rank's tensor holding the IMAGE row of the ``[modality, ...]`` stack ``name`` (a view: writing
+        it writes the parameter) and the row's index in it; None where the row lives on another rank: experts
+        sharded by expert parallelism (``trainer=ddp_ep``/``fsdp_ep``: rank ``r`` holds the global experts from
+        ``expert_offset``), or an FSDP2 ``DTensor`` sharded along dim 0."""
+        owner = self.model.get_submodule(name.rpartition(".")[0])
+        start = owner.expert_offset if isinstance(owner, ShardedExperts) else 0
+        local = param.detach()
+        if isinstance(param, DTensor):
+            local = local.to_local()
+            if any(isinstance(p, Shard) for p in param.placements):
+                if param.placements != (Shard(0),):
+                    raise NotImplementedError(f"{name}: sharded as {param.placements}, not along dim 0 on one mesh")
+                # FSDP2 shards dim 0 as torch.chunk: rank r holds rows [r c, (r + 1) c), c = ceil(n / W)
+                mesh = param.device_mesh
+                start = mesh.get_local_rank() * -(-param.shape[0] // mesh.size())
+        index = IMAGE - start
+        return (local, index) if 0 <= index < local.shape[0] else None
 
     # ------------------------------------------------------------------------------- losses
     def _masked_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
