@@ -149,6 +149,7 @@ def test_family_trains_the_same_under_every_trainer(experiment, tmp_path):
     from train_helpers import compose_train, state_dict_of
 
     from mome.cli.train import train
+    from mome.lit import model_from_checkpoint
 
     overrides = [f"experiment={experiment}", *RUN, *FAMILIES[experiment]]
     if experiment.startswith("moe_llava"):
@@ -156,6 +157,9 @@ def test_family_trains_the_same_under_every_trainer(experiment, tmp_path):
     _, ddp = train(compose_train(tmp_path / "ddp", [*overrides, "trainer=ddp_spawn"]))
     want = state_dict_of(tmp_path / "ddp" / "checkpoints" / "last.ckpt")
     exported = mome.create_model(f"local-dir:{ddp['export_dir']}").state_dict()
+    # the export is the tested (best) checkpoint's model, not the weights fit handed back from the spawned ranks
+    tested = model_from_checkpoint(ddp["best_checkpoint"]).state_dict()
+    _assert_same_weights(exported, tested, f"{experiment} ddp_spawn export")
     _, ddp_ep = train(compose_train(tmp_path / "ddp_ep", [*overrides, "trainer=ddp_ep"]))
     assert ddp_ep["trainer"].world_size == 2
     _assert_same_weights(state_dict_of(tmp_path / "ddp_ep" / "checkpoints" / "last.ckpt"), want, f"{experiment} ddp_ep")

@@ -28,6 +28,7 @@ from typing import Any
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -203,9 +204,12 @@ def _push(model: nn.Module, repo_id: str, private: bool | None, folder: Path) ->
 
 
 def _exportable_model(task: Any, objects: dict[str, Any]) -> Any:
-    """The model to export: the task's own, or, where FSDP2 sharded it in place (``trainer=fsdp_ep``;
-    its parameters are shards on each rank), the tested checkpoint's, rebuilt whole on this process."""
-    if not isinstance(task.model, FSDPModule):
+    """The model to export: the task's own, or the tested checkpoint's, rebuilt whole on this process, where the
+    task's is not the tested one: FSDP2 sharded it in place (``trainer=fsdp_ep``; its parameters are shards on
+    each rank), or the run was in spawned processes (``trainer=ddp_spawn``/``ddp_ep``: only ``fit`` hands its
+    final weights back to this process, not ``test``'s loading of the best checkpoint)."""
+    spawned = isinstance(getattr(objects["trainer"].strategy, "launcher", None), _MultiProcessingLauncher)
+    if not isinstance(task.model, FSDPModule) and not (spawned and "best_checkpoint" in objects):
         return task.model
     if "best_checkpoint" not in objects:
         raise ConfigError(
