@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "load_state_exactly",
     "read_state_dict",
     "read_state_dict_folder",
+    "shard_prefix",
     "starts_msgpack_map",
 ]
 
@@ -57,6 +59,23 @@ def starts_msgpack_map(head: bytes) -> bool:
     else:
         return False
     return len(head) > first_key and head[first_key] in _MSGPACK_STRINGS
+
+
+#: a data shard of a sharded checkpoint (vmoe, TensorFlow): ``<prefix>.data-00000-of-00002``
+_SHARD_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
+
+
+def shard_prefix(path: str | Path) -> Path | None:
+    """The ``<prefix>`` of a sharded checkpoint (``<prefix>.index`` + ``<prefix>.data-*``) given its prefix,
+    its index or one of its data shards; None for any other path. Reads nothing but the index's existence."""
+    text = str(path)
+    if text.endswith(".index"):
+        return Path(text[: -len(".index")])
+    if _SHARD_SUFFIX.search(text):
+        return Path(_SHARD_SUFFIX.sub("", text))
+    if Path(text + ".index").is_file():
+        return Path(path)
+    return None
 
 
 def file_kind(path: str | Path) -> str:

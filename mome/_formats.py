@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_keys, describe_checkpoint, file_kind
+from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_keys, describe_checkpoint, file_kind, shard_prefix
 from ._errors import CheckpointFormatError
 
 __all__ = [
@@ -188,7 +188,7 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
 
 
 def _is_vmoe_shard_set(path: Path) -> bool:
-    """Whether ``path`` names a sharded vmoe checkpoint (its prefix, index or a data shard) with its index."""
-    from .convert.vmoe import is_vmoe_checkpoint  # numpy/msgpack only when a path needs telling
-
-    return not path.is_dir() and is_vmoe_checkpoint(path)
+    """Whether ``path`` is the prefix, index or a data shard of a sharded checkpoint with a msgpack index."""
+    prefix = shard_prefix(path)
+    index = Path(f"{prefix}.index") if prefix is not None else None
+    return index is not None and index.is_file() and file_kind(index) == "msgpack"

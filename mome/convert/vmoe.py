@@ -54,7 +54,6 @@ subtree; the rest must be ignored explicitly (``ignore_prefixes=("opt_state/", .
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._checkpoint import describe_checkpoint, file_kind, starts_msgpack_map
+from .._checkpoint import describe_checkpoint, file_kind, shard_prefix, starts_msgpack_map
 from .._errors import CheckpointFormatError, CheckpointMismatchError, CorruptCheckpointError
 from ..layers import MoE, SoftMoE
 from ._keymap import KeyMap, resample_pos_embed
@@ -73,7 +72,6 @@ __all__ = ["convert_vmoe", "is_vmoe_checkpoint", "read_vmoe_checkpoint"]
 
 _CHUNKS_MAGIC = "__msgpack_array_chunk_a87ca2__"  # vmoe's ArrayChunks (data shards)
 _FLAX_CHUNKED = "__msgpack_chunked_array__"  # flax.serialization's chunked big arrays
-_SHARD_SUFFIX = re.compile(r"\.data-\d{5}-of-\d{5}$")
 _EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR, _EXT_SHAPED, _EXT_SLICE, _EXT_SLICE_ND, _EXT_SLICE_ND_ARRAY, _EXT_INDEX = (
     range(1, 9)
 )
@@ -212,18 +210,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("/"): tree}
 
 
-def _shard_prefix(path: Path) -> Path | None:
-    """The ``<prefix>`` of a sharded vmoe checkpoint given its prefix, index or a data shard, else None."""
-    text = str(path)
-    if text.endswith(".index"):
-        return Path(text[: -len(".index")])
-    if _SHARD_SUFFIX.search(text):
-        return Path(_SHARD_SUFFIX.sub("", text))
-    if Path(text + ".index").is_file():
-        return path
-    return None
-
-
 def _read_sharded(prefix: Path) -> dict[str, Tensor]:
     """Assemble every leaf of ``<prefix>.index`` from its chunks in the ``.data-*`` shards."""
     index = _unpack_file(Path(f"{prefix}.index"))
@@ -284,7 +270,7 @@ def read_vmoe_checkpoint(path: str | Path) -> dict[str, Tensor]:
         CorruptCheckpointError: a vmoe file that cannot be decoded, or a sharded checkpoint with a shard missing.
     """
     path = Path(path)
-    prefix = _shard_prefix(path)
+    prefix = shard_prefix(path)
     if prefix is not None:
         return _read_sharded(prefix)
     if path.is_file() and file_kind(path) == "npz":
@@ -313,7 +299,7 @@ def is_vmoe_checkpoint(path: str | Path) -> bool:
     a path that exists (False for torch or safetensors files, folders and anything else).
     """
     path = Path(path)
-    prefix = _shard_prefix(path)
+    prefix = shard_prefix(path)
     if prefix is not None:
         return _first_map_keys(Path(f"{prefix}.index")) >= {"index", "shard_count"}
     if not path.is_file():
