@@ -68,6 +68,13 @@ def _fails_early(tmp_path, capsys, overrides, expected):
     assert not out.exists()  # nothing half-written is left behind
 
 
+@pytest.mark.parametrize("trainer", ["ddp_ep", "fsdp_ep"])
+def test_expert_parallel_on_a_model_without_moe_layers_fails_before_training(tmp_path, capsys, trainer):
+    """MoE-LLaVA's stage I is dense: nothing to shard, one line before any process starts."""
+    overrides = ["experiment=moe_llava_shapes_stage1", f"trainer={trainer}", "task.init_from=null"]
+    _fails_early(tmp_path, capsys, [*overrides, *small_shapes(tmp_path / "shapes")], "has none (moe_layers)")
+
+
 def test_unknown_model_fails_before_training(tmp_path, capsys):
     _fails_early(tmp_path, capsys, ["model.model_name=limoe_tinyy"], "limoe_tinyy")
 

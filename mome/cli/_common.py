@@ -19,7 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from .. import model_entrypoint
 from .._errors import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
 from ..data.base import DataConfigError, MomeDataModule
+from ..layers.moe import MoE
+from ..layers.soft_moe import SoftMoE
 from ..lit.base import MomeTask, NonFiniteLossError, TaskConfigError
+from ..lit.expert_parallel import ExpertParallelDDPStrategy, ExpertParallelFSDPStrategy
 from . import _run_folder
 
 __all__ = [
@@ -223,6 +226,19 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     except InstantiationException as err:
         raise ConfigError(f"trainer: {err.__cause__ or err}") from err
+
+
+def check_expert_parallel(trainer: L.Trainer, task: MomeTask) -> None:
+    """An expert-parallel trainer (``trainer=ddp_ep|fsdp_ep``) shards the experts of the model's MoE layers;
+    a model without one (e.g. MoE-LLaVA's dense stages I and II) is refused in one line before any process
+    starts."""
+    if not isinstance(trainer.strategy, (ExpertParallelDDPStrategy, ExpertParallelFSDPStrategy)):
+        return
+    if not any(isinstance(module, (MoE, SoftMoE)) for module in task.model.modules()):
+        raise ConfigError(
+            f"trainer: {type(trainer.strategy).__name__} shards the experts of MoE layers, and "
+            f"{type(task.model).__name__} has none (moe_layers): use trainer=ddp_spawn or trainer=ddp"
+        )
 
 
 def _remove_unfinished_output(prog: str) -> None:

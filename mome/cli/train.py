@@ -43,6 +43,7 @@ from ._common import (
     build_datamodule,
     build_task,
     build_trainer,
+    check_expert_parallel,
     check_missing,
     check_splits,
     run_cli,
@@ -132,6 +133,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         no_val = check_splits(cfg, datamodule)
         task.check_datamodule(datamodule)
         trainer = build_trainer(cfg)
+        check_expert_parallel(trainer, task)
         if no_val:  # Lightning would ask the data module for the missing loader: validation is off instead
             print(f"mome-train: no validation ({no_val})")
             trainer.limit_val_batches = 0  # after the Trainer is built: trainer.fast_dev_run sets it too
