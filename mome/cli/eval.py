@@ -172,10 +172,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "split": split,
         "config_hash": hashlib.sha256(resolved.encode()).hexdigest()[:12],
     }
-    if cfg.get("cost", True):
-        from .._flops import example_input, model_cost
-
-        task.record_fields["cost"] = model_cost(model, example_input(model))  # one sample, dropless, eval mode
+    task.measure_cost = bool(cfg.get("cost", True))  # in the test processes: a spawned one gets a model not yet run
     trainer.test(task, dataloaders=loaders, verbose=False)
     objects = {"cfg": cfg, "task": task, "datamodule": datamodule, "trainer": trainer, "output_dir": output_dir}
     if not trainer.is_global_zero:  # rank 0 writes the results

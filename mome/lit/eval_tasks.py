@@ -190,6 +190,7 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         self.num_samples = 0
         self.output_dir: Path | None = None
         self.record_fields: dict[str, Any] = {}
+        self.measure_cost = False  # record one sample's parameters and FLOPs (mome._flops) as ``cost``
         self.written: dict[str, Path] = {}
         self._tokenizer = None
         self._recorder: RoutingRecorder | None = None
@@ -307,6 +308,11 @@ class EvaluationTask(L.LightningModule, abc.ABC):
 
     # -- Lightning hooks ------------------------------------------------------------------------------
     def on_test_start(self) -> None:
+        if self.measure_cost:  # here, not before trainer.test: a transformers model that has run a forward
+            # carries its output-capturing hooks (local functions), which ddp_spawn cannot pickle
+            from .._flops import example_input, model_cost
+
+            self.record_fields["cost"] = model_cost(self.model, example_input(self.model))  # one sample, dropless
         self._start = time.perf_counter()
         self.eval_capacity.enter(self.model)
         self._recorder = RoutingRecorder(num_classes=len(self.classnames)).attach(self.model)
