@@ -158,6 +158,10 @@ def test_unknown_eval_task(tmp_path, capsys):
     _fails_early(tmp_path, capsys, ["model.model_name=limoe_tiny_patch8_e4", "eval_task=zero_shott"], "zero_shott")
 
 
+def test_a_seed_that_is_not_a_whole_number_is_named(tmp_path, capsys):
+    _fails_early(tmp_path, capsys, ["model.model_name=limoe_tiny_patch8_e4", "seed=abc"], "seed must be a whole number")
+
+
 def test_no_model_and_no_checkpoint(tmp_path, capsys):
     _fails_early(tmp_path, capsys, [], "ckpt_path")
 

@@ -75,6 +75,11 @@ def test_expert_parallel_on_a_model_without_moe_layers_fails_before_training(tmp
     _fails_early(tmp_path, capsys, [*overrides, *small_shapes(tmp_path / "shapes")], "has none (moe_layers)")
 
 
+@pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
+def test_a_seed_that_is_not_a_whole_number_is_named(tmp_path, capsys, seed):
+    _fails_early(tmp_path, capsys, [f"seed={seed}"], "seed must be a whole number (or null), got")
+
+
 def test_unknown_model_fails_before_training(tmp_path, capsys):
     _fails_early(tmp_path, capsys, ["model.model_name=limoe_tinyy"], "limoe_tinyy")
 

@@ -89,6 +89,17 @@ def _choice(group: str) -> str:
     return f"{group}={choice}" if choice else group
 
 
+def seed_everything(cfg: DictConfig) -> None:
+    """Seed Python, NumPy and torch (and the data workers) with ``cfg.seed`` through Lightning; ``seed=null`` leaves
+    them unseeded. A seed that is not a whole number fails in one line naming ``seed``."""
+    seed = cfg.get("seed")
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be a whole number (or null), got {seed!r}")
+    L.seed_everything(seed, workers=True)
+
+
 def check_missing(cfg: DictConfig) -> None:
     """Fail before anything is built when the config leaves a value the user must give (``???``).
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
@@ -42,7 +41,16 @@ from .._registry import split_model_name_tag
 from .._resources import conf_dir
 from ..lit import EvaluationTask
 from ..lit.base import build_model, model_from_checkpoint, read_lightning_checkpoint
-from ._common import ConfigError, build_datamodule, build_trainer, check_moe, plain_container, run_cli, setup_phase
+from ._common import (
+    ConfigError,
+    build_datamodule,
+    build_trainer,
+    check_moe,
+    plain_container,
+    run_cli,
+    seed_everything,
+    setup_phase,
+)
 from ._help import check_plugins
 
 __all__ = ["evaluate", "load_model", "main"]
@@ -146,8 +154,7 @@ def _dataset_name(cfg: DictConfig, datamodule: Any) -> str:
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one evaluation from a composed config; returns ``(results record, objects)``."""
     with setup_phase():
-        if cfg.get("seed") is not None:
-            L.seed_everything(cfg.seed, workers=True)
+        seed_everything(cfg)
         model, model_name, pretrained = load_model(cfg)
         task = build_eval_task(cfg, model, model_name)
         data_class = _data_class(cfg)

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from omegaconf import DictConfig
@@ -47,6 +46,7 @@ from ._common import (
     check_missing,
     check_splits,
     run_cli,
+    seed_everything,
     setup_phase,
 )
 from ._help import check_plugins
@@ -122,8 +122,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Run one training job from a composed config; returns ``(metrics, objects)``."""
     with setup_phase():
         check_missing(cfg)
-        if cfg.get("seed") is not None:
-            L.seed_everything(cfg.seed, workers=True)
+        seed_everything(cfg)
         ckpt_path = _resolve_ckpt_path(cfg)
         export, push_repo, private = _export_options(cfg)
         task = build_task(cfg)
