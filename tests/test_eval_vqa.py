@@ -139,9 +139,12 @@ def test_image_tasks_refuse_conversations(tmp_path, capsys, shapes, task):
 
 @pytest.mark.slow
 def test_ddp_answers_every_question_once(tmp_path, shapes):
-    """2 processes on 7 questions: the padded sampler repeats one; predictions equal the single-process run."""
+    """2 processes on 7 questions: the padded sampler repeats one; predictions and the cost equal the single-process
+    run."""
     common = ["max_samples=7", "data.eval_batch_size=2", "eval_task.max_new_tokens=2"]
     single, single_predictions, _ = _vqa(tmp_path / "single", shapes, *common)
     ddp, ddp_predictions, _ = _vqa(tmp_path / "ddp", shapes, *common, "trainer=ddp_spawn")
     assert ddp["n_samples"] == single["n_samples"] == 7
     assert ddp_predictions == single_predictions and ddp["metrics"] == single["metrics"]
+    # one sample's cost, measured in the spawned test processes (the model is pickled before any forward)
+    assert ddp["cost"] == single["cost"] and ddp["cost"]["flops"] > 0
