@@ -15,9 +15,14 @@ from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import ChecksumMismatchError as ChecksumMismatchError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import DownloadError as DownloadError
+from ._errors import InvalidArgumentError as InvalidArgumentError
+from ._errors import InvalidInputError as InvalidInputError
+from ._errors import MomeError as MomeError
+from ._errors import NonFiniteWeightsError as NonFiniteWeightsError
 from ._errors import PretrainedUnavailableError as PretrainedUnavailableError
 from ._errors import UnknownModelError as UnknownModelError
 from ._errors import UnsafeCheckpointError as UnsafeCheckpointError
+from ._errors import UnsupportedOptionError as UnsupportedOptionError
 from ._factory import create_model as create_model
 from ._factory import fetch_pretrained as fetch_pretrained
 from ._factory import get_tokenizer as get_tokenizer

@@ -17,7 +17,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import model_entrypoint
-from .._errors import CheckpointMismatchError, PretrainedUnavailableError, UnknownModelError
+from .._errors import CheckpointMismatchError, MomeError, PretrainedUnavailableError, UnknownModelError
 from ..data.base import DataConfigError, MomeDataModule
 from ..layers.moe import MoE
 from ..layers.soft_moe import SoftMoE
@@ -52,11 +52,11 @@ USER_ERRORS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(MomeError, ValueError):
     """A composed config that cannot run; the message names the config field."""
 
 
-class SetupError(RuntimeError):
+class SetupError(MomeError, RuntimeError):
     """Raised by :func:`setup_phase` for a configuration or input error found before training starts."""
 
 

@@ -26,6 +26,8 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .._errors import MomeError
+
 __all__ = [
     "BadSampleError",
     "DataConfigError",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class DataConfigError(ValueError):
+class DataConfigError(MomeError, ValueError):
     """A data module's configuration or files are unusable (missing path, empty split, bad record)."""
 
 

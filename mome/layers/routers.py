@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._errors import MomeError
 from .losses import noisy_top_k_selection_probs
 
 __all__ = [
@@ -382,7 +383,7 @@ class ModalityRouter(Router):
 
 
 # ----------------------------------------------------------------------------------- causal models
-class CausalRoutingError(ValueError):
+class CausalRoutingError(MomeError, ValueError):
     """A router that looks across the sequence was put into a causal (autoregressive) model."""
 
 

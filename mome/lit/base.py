@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checkpoint import load_state_exactly
-from .._errors import CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
+from .._errors import CheckpointMismatchError, CorruptCheckpointError, MomeError, UnsafeCheckpointError
 from .._factory import create_model
 from ..layers.moe import aux_losses, eval_capacity
 
@@ -52,11 +52,11 @@ __all__ = [
 ]
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(MomeError, ValueError):
     """A task's configuration cannot work (unknown optimiser/scheduler, a pattern that matches nothing)."""
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(MomeError, FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the terms."""
 
 

@@ -1,0 +1,94 @@
+"""Argument and input checks shared by every family and layer; each raises a typed :mod:`mome._errors` error
+that names the argument, what was expected and what came.
+
+The forward-boundary checks read only shapes, dtypes and (for ids) one ``min``/``max`` reduction, so their cost
+is a few microseconds per call (measured by ``tools/bench_checks.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import torch
+from torch import Tensor
+
+from ._errors import InvalidArgumentError, InvalidInputError
+
+__all__ = [
+    "check_choice",
+    "check_divisible",
+    "check_finite_positive",
+    "check_ids_in_range",
+    "check_image_batch",
+    "check_int",
+    "check_probability",
+]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, *, minimum: int = 1, owner: str | None = None, optional: bool = False) -> None:
+    """``value`` is a whole number ``>= minimum`` (``None`` too when ``optional``)."""
+    if optional and value is None:
+        return
+    if not _is_int(value) or value < minimum:
+        none = " (or None)" if optional else ""
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise InvalidArgumentError(name, expected + none, value, owner)
+
+
+def check_finite_positive(name: str, value: object, *, owner: str | None = None, optional: bool = False) -> None:
+    """``value`` is a finite real number ``> 0`` (``None`` too when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise InvalidArgumentError(name, "a finite number > 0" + (" (or None)" if optional else ""), value, owner)
+
+
+def check_probability(name: str, value: object, *, owner: str | None = None) -> None:
+    """``value`` is a real number in ``[0, 1)`` (a dropout rate)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+        raise InvalidArgumentError(name, "a number in [0, 1)", value, owner)
+
+
+def check_choice(name: str, value: object, choices: tuple, *, owner: str | None = None) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise InvalidArgumentError(name, "one of " + ", ".join(repr(c) for c in choices), value, owner)
+
+
+def check_divisible(name: str, value: object, divisor: int, divisor_name: str, *, owner: str | None = None) -> None:
+    """``value`` (an int or a pair of ints) is positive and divisible by ``divisor``."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not values or not all(_is_int(v) and v > 0 and v % divisor == 0 for v in values):
+        raise InvalidArgumentError(name, f"a positive multiple of {divisor_name}={divisor}", value, owner)
+
+
+def check_image_batch(
+    name: str, images: object, channels: int, size: tuple[int, int] | None, *, owner: str | None = None
+) -> None:
+    """``images`` is a floating ``[B, channels, H, W]`` tensor, of ``size=(H, W)`` when given."""
+    if not isinstance(images, Tensor):
+        raise InvalidInputError(name, f"a [B, {channels}, H, W] tensor", type(images).__name__, owner)
+    expected = f"a [B, {channels}, {size[0]}, {size[1]}] float tensor" if size else f"a [B, {channels}, H, W] tensor"
+    if images.dim() != 4:
+        raise InvalidInputError(name, expected, f"shape {tuple(images.shape)}", owner)
+    if images.shape[1] != channels or (size is not None and tuple(images.shape[-2:]) != tuple(size)):
+        raise InvalidInputError(name, expected, f"shape {tuple(images.shape)}", owner)
+    if not torch.is_floating_point(images):
+        raise InvalidInputError(name, "a floating-point tensor", images.dtype, owner)
+
+
+def check_ids_in_range(name: str, ids: object, limit: int, *, owner: str | None = None, what: str = "ids") -> None:
+    """``ids`` is an integer tensor whose values lie in ``[0, limit)`` (e.g. token ids within the vocabulary)."""
+    if not isinstance(ids, Tensor):
+        raise InvalidInputError(name, "an integer tensor", type(ids).__name__, owner)
+    if torch.is_floating_point(ids) or ids.dtype == torch.bool or torch.is_complex(ids):
+        raise InvalidInputError(name, "an integer tensor", ids.dtype, owner)
+    if ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= limit:
+            raise InvalidInputError(name, f"{what} in [0, {limit})", f"values in [{low}, {high}]", owner)
