@@ -22,6 +22,7 @@ from ._errors import NonFiniteWeightsError as NonFiniteWeightsError
 from ._errors import PretrainedUnavailableError as PretrainedUnavailableError
 from ._errors import UnknownModelError as UnknownModelError
 from ._errors import UnsafeCheckpointError as UnsafeCheckpointError
+from ._errors import UnsupportedModelError as UnsupportedModelError
 from ._errors import UnsupportedOptionError as UnsupportedOptionError
 from ._factory import create_model as create_model
 from ._factory import fetch_pretrained as fetch_pretrained

@@ -10,6 +10,7 @@ The hierarchy::
     |-- InvalidArgumentError      a constructor/function argument (names it, what was expected, what came)
     |   `-- UnsupportedOptionError  an option the family or layer does not use (rejected, never ignored)
     |-- InvalidInputError         a forward input: rank, channels, size, dtype, ids outside the vocabulary
+    |-- UnsupportedModelError     a model whose structure a function does not handle (e.g. upcycling a CNN)
     |-- UnknownModelError
     |-- CheckpointMismatchError   keys or shapes differ from the model's (strict, with a readable diff)
     |-- CorruptCheckpointError    bytes that cannot be read as the format they claim
@@ -30,6 +31,7 @@ __all__ = [
     "InvalidInputError",
     "MomeError",
     "NonFiniteWeightsError",
+    "UnsupportedModelError",
     "UnsupportedOptionError",
     "CheckpointFormatError",
     "CheckpointMismatchError",
@@ -76,6 +78,11 @@ class InvalidInputError(MomeError, ValueError):
         where = f"{owner}: " if owner else ""
         got_text = got if isinstance(got, str) else repr(got)
         super().__init__(f"{where}{argument} must be {expected}, got {got_text}")
+
+
+class UnsupportedModelError(MomeError, ValueError, TypeError):
+    """A model (module) whose structure a function does not handle; the message names its class and what is
+    handled (e.g. :func:`mome.upcycle` of a model that is not a timm ViT, an open_clip CLIP or a causal LM)."""
 
 
 class UnknownModelError(MomeError, ValueError):

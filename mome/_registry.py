@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from ._cards import read_cards
-from ._errors import UnknownModelError
+from ._errors import CardError, InvalidArgumentError, UnknownModelError
 from ._pretrained import PretrainedCfg
 from ._resources import zoo_dir
 
@@ -108,7 +108,7 @@ def _close_matches(name: str) -> str:
 def _as_cfg(cfg: PretrainedCfg | Mapping[str, Any], arch: str, tag: str) -> PretrainedCfg:
     cfg = cfg if isinstance(cfg, PretrainedCfg) else PretrainedCfg.from_dict(cfg)
     if cfg.architecture not in (None, arch):
-        raise ValueError(f"card {arch}.{tag} says architecture={cfg.architecture!r}")
+        raise CardError(None, "architecture", f"card {arch}.{tag} says architecture={cfg.architecture!r}")
     return cfg.replace(architecture=arch, tag=tag)
 
 
@@ -116,7 +116,7 @@ def _add_cfg(arch: str, tag: str, cfg: PretrainedCfg | Mapping[str, Any]) -> Pre
     is_default = tag.endswith("*")
     tag = tag.rstrip("*")
     if not tag:
-        raise ValueError(f"{arch}: pretrained tags must be non-empty")
+        raise InvalidArgumentError("tag", "a non-empty pretrained tag", tag, arch)
     stored = _as_cfg(cfg, arch, tag)  # validate first: a refused card leaves the registry as it was
     tags = _tags.setdefault(arch, [])
     if tag in tags:
@@ -145,7 +145,7 @@ def register_model(
     arch = fn.__name__
     cfgs = dict(pretrained_cfgs or {})
     if sum(tag.endswith("*") for tag in cfgs) > 1:
-        raise ValueError(f"{arch}: more than one default tag (ending in '*') in {list(cfgs)}")
+        raise InvalidArgumentError("pretrained_cfgs", "at most one default tag (ending in '*')", list(cfgs), arch)
     if arch in _entrypoints:
         warnings.warn(f"overwriting the registered model {arch} with {fn.__module__}.{arch}", UserWarning, stacklevel=2)
         for tag in _tags.pop(arch, []):
@@ -165,7 +165,7 @@ def register_pretrained_cfg(model_name: str, cfg: PretrainedCfg | Mapping[str, A
     """
     arch, tag = split_model_name_tag(model_name)
     if not tag:
-        raise ValueError(f"{model_name!r}: name the card 'arch.tag'")
+        raise InvalidArgumentError("model_name", "a card name 'arch.tag'", model_name)
     if not is_model(arch):
         raise UnknownModelError(f"cannot add card {model_name}: unknown model {arch!r}{_close_matches(arch)}")
     return _add_cfg(arch, tag, cfg)

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ._errors import InvalidArgumentError
 from ._factory import create_model
 from ._pretrained import CFG_FIELDS
 from ._registry import list_models, model_module
@@ -41,7 +42,7 @@ def _cfg_dict(pretrained_cfg: Any) -> dict[str, Any]:
         return dict(pretrained_cfg)
     if dataclasses.is_dataclass(pretrained_cfg):
         return dataclasses.asdict(pretrained_cfg)
-    raise TypeError(f"pretrained_cfg must be a tag, a mapping or a PretrainedCfg, not {type(pretrained_cfg).__name__}")
+    raise InvalidArgumentError("pretrained_cfg", "a tag, a mapping or a PretrainedCfg", type(pretrained_cfg).__name__)
 
 
 def timm_entrypoint(arch: str) -> Callable[..., nn.Module]:

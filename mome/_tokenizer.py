@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._errors import PretrainedUnavailableError
+from ._errors import InvalidArgumentError, PretrainedUnavailableError
 
 __all__ = [
     "MOE_LLAVA_TINY_SPECIAL_TOKENS",
@@ -182,7 +182,7 @@ _BUILT_IN_TOKENIZERS: dict[str, Callable[[], Any]] = {
 def _mome_tokenizer(name: str, context_length: int | None, cache_dir: str | Path | None) -> Tokenizer:
     if name not in _BUILT_IN_TOKENIZERS:
         known = sorted(_BUILT_IN_TOKENIZERS)
-        raise ValueError(f"unknown built-in tokenizer mome:{name}; the built-in ones are {known}")
+        raise InvalidArgumentError("tokenizer", f"one of the built-in {[f'mome:{k}' for k in known]}", f"mome:{name}")
     return HFTokenizer(_BUILT_IN_TOKENIZERS[name](), context_length)
 
 
@@ -201,7 +201,7 @@ def create_tokenizer(spec: str, context_length: int | None = None, cache_dir: st
     if not sep:
         kind, name = "hf-hub", spec
     if kind not in TOKENIZER_FACTORIES:
-        raise ValueError(f"unknown tokenizer kind {kind!r} in {spec!r}; the kinds are {sorted(TOKENIZER_FACTORIES)}")
+        raise InvalidArgumentError("tokenizer", f"'<kind>:<name>' with a kind of {sorted(TOKENIZER_FACTORIES)}", spec)
     if not name:
-        raise ValueError(f"tokenizer {spec!r} names nothing after '{kind}:'")
+        raise InvalidArgumentError("tokenizer", f"a name after '{kind}:'", spec)
     return TOKENIZER_FACTORIES[kind](name, context_length, cache_dir)

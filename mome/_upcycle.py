@@ -45,6 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._errors import InvalidArgumentError, UnsupportedModelError, UnsupportedOptionError
 from ._pretrained import PretrainedCfg
 from ._registry import register_model
 from .layers import MoE, Router, TopKRouter, check_causal_safe
@@ -102,9 +103,11 @@ def upcycle(
     from timm.models.vision_transformer import VisionTransformer
 
     if moe_type not in ("sparse", "soft"):
-        raise ValueError(f"moe_type must be 'sparse' or 'soft', got {moe_type!r}")
+        raise InvalidArgumentError("moe_type", "'sparse' or 'soft'", moe_type, "upcycle")
     if isinstance(dense, MoEVisionTransformer) or any(isinstance(m, MoE) for m in dense.modules()):
-        raise ValueError("this model already has MoE layers; upcycle a dense model")
+        raise InvalidArgumentError(
+            "dense", "a dense model (no MoE layers)", f"a {type(dense).__name__} that already has MoE layers", "upcycle"
+        )
     moe = dict(moe_kwargs)
     if isinstance(dense, VisionTransformer):
         args = _moe_args(
@@ -132,13 +135,16 @@ def upcycle(
         return _upcycle_open_clip(dense, args)
     if hasattr(dense, "config") and hasattr(dense.config, "num_hidden_layers"):
         if moe_type != "sparse":
-            raise ValueError(
-                "language models are upcycled with moe_type='sparse' (Soft MoE mixes tokens of a sequence)"
+            raise UnsupportedOptionError(
+                "moe_type",
+                "upcycle",
+                "language models are upcycled with 'sparse' (Soft MoE mixes a sequence)",
+                moe_type,
             )
         return _upcycle_causal_lm(
             dense, num_experts, top_k, "every_2_from_0" if moe_layers is None else moe_layers, router, renormalize, moe
         )
-    raise TypeError(
+    raise UnsupportedModelError(
         f"cannot upcycle a {type(dense).__name__}: expected a timm VisionTransformer (or timm name), "
         "an open_clip CLIP or a transformers causal LM"
     )
@@ -157,15 +163,22 @@ def _moe_args(
 ) -> dict[str, Any]:
     """The MoE arguments of the vision/CLIP entrypoints, as they are recorded (``moe_kwargs`` JSON)."""
     if callable(router):
-        raise ValueError("vision models and CLIPs take a router name (e.g. 'top_k'), not a callable")
+        raise InvalidArgumentError(
+            "router", "a router name (e.g. 'top_k') for vision models and CLIPs", router, "upcycle"
+        )
     slots = options.pop("slots_per_expert", 1)
     group_size_images = options.pop("group_size_images", None)
     if group_size_images is not None and not vision:
-        raise ValueError("group_size_images applies to timm ViTs only")
+        raise UnsupportedOptionError("group_size_images", "upcycle", "it applies to timm ViTs only", group_size_images)
     if moe_type == "sparse":
         options.setdefault("renormalize", renormalize)
     elif options:
-        raise ValueError(f"{sorted(options)} configure sparse layers; a Soft MoE takes only slots_per_expert")
+        raise UnsupportedOptionError(
+            ", ".join(sorted(options)),
+            "upcycle",
+            "these configure sparse layers; a Soft MoE takes only slots_per_expert",
+            moe_type,
+        )
     args = dict(
         num_experts=num_experts,
         top_k=top_k,
@@ -197,7 +210,9 @@ def _check_same_structure(model: nn.Module, dense: nn.Module, skip: Sequence[str
         diff = [f"{a} vs dense {b}" for a, b in zip(ours, theirs) if a != b][:5]
         if not diff:
             diff = [f"{len(ours)} modules vs dense {len(theirs)}"]
-        raise ValueError(f"cannot rebuild this {type(dense).__name__} as {how} exactly; first differences: {diff}")
+        raise UnsupportedModelError(
+            f"cannot rebuild this {type(dense).__name__} as {how} exactly; first differences: {diff}"
+        )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -219,7 +234,7 @@ def _with_dtype(model: nn.Module, dtype: str | None) -> nn.Module:
         return model
     resolved = getattr(torch, dtype, None)
     if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype name (e.g. 'bfloat16')")
+        raise InvalidArgumentError("dtype", "a torch dtype name (e.g. 'bfloat16')", dtype)
     return model.to(resolved)
 
 
@@ -231,7 +246,9 @@ def layer_spec(module: nn.Module, **kwargs: Any) -> dict[str, Any]:
     for prefix, namespace in _LAYER_NAMESPACES.items():
         if getattr(importlib.import_module(namespace), cls.__name__, None) is cls:
             return {"type": f"{prefix}.{cls.__name__}", **kwargs}
-    raise ValueError(f"cannot record the layer type {cls.__module__}.{cls.__qualname__} (torch.nn or timm.layers)")
+    raise UnsupportedModelError(
+        f"cannot record the layer type {cls.__module__}.{cls.__qualname__} (torch.nn or timm.layers)"
+    )
 
 
 def layer_from_spec(spec: str | Mapping[str, Any] | None) -> Any:
@@ -246,7 +263,7 @@ def layer_from_spec(spec: str | Mapping[str, Any] | None) -> Any:
         getattr(importlib.import_module(_LAYER_NAMESPACES[prefix]), name, None) if prefix in _LAYER_NAMESPACES else None
     )
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"layer spec {dict(spec)!r}: 'type' must name a torch.nn or timm.layers module class")
+        raise InvalidArgumentError("layer spec 'type'", "a torch.nn or timm.layers module class", dict(spec))
     return functools.partial(cls, **options) if options else cls
 
 
@@ -379,9 +396,11 @@ def _open_clip_cfg(clip: nn.Module) -> dict[str, Any]:
     """The open_clip model config (``CLIP(**cfg)``) that rebuilds ``clip``'s structure (checked afterwards)."""
     visual = clip.visual
     if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
-        raise TypeError(f"only open_clip CLIPs with a ViT image tower can be upcycled, not {type(visual).__name__}")
+        raise UnsupportedModelError(
+            f"only open_clip CLIPs with a ViT image tower can be upcycled, not {type(visual).__name__}"
+        )
     if not hasattr(clip, "transformer"):
-        raise TypeError(
+        raise UnsupportedModelError(
             f"only open_clip CLIPs with a transformer text tower can be upcycled, not {type(clip).__name__}"
         )
     vision = _tower_cfg(visual.transformer)
@@ -429,7 +448,9 @@ def _clip_ffn_as_mlp(ffn: nn.Module) -> nn.Module:
 
     names = [name for name, _ in ffn.named_children()]
     if names != ["c_fc", "gelu", "c_proj"]:
-        raise ValueError(f"cannot upcycle an open_clip MLP with children {names} (expected c_fc, gelu, c_proj)")
+        raise UnsupportedModelError(
+            f"cannot upcycle an open_clip MLP with children {names} (expected c_fc, gelu, c_proj)"
+        )
     with torch.device("meta"):
         mlp = Mlp(ffn.c_fc.in_features, ffn.c_fc.out_features)
     mlp.fc1, mlp.act, mlp.fc2 = ffn.c_fc, ffn.gelu, ffn.c_proj
@@ -514,7 +535,9 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     layers = getattr(decoder, "layers", None)
     if layers is None:
-        raise TypeError(f"{type(model).__name__}: no decoder `layers` found (Llama/Mistral/Qwen2/Phi layout expected)")
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no decoder `layers` found (Llama/Mistral/Qwen2/Phi layout expected)"
+        )
     return layers
 
 
@@ -522,8 +545,8 @@ def _build_router(router: RouterSpec, dim: int, num_experts: int, top_k: int, re
     if callable(router):
         return router(dim, num_experts)
     if router not in ("top_k", "noisy_top_k"):
-        raise ValueError(
-            f"router must be 'top_k', 'noisy_top_k' or a callable (dim, num_experts) -> Router, not {router!r}"
+        raise InvalidArgumentError(
+            "router", "'top_k', 'noisy_top_k' or a callable (dim, num_experts) -> Router", router
         )
     noise_std = 1.0 if router == "noisy_top_k" else 0.0
     return TopKRouter(dim, num_experts, top_k, renormalize=renormalize, noise_std=noise_std)
@@ -591,7 +614,9 @@ def upcycled_causal_lm(
     options = dict(config or _CAUSAL_LM_DEFAULT)
     model_type = options.pop("model_type", None)
     if not model_type:
-        raise ValueError("upcycled_causal_lm: config needs its 'model_type' (e.g. 'llama')")
+        raise InvalidArgumentError(
+            "config['model_type']", "a transformers model type (e.g. 'llama')", model_type, "upcycled_causal_lm"
+        )
     hf_config = AutoConfig.for_model(model_type, **options)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_config(hf_config, **extra)

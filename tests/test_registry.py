@@ -146,7 +146,7 @@ def test_first_tag_is_default_without_star_and_register_pretrained_cfg():
     assert mome.get_pretrained_cfg("_test_tags_registry.a").notes == "replaced"
     with pytest.raises(mome.UnknownModelError, match="_test_tags_registry"):
         mome.register_pretrained_cfg("_test_tags_registr.d", {})
-    with pytest.raises(ValueError, match="more than one default"):
+    with pytest.raises(mome.InvalidArgumentError, match="at most one default tag"):
         mome.register_model(_plain, pretrained_cfgs={"a*": {}, "b*": {}})
     with pytest.raises(ValueError, match="architecture"):
         mome.register_pretrained_cfg("_test_tags_registry.e", {"architecture": "other"})

@@ -262,6 +262,56 @@ def test_unknown_key_on_the_real_command_line_creates_no_run_folder(tmp_path):
     assert _files(tmp_path) == []
 
 
+# ------------------------------------------------------------------------------------------------ library calls
+
+CALLS = json.loads((CORPUS / "calls.json").read_text())
+
+
+def _call_id(case: dict) -> str:
+    target = case.get("model") or case["layer"]
+    what = case.get("method") or ",".join(f"{k}={v}" for k, v in case["kwargs"].items())
+    shapes = ",".join(f"{k}{spec['shape']}" for k, spec in case.get("inputs", {}).items())
+    return f"{target}:{what}" + (f"({shapes})" if shapes else "")
+
+
+def _tensor(spec: dict) -> torch.Tensor:
+    dtype = getattr(torch, spec["dtype"])
+    if "value" in spec:
+        return torch.full(spec["shape"], spec["value"], dtype=dtype)
+    return torch.randn(spec["shape"], generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _run_call(case: dict):
+    if "model" in case:
+        target = mome.create_model(case["model"], **(case.get("kwargs") or {}))
+    else:
+        import mome.layers
+
+        target = getattr(mome.layers, case["layer"])(**case["kwargs"])
+    if "method" not in case:
+        return target
+    target.eval()
+    inputs = {name: _tensor(spec) for name, spec in case["inputs"].items()}
+    with torch.no_grad():
+        return getattr(target, case["method"])(**inputs)
+
+
+@pytest.mark.parametrize("case", CALLS, ids=[_call_id(c) for c in CALLS])
+def test_bad_call_is_a_typed_one_line_error(case):
+    """A constructor argument or forward input out of range is the named ``mome`` error (a ``MomeError``), on one
+    line naming the argument; an empty batch is not an error: its output is finite and of the right shape."""
+    if not case["error"]:
+        out = _run_call(case)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        assert list(out.shape) == case["shape"] and torch.isfinite(out).all()
+        return
+    with pytest.raises(mome.MomeError) as info:
+        _run_call(case)
+    assert type(info.value).__name__ == case["error"], repr(info.value)
+    message = str(info.value)
+    assert "\n" not in message and case["match"] in message, message
+
+
 # ------------------------------------------------------------------------------------------------ data modules
 
 

@@ -10,6 +10,7 @@ Layout (``manifest.json`` lists every entry with the error a user should get and
                    create a marker file; checkpoints of another architecture, of wrong shapes and dtypes
     cards/         zoo cards with missing, mistyped or out-of-range fields, unknown fields, bad YAML
     overrides.json mome-train Hydra overrides with wrong types, unknown keys and impossible values
+    calls.json     library calls: model and layer constructors with bad arguments, forwards with bad inputs
     images/        an ImageFolder tree (PPM images) with files that are not images
     captions/      open_clip-style TSV files: an empty and a huge caption, a non-image, a missing column
     conversations/ LLaVA JSON with missing turns, wrong roles, missing images, invalid JSON
@@ -249,9 +250,306 @@ OVERRIDES: list[dict[str, Any]] = [
         "stage": "end",
         "match": "never_logged",
     },
+    # numbers of the wrong type or out of range, given as a new user types them
+    {"overrides": ["trainer.max_epochs=abc"], "stage": "run", "match": "trainer.max_epochs"},
+    {"overrides": ["trainer.max_steps=-5"], "stage": "run", "match": "trainer.max_steps"},
+    {"overrides": ["data.num_workers=-1"], "stage": "run", "match": "data.num_workers"},
+    {"overrides": ["data.batch_size=-1"], "stage": "run", "match": "batch_size"},
+    {"overrides": ["task.optimizer.lr=nan"], "stage": "run", "match": "lr"},
+    {"overrides": ["task.optimizer.lr=inf"], "stage": "run", "match": "lr"},
+    {"overrides": ["task.optimizer.lr=-1"], "stage": "run", "match": "lr"},
+    {"overrides": ["seed=abc"], "stage": "run", "match": "seed"},
+    {"overrides": ["seed=1.5"], "stage": "run", "match": "seed"},
+    {"overrides": ["model.num_experts=-2"], "stage": "run", "match": "num_experts"},
+    {"overrides": ["+model.img_size=30"], "stage": "run", "match": "img_size"},
+    {"overrides": ["experiment=vmoe_digits", "+model.capacity_factor=inf"], "stage": "run", "match": "capacity_factor"},
+    {"overrides": ["experiment=softmoe_digits", "+model.top_k=3"], "stage": "run", "match": "top_k"},
     {"overrides": ["data.no_such_key=1"], "stage": "compose", "match": "no_such_key"},
     {"overrides": ["trainer.max_epochs=[1"], "stage": "compose", "match": "[1"},
     {"overrides": ["experiment=no_such_experiment"], "stage": "compose", "match": "no_such_experiment"},
+]
+
+
+#: Library calls with bad arguments or inputs: ``construct`` builds ``model`` (a registry name, through
+#: ``create_model``) or ``layer`` (a class of ``mome.layers``) with ``kwargs``; ``forward`` then calls ``method``
+#: with ``inputs`` (each a tensor of ``shape`` and ``dtype``, filled with ``value``, or random normal when absent).
+#: ``error`` is the ``mome`` error class expected, and ``match`` a text its message names; an empty ``error``
+#: means the call must succeed with a finite output of ``shape`` (an empty batch is an input, not an error).
+_IMAGE = {"shape": [2, 3, 32, 32], "dtype": "float32"}
+_OOV = {"shape": [2, 8], "dtype": "int64", "value": 1_000_000}  # beyond every vocabulary of the zoo
+CALLS: list[dict[str, Any]] = [
+    # model constructors: geometry, sizes, capacity, options the family does not use
+    {"model": "vmoe_tiny_patch8_e4", "kwargs": {"img_size": 30}, "error": "InvalidArgumentError", "match": "img_size"},
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "kwargs": {"num_classes": -1},
+        "error": "InvalidArgumentError",
+        "match": "num_classes",
+    },
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "kwargs": {"num_experts": 0},
+        "error": "InvalidArgumentError",
+        "match": "num_experts",
+    },
+    {"model": "vmoe_tiny_patch8_e4", "kwargs": {"top_k": 5}, "error": "InvalidArgumentError", "match": "top_k"},
+    {"model": "vmoe_tiny_patch8_e4", "kwargs": {"depth": 0}, "error": "InvalidArgumentError", "match": "depth"},
+    {"model": "vmoe_tiny_patch8_e4", "kwargs": {"num_heads": 5}, "error": "InvalidArgumentError", "match": "num_heads"},
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "kwargs": {"capacity_factor": float("inf")},
+        "error": "InvalidArgumentError",
+        "match": "capacity_factor",
+    },
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "kwargs": {"capacity_factor": float("nan")},
+        "error": "InvalidArgumentError",
+        "match": "capacity_factor",
+    },
+    {
+        "model": "soft_moe_vit_tiny_patch8_e8",
+        "kwargs": {"top_k": 3},
+        "error": "UnsupportedOptionError",
+        "match": "top_k",
+    },
+    {
+        "model": "soft_moe_vit_tiny_patch8_e8",
+        "kwargs": {"img_size": 36},
+        "error": "InvalidArgumentError",
+        "match": "img_size",
+    },
+    {
+        "model": "soft_moe_vit_tiny_patch8_e8",
+        "kwargs": {"num_experts": -8},
+        "error": "InvalidArgumentError",
+        "match": "num_experts",
+    },
+    {"model": "limoe_tiny_patch8_e4", "kwargs": {"img_size": 30}, "error": "InvalidArgumentError", "match": "img_size"},
+    {
+        "model": "limoe_tiny_patch8_e4",
+        "kwargs": {"num_experts": 0},
+        "error": "InvalidArgumentError",
+        "match": "num_experts",
+    },
+    {
+        "model": "limoe_tiny_patch8_e4",
+        "kwargs": {"context_length": 0},
+        "error": "InvalidArgumentError",
+        "match": "context_length",
+    },
+    {"model": "vlmo_tiny_patch8_32", "kwargs": {"img_size": 30}, "error": "InvalidArgumentError", "match": "img_size"},
+    {"model": "vlmo_tiny_patch8_32", "kwargs": {"depth": -1}, "error": "InvalidArgumentError", "match": "depth"},
+    {
+        "model": "moe_llava_tiny_e4",
+        "kwargs": {"num_experts": 0},
+        "error": "InvalidArgumentError",
+        "match": "num_experts",
+    },
+    {"model": "moe_llava_tiny_e4", "kwargs": {"top_k": 9}, "error": "InvalidArgumentError", "match": "top_k"},
+    # model forward inputs: rank, channels, size, dtype, token ids beyond the vocabulary
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "method": "forward",
+        "inputs": {"x": {"shape": [3, 32, 32], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "method": "forward",
+        "inputs": {"x": {"shape": [2, 1, 32, 32], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "method": "forward",
+        "inputs": {"x": {"shape": [2, 3, 40, 40], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "method": "forward",
+        "inputs": {"x": {"shape": [2, 3, 32, 32], "dtype": "int64", "value": 1}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "model": "soft_moe_vit_tiny_patch8_e8",
+        "method": "forward",
+        "inputs": {"x": {"shape": [0, 3, 32, 32], "dtype": "float32"}},
+        "error": "",
+        "shape": [0, 10],
+    },
+    {
+        "model": "soft_moe_vit_tiny_patch8_e8",
+        "method": "forward",
+        "inputs": {"x": {"shape": [3, 32, 32], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "model": "limoe_tiny_patch8_e4",
+        "method": "encode_image",
+        "inputs": {"image": {"shape": [3, 32, 32], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "image",
+    },
+    {
+        "model": "limoe_tiny_patch8_e4",
+        "method": "encode_text",
+        "inputs": {"text": _OOV},
+        "error": "InvalidInputError",
+        "match": "text",
+    },
+    {
+        "model": "vlmo_tiny_patch8_32",
+        "method": "encode_image",
+        "inputs": {"image": {"shape": [2, 3, 64, 64], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "image",
+    },
+    {
+        "model": "vlmo_tiny_patch8_32",
+        "method": "encode_text",
+        "inputs": {"text": _OOV},
+        "error": "InvalidInputError",
+        "match": "text",
+    },
+    {
+        "model": "moe_llava_tiny_e4",
+        "method": "forward",
+        "inputs": {"input_ids": _OOV},
+        "error": "InvalidInputError",
+        "match": "input_ids",
+    },
+    {
+        "model": "moe_llava_tiny_e4",
+        "method": "forward",
+        "inputs": {
+            "input_ids": {"shape": [2, 8], "dtype": "int64", "value": 1},
+            "pixel_values": {"shape": [3, 32, 32], "dtype": "float32"},
+        },
+        "error": "InvalidInputError",
+        "match": "pixel_values",
+    },
+    # layers: sizes, capacity, noise, and inputs
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 0},
+        "error": "InvalidArgumentError",
+        "match": "num_experts",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "top_k": 0},
+        "error": "InvalidArgumentError",
+        "match": "top_k",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "top_k": True},
+        "error": "InvalidArgumentError",
+        "match": "top_k",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "capacity_factor": float("inf")},
+        "error": "InvalidArgumentError",
+        "match": "capacity_factor",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "capacity_factor": float("nan")},
+        "error": "InvalidArgumentError",
+        "match": "capacity_factor",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "noise_std": -1.0},
+        "error": "InvalidArgumentError",
+        "match": "noise_std",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 0, "hidden_dim": 16, "num_experts": 4},
+        "error": "InvalidArgumentError",
+        "match": "dim",
+    },
+    {
+        "layer": "SoftMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "slots_per_expert": 0},
+        "error": "InvalidArgumentError",
+        "match": "slots_per_expert",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4},
+        "method": "forward",
+        "inputs": {"x": {"shape": [2, 5, 7], "dtype": "float32"}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4},
+        "method": "forward",
+        "inputs": {"x": {"shape": [2, 5, 8], "dtype": "int64", "value": 1}},
+        "error": "InvalidInputError",
+        "match": "x",
+    },
+    {
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4},
+        "method": "forward",
+        "inputs": {
+            "x": {"shape": [2, 5, 8], "dtype": "float32"},
+            "modality_ids": {"shape": [2, 5], "dtype": "int64", "value": 5},
+        },
+        "error": "InvalidInputError",
+        "match": "modality_ids",
+    },
+    {
+        "layer": "SoftMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4},
+        "method": "forward",
+        "inputs": {"x": {"shape": [0, 5, 8], "dtype": "float32"}},
+        "error": "",
+        "shape": [0, 5, 8],
+    },
+    {
+        "layer": "SoftMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4},
+        "method": "forward",
+        "inputs": {"x": {"shape": [2, 0, 8], "dtype": "float32"}},
+        "error": "",
+        "shape": [2, 0, 8],
+    },
+    {
+        "layer": "MultiwayFFN",
+        "kwargs": {"dim": 8, "hidden_dim": 16},
+        "method": "forward",
+        "inputs": {
+            "x": {"shape": [2, 5, 8], "dtype": "float32"},
+            "modality_ids": {"shape": [2, 5], "dtype": "int64", "value": 5},
+        },
+        "error": "InvalidInputError",
+        "match": "modality_ids",
+    },
+    {
+        "layer": "ExpertChoiceRouter",
+        "kwargs": {"dim": 8, "num_experts": 4, "capacity_factor": 0.0},
+        "error": "InvalidArgumentError",
+        "match": "capacity_factor",
+    },
+    {
+        "layer": "HashRouter",
+        "kwargs": {"num_experts": 4, "num_buckets": 0},
+        "error": "InvalidArgumentError",
+        "match": "num_buckets",
+    },
 ]
 
 
@@ -358,6 +656,7 @@ def make_corpus(out: str | Path) -> list[dict[str, Any]]:
     _captions(out, entries)
     _conversations(out, entries)
     (out / "overrides.json").write_text(json.dumps(OVERRIDES, indent=1) + "\n")
+    (out / "calls.json").write_text(json.dumps(CALLS, indent=1) + "\n")  # inf and nan as JSON's Infinity/NaN
     manifest = {"arch": ARCH, "marker": MARKER, "entries": entries}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return entries
