@@ -262,6 +262,26 @@ def test_unknown_key_on_the_real_command_line_creates_no_run_folder(tmp_path):
     assert _files(tmp_path) == []
 
 
+# ------------------------------------------------------------------------------------------------ the error classes
+
+
+def test_every_error_mome_raises_on_bad_input_is_a_mome_error():
+    """One ``except mome.MomeError`` catches every error class of the library (exported from ``mome`` and those of
+    the command lines, data modules, tasks and routers), and each keeps its builtin base for older callers."""
+    from mome.cli._common import ConfigError, SetupError
+    from mome.data.conversation import ConversationFormatError
+    from mome.layers.routers import CausalRoutingError
+    from mome.lit.base import NonFiniteLossError, TaskConfigError
+
+    exported = [getattr(mome, name) for name in dir(mome) if name.endswith("Error")]
+    others = [ConfigError, SetupError, DataConfigError, BadSampleError, ConversationFormatError, TaskConfigError]
+    others += [NonFiniteLossError, CausalRoutingError]
+    assert len(exported) >= 15
+    for cls in exported + others:
+        assert issubclass(cls, mome.MomeError), cls
+        assert cls is mome.MomeError or issubclass(cls, (ValueError, RuntimeError, FloatingPointError)), cls
+
+
 # ------------------------------------------------------------------------------------------------ library calls
 
 CALLS = json.loads((CORPUS / "calls.json").read_text())
