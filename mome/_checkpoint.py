@@ -1,14 +1,18 @@
 """Reading checkpoint files safely and loading them exactly (timm's ``_helpers``: ``load_checkpoint``).
 
-Exactness: :func:`check_state_fits` compares keys, shapes and dtypes *before* anything is loaded, so a
-failed load leaves the model untouched and names every mismatching key. Safety: torch files go through
-``torch.load(weights_only=True)`` only, so a pickle that would run code is refused (nothing in it runs).
+Exactness: :func:`check_state_fits` compares keys, shapes and dtypes, and :func:`check_finite_state` the values
+(no NaN or Inf), *before* anything is loaded, so a failed load leaves the model untouched and names every
+mismatching key. Safety: torch files go through ``torch.load(weights_only=True)`` only (:func:`read_torch_file`),
+so a pickle that would run code is refused (nothing in it runs); bytes that are no pickle at all are a
+:class:`~mome.CorruptCheckpointError`, never called unsafe.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import pickletools
 import re
 import zipfile
 from collections.abc import Mapping
@@ -18,19 +22,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import CheckpointFormatError, CheckpointMismatchError, CorruptCheckpointError, UnsafeCheckpointError
+from ._errors import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    NonFiniteWeightsError,
+    UnsafeCheckpointError,
+)
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "check_finite_state",
     "check_state_fits",
     "checkpoint_keys",
     "describe_checkpoint",
     "file_kind",
     "load_checkpoint",
     "load_state_exactly",
+    "read_config_json",
     "read_state_dict",
     "read_state_dict_folder",
+    "read_torch_file",
     "shard_prefix",
     "starts_msgpack_map",
 ]
@@ -126,9 +139,9 @@ def describe_checkpoint(path: str | Path) -> str:
         files = sorted(p.name for p in path.iterdir())[:6]
         if config.is_file():
             try:
-                values = json.loads(config.read_text())
-            except ValueError:
-                values = {}
+                values = read_config_json(config)
+            except CorruptCheckpointError as err:
+                return f"a folder whose {CONFIG_NAME} cannot be read ({err})"
             fields = {k: values[k] for k in ("architecture", "model_type", "architectures") if k in values}
             return f"a folder with {CONFIG_NAME} ({fields or 'no architecture or model_type'}) and files {files}"
         return f"a folder with files {files}"
@@ -141,7 +154,32 @@ def describe_checkpoint(path: str | Path) -> str:
     if kind in _KIND_WORDS:
         return _KIND_WORDS[kind]
     with open(path, "rb") as f:
-        return f"{path.stat().st_size} bytes of no known checkpoint format (starting {f.read(8)!r})"
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        return f"{path.stat().st_size} bytes of a zip archive that cannot be read (truncated?)"
+    return f"{path.stat().st_size} bytes of no known checkpoint format (starting {head!r})"
+
+
+def read_config_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a ``config.json`` (a saved folder's, a Hugging Face folder's).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptCheckpointError: not UTF-8, not valid JSON (the message names the file and the line and column of
+            the problem: a truncated file ends mid-value) or valid JSON that is not an object.
+    """
+    path = Path(path)
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorruptCheckpointError(f"{path}: not a UTF-8 JSON file ({err})") from err
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(
+            f"{path}: not valid JSON (truncated?): {err.msg} (line {err.lineno}, column {err.colno})"
+        ) from err
+    if not isinstance(values, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, found a JSON {type(values).__name__}")
+    return values
 
 
 def checkpoint_keys(path: str | Path) -> list[str]:
@@ -170,6 +208,79 @@ def _torch_refusal(err: Exception) -> str:
     return (said or lines or [type(err).__name__])[0].removeprefix("WeightsUnpickler error: ")
 
 
+#: pickle opcodes that import a global (a class or function to call on load)
+_GLOBAL_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST"})
+
+
+def _pickle_imports_globals(path: Path) -> bool:
+    """Whether ``path`` holds well-formed pickles (the ``data.pkl`` of a torch zip archive, or the consecutive
+    pickles of torch's legacy format), each parsed to its STOP, one of which imports a global: a real pickle that
+    ``weights_only=True`` refused for what it would build, not damaged bytes. Parses opcodes only; runs nothing."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                return bool(names) and _imports_globals(io.BytesIO(archive.read(names[0])), pickles=1)
+        with open(path, "rb") as f:  # legacy torch files: magic number, protocol, system info, then the objects
+            return _imports_globals(f, pickles=4)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return False
+
+
+def _imports_globals(stream: Any, pickles: int) -> bool:
+    """Whether one of the first ``pickles`` pickles of ``stream`` imports a global; False at the first one that
+    does not parse to its STOP (an unknown opcode, truncated bytes)."""
+    for _ in range(pickles):
+        try:
+            names = {op.name for op, _, _ in pickletools.genops(stream)}
+        except (ValueError, UnicodeDecodeError, TypeError):
+            return False
+        if names & _GLOBAL_OPCODES:
+            return True
+    return False
+
+
+def _starts_like_torch(path: Path) -> bool:
+    """Whether the file's first bytes are those of a torch file: a zip archive or a pickle (PROTO 2-5)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def read_torch_file(path: str | Path, *, mmap: bool = False, what: str = "torch checkpoint") -> Any:
+    """The object of a torch file, read with ``torch.load(weights_only=True)`` only (``mmap=True``: a zip archive's
+    tensors memory-mapped). ``what`` names the file's kind in messages (``"Lightning checkpoint"``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: a well-formed pickle that ``weights_only=True`` refuses because of the globals it
+            would import or call; nothing in it runs.
+        CheckpointFormatError: a file of another format (safetensors, msgpack, ``.npz``, a folder) or bytes of no
+            known format (text, random bytes); the message says what the file looks like.
+        CorruptCheckpointError: a torch file that cannot be read (a truncated archive, a damaged pickle).
+    """
+    path = Path(path)
+    kind = file_kind(path)
+    if kind not in ("torch", "unknown"):
+        raise CheckpointFormatError(f"{path} is {describe_checkpoint(path)}, not a {what}")
+    try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as f:  # from an open file: torch.load reads a path named *.safetensors as safetensors
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ... of refused or damaged files
+        if isinstance(err, pickle.UnpicklingError) and _pickle_imports_globals(path):
+            raise UnsafeCheckpointError(
+                f"{path}: a pickle that holds more than tensors, refused unread (mome loads torch files with "
+                f"weights_only=True only): {_torch_refusal(err)}"
+            ) from err
+        if not _starts_like_torch(path):
+            raise CheckpointFormatError(f"{path}: not a {what}: it is {describe_checkpoint(path)}") from err
+        raise CorruptCheckpointError(
+            f"{path}: not a readable {what} (truncated or damaged): {_torch_refusal(err)}"
+        ) from err
+
+
 def read_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file or a torch checkpoint (told apart by their bytes, not their names).
 
@@ -178,9 +289,11 @@ def read_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, torch.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointFormatError: another format (a Flax msgpack or ``.npz`` file, a folder).
+        CheckpointFormatError: another format (a Flax msgpack or ``.npz`` file, a folder) or bytes of no known
+            format (text, random bytes).
         CorruptCheckpointError: the file cannot be read (truncated) or holds no state dict.
-        UnsafeCheckpointError: a pickle that ``torch.load(weights_only=True)`` refuses; nothing in it runs.
+        UnsafeCheckpointError: a pickle that ``torch.load(weights_only=True)`` refuses for the globals it would
+            import; nothing in it runs (:func:`read_torch_file`).
     """
     path = Path(path)
     if not path.exists():
@@ -199,19 +312,7 @@ def read_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, torch.
             return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptCheckpointError(f"{path}: not a readable safetensors file (truncated?): {err}") from err
-    try:
-        if mmap and zipfile.is_zipfile(path) and path.suffix != ".safetensors":
-            obj: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:  # from an open file: torch.load reads a path named *.safetensors as safetensors
-            with open(path, "rb") as f:
-                obj = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(
-            f"{path}: a pickle that holds more than tensors, refused unread (mome loads torch files with "
-            f"weights_only=True only): {_torch_refusal(err)}"
-        ) from err
-    except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged archives
-        raise CorruptCheckpointError(f"{path}: not a readable torch checkpoint (truncated?): {err}") from err
+    obj = read_torch_file(path, mmap=mmap)
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -297,20 +398,51 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise CheckpointMismatchError("\n".join(lines))
 
 
-def load_state_exactly(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` exactly, or raise :class:`~mome.CheckpointMismatchError` leaving it unchanged."""
+def check_finite_state(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`~mome.NonFiniteWeightsError` if a floating tensor of ``state`` holds NaN or Inf; the message
+    names ``source`` (the file), how many tensors do and the first five with their NaN and Inf counts. Tensors on
+    the meta device (no values) are skipped."""
+    bad = [
+        key
+        for key, tensor in state.items()
+        if (tensor.is_floating_point() or tensor.is_complex())
+        and tensor.device.type != "meta"
+        and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        counts = []
+        for key in bad[:5]:
+            tensor = state[key]
+            nan = int(torch.isnan(tensor).sum())
+            counts.append(f"{key} ({nan} NaN, {int(torch.isinf(tensor).sum())} Inf of {tensor.numel()})")
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise NonFiniteWeightsError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or Inf: {', '.join(counts)}{more}; nothing was loaded "
+            "(pass allow_non_finite=True to load them anyway)"
+        )
+
+
+def load_state_exactly(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, *, allow_non_finite: bool = False
+) -> None:
+    """Load ``state`` into ``model`` exactly, or raise leaving it unchanged: :class:`~mome.CheckpointMismatchError`
+    (:func:`check_state_fits`), :class:`~mome.NonFiniteWeightsError` (:func:`check_finite_state`, skipped with
+    ``allow_non_finite=True``)."""
     check_state_fits(model, state, source)
+    if not allow_non_finite:
+        check_finite_state(state, source)
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(model: nn.Module, checkpoint_path: str | Path) -> nn.Module:
+def load_checkpoint(model: nn.Module, checkpoint_path: str | Path, *, allow_non_finite: bool = False) -> nn.Module:
     """Load a ``.safetensors`` or torch checkpoint file into ``model`` exactly (timm's ``load_checkpoint``,
-    always strict); returns ``model``.
+    always strict); returns ``model``. Weights holding NaN or Inf are refused unless ``allow_non_finite=True``.
 
     Raises:
         FileNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: see :func:`read_state_dict`.
         CheckpointMismatchError: the keys, shapes or dtypes differ; ``model`` is left unchanged.
+        NonFiniteWeightsError: a tensor holds NaN or Inf; ``model`` is left unchanged.
     """
     path = Path(checkpoint_path)
-    load_state_exactly(model, read_state_dict(path), str(path))
+    load_state_exactly(model, read_state_dict(path), str(path), allow_non_finite=allow_non_finite)
     return model

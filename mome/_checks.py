@@ -18,11 +18,13 @@ from ._errors import InvalidArgumentError, InvalidInputError
 __all__ = [
     "check_choice",
     "check_divisible",
+    "check_finite",
     "check_finite_positive",
     "check_ids_in_range",
     "check_image_batch",
     "check_int",
     "check_probability",
+    "check_token_batch",
 ]
 
 
@@ -46,6 +48,20 @@ def check_finite_positive(name: str, value: object, *, owner: str | None = None,
         return
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise InvalidArgumentError(name, "a finite number > 0" + (" (or None)" if optional else ""), value, owner)
+
+
+def check_finite(
+    name: str, value: object, *, minimum: float | None = None, owner: str | None = None, optional: bool = False
+) -> None:
+    """``value`` is a finite real number, ``>= minimum`` when given (``None`` too when ``optional``)."""
+    if optional and value is None:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value)
+    if bad or (minimum is not None and value < minimum):
+        expected = (
+            "a finite number" + (f" >= {minimum}" if minimum is not None else "") + (" (or None)" if optional else "")
+        )
+        raise InvalidArgumentError(name, expected, value, owner)
 
 
 def check_probability(name: str, value: object, *, owner: str | None = None) -> None:
@@ -80,6 +96,36 @@ def check_image_batch(
         raise InvalidInputError(name, expected, f"shape {tuple(images.shape)}", owner)
     if not torch.is_floating_point(images):
         raise InvalidInputError(name, "a floating-point tensor", images.dtype, owner)
+
+
+def check_token_batch(
+    name: str,
+    tokens: object,
+    dim: int,
+    *,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    dtype: torch.dtype | None = None,
+    owner: str | None = None,
+) -> None:
+    """``tokens`` is a floating ``[..., dim]`` tensor of rank ``min_rank`` to ``max_rank`` (no upper bound when None),
+    of ``dtype`` when given (a layer's parameter dtype: inputs of another dtype fail inside its matmuls)."""
+    if max_rank == min_rank:
+        ranks = f"rank {min_rank}"
+    else:
+        ranks = f"rank {min_rank} to {max_rank}" if max_rank is not None else f"rank >= {min_rank}"
+    expected = f"a floating [..., {dim}] tensor of {ranks}"
+    if not isinstance(tokens, Tensor):
+        raise InvalidInputError(name, expected, type(tokens).__name__, owner)
+    rank = tokens.dim()
+    if rank < min_rank or (max_rank is not None and rank > max_rank) or rank == 0 or tokens.shape[-1] != dim:
+        raise InvalidInputError(name, expected, f"shape {tuple(tokens.shape)}", owner)
+    if not torch.is_floating_point(tokens):
+        raise InvalidInputError(name, "a floating-point tensor", tokens.dtype, owner)
+    if dtype is not None and tokens.dtype != dtype:
+        raise InvalidInputError(
+            name, f"a {dtype} tensor (the layer's dtype; or run under torch.autocast)", tokens.dtype, owner
+        )
 
 
 def check_ids_in_range(name: str, ids: object, limit: int, *, owner: str | None = None, what: str = "ids") -> None:

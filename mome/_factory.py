@@ -10,7 +10,6 @@ and checked key by key before anything is loaded (:mod:`mome._checkpoint`).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,13 +25,21 @@ from ._checkpoint import (
     file_kind,
     load_checkpoint,
     load_state_exactly,
+    read_config_json,
     read_state_dict,
 )
-from ._errors import CheckpointFormatError, CheckpointMismatchError, PretrainedUnavailableError
+from ._errors import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    PretrainedUnavailableError,
+    UnknownModelError,
+    UnsupportedOptionError,
+)
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
 from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
-from ._pretrained import PretrainedCfg
-from ._registry import get_pretrained_cfg, model_entrypoint, split_model_name_tag
+from ._pretrained import CFG_FIELDS, PretrainedCfg
+from ._registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 from ._tokenizer import Tokenizer, create_tokenizer
 
 __all__ = [
@@ -74,8 +81,15 @@ def parse_model_name(model_name: str) -> tuple[str | None, str]:
 
 
 def _load_converted(
-    model: nn.Module, path: Path, source_format: str, converter: str, options: Mapping[str, Any]
+    model: nn.Module,
+    path: Path,
+    source_format: str,
+    converter: str,
+    options: Mapping[str, Any],
+    allow_non_finite: bool = False,
 ) -> None:
+    """Read and convert ``path`` (:func:`mome.convert.load_converted`: keys, shapes, dtypes and values checked),
+    then load it into ``model``."""
     try:
         from .convert import load_converted
     except ImportError as err:
@@ -83,8 +97,8 @@ def _load_converted(
             f"{path}: converting the {source_format!r} format needs mome.convert, which this installation lacks"
             f"{CHECKPOINT_HINT} ({type(err).__name__}: {err})"
         ) from err
-    state = load_converted(path, source_format, converter, model, **options)
-    load_state_exactly(model, state, f"{path} (converted with {converter!r})")
+    state = load_converted(path, source_format, converter, model, allow_non_finite=allow_non_finite, **options)
+    model.load_state_dict(state, strict=True)
 
 
 def load_pretrained(
@@ -93,25 +107,28 @@ def load_pretrained(
     name: str,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    allow_non_finite: bool = False,
 ) -> None:
     """Fetch the card's checkpoint, convert it if its format is not mome's (with the card's
-    ``converter_options``), and load it into ``model`` exactly."""
+    ``converter_options``), and load it into ``model`` exactly (NaN/Inf refused unless ``allow_non_finite``)."""
     path = fetch_checkpoint(cfg, name, cache_dir, local_files_only, progress=True)
     if not cfg.needs_conversion():
-        load_checkpoint(model, path)
+        load_checkpoint(model, path, allow_non_finite=allow_non_finite)
         return
-    _load_converted(model, path, cfg.source_format, cfg.converter, cfg.converter_options)
+    _load_converted(model, path, cfg.source_format, cfg.converter, cfg.converter_options, allow_non_finite)
 
 
-def _load_as(model: nn.Module, path: Path, source_format: str, converter: str | None, options: dict) -> None:
+def _load_as(
+    model: nn.Module, path: Path, source_format: str, converter: str | None, options: dict, allow_non_finite: bool
+) -> None:
     if converter is not None:
-        _load_converted(model, path, source_format, converter, options)
+        _load_converted(model, path, source_format, converter, options, allow_non_finite)
         return
     if options:
         raise ValueError(
             f"checkpoint_format={source_format!r} has no converter: converter_options {sorted(options)} do not apply"
         )
-    load_state_exactly(model, FORMATS[source_format](path), str(path))
+    load_state_exactly(model, FORMATS[source_format](path), str(path), allow_non_finite=allow_non_finite)
 
 
 def load_checkpoint_file(
@@ -119,6 +136,8 @@ def load_checkpoint_file(
     checkpoint_path: str | Path,
     checkpoint_format: str | None = None,
     converter_options: Mapping[str, Any] | None = None,
+    *,
+    allow_non_finite: bool = False,
 ) -> str:
     """Load a checkpoint in any known format into ``model`` exactly; returns the format it was read as.
 
@@ -131,6 +150,8 @@ def load_checkpoint_file(
         CheckpointFormatError: the format cannot be told, or the file is not of the format named.
         CheckpointMismatchError: the keys or shapes do not fit ``model``; names the keys (with the format
             the keys look like when that is not the one named); ``model`` is left unchanged.
+        NonFiniteWeightsError: weights with NaN or Inf (unless ``allow_non_finite=True``); ``model`` is left
+            unchanged.
     """
     path = Path(checkpoint_path).expanduser()
     if checkpoint_format is not None and checkpoint_format not in FORMATS:
@@ -151,7 +172,7 @@ def load_checkpoint_file(
     converter = DEFAULT_CONVERTERS[source_format]
     options = dict(converter_options or {})
     try:
-        _load_as(model, path, source_format, converter, options)
+        _load_as(model, path, source_format, converter, options, allow_non_finite)
     except CheckpointFormatError as err:
         if checkpoint_format is None:
             raise
@@ -198,6 +219,7 @@ def create_model(
     converter_options: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    allow_non_finite: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name (timm's ``create_model``).
@@ -218,6 +240,9 @@ def create_model(
             card's own checkpoint they come from its ``converter_options``.
         cache_dir: the Hugging Face cache to use (URL downloads go under it too).
         local_files_only: never download; use only what is cached.
+        allow_non_finite: load weights holding NaN or Inf; by default they are refused with a
+            :class:`~mome.NonFiniteWeightsError` naming the file and the tensors (on every route: card,
+            saved folder, ``checkpoint_path``, converted), and the model is not built half-loaded.
         **kwargs: passed to the entrypoint; those set to None are dropped (so a CLI can pass them).
             They override the card's ``model_kwargs``, which apply when the tag is named or
             ``pretrained`` is set (a bare ``arch`` keeps the entrypoint's defaults).
@@ -235,16 +260,21 @@ def create_model(
         card_kwargs = cfg.model_kwargs if (tag or pretrained) else {}
         model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg)
         if pretrained:
-            load_pretrained(model, cfg, name, cache_dir, local_files_only)
+            load_pretrained(model, cfg, name, cache_dir, local_files_only, allow_non_finite)
+        elif allow_non_finite and checkpoint_path is None:
+            why = "no weights are loaded (no pretrained=True or checkpoint_path=)"
+            raise UnsupportedOptionError("allow_non_finite", "create_model", why, True)
     else:
         folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir, local_files_only)
         config = read_saved_config(folder, model_name)
         arch = split_model_name_tag(config["architecture"])[0]
         cfg = PretrainedCfg.from_dict({**config.get("pretrained_cfg", {}), **(pretrained_cfg_overlay or {})})
         model = _build(arch, False, {**config.get("model_args", {}), **kwargs}, cfg.replace(architecture=arch))
-        load_checkpoint(model, folder / WEIGHTS_NAME)
+        load_checkpoint(model, folder / WEIGHTS_NAME, allow_non_finite=allow_non_finite)
     if checkpoint_path is not None:
-        load_checkpoint_file(model, checkpoint_path, checkpoint_format, converter_options)
+        load_checkpoint_file(
+            model, checkpoint_path, checkpoint_format, converter_options, allow_non_finite=allow_non_finite
+        )
     elif checkpoint_format is not None or converter_options:
         raise ValueError("checkpoint_format and converter_options apply to a checkpoint_path; none was given")
     return model
@@ -272,19 +302,46 @@ def fetch_pretrained(
     return fetch_checkpoint(cfg, name, cache_dir, local_files_only, progress)
 
 
+#: the fields of a saved folder's config.json that :func:`create_model` reads, and the JSON type each must have
+_SAVED_FIELDS = {
+    "architecture": (str, "a model name"),
+    "model_args": (dict, "an object"),
+    "pretrained_cfg": (dict, "an object"),
+}
+
+
 def read_saved_config(folder: Path, model_name: str) -> dict[str, Any]:
-    """The ``config.json`` of a saved folder (``architecture``, ``model_args``, ``pretrained_cfg``).
+    """The ``config.json`` of a saved folder, checked: ``architecture`` (a registered model's name),
+    ``model_args`` and ``pretrained_cfg`` (objects; the latter with :class:`PretrainedCfg` fields only).
 
     Raises:
-        FileNotFoundError: the folder has no ``config.json`` (the message names ``model_name``).
-        ValueError: the config names no ``architecture``.
+        FileNotFoundError: ``folder`` is no folder or has no ``config.json`` (the message names ``model_name``).
+        CorruptCheckpointError: the config is not a JSON object (names the file, and the line and column of a JSON
+            error), or a field has the wrong type or an unknown card field.
+        CheckpointFormatError: the config names no ``architecture`` (not a mome saved folder).
+        UnknownModelError: its ``architecture`` is not a registered model.
     """
     config_path = folder / CONFIG_NAME
+    if folder.is_file():
+        raise FileNotFoundError(f"{model_name}: {folder} is a file, not a saved folder (pass it as checkpoint_path=)")
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_name}: no {CONFIG_NAME} in {folder}")
-    config = json.loads(config_path.read_text())
-    if not isinstance(config, dict) or "architecture" not in config:
-        raise ValueError(f"{config_path} names no 'architecture'")
+    config = read_config_json(config_path)
+    if "architecture" not in config:
+        raise CheckpointFormatError(
+            f"{config_path} names no 'architecture': not a mome saved folder (fields {sorted(config)[:8]}); "
+            "an upstream folder loads with create_model(ARCH, checkpoint_path=FOLDER)"
+        )
+    for field, (kind, words) in _SAVED_FIELDS.items():
+        if field in config and not (isinstance(config[field], kind) and config[field] != ""):
+            raise CorruptCheckpointError(f"{config_path}: field {field!r} must be {words}, got {config[field]!r}")
+    unknown = sorted(set(config.get("pretrained_cfg", {})) - CFG_FIELDS)
+    if unknown:
+        raise CorruptCheckpointError(f"{config_path}: unknown pretrained_cfg field(s) {unknown}")
+    if not is_model(split_model_name_tag(config["architecture"])[0]):
+        raise UnknownModelError(
+            f"{config_path}: architecture {config['architecture']!r} is not a registered model; see mome.list_models()"
+        )
     return config
 
 

@@ -18,12 +18,19 @@ when the caller does not say it: ``create_model(arch, checkpoint_path=FILE)``.
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME, checkpoint_keys, describe_checkpoint, file_kind, shard_prefix
+from ._checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    checkpoint_keys,
+    describe_checkpoint,
+    file_kind,
+    read_config_json,
+    shard_prefix,
+)
 from ._errors import CheckpointFormatError
 
 __all__ = [
@@ -140,6 +147,7 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: a folder whose ``config.json`` is not a JSON object (names the line and column).
         CheckpointFormatError: no format or several fit; the message says what the file looks like and
             which formats were tried (pass ``checkpoint_format=`` to choose).
     """
@@ -151,8 +159,8 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
         return "vmoe"
     if kind == "folder":
         config = path / CONFIG_NAME
-        saved = json.loads(config.read_text()) if config.is_file() else {}
-        if isinstance(saved, dict) and "architecture" in saved and (path / WEIGHTS_NAME).is_file():
+        saved = read_config_json(config) if config.is_file() else {}
+        if "architecture" in saved and (path / WEIGHTS_NAME).is_file():
             return "mome"
         if any(path.glob("*.index")):
             return "vmoe"

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from ._checkpoint import WEIGHTS_NAME
-from ._errors import ChecksumMismatchError, CorruptCheckpointError, DownloadError, PretrainedUnavailableError
+from ._errors import (
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    DownloadError,
+    PretrainedUnavailableError,
+    UnknownModelError,
+)
 from ._pretrained import PretrainedCfg
 
 __all__ = [
@@ -310,7 +316,7 @@ def _fetch(cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_fi
             return download_url(f"{base}/{file}", **options)
 
     else:
-        raise ValueError(f"{name} has no pretrained weights (mome.list_pretrained() lists those that do)")
+        raise UnknownModelError(f"{name} has no pretrained weights (mome.list_pretrained() lists those that do)")
     if cfg.source_format == "vmoe" and path.name.endswith(".index"):
         for shard in _vmoe_shards(path):
             sibling(shard)

@@ -20,13 +20,13 @@ from typing import Any
 from torch import nn
 
 from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from ._errors import PretrainedUnavailableError, UnknownModelError
+from ._errors import InvalidArgumentError, PretrainedUnavailableError, UnknownModelError
 from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
 from ._pretrained import PretrainedCfg
 from ._registry import is_model, model_module, split_model_name_tag
 from ._tokenizer import create_tokenizer
 
-__all__ = ["model_card", "push_to_hub", "save_pretrained"]
+__all__ = ["check_save_target", "model_card", "push_to_hub", "save_pretrained"]
 
 _MANIFEST_KEY = "files"  # config.json lists the files save_pretrained wrote, so a re-save may replace them
 _README_NAME = "README.md"
@@ -116,6 +116,25 @@ def model_card(arch: str, args: Mapping[str, Any], cfg: PretrainedCfg, repo_id: 
     return "\n".join(lines)
 
 
+def check_save_target(directory: str | Path) -> None:
+    """Raise ``FileExistsError`` unless :func:`save_pretrained` may write ``directory``: absent, or a folder holding
+    nothing but the files an earlier save wrote (its ``config.json``'s ``files``). A file there (not a folder) and
+    a folder with other files are refused by name. Reads only; callers check before any expensive work."""
+    directory = Path(directory).expanduser()
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder; not replacing it")
+    ours = {CONFIG_NAME, WEIGHTS_NAME}
+    try:
+        ours |= set(json.loads((directory / CONFIG_NAME).read_text()).get(_MANIFEST_KEY, []))
+    except (OSError, ValueError, AttributeError, TypeError):  # no or a broken config.json: only the two files
+        pass
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in ours)
+    if extra:
+        raise FileExistsError(f"{directory} exists and holds other files ({extra}); not replacing it")
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | Path,
@@ -132,13 +151,19 @@ def save_pretrained(
     ``model_name``/``model_args`` default to what :func:`create_model` recorded on the model. The
     folder is written next to ``directory`` and swapped into place (:mod:`mome._folders`), so the target
     holds a complete save, the earlier or the new one; an existing folder is replaced only if it holds
-    nothing but files an earlier save wrote. Hidden leftovers of saves killed earlier are removed.
+    nothing but files an earlier save wrote (:func:`check_save_target`; a file there is refused too). Hidden
+    leftovers of saves killed earlier are removed.
     """
     from safetensors import torch as st
 
     arch = split_model_name_tag(model_name or getattr(model, "mome_model_name", None) or "")[0]
     if not arch:
-        raise ValueError("save_pretrained: the model was not built by mome.create_model; pass model_name=")
+        raise InvalidArgumentError(
+            "model_name",
+            "passed as model_name= (the model was not built by mome.create_model)",
+            model_name,
+            "save_pretrained",
+        )
     if not is_model(arch):
         raise UnknownModelError(f"save_pretrained: unknown model {arch!r}; see mome.list_models()")
     args = dict(model_args if model_args is not None else getattr(model, "mome_model_args", {}))
@@ -146,24 +171,18 @@ def save_pretrained(
         try:
             json.dumps(value)
         except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"save_pretrained: model_args[{key!r}] = {value!r} is not JSON-serialisable; pass model_args= "
-                "with a JSON form the entrypoint accepts"
+            raise InvalidArgumentError(
+                f"model_args[{key!r}]",
+                "JSON-serialisable (pass model_args= with a JSON form the entrypoint accepts)",
+                value,
+                "save_pretrained",
             ) from err
     cfg = getattr(model, "pretrained_cfg", None)
     cfg = cfg if isinstance(cfg, PretrainedCfg) else PretrainedCfg()
     cfg = cfg.replace(architecture=arch)
 
     directory = Path(directory).expanduser()
-    if directory.exists():
-        ours = {CONFIG_NAME, WEIGHTS_NAME}
-        try:
-            ours |= set(json.loads((directory / CONFIG_NAME).read_text()).get(_MANIFEST_KEY, []))
-        except (OSError, ValueError, AttributeError):
-            pass
-        extra = sorted(p.name for p in directory.iterdir() if p.name not in ours)
-        if extra:
-            raise FileExistsError(f"{directory} exists and holds other files ({extra}); not replacing it")
+    check_save_target(directory)
     remove_stale_siblings(directory)  # what earlier saves killed mid-way left behind
     tmp = hidden_sibling(directory)
     try:

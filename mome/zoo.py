@@ -18,33 +18,30 @@ Command line::
     python -m mome.zoo convert --file FILE [--format F] --arch ARCH [--set k=v ...] [--option k=v ...] --out DIR
     python -m mome.zoo verify NAME            # sha256 of the cached file against the card
 
-Errors end the command with exit status 1 and one line on stderr.
+Bad arguments and unusable inputs (every :class:`mome.MomeError`, a missing or existing path) end the command
+before any work where they can be seen up front (``convert`` checks ``--out``, ``--file``, ``--set`` and
+``--option`` before it builds or reads anything) with one line on stderr, ``mome.zoo <command>: error: <Type>:
+<message>``, and exit status 2 (as argparse's usage errors); nothing partial is written (``save_pretrained``
+swaps a complete folder into place).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ._cards import CARD_SCHEMA, CONVERTERS, SOURCE_FORMATS, FieldSpec, read_card, read_cards, validate_card
-from ._errors import (
-    CardError,
-    CheckpointFormatError,
-    CheckpointMismatchError,
-    ChecksumMismatchError,
-    CorruptCheckpointError,
-    PretrainedUnavailableError,
-    UnknownModelError,
-    UnsafeCheckpointError,
-)
+from ._errors import CardError, ChecksumMismatchError, InvalidArgumentError, MomeError, PretrainedUnavailableError
 from ._factory import create_model, fetch_pretrained
 from ._hub import cached_checkpoint, sha256_file
 from ._pretrained import PretrainedCfg
 from ._registry import get_pretrained_cfg, list_pretrained
-from ._saving import save_pretrained
+from ._saving import check_save_target, save_pretrained
 
 __all__ = [
     "CARD_SCHEMA",
@@ -97,42 +94,62 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _assignments(items: Sequence[str] | None, flag: str) -> dict[str, Any]:
-    """``["k=v", ...]`` -> ``{k: v}``, each value parsed as YAML (``depth=2``, ``ignore_prefixes=[a.]``)."""
+    """``["k=v", ...]`` -> ``{k: v}``, each value parsed as YAML (``depth=2``, ``ignore_prefixes=[a.]``); an item
+    without ``=``, with a key that is not a name, repeated, or with a value that is not YAML names ``flag``."""
     import yaml
 
     values = {}
     for item in items or ():
         key, sep, text = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ValueError(f"{flag} {item!r}: expected NAME=VALUE")
-        values[key] = yaml.safe_load(text)
+            raise InvalidArgumentError(flag, "NAME=VALUE (a YAML value)", item)
+        if key in values:
+            raise InvalidArgumentError(flag, f"given once per name ({key} is repeated)", item)
+        try:
+            values[key] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(err).split())
+            raise InvalidArgumentError(flag, f"NAME=VALUE with a YAML value ({problem})", item) from err
     return values
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    """Every argument is checked before the model is built or a checkpoint read: ``--set``/``--option`` parse,
+    a card NAME or ``--arch`` with ``--file`` (not both), ``--file`` exists, ``--out`` may be written."""
     model_kwargs = _assignments(args.set, "--set")
     options = _assignments(args.option, "--option")
+    own = sorted(set(model_kwargs) & (set(inspect.signature(create_model).parameters) - {"kwargs"}))
+    if own:
+        raise InvalidArgumentError("--set", "a keyword of the architecture, not one of create_model's own", own)
     if args.name is not None and args.arch is not None:
-        raise ValueError("give a card NAME or --arch, not both")
-    if args.name is not None:  # a card: its checkpoint, or --file in the card's format
-        overlay = {"file": args.file} if args.file else {}
-        if args.format is not None:
-            overlay["source_format"] = args.format
-        if options:
-            overlay["converter_options"] = options
-        model = create_model(
-            args.name, pretrained=True, pretrained_cfg_overlay=overlay, cache_dir=args.cache_dir, **model_kwargs
-        )
-    elif args.arch is not None and args.file is not None:
-        model = create_model(
-            args.arch,
-            checkpoint_path=args.file,
-            checkpoint_format=args.format,
-            converter_options=options or None,
-            **model_kwargs,
-        )
-    else:
-        raise ValueError("convert needs a card NAME, or --file FILE with --arch ARCH")
+        raise InvalidArgumentError("--arch", "absent when a card NAME is given (give one of them)", args.arch)
+    if args.name is None and (args.arch is None or args.file is None):
+        given = [flag for flag, value in (("--file", args.file), ("--arch", args.arch)) if value is not None]
+        raise InvalidArgumentError("convert", "given a card NAME, or --file FILE with --arch ARCH", " ".join(given))
+    if args.file is not None and not Path(args.file).expanduser().exists():
+        raise FileNotFoundError(f"--file {args.file}: no such file or folder")
+    check_save_target(args.out)
+    build = {"cache_dir": args.cache_dir, "allow_non_finite": args.allow_non_finite, **model_kwargs}
+    try:
+        if args.name is not None:  # a card: its checkpoint, or --file in the card's format
+            overlay = {"file": args.file} if args.file else {}
+            if args.format is not None:
+                overlay["source_format"] = args.format
+            if options:
+                overlay["converter_options"] = options
+            model = create_model(args.name, pretrained=True, pretrained_cfg_overlay=overlay, **build)
+        else:
+            model = create_model(
+                args.arch,
+                checkpoint_path=args.file,
+                checkpoint_format=args.format,
+                converter_options=options or None,
+                **build,
+            )
+    except TypeError as err:  # an entrypoint that does not take a --set keyword
+        if "keyword argument" not in str(err):
+            raise
+        raise InvalidArgumentError("--set", "keyword arguments the architecture takes", sorted(model_kwargs)) from err
     print(save_pretrained(model, args.out))
     return 0
 
@@ -155,19 +172,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-_ERRORS = (
-    CardError,
-    CheckpointFormatError,
-    CheckpointMismatchError,
-    ChecksumMismatchError,
-    CorruptCheckpointError,
-    FileExistsError,
-    FileNotFoundError,
-    PretrainedUnavailableError,
-    UnknownModelError,
-    UnsafeCheckpointError,
-    ValueError,
-)
+#: what the command line reports in one line (exit 2): every mome error, a path that is missing, taken or not
+#: readable, and a value refused by a library it calls
+_ERRORS = (MomeError, OSError, ValueError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,19 +210,23 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--option", action="append", metavar="K=V", help="a converter option (YAML value); repeatable"
             )
+            cmd.add_argument(
+                "--allow-non-finite", action="store_true", help="convert weights holding NaN or Inf (refused otherwise)"
+            )
         cmd.set_defaults(run=run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the zoo command line; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Run the zoo command line; returns the exit status: 0 ok, 2 a bad argument or input (one line on stderr,
+    see the module docstring; argparse's usage errors exit 2 too)."""
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
     except _ERRORS as err:
         message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"mome.zoo {args.command}: error: {type(err).__name__}: {message}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

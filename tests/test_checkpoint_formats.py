@@ -273,7 +273,7 @@ def test_zoo_convert_a_local_upstream_file(timm_file, tmp_path, capsys):
     # the wrong format: one line on stderr, nothing written
     bad = tmp_path / "bad"
     argv = ["convert", "--file", str(path), "--format", "open_clip", "--arch", "limoe_b16_e8", "--out", str(bad)]
-    assert zoo_main(argv) == 1
+    assert zoo_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("mome.zoo convert: error: CheckpointMismatchError") and "\n" not in err
     assert not bad.exists()
@@ -288,10 +288,10 @@ def test_zoo_convert_options_and_usage_errors(tmp_path, capsys):
     argv += ["--option=ignore_prefixes=[visual.class_embedding, visual.ln_pre.]", "--out", str(out)]
     assert zoo_main(argv) == 0, capsys.readouterr().err
     assert (out / "model.safetensors").is_file()
-    assert zoo_main(["convert", "--out", str(tmp_path / "x")]) == 1
-    assert "needs a card NAME, or --file FILE with --arch ARCH" in capsys.readouterr().err
-    assert zoo_main(["convert", "--file", "f", "--arch", "limoe_b16_e8", "--set", "oops", "--out", "x"]) == 1
-    assert "--set 'oops': expected NAME=VALUE" in capsys.readouterr().err
+    assert zoo_main(["convert", "--out", str(tmp_path / "x")]) == 2
+    assert "convert must be given a card NAME, or --file FILE with --arch ARCH" in capsys.readouterr().err
+    assert zoo_main(["convert", "--file", "f", "--arch", "limoe_b16_e8", "--set", "oops", "--out", "x"]) == 2
+    assert "--set must be NAME=VALUE (a YAML value), got 'oops'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ the README's lines

@@ -280,7 +280,7 @@ def test_shard_expert_state_dict_slices_experts_by_name():
             assert parts[0][key] is value
     with pytest.raises(ValueError, match="not divisible"):
         shard_expert_state_dict(state, 0, 3)
-    with pytest.raises(ValueError, match="rank=2"):
+    with pytest.raises(mome.InvalidArgumentError, match="rank must be an integer in \\[0, world_size=2\\), got 2"):
         shard_expert_state_dict(state, 2, 2)
     with pytest.raises(KeyError, match="not in the state dict"):
         shard_expert_state_dict(state, 0, 2, names=["missing.experts.w_in"])

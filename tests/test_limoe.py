@@ -134,7 +134,7 @@ def test_streams_alone_match_the_joint_pass_and_padding_is_inert(tokens):
         changed = model.encode_text(tokens)
         model.route_padding = routed
     assert changed.shape == (2, 64)
-    with pytest.raises(ValueError, match="at most 16"):
+    with pytest.raises(ValueError, match="context_length=16"):
         model.encode_text(torch.ones(1, 17, dtype=torch.long))
 
 
@@ -178,7 +178,7 @@ def test_tokenizer_is_open_clips_clip_bpe(tmp_path):
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="no text side"):
         get_tokenizer("vmoe_tiny_patch8_e4")
-    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+    with pytest.raises(mome.InvalidArgumentError, match="tokenizer must be .<kind>:<name>. with a kind of"):
         create_tokenizer("sentencepiece:spm.model")
     # A Hub tokenizer (VLMo's bert-base-uncased) must already be in the cache: offline, a clear error.
     with pytest.raises(mome.PretrainedUnavailableError, match="hf download bert-base-uncased"):
@@ -201,7 +201,7 @@ def test_mixing_parts():
     assert isinstance(soft.blocks[1].mlp, SoftMoE)
     image_features, text_features, _ = soft(images, text)
     assert image_features.shape == text_features.shape == (2, 64) and mome.aux_losses(soft) == {}
-    with pytest.raises(ValueError, match="Soft MoE takes none"):
+    with pytest.raises(ValueError, match="Soft MoE layer.*moe_kwargs configure sparse layers"):
         mome.create_model(TINY, moe_type="soft", moe_kwargs={"capacity_factor": 2.0})
 
     pools = mome.create_model(TINY, moe_type="modality_pools")  # 2 image + 2 text experts + 1 shared

@@ -115,7 +115,7 @@ def test_images_enter_at_their_placeholders():
         other = model(input_ids=ids, pixel_values=changed).logits
     torch.testing.assert_close(base[:, :second], other[:, :second])  # causal: before image 2 nothing moves
     assert not torch.allclose(base[:, second:], other[:, second:])
-    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+    with pytest.raises(ValueError, match="pixel_values must be 2 images: input_ids hold 32 image placeholder ids"):
         model(input_ids=ids, pixel_values=images[:1])
 
 

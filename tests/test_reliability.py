@@ -33,6 +33,7 @@ from torch.utils.data import Subset
 from train_helpers import compose_train
 
 import mome
+from mome import layers as mome_layers
 from mome import zoo
 from mome.data.base import BadSampleError, DataConfigError
 from mome.data.conversation import ConversationDataset, ConversationFormatError
@@ -305,9 +306,7 @@ def _run_call(case: dict):
     if "model" in case:
         target = mome.create_model(case["model"], **(case.get("kwargs") or {}))
     else:
-        import mome.layers
-
-        target = getattr(mome.layers, case["layer"])(**case["kwargs"])
+        target = getattr(mome_layers, case["layer"])(**case["kwargs"])
     if "method" not in case:
         return target
     target.eval()

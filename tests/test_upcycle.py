@@ -5,6 +5,7 @@ import torch
 from timm.layers import GluMlp, Mlp, SwiGLU, SwiGLUPacked
 from torch import nn
 
+from mome import InvalidArgumentError
 from mome.layers import Experts, MoE, SoftMoE, TopKRouter
 
 
@@ -71,7 +72,7 @@ def test_upcycled_soft_moe_runs_and_capacity_breaks_equivalence_honestly():
 
 
 def test_upcycling_rejects_unknown_mlp():
-    with pytest.raises(ValueError, match="cannot upcycle"):
+    with pytest.raises(InvalidArgumentError, match="mlp must be an FFN it can upcycle.*got .Linear."):
         Experts.from_dense(nn.Linear(4, 4), 2)
     with pytest.raises(ValueError, match="norm"):
         Experts.from_dense(Mlp(16, 32, norm_layer=nn.LayerNorm), 2)

@@ -1,4 +1,4 @@
-"""``python -m mome.zoo``: list, show, download, convert, verify; one error line and exit status 1 on failure."""
+"""``python -m mome.zoo``: list, show, download, convert, verify; one error line and exit status 2 on failure."""
 
 import hashlib
 import json
@@ -75,7 +75,7 @@ def test_list_and_show(capsys, user_zoo):
 
 def test_unknown_names_fail_with_one_line(capsys):
     status, _, err = _run(capsys, "show", "vlmo_base_patch16_224.vl4n")
-    assert status == 1
+    assert status == 2
     line = _one_error_line(err)
     assert line.startswith("mome.zoo show: error: UnknownModelError:") and "vlmo_base_patch16_224.vl4m" in line
     with pytest.raises(SystemExit) as info:
@@ -85,7 +85,7 @@ def test_unknown_names_fail_with_one_line(capsys):
 
 def test_download_offline_is_one_clear_line(capsys, tmp_path, user_zoo):
     status, _, err = _run(capsys, "download", "_test_cli_mlp.web", "--cache-dir", str(tmp_path))
-    assert status == 1
+    assert status == 2
     line = _one_error_line(err)
     assert "PretrainedUnavailableError" in line and "HF_HUB_OFFLINE" in line and "example.invalid" in line
 
@@ -103,12 +103,12 @@ def test_download_and_verify_a_cached_file(capsys, tmp_path, user_zoo):
     cached.write_bytes(b"corrupted")
     status, _, err = _run(capsys, "verify", "_test_cli_mlp.web", "--cache-dir", str(tmp_path))
     line = _one_error_line(err)
-    assert status == 1 and "ChecksumMismatchError" in line and digest in line and str(cached) in line
+    assert status == 2 and "ChecksumMismatchError" in line and digest in line and str(cached) in line
     assert cached.exists()  # verify reports; it does not delete
 
     cached.unlink()
     status, _, err = _run(capsys, "verify", "_test_cli_mlp.web", "--cache-dir", str(tmp_path))
-    assert status == 1 and "python -m mome.zoo download _test_cli_mlp.web" in _one_error_line(err)
+    assert status == 2 and "python -m mome.zoo download _test_cli_mlp.web" in _one_error_line(err)
 
 
 def test_convert_writes_a_mome_folder(capsys, tmp_path, user_zoo):
@@ -124,14 +124,14 @@ def test_convert_writes_a_mome_folder(capsys, tmp_path, user_zoo):
     # a second convert into a folder holding other files refuses, in one line
     (tmp_path / "out" / "mine.txt").write_text("x")
     status, _, err = _run(capsys, "convert", "_test_cli_mlp.local", "--out", str(tmp_path / "out"))
-    assert status == 1 and "FileExistsError" in _one_error_line(err)
+    assert status == 2 and "FileExistsError" in _one_error_line(err)
 
 
 def test_module_entry_point():
     # one subprocess (importing mome takes seconds): `python -m mome.zoo` runs, and its errors are caught
     # as the registry raises them (the __main__ module defers to mome.zoo, so the classes are the same)
     bad = subprocess.run([sys.executable, "-m", "mome.zoo", "show", "nope_nothing"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stdout == "", bad.stderr
+    assert bad.returncode == 2 and bad.stdout == "", bad.stderr
     assert bad.stderr.strip().splitlines() == [
         "mome.zoo show: error: UnknownModelError: unknown model 'nope_nothing'; see mome.list_models()"
     ]

@@ -262,7 +262,11 @@ OVERRIDES: list[dict[str, Any]] = [
     {"overrides": ["seed=1.5"], "stage": "run", "match": "seed"},
     {"overrides": ["model.num_experts=-2"], "stage": "run", "match": "num_experts"},
     {"overrides": ["+model.img_size=30"], "stage": "run", "match": "img_size"},
-    {"overrides": ["experiment=vmoe_digits", "+model.capacity_factor=inf"], "stage": "run", "match": "capacity_factor"},
+    {
+        "overrides": ["experiment=vmoe_digits", "+model.moe_kwargs.capacity_factor=inf"],
+        "stage": "run",
+        "match": "capacity_factor",
+    },
     {"overrides": ["experiment=softmoe_digits", "+model.top_k=3"], "stage": "run", "match": "top_k"},
     {"overrides": ["data.no_such_key=1"], "stage": "compose", "match": "no_such_key"},
     {"overrides": ["trainer.max_epochs=[1"], "stage": "compose", "match": "[1"},
@@ -297,15 +301,27 @@ CALLS: list[dict[str, Any]] = [
     {"model": "vmoe_tiny_patch8_e4", "kwargs": {"num_heads": 5}, "error": "InvalidArgumentError", "match": "num_heads"},
     {
         "model": "vmoe_tiny_patch8_e4",
-        "kwargs": {"capacity_factor": float("inf")},
+        "kwargs": {"moe_kwargs": {"capacity_factor": float("inf")}},
         "error": "InvalidArgumentError",
         "match": "capacity_factor",
     },
     {
         "model": "vmoe_tiny_patch8_e4",
-        "kwargs": {"capacity_factor": float("nan")},
+        "kwargs": {"moe_kwargs": {"capacity_factor": float("nan")}},
         "error": "InvalidArgumentError",
         "match": "capacity_factor",
+    },
+    {  # the MoE layers' options go in moe_kwargs: a top-level one is refused by name, not dropped
+        "model": "vmoe_tiny_patch8_e4",
+        "kwargs": {"capacity_factor": 1.0},
+        "error": "UnsupportedOptionError",
+        "match": "capacity_factor",
+    },
+    {
+        "model": "limoe_tiny_patch8_e4",
+        "kwargs": {"num_classes": 3},
+        "error": "UnsupportedOptionError",
+        "match": "num_classes",
     },
     {
         "model": "soft_moe_vit_tiny_patch8_e8",

@@ -31,7 +31,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .._checkpoint import check_state_fits
+from .._checkpoint import check_finite_state, check_state_fits
 from .._checkpoint import read_state_dict as read_torch_state_dict
 from .._errors import CheckpointMismatchError
 from .._formats import CONVERTERS as CONVERTERS
@@ -74,13 +74,17 @@ def load_converted(
     source_format: str,
     converter: str | Converter | None,
     model: nn.Module,
+    *,
+    allow_non_finite: bool = False,
     **converter_kwargs: Any,
 ) -> dict[str, Tensor]:
     """Read ``path`` and convert it for ``model``: a state dict with exactly ``model.state_dict()``'s keys and shapes.
 
     ``converter``: a name in :data:`CONVERTERS`, a function, or None (the file already has mome's
     names). ``converter_kwargs`` (e.g. ``ignore_prefixes=("vqa_classifier.",)``) go to the
-    converter. Raises :class:`~mome.CheckpointMismatchError` naming ``path`` and the keys.
+    converter. Raises :class:`~mome.CheckpointMismatchError` naming ``path`` and the keys, and
+    :class:`~mome.NonFiniteWeightsError` naming ``path`` and the (converted) tensors holding NaN or Inf
+    unless ``allow_non_finite=True``.
     """
     if isinstance(converter, str) and converter not in CONVERTERS:
         raise ValueError(f"unknown converter {converter!r}; known: {sorted(CONVERTERS)}")
@@ -88,12 +92,16 @@ def load_converted(
         raise ValueError(f"converter=None takes no converter arguments, got {sorted(converter_kwargs)}")
     state = read_checkpoint(path, source_format)
     if converter is None:
-        check_state_fits(model, state, str(path))
-        return state
-    convert = CONVERTERS[converter] if isinstance(converter, str) else converter
-    try:
-        converted = convert(state, model, **converter_kwargs)
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(f"{path}: {err}") from None
-    check_state_fits(model, converted, str(path))
+        converted, source = state, str(path)
+    else:
+        convert = CONVERTERS[converter] if isinstance(converter, str) else converter
+        try:
+            converted = convert(state, model, **converter_kwargs)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"{path}: {err}") from None
+        name = converter if isinstance(converter, str) else getattr(converter, "__name__", repr(converter))
+        source = f"{path} (converted with {name!r})"
+    check_state_fits(model, converted, source)
+    if not allow_non_finite:
+        check_finite_state(converted, source)
     return converted

@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .._checks import check_finite_positive, check_int
+from .._errors import InvalidArgumentError
 from .routers import Routing
 
 __all__ = ["DispatchPlan", "compute_capacity", "plan_dispatch"]
@@ -49,10 +51,13 @@ def compute_capacity(
     """Tokens per expert: ``ceil(T * k * c / E)``, rounded up to ``multiple_of`` (V-MoE uses 4).
 
     ``num_assignments`` is ``T * k``. The result is at least ``max(1, min_capacity)`` and never more
-    than ``T * k`` (no expert can receive more assignments than exist).
+    than ``T * k`` (no expert can receive more assignments than exist). ``capacity_factor`` must be finite and
+    ``> 0``, ``num_experts`` and ``multiple_of`` positive integers, ``min_capacity`` an integer ``>= 0``.
     """
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    check_finite_positive("capacity_factor", capacity_factor, owner="compute_capacity")
+    check_int("num_experts", num_experts, owner="compute_capacity")
+    check_int("multiple_of", multiple_of, owner="compute_capacity")
+    check_int("min_capacity", min_capacity, minimum=0, owner="compute_capacity")
     capacity = max(math.ceil(num_assignments * capacity_factor / num_experts), min_capacity, 1)
     capacity += (-capacity) % multiple_of
     return min(capacity, max(num_assignments, 1))
@@ -104,7 +109,8 @@ def plan_dispatch(routing: Routing, capacity: int | None, num_groups: int = 1) -
     num_tokens, top_k = routing.expert_index.shape
     num_experts = routing.num_experts
     if num_groups < 1 or num_tokens % num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide the number of tokens ({num_tokens})")
+        expected = f"a positive divisor of the number of tokens ({num_tokens})"
+        raise InvalidArgumentError("num_groups", expected, num_groups, "plan_dispatch")
     group_length = num_tokens // num_groups
     num_assignments = num_tokens * top_k
     num_buckets = num_experts * num_groups  # one bucket per (expert, group); bucket E*G is the sink

@@ -41,6 +41,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed import _functional_collectives as funcol
 
+from .._checks import check_choice, check_int
+from .._errors import InvalidArgumentError
 from .dispatch import DispatchPlan
 from .experts import Dispatch, Experts
 from .moe import MoE
@@ -82,10 +84,12 @@ class ShardedExperts(Experts):
 
     def __init__(self, experts: Experts, group: dist.ProcessGroup | None = None) -> None:
         rank, size = _group_rank_and_size(group)
-        if isinstance(experts, ShardedExperts):
-            raise ValueError("these experts are already sharded")
+        owner = type(self).__name__
+        if isinstance(experts, ShardedExperts) or not isinstance(experts, Experts):
+            raise InvalidArgumentError("experts", "unsharded mome.layers.Experts", type(experts).__name__, owner)
         if experts.num_experts % size:
-            raise ValueError(f"num_experts={experts.num_experts} is not divisible by the expert-parallel size {size}")
+            expected = f"experts whose number is divisible by the expert-parallel size {size}"
+            raise InvalidArgumentError("experts", expected, f"num_experts={experts.num_experts} (not divisible)", owner)
         local = experts.num_experts // size
         with torch.device("meta"):  # shapes only: the slice is copied in below, and no random init draws
             super().__init__(  # from the global RNG (that would shift e.g. a noisy router's draws vs DDP)
@@ -123,7 +127,7 @@ class ShardedExperts(Experts):
             return self._exchange_sorted(tokens, routing, plan)
         if dispatch == "buffers":
             return self._exchange_buffers(tokens, routing, plan)
-        raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+        check_choice("dispatch", dispatch, ("sorted", "buffers"), owner=type(self).__name__)
 
     def _exchange_sorted(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
         size, local = self.ep_size, self.num_local_experts
@@ -149,7 +153,8 @@ class ShardedExperts(Experts):
 
     def _exchange_buffers(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
         if plan.slot is None:
-            raise ValueError("dispatch='buffers' needs a capacity: set capacity_factor (or use dispatch='sorted')")
+            expected = "a capacity for dispatch='buffers' (set capacity_factor, or use dispatch='sorted')"
+            raise InvalidArgumentError("plan", expected, "a dropless plan", type(self).__name__)
         dim = tokens.shape[-1]
         num_slots = self.num_experts * plan.num_groups * plan.capacity  # E * G*C
         assignment_token = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(routing.top_k)
@@ -275,7 +280,10 @@ def gather_expert_state_dict(model: nn.Module, group: dist.ProcessGroup | None =
         if not isinstance(experts, ShardedExperts):
             continue
         if group is not None and dist.get_world_size(group) != experts.ep_size:
-            raise ValueError(f"{layer_name}: sharded over {experts.ep_size} ranks, not {dist.get_world_size(group)}")
+            expected = f"a group of the {experts.ep_size} ranks {layer_name} is sharded over"
+            raise InvalidArgumentError(
+                "group", expected, f"{dist.get_world_size(group)} ranks", "gather_expert_state_dict"
+            )
         prefix = f"{layer_name}.experts." if layer_name else "experts."
         for name in EXPERT_PARAMETERS:
             if getattr(experts, name) is not None:
@@ -292,8 +300,12 @@ def shard_expert_state_dict(
     cut along dim 0 into ``world_size`` equal slices and the ``rank``-th is kept; other entries are
     unchanged. The inverse of :func:`gather_expert_state_dict`.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    check_int("world_size", world_size, owner="shard_expert_state_dict")
+    check_int("rank", rank, minimum=0, owner="shard_expert_state_dict")
+    if rank >= world_size:
+        raise InvalidArgumentError(
+            "rank", f"an integer in [0, world_size={world_size})", rank, "shard_expert_state_dict"
+        )
     selected = set(names) if names is not None else {key for key in state if _EXPERT_KEY.search(key)}
     missing = sorted(selected - set(state))
     if missing:
@@ -302,7 +314,10 @@ def shard_expert_state_dict(
     for key in selected:
         value = state[key]
         if value.shape[0] % world_size:
-            raise ValueError(f"{key}: {value.shape[0]} experts are not divisible by world_size={world_size}")
+            expected = f"a number of experts divisible by world_size={world_size}"
+            raise InvalidArgumentError(
+                key, expected, f"{value.shape[0]} experts (not divisible)", "shard_expert_state_dict"
+            )
         local = value.shape[0] // world_size
         out[key] = value[rank * local : (rank + 1) * local].clone()
     return out

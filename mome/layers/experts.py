@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_int
+from .._errors import InvalidArgumentError
 from .dispatch import DispatchPlan
 from .routers import Routing
 
@@ -41,8 +43,8 @@ def resolve_dispatch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | Non
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPE_NAMES:
         return _DTYPE_NAMES[dtype.removeprefix("torch.")]
-    raise ValueError(
-        f"dispatch_dtype must be None, a floating torch dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}"
+    raise InvalidArgumentError(
+        "dispatch_dtype", f"None, a floating torch dtype or one of {sorted(_DTYPE_NAMES)}", dtype
     )
 
 
@@ -54,13 +56,14 @@ def round_through(x: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def _grouped_mm_ok(rows: Tensor, weight: Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` accepts these operands (dtype, 16-byte aligned strides)."""
+    """Whether ``torch._grouped_mm`` accepts these operands (dtype, 16-byte aligned strides), in the forward pass and
+    in the backward pass, whose gradient rows are ``weight.shape[1]`` (the output width) long."""
     if rows.dtype not in (torch.float32, torch.bfloat16):
         return False
     if weight.dtype != rows.dtype:
         return False
     size = rows.element_size()
-    strides = (rows.stride(0), weight.stride(0), weight.stride(1))
+    strides = (rows.stride(0), weight.stride(0), weight.stride(1), weight.shape[1])
     return all(stride * size % 16 == 0 for stride in strides) and rows.shape[0] > 0
 
 
@@ -240,11 +243,12 @@ class Experts(nn.Module):
         dispatch_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
         for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if dispatch not in ("sorted", "buffers"):
-            raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+            check_int(name, value, owner=owner)
+        check_choice("dispatch", dispatch, ("sorted", "buffers"), owner=owner)
+        if not (isinstance(act_layer, nn.Module) or (isinstance(act_layer, type) and issubclass(act_layer, nn.Module))):
+            raise InvalidArgumentError("act_layer", "an nn.Module class or instance", act_layer, owner)
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.gated = gated
         self.dispatch = dispatch
@@ -317,7 +321,7 @@ class Experts(nn.Module):
             return self._dispatch_sorted(tokens, routing, plan)
         if dispatch == "buffers":
             return self._dispatch_buffers(tokens, routing, plan)
-        raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+        check_choice("dispatch", dispatch, ("sorted", "buffers"), owner=type(self).__name__)
 
     def _dispatch_sorted(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
         top_k = routing.top_k
@@ -334,7 +338,8 @@ class Experts(nn.Module):
 
     def _dispatch_buffers(self, tokens: Tensor, routing: Routing, plan: DispatchPlan) -> Tensor:
         if plan.slot is None:
-            raise ValueError("dispatch='buffers' needs a capacity: set capacity_factor (or use dispatch='sorted')")
+            expected = "a capacity for dispatch='buffers' (set capacity_factor, or use dispatch='sorted')"
+            raise InvalidArgumentError("plan", expected, "a dropless plan", type(self).__name__)
         dim = tokens.shape[-1]
         slots_per_expert = plan.num_groups * plan.capacity  # G*C
         num_slots = self.num_experts * slots_per_expert
@@ -391,17 +396,17 @@ def _dense_ffn_spec(mlp: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tens
         if all(b is None for b in biases):
             return None
         if any(b is None for b in biases):
-            raise ValueError(f"{type(mlp).__name__}: cannot upcycle a gated FFN with bias on only one projection")
+            expected = "a gated FFN with biases on both input projections or neither (cannot upcycle a mix)"
+            raise InvalidArgumentError("mlp", expected, type(mlp).__name__, "Experts.from_dense")
         return torch.cat([b.detach() for b in biases])
 
     def check_identity(*names: str) -> None:
         for name in names:
             module = getattr(mlp, name, None)
             if module is not None and not isinstance(module, (nn.Identity, nn.Dropout)):
-                raise ValueError(
-                    f"{type(mlp).__name__}.{name} is {type(module).__name__}; upcycling supports FFNs "
-                    "without an inner norm"
-                )
+                expected = "an FFN without an inner norm (upcycling copies plain FFNs)"
+                got = f"{type(mlp).__name__}.{name} = {type(module).__name__}"
+                raise InvalidArgumentError("mlp", expected, got, "Experts.from_dense")
 
     def out_bias(lin: nn.Linear) -> Tensor | None:
         return None if lin.bias is None else lin.bias.detach()
@@ -426,7 +431,8 @@ def _dense_ffn_spec(mlp: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tens
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):
         act = getattr(mlp, "act", None) or getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn", None)
         if act is None:
-            raise ValueError(f"{name}: found fc1/fc2 but no activation (act, activation_fn or act_fn)")
+            expected = "an fc1/fc2 FFN with an activation module (act, activation_fn or act_fn)"
+            raise InvalidArgumentError("mlp", expected, name, "Experts.from_dense")
         check_identity("norm")
         fc1_weight, fc1_bias = mlp.fc1.weight.detach(), out_bias(mlp.fc1)
         # timm GluMlp / SwiGLUPacked: x1, x2 = fc1(x).chunk(2); act(x2) * x1 (gate_last) or act(x1) * x2.
@@ -438,7 +444,8 @@ def _dense_ffn_spec(mlp: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tens
             b_in = None if fc1_bias is None else torch.cat([fc1_bias[gate_rows], fc1_bias[up_rows]])
             return w_in, b_in, mlp.fc2.weight.detach(), out_bias(mlp.fc2), act, True
         return fc1_weight, fc1_bias, mlp.fc2.weight.detach(), out_bias(mlp.fc2), act, False
-    raise ValueError(
-        f"cannot upcycle {name}: expected fc1/fc2 (timm Mlp, Phi, CLIP), fc1_g/fc1_x/fc2 (timm SwiGLU) "
+    expected = (
+        "an FFN it can upcycle: fc1/fc2 (timm Mlp, Phi, CLIP), fc1_g/fc1_x/fc2 (timm SwiGLU) "
         "or gate_proj/up_proj/down_proj (Llama-style)"
     )
+    raise InvalidArgumentError("mlp", expected, name, "Experts.from_dense")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import check_finite
+
 __all__ = [
     "coefficient_of_variation_squared",
     "global_entropy_loss",
@@ -134,5 +136,6 @@ def global_entropy_loss(
 
 
 def soft_minimum_threshold(num_experts: float) -> float:
-    """LIMoE's global-entropy threshold for a soft minimum of ``num_experts`` experts: ``log(S)``."""
+    """LIMoE's global-entropy threshold for a soft minimum of ``num_experts`` experts: ``log(S)`` (``S >= 1``)."""
+    check_finite("num_experts", num_experts, minimum=1, owner="soft_minimum_threshold")
     return math.log(num_experts)

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_finite_positive, check_int, check_token_batch
+from .._errors import InvalidArgumentError, InvalidInputError
 from .experts import Experts
-from .moe import MoE, SparseMoE, recomputing
-from .routers import ModalityRouter
+from .moe import MoE, SparseMoE, layer_dtype, recomputing
+from .routers import ModalityRouter, _check_modality_ids
 
 __all__ = ["ModalityLayerNorm", "ModalityMoE", "MultiwayFFN"]
 
@@ -31,13 +33,23 @@ class ModalityLayerNorm(nn.Module):
 
     def __init__(self, dim: int, num_modalities: int, eps: float = 1e-6) -> None:
         super().__init__()
+        owner = type(self).__name__
+        check_int("dim", dim, owner=owner)
+        check_int("num_modalities", num_modalities, owner=owner)
+        check_finite_positive("eps", eps, owner=owner)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_modalities, dim))
         self.bias = nn.Parameter(torch.zeros(num_modalities, dim))
 
     def forward(self, x: Tensor, modality_ids: Tensor) -> Tensor:
+        """``x [..., D]``, ``modality_ids`` of ``x.shape[:-1]`` in ``[0, M)`` (both checked) -> ``[..., D]``."""
+        owner = type(self).__name__
+        check_token_batch("x", x, self.weight.shape[1], owner=owner)
+        if modality_ids is None:
+            raise InvalidInputError("modality_ids", f"an integer tensor of shape {tuple(x.shape[:-1])}", None, owner)
+        ids = _check_modality_ids(modality_ids, x.shape[:-1], self.weight.shape[0], owner).view(x.shape[:-1])
         normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return normed * self.weight[modality_ids] + self.bias[modality_ids]
+        return normed * self.weight[ids] + self.bias[ids]
 
 
 class MultiwayFFN(nn.Module):
@@ -69,10 +81,15 @@ class MultiwayFFN(nn.Module):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.modalities = tuple(modalities)
+        owner = type(self).__name__
+        check_int("dim", dim, owner=owner)
+        check_int("hidden_dim", hidden_dim, owner=owner)
+        check_finite_positive("eps", eps, owner=owner)
+        names = () if isinstance(modalities, (str, bytes)) else tuple(modalities)
+        if not names or not all(isinstance(name, str) for name in names) or len(set(names)) != len(names):
+            raise InvalidArgumentError("modalities", "a non-empty sequence of distinct names", modalities, owner)
+        self.modalities = names
         num_modalities = len(self.modalities)
-        if num_modalities < 1 or len(set(self.modalities)) != num_modalities:
-            raise ValueError(f"modalities must be distinct names, got {modalities!r}")
         self.norm = ModalityLayerNorm(dim, num_modalities, eps) if norm else None
         self.moe = MoE(
             ModalityRouter(num_modalities),
@@ -88,21 +105,28 @@ class MultiwayFFN(nn.Module):
             self.vl_norm = self.vl_ffn = None
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, use_vl: bool = False) -> Tensor:
-        """``x [B, N, D]``, ``modality_ids [B, N]`` -> ``[B, N, D]``."""
+        """``x [B, N, D]``, ``modality_ids [B, N]`` -> ``[B, N, D]``.
+
+        Checks ``x`` (floating, last dim ``D``, the layer's dtype outside autocast) and ``modality_ids`` (required
+        unless ``use_vl``; the tokens' shape, integer, in ``[0, len(modalities))``).
+        """
+        owner = type(self).__name__
+        dim = self.moe.experts.dim
+        check_token_batch(
+            "x", x, dim, dtype=layer_dtype(x, self.moe.experts.w_in) if isinstance(x, Tensor) else None, owner=owner
+        )
         if use_vl:
             if self.vl_ffn is None:
-                raise ValueError("use_vl=True but this MultiwayFFN was built without vl_expert")
+                reason = "this MultiwayFFN was built without vl_expert"
+                raise InvalidArgumentError("use_vl", f"False ({reason})", use_vl, owner)
             if not recomputing():
                 self.moe.last_routing_stats = {}  # the modality experts compute nothing in this pass
             return self.vl_ffn(self.vl_norm(x))
         if modality_ids is None:
-            raise ValueError(f"MultiwayFFN needs modality_ids (indices into {self.modalities})")
+            expected = f"an integer tensor of the tokens' shape (indices into {self.modalities})"
+            raise InvalidInputError("modality_ids", expected, None, owner)
         if self.norm is not None:
-            if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
-                raise ValueError(
-                    f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens are {tuple(x.shape[:-1])}"
-                )
-            x = self.norm(x, modality_ids.long())
+            x = self.norm(x, modality_ids)  # checks the ids' shape, dtype and range
         return self.moe(x, modality_ids)
 
 
@@ -132,15 +156,15 @@ class ModalityMoE(SparseMoE):
         num_shared_experts: int = 1,
         **kwargs,
     ) -> None:
-        counts = (
-            list(experts_per_modality.values())
-            if isinstance(experts_per_modality, Mapping)
-            else list(experts_per_modality)
-        )
-        if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
-            raise ValueError(
-                f"experts_per_modality must give a positive count per modality, got {experts_per_modality!r}"
-            )
+        if isinstance(experts_per_modality, Mapping):
+            counts = list(experts_per_modality.values())
+        elif isinstance(experts_per_modality, Sequence) and not isinstance(experts_per_modality, (str, bytes)):
+            counts = list(experts_per_modality)
+        else:
+            counts = []
+        if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
+            expected = "a positive count of experts per modality (a mapping or a non-empty list)"
+            raise InvalidArgumentError("experts_per_modality", expected, experts_per_modality, type(self).__name__)
         pools, start = [], 0
         for count in counts:
             pools.append(list(range(start, start + count)))

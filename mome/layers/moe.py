@@ -14,10 +14,20 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_finite, check_finite_positive, check_int, check_token_batch
+from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
 from . import losses as L
 from .dispatch import compute_capacity, plan_dispatch
 from .experts import Dispatch, Experts
-from .routers import ExpertChoiceRouter, HashRouter, ModalityRouter, Router, Routing, TopKRouter
+from .routers import (
+    ExpertChoiceRouter,
+    HashRouter,
+    ModalityRouter,
+    Router,
+    Routing,
+    TopKRouter,
+    _check_modality_ids,
+)
 
 __all__ = [
     "AUX_LOSSES",
@@ -58,20 +68,10 @@ class RoutedLayer(nn.Module):
         self.last_routing_stats: dict[str, Tensor] = {}
 
 
-def _check_modality_ids(modality_ids: Tensor | None, x: Tensor, num_modalities: int) -> Tensor | None:
-    if modality_ids is None:
-        return None
-    if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
-        raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the tokens are {tuple(x.shape[:-1])}")
-    if modality_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"modality_ids must be an integer tensor, got {modality_ids.dtype}")
-    # Range check on CPU only (no device sync); skipped under torch.compile, where reading the values
-    # would break the graph.
-    if modality_ids.device.type == "cpu" and modality_ids.numel() and not torch.compiler.is_compiling():
-        low, high = int(modality_ids.min()), int(modality_ids.max())
-        if low < 0 or high >= num_modalities:
-            raise ValueError(f"modality_ids must lie in [0, {num_modalities}), found values in [{low}, {high}]")
-    return modality_ids.reshape(-1).long()
+def layer_dtype(x: Tensor, parameter: Tensor) -> torch.dtype | None:
+    """The dtype a layer's input must have: its parameters' (``parameter.dtype``), or None (any floating dtype)
+    under ``torch.autocast`` on the input's device, which casts the operands of each matmul itself."""
+    return None if torch.is_autocast_enabled(x.device.type) else parameter.dtype
 
 
 class MoE(RoutedLayer):
@@ -118,25 +118,39 @@ class MoE(RoutedLayer):
         default_modality: int | None = None,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
+        if not isinstance(router, Router):
+            raise InvalidArgumentError("router", "a mome.layers.Router", type(router).__name__, owner)
+        if not isinstance(experts, Experts):
+            raise InvalidArgumentError("experts", "a mome.layers.Experts", type(experts).__name__, owner)
         if router.num_experts != experts.num_experts:
-            raise ValueError(f"router has num_experts={router.num_experts} but experts has {experts.num_experts}")
-        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if factor is not None and factor != "train" and not (isinstance(factor, (int, float)) and factor > 0):
-                raise ValueError(f"{name} must be > 0 or None (dropless), got {factor!r}")
-        if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
-            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-        if not isinstance(capacity_multiple, int) or capacity_multiple < 1:
-            raise ValueError(f"capacity_multiple must be a positive integer, got {capacity_multiple!r}")
-        if dispatch is not None and dispatch not in ("sorted", "buffers"):
-            raise ValueError(f"dispatch must be 'sorted' or 'buffers', got {dispatch!r}")
+            expected = f"experts of the router's num_experts={router.num_experts}"
+            raise InvalidArgumentError("experts", expected, f"num_experts={experts.num_experts}", owner)
+        check_finite_positive("capacity_factor", capacity_factor, owner=owner, optional=True)
+        if eval_capacity_factor != "train":
+            check_finite_positive("eval_capacity_factor", eval_capacity_factor, owner=owner, optional=True)
+        check_int("group_size", group_size, owner=owner, optional=True)
+        check_int("capacity_multiple", capacity_multiple, owner=owner)
+        check_int("min_capacity", min_capacity, minimum=0, owner=owner)
+        if dispatch is not None:
+            check_choice("dispatch", dispatch, ("sorted", "buffers"), owner=owner)
+        check_int("num_modalities", num_modalities, owner=owner)
+        check_finite("global_entropy_threshold", global_entropy_threshold, minimum=0, owner=owner, optional=True)
+        if aux_loss_weights is not None and not isinstance(aux_loss_weights, Mapping):
+            expected = f"a mapping {{name: weight}} of names in {list(AUX_LOSSES)}"
+            raise InvalidArgumentError("aux_loss_weights", expected, aux_loss_weights, owner)
         weights = dict(aux_loss_weights or {})
-        unknown = sorted(set(weights) - set(AUX_LOSSES))
+        unknown = sorted(set(weights) - set(AUX_LOSSES), key=str)
         if unknown:
-            raise ValueError(f"aux_loss_weights: unknown loss {unknown}; known: {list(AUX_LOSSES)}")
+            raise InvalidArgumentError("aux_loss_weights", f"names in {list(AUX_LOSSES)}", unknown, owner)
+        for name, weight in weights.items():
+            check_finite(f"aux_loss_weights[{name!r}]", weight, minimum=0, owner=owner)
         if "load_balance" in weights and isinstance(router, ExpertChoiceRouter):
-            raise ValueError("aux_loss_weights: load_balance counts first choices; expert choice is balanced by design")
+            reason = "load_balance counts first choices; expert choice is balanced by design"
+            raise UnsupportedOptionError("aux_loss_weights", owner, reason, weights)
         if weights and not router.learned:
-            raise ValueError(f"aux_loss_weights={weights} but {type(router).__name__} has no learned gate to train")
+            reason = f"{type(router).__name__} has no learned gate to train"
+            raise UnsupportedOptionError("aux_loss_weights", owner, reason, weights)
         self.router = router
         self.experts = experts
         self.shared_experts = shared_experts
@@ -146,14 +160,18 @@ class MoE(RoutedLayer):
         self.min_capacity = min_capacity
         self.dispatch = dispatch or experts.dispatch
         if self.dispatch == "buffers" and not isinstance(router, ExpertChoiceRouter):
-            if capacity_factor is None or self.eval_capacity_factor is None:
-                raise ValueError("dispatch='buffers' needs capacity_factor (and eval_capacity_factor) to be set")
+            for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+                if factor is None:
+                    expected = "a finite number > 0 with dispatch='buffers' (capacity buffers need a capacity)"
+                    raise InvalidArgumentError(name, expected, factor, owner)
         self.aux_loss_weights = weights
         self.global_entropy_threshold = global_entropy_threshold
         self.num_modalities = num_modalities
         self.group_size = group_size
-        if default_modality is not None and not 0 <= default_modality < num_modalities:
-            raise ValueError(f"default_modality={default_modality} must lie in [0, num_modalities={num_modalities})")
+        check_int("default_modality", default_modality, minimum=0, owner=owner, optional=True)
+        if default_modality is not None and default_modality >= num_modalities:
+            expected = f"a modality id in [0, num_modalities={num_modalities}) (or None)"
+            raise InvalidArgumentError("default_modality", expected, default_modality, owner)
         self.default_modality = default_modality
 
     @property
@@ -180,14 +198,31 @@ class MoE(RoutedLayer):
         )
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
-        """``x [..., D] -> [..., D]``; ``modality_ids`` and ``token_ids`` are ``x.shape[:-1]``."""
+        """``x [..., D] -> [..., D]``; ``modality_ids`` and ``token_ids`` are ``x.shape[:-1]``.
+
+        Checks ``x`` (floating, last dim ``D``, the experts' dtype outside autocast) and ``modality_ids`` (shape,
+        integer dtype, values in ``[0, num_modalities)``); the router checks what it indexes with.
+        """
+        owner = type(self).__name__
+        check_token_batch("x", x, self.experts.dim, dtype=layer_dtype(x, self.experts.w_in), owner=owner)
         tokens = x.reshape(-1, x.shape[-1])  # [T, D]
-        modality = _check_modality_ids(modality_ids, x, self.num_modalities)
+        # The router re-checks the range of the ids it indexes with: read the values once when its bound is as tight.
+        router_modalities = getattr(self.router, "num_modalities", None)
+        check_range = router_modalities is None or router_modalities > self.num_modalities
+        modality = _check_modality_ids(modality_ids, x.shape[:-1], self.num_modalities, owner, check_range=check_range)
         if modality is None and self.default_modality is not None:
             modality = torch.full(tokens.shape[:1], self.default_modality, dtype=torch.long, device=x.device)
         if token_ids is None and isinstance(self.router, HashRouter):
             # Without vocabulary ids, hash the position within the sequence.
+            if x.dim() < 2:
+                expected = f"a [..., N, {self.experts.dim}] tensor (hash routing of positions; or give token_ids)"
+                raise InvalidInputError("x", expected, f"shape {tuple(x.shape)}", owner)
             token_ids = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1])  # [..., N]
+        elif token_ids is not None and isinstance(token_ids, Tensor) and tuple(token_ids.shape) != x.shape[:-1]:
+            expected = f"of the tokens' shape {tuple(x.shape[:-1])}"
+            raise InvalidInputError("token_ids", expected, f"shape {tuple(token_ids.shape)}", owner)
+        if isinstance(token_ids, Tensor):
+            token_ids = token_ids.reshape(-1)  # [T]
         num_groups = self._num_groups(tokens.shape[0])
         routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
         requested = (~routing.dropped).sum()
@@ -199,13 +234,13 @@ class MoE(RoutedLayer):
         return out.reshape(x.shape)
 
     def _num_groups(self, num_tokens: int) -> int:
-        if self.group_size is None:
+        if self.group_size is None or num_tokens == 0:  # no tokens: one empty group
             return 1
         if num_tokens % self.group_size:
-            raise ValueError(
-                f"group_size={self.group_size} must divide the number of tokens ({num_tokens}); "
-                "choose a group size that is a multiple of the sequence length"
+            expected = (
+                f"a number of tokens divisible by group_size={self.group_size} (a multiple of the sequence length)"
             )
+            raise InvalidInputError("x", expected, f"{num_tokens} tokens", type(self).__name__)
         return num_tokens // self.group_size
 
     def _record(self, routing: Routing, requested: Tensor, num_groups: int = 1) -> None:
@@ -213,7 +248,7 @@ class MoE(RoutedLayer):
         re-run of the forward during backward: :func:`recomputing`). The losses are computed in a re-run too: their
         backward needs the tensors the re-run saves again."""
         probs, modality = routing.router_probs, routing.modality_ids
-        grouped_probs = probs.view(num_groups, -1, probs.shape[-1])  # [G, T/G, E]
+        grouped_probs = probs.view(num_groups, probs.shape[0] // num_groups, probs.shape[-1])  # [G, T/G, E]
         num_modalities = self.num_modalities
         raw: dict[str, Tensor] = {}
         for name in self.aux_loss_weights:
@@ -347,10 +382,15 @@ class SparseMoE(MoE):
         dispatch_dtype: torch.dtype | str | None = None,
         **moe_kwargs,
     ) -> None:
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k!r} must be an integer in [1, num_experts={num_experts}]")
+        owner = type(self).__name__
+        check_int("dim", dim, owner=owner)
+        check_int("hidden_dim", hidden_dim, owner=owner)
+        check_int("num_experts", num_experts, owner=owner)
+        check_int("top_k", top_k, owner=owner)
+        if top_k > num_experts:
+            raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+        check_int("num_shared_experts", num_shared_experts, minimum=0, owner=owner)
+        check_int("shared_hidden_dim", shared_hidden_dim, owner=owner, optional=True)
         if callable(router):
             built = router(dim, num_experts)
         elif router in ("top_k", "noisy_top_k"):
@@ -365,13 +405,16 @@ class SparseMoE(MoE):
                 modality_experts=modality_experts,
             )
         elif router == "expert_choice":
-            built = ExpertChoiceRouter(dim, num_experts, moe_kwargs.pop("capacity_factor", None) or 1.0)
+            capacity_factor = moe_kwargs.pop("capacity_factor", None)  # the router's: tokens per expert
+            check_finite_positive("capacity_factor", capacity_factor, owner=owner, optional=True)
+            built = ExpertChoiceRouter(dim, num_experts, 1.0 if capacity_factor is None else capacity_factor)
         elif router == "hash":
             built = HashRouter(num_experts)
         elif router == "modality":
             built = ModalityRouter(num_experts)
         else:
-            raise ValueError(f"router must be one of {RouterSpec.__args__} or a callable, got {router!r}")
+            expected = "one of " + ", ".join(repr(name) for name in RouterSpec.__args__) + " or a callable"
+            raise InvalidArgumentError("router", expected, router, owner)
         experts = Experts(
             num_experts,
             dim,
@@ -416,9 +459,9 @@ def timm_mlp_layer(**moe_kwargs) -> Callable[..., MoE]:
         **unused,
     ) -> MoE:
         if norm_layer is not None:
-            raise ValueError("timm_mlp_layer: experts have no inner norm, so norm_layer must be None")
+            raise UnsupportedOptionError("norm_layer", "timm_mlp_layer", "experts have no inner norm", norm_layer)
         if drop:
-            raise ValueError("timm_mlp_layer: dropout inside experts is not supported (drop must be 0)")
+            raise UnsupportedOptionError("drop", "timm_mlp_layer", "dropout inside experts is not supported", drop)
         kwargs = {"act_layer": act_layer, "bias": bias, **moe_kwargs}
         return SparseMoE(in_features, hidden_features, **kwargs)
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._errors import MomeError
+from .._checks import check_finite, check_finite_positive, check_ids_in_range, check_int, check_token_batch
+from .._errors import InvalidArgumentError, InvalidInputError, MomeError
 from .losses import noisy_top_k_selection_probs
 
 __all__ = [
@@ -92,9 +93,72 @@ class Router(nn.Module, abc.ABC):
         """Route ``x [T, D]``; ``modality_ids`` and ``token_ids`` are ``[T]`` when given."""
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def _check_modality_ids(
+    modality_ids: Tensor | None,
+    token_shape: tuple[int, ...],
+    num_modalities: int,
+    owner: str,
+    *,
+    check_range: bool = True,
+) -> Tensor | None:
+    """``modality_ids`` (None passes) is an integer tensor of ``token_shape`` whose values lie in
+    ``[0, num_modalities)``; returns it flattened to int64 ``[T]``.
+
+    The range is read (one ``min``/``max``) on CPU tensors only and not under ``torch.compile``: on an accelerator
+    the read would synchronise the host every forward pass (indexing then fails with a device-side assert). The read
+    stays in this function: tests/test_dispatch_compile.py exempts it by name from its host-sync detector.
+    """
+    if modality_ids is None:
+        return None
+    if not isinstance(modality_ids, Tensor):
+        raise InvalidInputError("modality_ids", "an integer tensor", type(modality_ids).__name__, owner)
+    if tuple(modality_ids.shape) != tuple(token_shape):
+        expected = f"of the tokens' shape {tuple(token_shape)}"
+        raise InvalidInputError("modality_ids", expected, f"shape {tuple(modality_ids.shape)}", owner)
+    if modality_ids.dtype not in _INT_DTYPES:
+        raise InvalidInputError("modality_ids", "an integer tensor", modality_ids.dtype, owner)
+    if check_range and modality_ids.device.type == "cpu" and modality_ids.numel():
+        if not torch.compiler.is_compiling():
+            low, high = int(modality_ids.min()), int(modality_ids.max())
+            if low < 0 or high >= num_modalities:
+                expected = f"in [0, {num_modalities})"
+                raise InvalidInputError("modality_ids", expected, f"values in [{low}, {high}]", owner)
+    return modality_ids.reshape(-1).long()
+
+
+def _check_router_input(router: Router, x: Tensor, dim: int | None) -> None:
+    """``x`` is a floating ``[T, D]`` tensor, with ``D`` the router's width when it has a projection."""
+    name = type(router).__name__
+    if dim is not None:
+        check_token_batch("x", x, dim, min_rank=2, max_rank=2, owner=name)
+    elif not isinstance(x, Tensor) or x.dim() != 2 or not torch.is_floating_point(x):
+        got = f"{x.dtype} shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise InvalidInputError("x", "a floating [T, D] tensor", got, name)
+
+
+def _check_modality_experts(modality_experts: object, num_experts: int, top_k: int, owner: str) -> list[list[int]]:
+    """``modality_experts`` is a non-empty sequence of pools, each of at least ``top_k`` distinct expert indices in
+    ``[0, num_experts)``; returns the pools as lists."""
+    expected = f"a non-empty list of pools of >= top_k={top_k} distinct expert indices in [0, {num_experts})"
+    if isinstance(modality_experts, (str, bytes)) or not isinstance(modality_experts, Sequence) or not modality_experts:
+        raise InvalidArgumentError("modality_experts", expected, modality_experts, owner)
+    pools = []
+    for modality, experts in enumerate(modality_experts):
+        name = f"modality_experts[{modality}]"
+        if isinstance(experts, (str, bytes)) or not isinstance(experts, Sequence):
+            raise InvalidArgumentError(name, expected, experts, owner)
+        experts = list(experts)
+        if len(experts) < top_k:
+            raise InvalidArgumentError(name, f"a pool of >= top_k={top_k} experts", experts, owner)
+        if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < num_experts for e in experts):
+            raise InvalidArgumentError(name, f"expert indices in [0, {num_experts})", experts, owner)
+        if len(set(experts)) != len(experts):
+            raise InvalidArgumentError(name, "distinct expert indices", experts, owner)
+        pools.append(experts)
+    return pools
 
 
 class TopKRouter(Router):
@@ -132,33 +196,28 @@ class TopKRouter(Router):
         modality_experts: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("top_k", top_k)
+        owner = type(self).__name__
+        check_int("dim", dim, owner=owner)
+        check_int("num_experts", num_experts, owner=owner)
+        check_int("top_k", top_k, owner=owner)
         if top_k > num_experts:
-            raise ValueError(f"top_k={top_k} must not exceed num_experts={num_experts}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+            raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+        check_finite("noise_std", noise_std, minimum=0, owner=owner)
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
         self.noise_std = float(noise_std)
         self.batch_priority = batch_priority
         self.proj = nn.Linear(dim, num_experts, bias=bias)
+        #: modalities of the per-modality pools (the ``modality_ids`` range), None without pools.
+        self.num_modalities = None
         if modality_experts is not None:
-            allowed = torch.zeros(len(modality_experts), num_experts, dtype=torch.bool)
-            for modality, experts in enumerate(modality_experts):
-                experts = list(experts)
-                if len(experts) < top_k:
-                    raise ValueError(
-                        f"modality_experts[{modality}] has {len(experts)} experts, fewer than top_k={top_k}"
-                    )
-                if any(not 0 <= e < num_experts for e in experts):
-                    raise ValueError(
-                        f"modality_experts[{modality}]={experts} names an expert outside [0, {num_experts})"
-                    )
+            pools = _check_modality_experts(modality_experts, num_experts, top_k, owner)
+            allowed = torch.zeros(len(pools), num_experts, dtype=torch.bool)
+            for modality, experts in enumerate(pools):
                 allowed[modality, experts] = True
             self.register_buffer("allowed_experts", allowed, persistent=False)  # [M, E]
+            self.num_modalities = len(pools)
         else:
             self.allowed_experts = None
 
@@ -169,13 +228,19 @@ class TopKRouter(Router):
         )
 
     def compute_logits(self, x: Tensor, modality_ids: Tensor | None) -> Tensor:
-        """Clean router logits ``[T, E]`` in fp32, with experts outside a modality's pool at -inf."""
+        """Clean router logits ``[T, E]`` in fp32, with experts outside a modality's pool at -inf.
+
+        Checks ``x`` (floating ``[T, D]``) and, with pools, ``modality_ids`` (``[T]``, in ``[0, M)``, required).
+        """
+        _check_router_input(self, x, self.proj.in_features)
         bias = None if self.proj.bias is None else self.proj.bias.float()
         logits = F.linear(x.float(), self.proj.weight.float(), bias)
         if self.allowed_experts is not None:
             if modality_ids is None:
-                raise ValueError("this router has modality_experts pools, so modality_ids must be given")
-            logits = logits.masked_fill(~self.allowed_experts[modality_ids], float("-inf"))
+                expected = f"a [T] integer tensor (this router has modality_experts pools for {self.num_modalities})"
+                raise InvalidInputError("modality_ids", expected, None, type(self).__name__)
+            ids = _check_modality_ids(modality_ids, x.shape[:1], self.num_modalities, type(self).__name__)
+            logits = logits.masked_fill(~self.allowed_experts[ids], float("-inf"))
         return logits
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
@@ -222,6 +287,7 @@ class GShardTop2Router(TopKRouter):
     """
 
     def __init__(self, dim: int, num_experts: int, *, sample_second: bool = True, bias: bool = False) -> None:
+        check_int("num_experts", num_experts, minimum=2, owner=type(self).__name__)  # two distinct choices
         super().__init__(dim, num_experts, 2, renormalize=True, bias=bias)
         self.sample_second = sample_second
 
@@ -278,15 +344,17 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, *, bias: bool = False) -> None:
         super().__init__()
-        _check_positive_int("num_experts", num_experts)
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        owner = type(self).__name__
+        check_int("dim", dim, owner=owner)
+        check_int("num_experts", num_experts, owner=owner)
+        check_finite_positive("capacity_factor", capacity_factor, owner=owner)
         self.num_experts = num_experts
         self.top_k = num_experts
         self.capacity_factor = float(capacity_factor)
         self.proj = nn.Linear(dim, num_experts, bias=bias)
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        _check_router_input(self, x, self.proj.in_features)
         num_tokens = x.shape[0]
         bias = None if self.proj.bias is None else self.proj.bias.float()
         logits = F.linear(x.float(), self.proj.weight.float(), bias)  # [T, E]
@@ -336,8 +404,10 @@ class HashRouter(Router):
 
     def __init__(self, num_experts: int, num_buckets: int = 65536, *, seed: int = 0) -> None:
         super().__init__()
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("num_buckets", num_buckets)
+        owner = type(self).__name__
+        check_int("num_experts", num_experts, owner=owner)
+        check_int("num_buckets", num_buckets, owner=owner)
+        check_int("seed", seed, minimum=0, owner=owner)
         self.num_experts = num_experts
         self.top_k = 1
         generator = torch.Generator().manual_seed(seed)
@@ -346,9 +416,15 @@ class HashRouter(Router):
         self.register_buffer("table", table, persistent=True)
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        owner = type(self).__name__
+        _check_router_input(self, x, None)
         if token_ids is None:
-            raise ValueError("HashRouter needs token_ids (or positions) of shape [T]")
-        expert = self.table[token_ids.reshape(-1) % self.table.numel()]
+            raise InvalidInputError("token_ids", "a [T] integer tensor (token ids or positions)", None, owner)
+        if isinstance(token_ids, Tensor) and tuple(token_ids.shape) != (x.shape[0],):
+            expected = f"a [T] tensor, one id per token ([{x.shape[0]}])"
+            raise InvalidInputError("token_ids", expected, f"shape {tuple(token_ids.shape)}", owner)
+        check_ids_in_range("token_ids", token_ids, self.table.numel(), owner=owner, what="ids")
+        expert = self.table[token_ids % self.table.numel()]  # the modulo only guards compiled graphs (no range check)
         return _one_hot_routing(expert, self.num_experts, modality_ids, x.dtype)
 
 
@@ -366,18 +442,28 @@ class ModalityRouter(Router):
 
     def __init__(self, num_modalities: int, expert_of_modality: Sequence[int] | None = None) -> None:
         super().__init__()
-        _check_positive_int("num_modalities", num_modalities)
-        mapping = list(range(num_modalities)) if expert_of_modality is None else list(expert_of_modality)
-        if len(mapping) != num_modalities:
-            raise ValueError(f"expert_of_modality has {len(mapping)} entries but num_modalities={num_modalities}")
+        owner = type(self).__name__
+        check_int("num_modalities", num_modalities, owner=owner)
+        mapping = list(range(num_modalities)) if expert_of_modality is None else expert_of_modality
+        expected = f"{num_modalities} expert indices >= 0 (one per modality)"
+        if isinstance(mapping, (str, bytes)) or not isinstance(mapping, Sequence) or len(mapping) != num_modalities:
+            raise InvalidArgumentError("expert_of_modality", expected, expert_of_modality, owner)
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in mapping):
+            raise InvalidArgumentError("expert_of_modality", expected, expert_of_modality, owner)
+        mapping = list(mapping)
         self.num_modalities = num_modalities
         self.num_experts = max(mapping) + 1
         self.top_k = 1
         self.register_buffer("expert_of_modality", torch.tensor(mapping, dtype=torch.long), persistent=False)
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Routing:
+        owner = type(self).__name__
+        _check_router_input(self, x, None)
         if modality_ids is None:
-            raise ValueError("ModalityRouter needs modality_ids")
+            raise InvalidInputError(
+                "modality_ids", f"a [T] integer tensor ({self.num_modalities} modalities)", None, owner
+            )
+        modality_ids = _check_modality_ids(modality_ids, x.shape[:1], self.num_modalities, owner)
         expert = self.expert_of_modality[modality_ids]
         return _one_hot_routing(expert, self.num_experts, modality_ids, x.dtype)
 

@@ -23,8 +23,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int, check_token_batch
+from .._errors import InvalidArgumentError
 from .experts import Experts, resolve_dispatch_dtype, round_through
-from .moe import RoutedLayer, recomputing
+from .moe import RoutedLayer, layer_dtype, recomputing
 
 __all__ = ["SoftMoE"]
 
@@ -63,14 +65,17 @@ class SoftMoE(RoutedLayer):
         dispatch_dtype: torch.dtype | str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(slots_per_expert, int) or slots_per_expert < 1:
-            raise ValueError(f"slots_per_expert must be a positive integer, got {slots_per_expert!r}")
+        owner = type(self).__name__
+        for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
+            check_int(name, value, owner=owner)
+        check_int("slots_per_expert", slots_per_expert, owner=owner)
+        if experts is not None and not isinstance(experts, Experts):
+            raise InvalidArgumentError("experts", "a mome.layers.Experts (or None)", type(experts).__name__, owner)
         self.experts = experts or Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias)
         if self.experts.num_experts != num_experts or self.experts.dim != dim:
-            raise ValueError(
-                f"experts has num_experts={self.experts.num_experts}, dim={self.experts.dim}; "
-                f"expected {num_experts}, {dim}"
-            )
+            expected = f"experts with num_experts={num_experts}, dim={dim}"
+            got = f"num_experts={self.experts.num_experts}, dim={self.experts.dim}"
+            raise InvalidArgumentError("experts", expected, got, owner)
         self.num_experts = num_experts
         self.slots_per_expert = slots_per_expert
         self.dispatch_dtype = resolve_dispatch_dtype(dispatch_dtype)
@@ -91,7 +96,12 @@ class SoftMoE(RoutedLayer):
         return dispatch, combine
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
-        """``x [B, M, D]`` (or ``[M, D]``, one sequence) -> same shape."""
+        """``x [B, M, D]`` (or ``[M, D]``, one sequence) -> same shape; ``B`` and ``M`` may be 0 (an empty output).
+
+        Checks ``x``: floating, rank 2 or 3, last dim ``D``, the layer's dtype outside autocast.
+        """
+        dtype = layer_dtype(x, self.mu) if isinstance(x, Tensor) else None
+        check_token_batch("x", x, self.mu.shape[0], min_rank=2, max_rank=3, dtype=dtype, owner=type(self).__name__)
         squeeze = x.dim() == 2
         tokens = x.unsqueeze(0) if squeeze else x  # [B, M, D]
         batch, _, dim = tokens.shape
@@ -111,10 +121,19 @@ class SoftMoE(RoutedLayer):
         if recomputing():  # a gradient checkpoint's re-run in backward: the forward pass recorded these
             return out.squeeze(0) if squeeze else out
         with torch.no_grad():
-            self.last_routing_stats = {
-                "combine_weights_max_mean": combine.amax(dim=2).mean().float(),
-                "dispatch_weights_max_mean": dispatch.amax(dim=1).mean().float(),
-                # Share of each token's output that comes from each expert, averaged over tokens.
-                "expert_load": combine.float().view(batch, -1, num_experts, slots).sum(dim=-1).mean(dim=(0, 1)),
-            }
+            if combine.numel() == 0:  # no tokens: no weights to average; the statistics are 0, not NaN
+                zero = combine.new_zeros((), dtype=torch.float32)
+                load = combine.new_zeros(num_experts, dtype=torch.float32)
+                self.last_routing_stats = {
+                    "combine_weights_max_mean": zero,
+                    "dispatch_weights_max_mean": zero,
+                    "expert_load": load,
+                }
+            else:
+                self.last_routing_stats = {
+                    "combine_weights_max_mean": combine.amax(dim=2).mean().float(),
+                    "dispatch_weights_max_mean": dispatch.amax(dim=1).mean().float(),
+                    # Share of each token's output that comes from each expert, averaged over tokens.
+                    "expert_load": combine.float().view(batch, -1, num_experts, slots).sum(dim=-1).mean(dim=(0, 1)),
+                }
         return out.squeeze(0) if squeeze else out

@@ -58,10 +58,23 @@ from timm.models import checkpoint
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .._checks import check_finite, check_ids_in_range, check_int
+from .._errors import InvalidArgumentError, InvalidInputError
 from .._pretrained import PretrainedCfg
 from .._registry import register_model
 from ..layers import MoE
-from ._moe_vit import MoEType, build_moe_ffn, resolve_moe_layers
+from ._moe_vit import (
+    MoEType,
+    build_moe_ffn,
+    building,
+    check_images,
+    check_moe_options,
+    check_transformer,
+    owner_name,
+    parameter_names,
+    reject_unknown_options,
+    resolve_moe_layers,
+)
 
 __all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE", "limoe_state_dict_from_open_clip_text"]
 
@@ -149,12 +162,40 @@ class LIMoE(nn.Module):
         output_dict: bool = False,
         pad_id: int = 0,
     ) -> None:
-        super().__init__()
-        if moe_type not in ("sparse", "soft", "modality_pools"):
-            raise ValueError(f"moe_type must be 'sparse', 'soft' or 'modality_pools', got {moe_type!r}")
+        owner = owner_name(self)
+        check_transformer(
+            owner,
+            width_name="width",
+            width=width,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            rates={"drop_path_rate": drop_path_rate},
+        )
+        check_int("embed_dim", embed_dim, owner=owner)
+        check_int("vocab_size", vocab_size, owner=owner)
+        check_int("context_length", context_length, owner=owner)
+        check_int("pad_id", pad_id, minimum=0, owner=owner)
+        if pad_id >= vocab_size:
+            raise InvalidArgumentError("pad_id", f"an id in [0, vocab_size={vocab_size})", pad_id, owner)
+        check_finite("init_logit_scale", init_logit_scale, owner=owner)
         options = dict(moe_kwargs or {})
-        if moe_type == "soft" and options:
-            raise ValueError(f"moe_kwargs={options} configure sparse layers; a Soft MoE takes none")
+        check_moe_options(
+            owner,
+            moe_type=moe_type,
+            num_experts=num_experts,
+            top_k=top_k,
+            router=router,
+            slots_per_expert=slots_per_expert,
+            moe_kwargs=options,
+            defaults=(1, "noisy_top_k"),
+        )
+        moe_layer_indices = resolve_moe_layers(moe_layers, depth, owner)  # all checked: now build
+        super().__init__()
+        self.in_chans = in_chans
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -185,7 +226,7 @@ class LIMoE(nn.Module):
         self._init_weights()
 
         # The MoE layers are built after the init so that they keep their own (router, experts).
-        self.moe_layer_indices = resolve_moe_layers(moe_layers, depth)
+        self.moe_layer_indices = moe_layer_indices
         for index in self.moe_layer_indices:
             block = self.blocks[index]
             block.mlp = build_moe_ffn(block.mlp, num_experts, top_k, moe_type, router, slots_per_expert, options)
@@ -216,16 +257,24 @@ class LIMoE(nn.Module):
     # -- embeddings and heads ---------------------------------------------------------------------
 
     def _embed_image(self, image: Tensor) -> Tensor:
+        """``image``: a floating ``[B, in_chans, H, W]`` batch of the model's image size, else
+        :class:`~mome.InvalidInputError`."""
+        check_images("image", image, self.in_chans, self.patch_embed.img_size, self.patch_embed, owner_name(self))
         return self.patch_embed(image) + self.pos_embed  # [B, N, D]
 
     def _embed_text(self, text: Tensor) -> tuple[Tensor, Tensor]:
-        """Token + position embeddings ``[B, L, D]`` and the mask of real (non-padding) tokens ``[B, L]``."""
-        length = text.shape[1]
-        if length > self.context_length:
-            raise ValueError(f"text has {length} tokens; this model takes at most {self.context_length}")
+        """Token + position embeddings ``[B, L, D]`` and the mask of real (non-padding) tokens ``[B, L]``.
+
+        ``text``: integer ids ``[B, L]`` with ``1 <= L <= context_length``, each in ``[0, vocab_size)``, else
+        :class:`~mome.InvalidInputError`."""
+        owner = owner_name(self)
+        check_ids_in_range("text", text, self.vocab_size, owner=owner, what="token ids")
+        if text.dim() != 2 or not 1 <= text.shape[1] <= self.context_length:
+            expected = f"token ids [B, L] with 1 <= L <= context_length={self.context_length}"
+            raise InvalidInputError("text", expected, f"shape {tuple(text.shape)}", owner)
         keep = text != self.pad_id
         keep[:, 0] = True  # every sequence keeps a key to attend to
-        return self.token_embedding(text) + self.positional_embedding[:length], keep
+        return self.token_embedding(text) + self.positional_embedding[: text.shape[1]], keep
 
     def _image_head(self, x: Tensor) -> Tensor:
         return self.image_proj(self.image_norm(x.mean(dim=1)))  # [B, N, D] -> [B, embed_dim]
@@ -289,7 +338,7 @@ class LIMoE(nn.Module):
             modalities.append(TEXT)
             routed.append(None if self.route_padding else keep)
         if not xs:
-            raise ValueError("give an image, a text, or both")
+            raise InvalidInputError("image, text", "an image batch, a text batch, or both", "neither", owner_name(self))
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 # timm's checkpoint, non-reentrant always: the aux losses the MoE records in the forward keep
@@ -411,31 +460,37 @@ def limoe_state_dict_from_open_clip_text(state_dict: Mapping[str, Tensor], model
     return mapped
 
 
-def _create_limoe(**kwargs: Any) -> LIMoE:
-    """LIMoE defaults (top-1 noisy router with BPR, C = 1, V-MoE + entropy losses) under user overrides."""
+def _create_limoe(arch: str, /, **kwargs: Any) -> LIMoE:
+    """LIMoE defaults (top-1 noisy router with BPR, C = 1, V-MoE + entropy losses) under user overrides; errors
+    name ``arch``, and a keyword :class:`LIMoE` does not take is an :class:`~mome.UnsupportedOptionError`."""
+    reject_unknown_options(arch, kwargs, _LIMOE_ARGS, "not an argument of LIMoE")
     user = dict(kwargs.pop("moe_kwargs", None) or {})
     moe_type = kwargs.get("moe_type", "sparse")
     moe_kwargs = user if moe_type == "soft" else {**LIMOE_MOE_DEFAULTS, **user}
     options = {"router": "noisy_top_k", "top_k": 1, "moe_layers": "every_2", **kwargs}
-    return LIMoE(moe_kwargs=moe_kwargs, **options)
+    with building(arch):
+        return LIMoE(moe_kwargs=moe_kwargs, **options)
+
+
+_LIMOE_ARGS = parameter_names(LIMoE)
 
 
 @register_model
 def limoe_b16_e8(pretrained: bool = False, **kwargs: Any) -> LIMoE:
     """LIMoE-B/16: ViT-B/16 tower (12 layers, width 768, 12 heads), 8 experts in blocks 1, 3, ..., 11."""
     args = dict(patch_size=16, width=768, depth=12, num_heads=12, embed_dim=768, num_experts=8)
-    return _create_limoe(**{**args, **kwargs})
+    return _create_limoe("limoe_b16_e8", **{**args, **kwargs})
 
 
 @register_model
 def limoe_l16_e32(pretrained: bool = False, **kwargs: Any) -> LIMoE:
     """LIMoE-L/16: ViT-L/16 tower (24 layers, width 1024, 16 heads), 32 experts in every other block."""
     args = dict(patch_size=16, width=1024, depth=24, num_heads=16, embed_dim=1024, num_experts=32)
-    return _create_limoe(**{**args, **kwargs})
+    return _create_limoe("limoe_l16_e32", **{**args, **kwargs})
 
 
 @register_model
 def limoe_tiny_patch8_e4(pretrained: bool = False, **kwargs: Any) -> LIMoE:
     """A tiny LIMoE for tests and demos: 32px images, 4 layers of width 64, 4 experts in blocks 1 and 3."""
     args = dict(img_size=32, patch_size=8, width=64, depth=4, num_heads=4, embed_dim=64, num_experts=4)
-    return _create_limoe(**{**args, **kwargs})
+    return _create_limoe("limoe_tiny_patch8_e4", **{**args, **kwargs})

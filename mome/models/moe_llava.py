@@ -76,14 +76,30 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .._errors import CheckpointMismatchError
+from .._checks import (
+    check_choice,
+    check_finite,
+    check_finite_positive,
+    check_ids_in_range,
+    check_image_batch,
+    check_int,
+)
+from .._errors import CheckpointMismatchError, InvalidArgumentError, InvalidInputError, UnsupportedOptionError
 from .._pretrained import PretrainedCfg
 from .._registry import register_model
 from .._tokenizer import MOE_LLAVA_TINY_SPECIAL_TOKENS as TINY_SPECIAL_TOKENS
 from .._tokenizer import MOE_LLAVA_TINY_VOCAB as MOE_LLAVA_TINY_VOCAB
 from .._tokenizer import moe_llava_tiny_tokenizer as moe_llava_tiny_tokenizer
 from ..layers import Experts, GShardTop2Router, MoE, Router, TopKRouter
-from ._moe_vit import resolve_moe_layers
+from ._moe_vit import (
+    building,
+    check_patch_grid,
+    check_tensor_shape,
+    owner_name,
+    parameter_names,
+    reject_unknown_options,
+    resolve_moe_layers,
+)
 
 __all__ = [
     "MOE_LLAVA_TINY_VOCAB",
@@ -111,13 +127,71 @@ _UPCYCLE_OPTIONS = (
 _UPSTREAM_MOE_MODES = {"sparse": "every_2_from_0", "dense": "all", "second_half": "last_half"}
 
 
-def _moe_layer_indices(spec: str | Sequence[int], depth: int) -> list[int]:
+def _moe_layer_indices(spec: str | Sequence[int], depth: int, owner: str | None = None) -> list[int]:
     """``"every_2_from_0"`` (upstream ``"sparse"``: 0, 2, 4, ...), ``"first_half"``, ``"all"``, ``"none"``, indices."""
     if spec == "first_half":
         return list(range(depth // 2))
     if isinstance(spec, str):
         spec = _UPSTREAM_MOE_MODES.get(spec, spec)
-    return resolve_moe_layers(spec, depth)
+    return resolve_moe_layers(spec, depth, owner)
+
+
+def _check_moe_options(
+    owner: str,
+    *,
+    num_experts: Any,
+    top_k: Any,
+    capacity_factor: Any,
+    eval_capacity_factor: Any,
+    min_capacity: Any,
+    router_aux_loss_coef: Any,
+    top2_2nd_expert_sampling: Any,
+) -> None:
+    """The MoE options of the LLM (entrypoint arguments, or a config's fields with ``top_k`` as
+    ``num_experts_per_tok``): positive ``num_experts``, ``top_k`` in ``[1, num_experts]``, finite positive capacity
+    factors (None: dropless), ``min_capacity >= 0``, a finite ``router_aux_loss_coef >= 0``, and
+    ``top2_2nd_expert_sampling`` a bool that only top-2 routing may set."""
+    check_int("num_experts", num_experts, owner=owner)
+    check_int("top_k", top_k, owner=owner)
+    if top_k > num_experts:
+        raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+    check_finite_positive("capacity_factor", capacity_factor, owner=owner, optional=True)
+    check_finite_positive("eval_capacity_factor", eval_capacity_factor, owner=owner, optional=True)
+    check_int("min_capacity", min_capacity, minimum=0, owner=owner)
+    check_finite("router_aux_loss_coef", router_aux_loss_coef, minimum=0, owner=owner)
+    check_choice("top2_2nd_expert_sampling", top2_2nd_expert_sampling, (False, True), owner=owner)
+    if top2_2nd_expert_sampling and top_k != 2:
+        reason = f"it samples the second of top-2 experts (DeepSpeed's top-2 gate), and top_k={top_k}"
+        raise UnsupportedOptionError("top2_2nd_expert_sampling", owner, reason, top2_2nd_expert_sampling)
+
+
+def _check_config(config: MoELLaVAConfig, owner: str) -> None:
+    """A :class:`MoELLaVAConfig` the model can be built from: its MoE options (:func:`_check_moe_options`),
+    ``moe_layers`` within the LLM's layers, an image placeholder id within the vocabulary, and a vision tower whose
+    image size is a multiple of its patch size."""
+    _check_moe_options(
+        owner,
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        capacity_factor=config.capacity_factor,
+        eval_capacity_factor=config.eval_capacity_factor,
+        min_capacity=config.min_capacity,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        top2_2nd_expert_sampling=config.top2_2nd_expert_sampling,
+    )
+    text, vision = config.text_config, config.vision_config
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        check_int(f"text_config.{name}", getattr(text, name), owner=owner)
+    resolve_moe_layers(list(config.moe_layers or []), text.num_hidden_layers, owner)
+    vocab = text.vocab_size
+    check_int("image_token_index", config.image_token_id, minimum=0, owner=owner)
+    if config.image_token_id >= vocab:
+        raise InvalidArgumentError(
+            "image_token_index", f"an id in [0, vocab_size={vocab})", config.image_token_id, owner
+        )
+    for name in ("num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        check_int(f"vision_config.{name}", getattr(vision, name), owner=owner)
+    check_patch_grid(vision.image_size, vision.patch_size, owner, ("vision_config.image_size", "patch_size"))
 
 
 @strict
@@ -206,6 +280,7 @@ class MoELLaVA(LlavaForConditionalGeneration):
                     registry[module] = module._can_record_outputs
 
     def __init__(self, config: MoELLaVAConfig) -> None:
+        _check_config(config, owner_name(self))
         super().__init__(config)
         self.loss_type = "ForCausalLM"
         for index in config.moe_layers or []:
@@ -283,17 +358,21 @@ class MoELLaVA(LlavaForConditionalGeneration):
         ``moe_options`` overrides ``capacity_factor``, ``eval_capacity_factor``, ``min_capacity``,
         ``router_aux_loss_coef``, ``top2_2nd_expert_sampling`` in the config (which ``save_pretrained`` writes).
         """
-        unknown = sorted(set(moe_options) - set(_UPCYCLE_OPTIONS))
-        if unknown:
-            raise ValueError(f"upcycle: unknown MoE option(s) {unknown}")
+        owner = f"{owner_name(self)}.upcycle"
+        reject_unknown_options(owner, moe_options, _UPCYCLE_OPTIONS, f"the MoE options are {list(_UPCYCLE_OPTIONS)}")
         layers = self.language_model.layers
-        indices = _moe_layer_indices(moe_layers, len(layers))
+        indices = _moe_layer_indices(moe_layers, len(layers), owner)
         already = [i for i in indices if isinstance(layers[i].mlp, MoE)]
         if already:
-            raise ValueError(f"upcycle: LLM layers {already} already have an MoE FFN")
+            raise InvalidArgumentError(
+                "moe_layers", f"dense LLM layers (layers {already} already have an MoE FFN)", moe_layers, owner
+            )
         config = self.config
-        config.num_experts = num_experts or config.num_experts
-        config.num_experts_per_tok = top_k or config.num_experts_per_tok
+        options = {name: getattr(config, name) for name in _UPCYCLE_OPTIONS} | moe_options
+        num_experts = num_experts or config.num_experts
+        top_k = top_k or config.num_experts_per_tok
+        _check_moe_options(owner, num_experts=num_experts, top_k=top_k, **options)  # before the config changes
+        config.num_experts, config.num_experts_per_tok = num_experts, top_k
         for name, value in moe_options.items():
             setattr(config, name, value)
         for index in indices:
@@ -318,10 +397,51 @@ class MoELLaVA(LlavaForConditionalGeneration):
         images: Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Causal LM pass over text with images spliced in at the placeholder ids (see the class doc)."""
+        """Causal LM pass over text with images spliced in at the placeholder ids (see the class doc).
+
+        Checked first (:class:`~mome.InvalidInputError` naming the input): ``input_ids`` integer ``[B, L]`` ids
+        within the LLM's vocabulary; ``attention_mask`` ``[B, >= L]`` (the cache's past positions and these);
+        ``labels`` ``[B, L]``; ``pixel_values`` (or ``images``) a floating ``[N_img, C, H, W]`` batch of the vision
+        tower's channels and size (an empty tensor means no image), one image per ``image_seq_length`` placeholder
+        ids in ``input_ids`` (counted outside ``torch.compile``)."""
+        owner = owner_name(self)
+        if input_ids is not None:
+            check_ids_in_range(
+                "input_ids", input_ids, self.config.text_config.vocab_size, owner=owner, what="token ids"
+            )
+            if input_ids.dim() != 2 or not input_ids.numel():
+                expected = "token ids [B, L] with B, L >= 1"
+                raise InvalidInputError("input_ids", expected, f"shape {tuple(input_ids.shape)}", owner)
+            batch, length = input_ids.shape
+            if attention_mask is not None and (
+                not isinstance(attention_mask, Tensor)
+                or attention_mask.dim() != 2
+                or attention_mask.shape[0] != batch
+                or attention_mask.shape[1] < length
+            ):
+                got = f"shape {tuple(attention_mask.shape)}" if isinstance(attention_mask, Tensor) else attention_mask
+                expected = f"a [B={batch}, >= L={length}] mask (past positions, then these ids)"
+                raise InvalidInputError("attention_mask", expected, got, owner)
+            if labels is not None:
+                check_tensor_shape("labels", labels, input_ids.shape, "one target id per input id, -100 ignored", owner)
+        name = "pixel_values" if pixel_values is not None else "images"
         if pixel_values is None:
             pixel_values = images
         if pixel_values is not None:
+            vision = self.config.vision_config
+            if not isinstance(pixel_values, Tensor) or pixel_values.numel():
+                size = (vision.image_size, vision.image_size)
+                check_image_batch(name, pixel_values, vision.num_channels, size, owner=owner)
+                if input_ids is not None and not torch.compiler.is_compiling():
+                    placeholders = int((input_ids == self.config.image_token_id).sum())
+                    per_image = self.config.image_seq_length
+                    if placeholders != pixel_values.shape[0] * per_image:
+                        expected = (
+                            f"{placeholders // per_image if placeholders % per_image == 0 else 'whole'} images: "
+                            f"input_ids hold {placeholders} image placeholder ids, {per_image} per image"
+                        )
+                        got = f"{pixel_values.shape[0]} images"
+                        raise InvalidInputError(name, expected, got, owner)
             pixel_values = pixel_values.to(self.vision_tower.dtype) if pixel_values.numel() else None
         out = super().forward(
             input_ids=input_ids,
@@ -675,14 +795,36 @@ def _create_moe_llava(
     top2_2nd_expert_sampling: bool = False,
     vision_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
+    owner: str = "MoELLaVA",
 ) -> MoELLaVA:
     """Build a variant. ``capacity_factor="dropless"`` (or None) is dropless: ``mome.create_model`` drops
-    None-valued kwargs, so configs and the command line say ``dropless``."""
-    for name, value in (text_overrides or {}).items():
-        setattr(text_config, name, value)
+    None-valued kwargs, so configs and the command line say ``dropless``. Every option is checked before anything
+    is built (:func:`_check_moe_options`, ``moe_layers``, the overrides: keys the configs have, an image size that
+    is a multiple of the patch size), each error naming ``owner``."""
     capacity_factor = None if capacity_factor == "dropless" else capacity_factor
     eval_capacity_factor = None if eval_capacity_factor == "dropless" else eval_capacity_factor
-    vision = CLIPVisionConfig(**{**vision_config, **(vision_overrides or {})})
+    _check_moe_options(
+        owner,
+        num_experts=num_experts,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=eval_capacity_factor,
+        min_capacity=min_capacity,
+        router_aux_loss_coef=router_aux_loss_coef,
+        top2_2nd_expert_sampling=top2_2nd_expert_sampling,
+    )
+    text_overrides, vision_overrides = dict(text_overrides or {}), dict(vision_overrides or {})
+    reason = f"not a field of transformers' {type(text_config).__name__}"
+    reject_unknown_options(owner, text_overrides, [k for k in text_overrides if hasattr(text_config, k)], reason)
+    reject_unknown_options(
+        owner, vision_overrides, _CLIP_VISION_FIELDS, "not a field of transformers' CLIPVisionConfig"
+    )
+    for name, value in text_overrides.items():
+        setattr(text_config, name, value)
+    vision = {**vision_config, **vision_overrides}
+    check_patch_grid(vision.get("image_size", 224), vision.get("patch_size", 32), owner, ("image_size", "patch_size"))
+    layer_indices = _moe_layer_indices(moe_layers, text_config.num_hidden_layers, owner)
+    vision = CLIPVisionConfig(**vision)
     num_patches = (vision.image_size // vision.patch_size) ** 2
     config = MoELLaVAConfig(
         vision_config=vision,
@@ -693,7 +835,7 @@ def _create_moe_llava(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
-        moe_layers=_moe_layer_indices(moe_layers, text_config.num_hidden_layers),
+        moe_layers=layer_indices,
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         capacity_factor=capacity_factor,
@@ -702,9 +844,22 @@ def _create_moe_llava(
         router_aux_loss_coef=router_aux_loss_coef,
         top2_2nd_expert_sampling=top2_2nd_expert_sampling,
     )
-    model = MoELLaVA(config)
+    with building(owner):
+        model = MoELLaVA(config)
     model.pretrained_cfg = model.pretrained_cfg.replace(tokenizer=tokenizer)
     return model
+
+
+_CLIP_VISION_FIELDS = tuple(CLIPVisionConfig().to_dict())
+#: What an entrypoint's ``**kwargs`` may hold (the variant's text and vision configs are its own).
+_VARIANT_ARGS = [name for name in parameter_names(_create_moe_llava) if name not in ("text_config", "vision_config")]
+
+
+def _create_variant(arch: str, /, text_config: Any, vision_config: Mapping[str, Any], **kwargs: Any) -> MoELLaVA:
+    """:func:`_create_moe_llava` for the registered ``arch``; a keyword it does not take is an
+    :class:`~mome.UnsupportedOptionError` naming ``arch``."""
+    reject_unknown_options(arch, kwargs, _VARIANT_ARGS, "not an argument of the MoE-LLaVA variants")
+    return _create_moe_llava(text_config, vision_config, owner=arch, **kwargs)
 
 
 @register_model
@@ -728,7 +883,7 @@ def moe_llava_stablelm_1_6b_e4(pretrained: bool = False, **kwargs: Any) -> MoELL
         eos_token_id=100257,
     )
     args = dict(image_token_index=100352 - 1, tokenizer="hf-hub:stabilityai/stablelm-2-1_6b")
-    return _create_moe_llava(text, _clip_vit_l14_336(), **{**args, **kwargs})
+    return _create_variant("moe_llava_stablelm_1_6b_e4", text, _clip_vit_l14_336(), **{**args, **kwargs})
 
 
 @register_model
@@ -750,7 +905,7 @@ def moe_llava_qwen_1_8b_e4(pretrained: bool = False, **kwargs: Any) -> MoELLaVA:
         eos_token_id=151643,
     )
     args = dict(image_token_index=151936 - 1, tokenizer="hf-hub:Qwen/Qwen-1_8B")
-    return _create_moe_llava(text, _clip_vit_l14_336(), **{**args, **kwargs})
+    return _create_variant("moe_llava_qwen_1_8b_e4", text, _clip_vit_l14_336(), **{**args, **kwargs})
 
 
 @register_model
@@ -775,7 +930,7 @@ def moe_llava_phi2_2_7b_e4(pretrained: bool = False, **kwargs: Any) -> MoELLaVA:
         eos_token_id=50256,
     )
     args = dict(image_token_index=51200 - 1, tokenizer="hf-hub:microsoft/phi-2")
-    return _create_moe_llava(text, _clip_vit_l14_336(), **{**args, **kwargs})
+    return _create_variant("moe_llava_phi2_2_7b_e4", text, _clip_vit_l14_336(), **{**args, **kwargs})
 
 
 def _tiny_text_config(llm: str) -> PhiConfig | StableLmConfig | Qwen2Config:
@@ -796,9 +951,8 @@ def _tiny_text_config(llm: str) -> PhiConfig | StableLmConfig | Qwen2Config:
         return PhiConfig(**common, hidden_act="gelu_new", partial_rotary_factor=0.5, resid_pdrop=0.0)
     if llm == "stablelm":
         return StableLmConfig(**common, use_qkv_bias=True, partial_rotary_factor=0.25)
-    if llm == "qwen2":
-        return Qwen2Config(**common)
-    raise ValueError(f"llm must be 'phi', 'stablelm' or 'qwen2', got {llm!r}")
+    check_choice("llm", llm, ("phi", "stablelm", "qwen2"), owner="moe_llava_tiny_e4")
+    return Qwen2Config(**common)
 
 
 @register_model
@@ -810,4 +964,4 @@ def moe_llava_tiny_e4(pretrained: bool = False, llm: str = "phi", **kwargs: Any)
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
     )
     args = dict(image_token_index=TINY_IMAGE_TOKEN_ID, tokenizer="mome:moe_llava_tiny")
-    return _create_moe_llava(_tiny_text_config(llm), vision, **{**args, **kwargs})
+    return _create_variant("moe_llava_tiny_e4", _tiny_text_config(llm), vision, **{**args, **kwargs})

@@ -25,13 +25,16 @@ from __future__ import annotations
 from typing import Any
 
 from .._registry import register_model
-from ._moe_vit import MoEVisionTransformer
+from ._moe_vit import MoEVisionTransformer, building, check_soft_router
 
 __all__ = ["MoEVisionTransformer"]
 
 
-def _create_soft_moe_vit(**kwargs: Any) -> MoEVisionTransformer:
-    """Soft MoE defaults (last half, one slot per expert, norm-then-GAP head, QK-norm) under user overrides."""
+def _create_soft_moe_vit(arch: str, /, **kwargs: Any) -> MoEVisionTransformer:
+    """Soft MoE defaults (last half, one slot per expert, norm-then-GAP head, QK-norm) under user overrides;
+    errors name ``arch``. Routing options (``top_k``, ``router``, ``moe_kwargs``) are rejected unless
+    ``moe_type="sparse"`` (or ``"modality_pools"``) makes the MoE layers routed (checked by the model)."""
+    check_soft_router(arch, kwargs.get("moe_type", "soft"), kwargs.get("router"), "noisy_top_k")
     options = {
         "moe_type": "soft",
         "moe_layers": "last_half",
@@ -43,46 +46,47 @@ def _create_soft_moe_vit(**kwargs: Any) -> MoEVisionTransformer:
         "act_layer": "gelu_tanh",
         **kwargs,
     }
-    return MoEVisionTransformer(**options)
+    with building(arch):
+        return MoEVisionTransformer(**options)
 
 
 @register_model
 def soft_moe_vit_small_patch16_224_e128(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """Soft MoE S/16: ViT-S/16 with 128 experts in blocks 6-11."""
     args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, num_experts=128)
-    return _create_soft_moe_vit(**{**args, **kwargs})
+    return _create_soft_moe_vit("soft_moe_vit_small_patch16_224_e128", **{**args, **kwargs})
 
 
 @register_model
 def soft_moe_vit_small_patch14_224_e256(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """Soft MoE S/14: ViT-S/14 with 256 experts in blocks 6-11."""
     args = dict(patch_size=14, embed_dim=384, depth=12, num_heads=6, num_experts=256)
-    return _create_soft_moe_vit(**{**args, **kwargs})
+    return _create_soft_moe_vit("soft_moe_vit_small_patch14_224_e256", **{**args, **kwargs})
 
 
 @register_model
 def soft_moe_vit_base_patch16_224_e128(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """Soft MoE B/16: ViT-B/16 with 128 experts in blocks 6-11."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_experts=128)
-    return _create_soft_moe_vit(**{**args, **kwargs})
+    return _create_soft_moe_vit("soft_moe_vit_base_patch16_224_e128", **{**args, **kwargs})
 
 
 @register_model
 def soft_moe_vit_large_patch16_224_e128(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """Soft MoE L/16: ViT-L/16 with 128 experts in blocks 12-23."""
     args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_experts=128)
-    return _create_soft_moe_vit(**{**args, **kwargs})
+    return _create_soft_moe_vit("soft_moe_vit_large_patch16_224_e128", **{**args, **kwargs})
 
 
 @register_model
 def soft_moe_vit_huge_patch14_224_e256(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """Soft MoE H/14: ViT-H/14 (32 layers, width 1280) with 256 experts in blocks 16-31."""
     args = dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, num_experts=256)
-    return _create_soft_moe_vit(**{**args, **kwargs})
+    return _create_soft_moe_vit("soft_moe_vit_huge_patch14_224_e256", **{**args, **kwargs})
 
 
 @register_model
 def soft_moe_vit_tiny_patch8_e8(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """A tiny Soft-MoE ViT for tests and demos: 32px, 4 layers of width 64, 8 experts in blocks 2-3."""
     args = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10, num_experts=8)
-    return _create_soft_moe_vit(**{**args, **kwargs})
+    return _create_soft_moe_vit("soft_moe_vit_tiny_patch8_e8", **{**args, **kwargs})

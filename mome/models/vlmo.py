@@ -68,9 +68,20 @@ from timm.layers import DropPath, PatchEmbed, trunc_normal_, use_fused_attn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .._checks import check_finite, check_ids_in_range, check_int
+from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
 from .._pretrained import PretrainedCfg
 from .._registry import register_model
 from ..layers import Experts, MultiwayFFN
+from ._moe_vit import (
+    building,
+    check_images,
+    check_tensor_shape,
+    check_transformer,
+    owner_name,
+    parameter_names,
+    reject_unknown_options,
+)
 
 __all__ = [
     "VLMo",
@@ -300,23 +311,47 @@ class VLMo(nn.Module):
         heads: Sequence[str] = PRETRAINING_HEADS,
         vqa_num_classes: int = 3129,
     ) -> None:
+        owner = owner_name(self)
+        check_transformer(
+            owner,
+            width_name="embed_dim",
+            width=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            rates={"drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate},
+        )
+        check_int("vlffn_start_layer_index", vlffn_start_layer_index, minimum=0, owner=owner)
+        if vlffn_start_layer_index > depth:
+            expected = f"an integer in [0, depth={depth}]"
+            raise InvalidArgumentError("vlffn_start_layer_index", expected, vlffn_start_layer_index, owner)
+        check_int("max_text_len", max_text_len, owner=owner)
+        check_int("vocab_size", vocab_size, owner=owner)
+        check_int("pad_token_id", pad_token_id, minimum=0, owner=owner)
+        if pad_token_id >= vocab_size:
+            raise InvalidArgumentError("pad_token_id", f"an id in [0, vocab_size={vocab_size})", pad_token_id, owner)
+        check_int("rel_pos_text_len", rel_pos_text_len, owner=owner, optional=True)
+        check_finite("layer_scale_init_values", layer_scale_init_values, owner=owner, optional=True)
+        check_int("vqa_num_classes", vqa_num_classes, owner=owner)
+        heads = (heads,) if isinstance(heads, str) else tuple(heads)
+        unknown = sorted(set(heads) - set(HEADS))
+        if unknown:
+            raise InvalidArgumentError("heads", f"a list of {', '.join(HEADS)}", list(heads), owner)
+        if tie_mlm_decoder and "mlm" not in heads:
+            reason = f"it ties the 'mlm' head's decoder, and heads={list(heads)} has none"
+            raise UnsupportedOptionError("tie_mlm_decoder", owner, reason, tie_mlm_decoder)
+        rel_pos_text_len = max_text_len if rel_pos_text_len is None else rel_pos_text_len
+        if use_rel_pos_bias and rel_pos_text_len < max_text_len:
+            expected = f"an integer >= max_text_len={max_text_len} (the text rows of the relative position table)"
+            raise InvalidArgumentError("rel_pos_text_len", expected, rel_pos_text_len, owner)
         super().__init__()
         from transformers.models.bert.modeling_bert import BertConfig, BertEmbeddings
 
-        if not 0 <= vlffn_start_layer_index <= depth:
-            raise ValueError(f"vlffn_start_layer_index={vlffn_start_layer_index} must lie in [0, depth={depth}]")
-        if max_text_len < 1:
-            raise ValueError(f"max_text_len must be positive, got {max_text_len}")
-        heads = tuple(heads)
-        unknown = sorted(set(heads) - set(HEADS))
-        if unknown:
-            raise ValueError(f"unknown VLMo heads {unknown}; the heads are {list(HEADS)}")
-        if tie_mlm_decoder and "mlm" not in heads:
-            raise ValueError("tie_mlm_decoder=True needs the 'mlm' head")
         self.heads = tuple(h for h in HEADS if h in heads)
-        rel_pos_text_len = max_text_len if rel_pos_text_len is None else rel_pos_text_len
-        if use_rel_pos_bias and rel_pos_text_len < max_text_len:
-            raise ValueError(f"rel_pos_text_len={rel_pos_text_len} must be >= max_text_len={max_text_len}")
+        self.in_chans = in_chans
         self.num_features = self.embed_dim = embed_dim
         self.depth, self.num_heads = depth, num_heads
         self.vlffn_start_layer_index = vlffn_start_layer_index
@@ -472,8 +507,11 @@ class VLMo(nn.Module):
     def embed_image(self, image: Tensor, token_type: int = 1) -> Tensor:
         """``[B, C, H, W]`` -> ``[B, 1 + P, D]``: CLS + patches (+ ``pos_embed``) + the image type embedding
         (row ``token_type``: 1, or 2 for NLVR2's second image)."""
-        if token_type >= self.token_type_embeddings.num_embeddings:
-            raise ValueError(f"image token type {token_type} needs the 'nlvr2' head (3 token types)")
+        owner = owner_name(self)
+        if token_type not in range(1, self.token_type_embeddings.num_embeddings):
+            types = "1 (or 2 with the 'nlvr2' head: NLVR2's second image)"
+            raise InvalidArgumentError("image_token_type", types, token_type, owner)
+        check_images("image", image, self.in_chans, self.patch_embed.img_size, self.patch_embed, owner)
         x = self.patch_embed(image)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
@@ -482,9 +520,15 @@ class VLMo(nn.Module):
 
     def embed_text(self, text_ids: Tensor) -> Tensor:
         """``[B, L]`` ids -> ``[B, L, D]``: BERT embeddings (absolute positions only without the relative
-        bias, as upstream's ``rel_pos`` BERT config) + text type embedding."""
-        if text_ids.shape[1] > self.max_text_len:
-            raise ValueError(f"text has {text_ids.shape[1]} tokens but max_text_len={self.max_text_len}")
+        bias, as upstream's ``rel_pos`` BERT config) + text type embedding.
+
+        ``text_ids`` must be integer ids ``[B, L]``, ``1 <= L <= max_text_len``, each in ``[0, vocab_size)``, else
+        :class:`~mome.InvalidInputError` (named ``text``, as the public methods call it)."""
+        owner = owner_name(self)
+        check_ids_in_range("text", text_ids, self.vocab_size, owner=owner, what="token ids")
+        if text_ids.dim() != 2 or not 1 <= text_ids.shape[1] <= self.max_text_len:
+            expected = f"token ids [B, L] with 1 <= L <= max_text_len={self.max_text_len}"
+            raise InvalidInputError("text", expected, f"shape {tuple(text_ids.shape)}", owner)
         emb = self.text_embeddings
         if self.use_rel_pos_bias:
             x = emb.dropout(emb.LayerNorm(emb.word_embeddings(text_ids) + emb.token_type_embeddings.weight[0]))
@@ -494,8 +538,10 @@ class VLMo(nn.Module):
 
     def text_key_mask(self, text_ids: Tensor, text_mask: Tensor | None = None) -> Tensor:
         """Boolean ``[B, L]`` of the text keys to attend to: ``text_mask``, else ``text_ids != pad``
-        (the CLS position is always kept)."""
+        (the CLS position is always kept). A ``text_mask`` of another shape than ``text_ids`` is an
+        :class:`~mome.InvalidInputError`."""
         if text_mask is not None:
+            check_tensor_shape("text_mask", text_mask, text_ids.shape, "one flag per text id", owner_name(self))
             return text_mask.bool()
         mask = text_ids != self.pad_token_id
         mask[:, 0] = True
@@ -531,8 +577,10 @@ class VLMo(nn.Module):
         """
         x = self.embed_image(image)
         if patch_mask is not None:
+            owner = owner_name(self)
             if mask_embedding is None:
-                raise ValueError("forward_image: patch_mask needs a mask_embedding [D]")
+                raise InvalidInputError("mask_embedding", "a [D] tensor when a patch_mask is given", None, owner)
+            check_tensor_shape("patch_mask", patch_mask, (x.shape[0], x.shape[1] - 1), "one flag per patch", owner)
             masked = mask_embedding + self.token_type_embeddings.weight[1]
             patches = torch.where(patch_mask[..., None], masked.to(x.dtype), x[:, 1:])  # [B, P, D]
             x = torch.cat([x[:, :1], patches], dim=1)
@@ -563,7 +611,8 @@ class VLMo(nn.Module):
         text = self.embed_text(text_ids)
         image_tokens = self.embed_image(image, image_token_type)
         if image_tokens.shape[0] != text.shape[0]:
-            raise ValueError(f"{image_tokens.shape[0]} images but {text.shape[0]} texts")
+            expected = f"one image per text ({text.shape[0]} texts)"
+            raise InvalidInputError("image", expected, f"{image_tokens.shape[0]} images", owner_name(self))
         x = torch.cat([text, image_tokens], dim=1)
         modality_ids = torch.cat(
             [
@@ -673,15 +722,22 @@ def _default_tokenizer(vocab_size: int) -> str | None:
     return "mome:tiny-wordlevel" if vocab_size >= TINY_VOCAB_SIZE else None
 
 
-def _create_vlmo(**kwargs: Any) -> VLMo:
-    return VLMo(**kwargs)
+_VLMO_ARGS = parameter_names(VLMo)
+
+
+def _create_vlmo(arch: str, /, **kwargs: Any) -> VLMo:
+    """``VLMo(**kwargs)``; errors name ``arch``, and a keyword :class:`VLMo` does not take is an
+    :class:`~mome.UnsupportedOptionError`."""
+    reject_unknown_options(arch, kwargs, _VLMO_ARGS, "not an argument of VLMo")
+    with building(arch):
+        return VLMo(**kwargs)
 
 
 @register_model
 def vlmo_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
     """VLMo-Base: 12 layers, width 768, 12 heads; VL-FFN in blocks 10-11; shared relative bias, layer scale."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, vlffn_start_layer_index=10, rel_pos_text_len=196)
-    return _create_vlmo(**{**args, **kwargs})
+    return _create_vlmo("vlmo_base_patch16_224", **{**args, **kwargs})
 
 
 @register_model
@@ -697,14 +753,14 @@ def vlmo_base_plus_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
         use_rel_pos_bias=False,
         use_layer_scale=False,
     )
-    return _create_vlmo(**{**args, **kwargs})
+    return _create_vlmo("vlmo_base_plus_patch16_224", **{**args, **kwargs})
 
 
 @register_model
 def vlmo_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
     """VLMo-Large: 24 layers, width 1024, 16 heads; VL-FFN in blocks 21-23; shared relative bias, layer scale."""
     args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, vlffn_start_layer_index=21, rel_pos_text_len=196)
-    return _create_vlmo(**{**args, **kwargs})
+    return _create_vlmo("vlmo_large_patch16_224", **{**args, **kwargs})
 
 
 @register_model
@@ -722,4 +778,4 @@ def vlmo_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> VLMo:
         vocab_size=1000,
         max_text_len=16,
     )
-    return _create_vlmo(**{**args, **kwargs})
+    return _create_vlmo("vlmo_tiny_patch8_32", **{**args, **kwargs})

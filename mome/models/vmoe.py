@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._registry import register_model
-from ._moe_vit import MoEVisionTransformer
+from ._moe_vit import MoEVisionTransformer, building, check_soft_router
 
 __all__ = ["MoEVisionTransformer"]
 
@@ -38,11 +38,18 @@ VMOE_MOE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _create_vmoe(**kwargs: Any) -> MoEVisionTransformer:
-    """V-MoE defaults (noisy top-k router, V-MoE capacity and losses) under user overrides."""
-    moe_kwargs = {**VMOE_MOE_DEFAULTS, **kwargs.pop("moe_kwargs", {})}
-    options = {"router": "noisy_top_k", "act_layer": "gelu_tanh", "group_size_images": None, **kwargs}
-    return MoEVisionTransformer(moe_kwargs=moe_kwargs, **options)
+def _create_vmoe(arch: str, /, **kwargs: Any) -> MoEVisionTransformer:
+    """V-MoE defaults (noisy top-k router, V-MoE capacity and losses) under user overrides; errors name ``arch``.
+
+    With ``moe_type="soft"`` (a V-MoE with Soft MoE FFNs) the routing defaults do not apply: ``router`` may only
+    restate the family's ``"noisy_top_k"`` and ``moe_kwargs`` must be empty (checked by the model)."""
+    with building(arch):
+        soft = kwargs.get("moe_type") == "soft"
+        check_soft_router(arch, kwargs.get("moe_type"), kwargs.get("router"), "noisy_top_k")
+        user = dict(kwargs.pop("moe_kwargs", None) or {})
+        moe_kwargs = user if soft else {**VMOE_MOE_DEFAULTS, **user}
+        options = {"router": "noisy_top_k", "act_layer": "gelu_tanh", "group_size_images": None, **kwargs}
+        return MoEVisionTransformer(moe_kwargs=moe_kwargs, **options)
 
 
 # V-MoE "S" is 8 layers deep (vmoe configs), unlike timm's 12-layer ViT-S.
@@ -52,21 +59,21 @@ def vmoe_s32_e8(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer
     args = dict(
         patch_size=32, embed_dim=512, depth=8, num_heads=8, mlp_ratio=4.0, num_experts=8, top_k=2, moe_layers="last_2"
     )
-    return _create_vmoe(**{**args, **kwargs})
+    return _create_vmoe("vmoe_s32_e8", **{**args, **kwargs})
 
 
 @register_model
 def vmoe_b16_e8(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """V-MoE B/16: ViT-B/16 with E=8, k=2 in every other block (1, 3, ..., 11)."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, num_experts=8, top_k=2, moe_layers="every_2")
-    return _create_vmoe(**{**args, **kwargs})
+    return _create_vmoe("vmoe_b16_e8", **{**args, **kwargs})
 
 
 @register_model
 def vmoe_l16_e8(pretrained: bool = False, **kwargs: Any) -> MoEVisionTransformer:
     """V-MoE L/16: ViT-L/16 with E=8, k=2 in every other block."""
     args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, num_experts=8, top_k=2, moe_layers="every_2")
-    return _create_vmoe(**{**args, **kwargs})
+    return _create_vmoe("vmoe_l16_e8", **{**args, **kwargs})
 
 
 @register_model
@@ -83,4 +90,4 @@ def vmoe_tiny_patch8_e4(pretrained: bool = False, **kwargs: Any) -> MoEVisionTra
         top_k=2,
         moe_layers="every_2",
     )
-    return _create_vmoe(**{**args, **kwargs})
+    return _create_vmoe("vmoe_tiny_patch8_e4", **{**args, **kwargs})
