@@ -34,6 +34,7 @@ from ._errors import (
     CorruptCheckpointError,
     PretrainedUnavailableError,
     UnknownModelError,
+    UnsupportedModelError,
     UnsupportedOptionError,
 )
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
@@ -67,16 +68,16 @@ def parse_model_name(model_name: str) -> tuple[str | None, str]:
     prefix, sep, rest = model_name.partition(":")
     if not sep or not _SOURCE_PREFIX.fullmatch(prefix):
         if any(c in model_name for c in _PATH_CHARS):
-            raise ValueError(
+            raise UnknownModelError(
                 f"model name {model_name!r} looks like a Hub repo id or a path; use 'hf-hub:{model_name}' to "
                 f"load from the Hugging Face Hub or 'local-dir:{model_name}' to load a saved folder"
             )
         return None, model_name
     source = prefix.lower().replace("_", "-")
     if source not in MODEL_SOURCES:
-        raise ValueError(f"unknown model source {prefix!r} in {model_name!r}; the sources are {MODEL_SOURCES}")
+        raise UnknownModelError(f"unknown model source {prefix!r} in {model_name!r}; the sources are {MODEL_SOURCES}")
     if not rest:
-        raise ValueError(f"model name {model_name!r} has nothing after '{prefix}:'")
+        raise UnknownModelError(f"model name {model_name!r} has nothing after '{prefix}:'")
     return source, rest
 
 
@@ -125,8 +126,8 @@ def _load_as(
         _load_converted(model, path, source_format, converter, options, allow_non_finite)
         return
     if options:
-        raise ValueError(
-            f"checkpoint_format={source_format!r} has no converter: converter_options {sorted(options)} do not apply"
+        raise UnsupportedOptionError(
+            "converter_options", f"checkpoint_format={source_format!r}", "that format has no converter", sorted(options)
         )
     load_state_exactly(model, FORMATS[source_format](path), str(path), allow_non_finite=allow_non_finite)
 
@@ -276,7 +277,12 @@ def create_model(
             model, checkpoint_path, checkpoint_format, converter_options, allow_non_finite=allow_non_finite
         )
     elif checkpoint_format is not None or converter_options:
-        raise ValueError("checkpoint_format and converter_options apply to a checkpoint_path; none was given")
+        raise UnsupportedOptionError(
+            "checkpoint_format/converter_options",
+            "create_model",
+            "they apply to a checkpoint_path; none was given",
+            [checkpoint_format, converter_options],
+        )
     return model
 
 
@@ -378,5 +384,5 @@ def get_tokenizer(model_name: str, context_length: int | None = None, cache_dir:
     """
     cfg = _model_cfg(model_name, cache_dir)
     if not cfg.tokenizer:
-        raise ValueError(f"{model_name} has no text side: its pretrained_cfg names no tokenizer")
+        raise UnsupportedModelError(f"{model_name} has no text side: its pretrained_cfg names no tokenizer")
     return create_tokenizer(cfg.tokenizer, context_length or cfg.context_length, cache_dir)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._checkpoint import check_finite_state, check_state_fits
 from .._checkpoint import read_state_dict as read_torch_state_dict
-from .._errors import CheckpointMismatchError
+from .._errors import CheckpointMismatchError, InvalidArgumentError, UnsupportedOptionError
 from .._formats import CONVERTERS as CONVERTERS
 from .._formats import FORMATS as READERS
 from ._keymap import KeyMap as KeyMap
@@ -65,7 +65,7 @@ Converter = Callable[..., dict[str, Tensor]]
 def read_checkpoint(path: str | Path, source_format: str) -> dict[str, Tensor]:
     """The tensors of an upstream checkpoint, by upstream name (see the module docstring for formats)."""
     if source_format not in READERS:
-        raise ValueError(f"unknown source_format {source_format!r}; known: {sorted(READERS)}")
+        raise InvalidArgumentError("source_format", f"one of {sorted(READERS)}", source_format, "read_checkpoint")
     return READERS[source_format](path)
 
 
@@ -87,9 +87,15 @@ def load_converted(
     unless ``allow_non_finite=True``.
     """
     if isinstance(converter, str) and converter not in CONVERTERS:
-        raise ValueError(f"unknown converter {converter!r}; known: {sorted(CONVERTERS)}")
+        raise InvalidArgumentError(
+            "converter", f"one of {sorted(CONVERTERS)}, a function or None", converter, "load_converted"
+        )
     if converter is None and converter_kwargs:
-        raise ValueError(f"converter=None takes no converter arguments, got {sorted(converter_kwargs)}")
+        raise UnsupportedOptionError(
+            ", ".join(sorted(converter_kwargs)),
+            "load_converted(converter=None)",
+            "converter arguments need a converter",
+        )
     state = read_checkpoint(path, source_format)
     if converter is None:
         converted, source = state, str(path)

@@ -59,7 +59,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .._checks import check_finite, check_ids_in_range, check_int
-from .._errors import InvalidArgumentError, InvalidInputError
+from .._errors import CheckpointMismatchError, InvalidArgumentError, InvalidInputError
 from .._pretrained import PretrainedCfg
 from .._registry import register_model
 from ..layers import MoE
@@ -430,9 +430,11 @@ def limoe_state_dict_from_open_clip_text(state_dict: Mapping[str, Tensor], model
 
     def put(key: str, value: Tensor, source: str) -> None:
         if key not in target:
-            raise ValueError(f"open_clip key {source!r} maps to {key!r}, which this LIMoE does not have")
+            raise CheckpointMismatchError(f"open_clip key {source!r} maps to {key!r}, which this LIMoE does not have")
         if tuple(value.shape) != tuple(target[key].shape):
-            raise ValueError(f"{source!r} has shape {tuple(value.shape)}, {key!r} needs {tuple(target[key].shape)}")
+            raise CheckpointMismatchError(
+                f"{source!r} has shape {tuple(value.shape)}, {key!r} needs {tuple(target[key].shape)}"
+            )
         mapped[key] = value
         used.add(source)
 
@@ -456,7 +458,7 @@ def limoe_state_dict_from_open_clip_text(state_dict: Mapping[str, Tensor], model
                 put(f"blocks.{index}.mlp.experts.{expert_param}", stacked, prefix + source)
     unused = sorted(set(state) - used)
     if unused:
-        raise ValueError(f"open_clip keys with no LIMoE counterpart: {unused[:20]}")
+        raise CheckpointMismatchError(f"open_clip keys with no LIMoE counterpart: {unused[:20]}")
     return mapped
 
 

@@ -228,7 +228,9 @@ def _moe_from_dense(mlp: nn.Module, config: MoELLaVAConfig) -> MoE:
     weights = {"load_balance": config.router_aux_loss_coef} if config.router_aux_loss_coef else {}
     top_k, sample = config.num_experts_per_tok, config.top2_2nd_expert_sampling
     if sample and top_k != 2:
-        raise ValueError(f"top2_2nd_expert_sampling applies to top-2 routing, but num_experts_per_tok={top_k}")
+        raise UnsupportedOptionError(
+            "top2_2nd_expert_sampling", f"num_experts_per_tok={top_k}", "it applies to top-2 routing", sample
+        )
     experts = Experts.from_dense(mlp, config.num_experts)
     if top_k == 2:  # built after the experts, as MoE.from_dense builds its router: the same random init
         router: Router = GShardTop2Router(experts.dim, config.num_experts, sample_second=sample)
@@ -481,16 +483,26 @@ def configure_stage(model: MoELLaVA, stage: Literal[1, 2, 3], *, train_dense_ffn
        by substring (phi: ``fc1 fc2 wg``), which also trains the dense FFNs of the odd layers;
        ``train_dense_ffn=True`` reproduces that.
 
-    Returns the model; raises ``ValueError`` for a stage that does not fit the model (MoE layers in
+    Returns the model; raises :class:`~mome.InvalidArgumentError` for a stage that does not fit the model (MoE layers in
     stage 1/2, none in stage 3).
     """
     if stage not in (1, 2, 3):
-        raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+        raise InvalidArgumentError("stage", "1, 2 or 3", stage, "set_stage")
     moe_layers = model.moe_layers
     if stage in (1, 2) and moe_layers:
-        raise ValueError(f"stage {stage} trains a dense LLaVA, but LLM layers {moe_layers} are MoE")
+        raise InvalidArgumentError(
+            "stage",
+            f"3 for a model whose LLM layers {moe_layers} are MoE (stages 1-2 train a dense LLaVA)",
+            stage,
+            "set_stage",
+        )
     if stage == 3 and not moe_layers:
-        raise ValueError("stage 3 trains the MoE layers: call model.upcycle() on the stage-2 model first")
+        raise InvalidArgumentError(
+            "stage",
+            "1 or 2 for a dense model (stage 3 trains MoE layers: call model.upcycle() first)",
+            stage,
+            "set_stage",
+        )
     model.requires_grad_(False)
     if stage in (1, 2):
         model.projector.requires_grad_(True)

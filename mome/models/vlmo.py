@@ -69,7 +69,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_finite, check_ids_in_range, check_int
-from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
+from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedModelError, UnsupportedOptionError
 from .._pretrained import PretrainedCfg
 from .._registry import register_model
 from ..layers import Experts, MultiwayFFN
@@ -130,7 +130,7 @@ def text_relative_position_index(text_len: int, rel_pos_text_len: int, offset: i
     CLS->word, word->CLS and CLS->CLS the three rows after the ``2T - 3`` offsets.
     """
     if not 1 <= text_len <= rel_pos_text_len:
-        raise ValueError(f"text length {text_len} must lie in [1, rel_pos_text_len={rel_pos_text_len}]")
+        raise InvalidInputError("text length", f"in [1, rel_pos_text_len={rel_pos_text_len}]", text_len)
     positions = torch.arange(text_len - 1)
     index = torch.empty(text_len, text_len, dtype=torch.long)
     index[1:, 1:] = offset + (positions[None, :] - positions[:, None]) + (rel_pos_text_len - 2)
@@ -158,7 +158,7 @@ class VLMoAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+            raise InvalidArgumentError("dim", f"a multiple of num_heads={num_heads}", dim, "VLMoAttention")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
@@ -700,7 +700,7 @@ class VLMo(nn.Module):
 
     def _head(self, name: str, module: Any) -> Any:
         if module is None:
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"this VLMo has no {name!r} head (heads={list(self.heads)}); build it with heads=[..., {name!r}]"
             )
         return module
