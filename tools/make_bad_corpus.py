@@ -560,6 +560,18 @@ CALLS: list[dict[str, Any]] = [
         "error": "InvalidArgumentError",
         "match": "capacity_factor",
     },
+    {  # a top-k router's option given to another router is refused, not ignored
+        "layer": "SparseMoE",
+        "kwargs": {"dim": 8, "hidden_dim": 16, "num_experts": 4, "router": "hash", "batch_priority": True},
+        "error": "UnsupportedOptionError",
+        "match": "batch_priority",
+    },
+    {
+        "model": "vmoe_tiny_patch8_e4",
+        "kwargs": {"router": "expert_choice", "moe_kwargs": {"noise_std": 0.5}},
+        "error": "UnsupportedOptionError",
+        "match": "noise_std",
+    },
     {
         "layer": "HashRouter",
         "kwargs": {"num_experts": 4, "num_buckets": 0},

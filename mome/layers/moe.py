@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,8 @@ from .routers import (
 )
 
 __all__ = [
+    "TOP_K_ROUTERS",
+    "TOP_K_ROUTER_OPTIONS",
     "AUX_LOSSES",
     "MoE",
     "RoutedLayer",
@@ -335,6 +337,15 @@ def _routing_statistics(routing: Routing, requested: Tensor, num_modalities: int
 
 
 RouterSpec = Literal["top_k", "noisy_top_k", "expert_choice", "hash", "modality"]
+#: The routers built from :class:`~mome.layers.routers.TopKRouter`, and the options (with their defaults) only they
+#: use: any other router given a value other than the default is refused by name rather than ignoring it.
+TOP_K_ROUTERS = ("top_k", "noisy_top_k")
+TOP_K_ROUTER_OPTIONS: dict[str, Any] = {
+    "renormalize": False,
+    "noise_std": None,
+    "batch_priority": False,
+    "modality_experts": None,
+}
 
 
 class SparseMoE(MoE):
@@ -391,9 +402,21 @@ class SparseMoE(MoE):
             raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
         check_int("num_shared_experts", num_shared_experts, minimum=0, owner=owner)
         check_int("shared_hidden_dim", shared_hidden_dim, owner=owner, optional=True)
+        if callable(router) or router not in TOP_K_ROUTERS:
+            given = dict(
+                renormalize=renormalize,
+                noise_std=noise_std,
+                batch_priority=batch_priority,
+                modality_experts=modality_experts,
+            )
+            for name, value in given.items():
+                if value != TOP_K_ROUTER_OPTIONS[name]:
+                    which = "a router callable" if callable(router) else f"router={router!r}"
+                    reason = f"it configures the top-k routers ({', '.join(TOP_K_ROUTERS)}), not {which}"
+                    raise UnsupportedOptionError(name, owner, reason, value)
         if callable(router):
             built = router(dim, num_experts)
-        elif router in ("top_k", "noisy_top_k"):
+        elif router in TOP_K_ROUTERS:
             default_noise = 1.0 if router == "noisy_top_k" else 0.0
             built = TopKRouter(
                 dim,

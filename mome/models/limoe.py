@@ -63,6 +63,7 @@ from .._errors import CheckpointMismatchError, InvalidArgumentError, InvalidInpu
 from .._pretrained import PretrainedCfg
 from .._registry import register_model
 from ..layers import MoE
+from ..layers.moe import TOP_K_ROUTER_OPTIONS, TOP_K_ROUTERS
 from ._moe_vit import (
     MoEType,
     build_moe_ffn,
@@ -468,8 +469,11 @@ def _create_limoe(arch: str, /, **kwargs: Any) -> LIMoE:
     reject_unknown_options(arch, kwargs, _LIMOE_ARGS, "not an argument of LIMoE")
     user = dict(kwargs.pop("moe_kwargs", None) or {})
     moe_type = kwargs.get("moe_type", "sparse")
-    moe_kwargs = user if moe_type == "soft" else {**LIMOE_MOE_DEFAULTS, **user}
     options = {"router": "noisy_top_k", "top_k": 1, "moe_layers": "every_2", **kwargs}
+    defaults = LIMOE_MOE_DEFAULTS
+    if options["router"] not in TOP_K_ROUTERS:  # BPR is a top-k router's option: not a default for the others
+        defaults = {k: v for k, v in defaults.items() if k not in TOP_K_ROUTER_OPTIONS}
+    moe_kwargs = user if moe_type == "soft" else {**defaults, **user}
     with building(arch):
         return LIMoE(moe_kwargs=moe_kwargs, **options)
 
