@@ -4,7 +4,8 @@ process (check on, check off, ... per round), median of ``--rounds`` rounds with
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/bench_checks.py [--rounds 11] [--calls 20] [--no-vit-b]
 
-Prints a markdown table: family, median ms per forward with checks, without, ratio, spread (min-max of each).
+Prints a markdown table: family, median ms per forward with checks and without, the median of the rounds'
+ratios (with / without, each round's pair timed back to back) and their min-max spread.
 """
 
 from __future__ import annotations
@@ -20,21 +21,25 @@ import torch
 
 import mome
 import mome._checks as checks
-from mome.models import _moe_vit, limoe, moe_llava, vlmo
 
-#: Every module that holds a reference to a check function (``from .._checks import ...`` binds names there).
-_HOLDERS = [checks, _moe_vit, limoe, moe_llava, vlmo]
+
+def _check_functions() -> set[object]:
+    """The check functions (each returns None): ``mome._checks.check_*`` and the models' wrappers of them."""
+    from mome.models import _moe_vit
+
+    found = {getattr(checks, name) for name in dir(checks) if name.startswith("check_")}
+    return found | {_moe_vit.check_images, _moe_vit.check_tensor_shape}
 
 
 @contextlib.contextmanager
 def checks_disabled() -> Iterator[None]:
-    """Every ``check_*`` function of :mod:`mome._checks`, wherever a model module imported it, is a no-op."""
-    saved = []
-    names = [name for name in dir(checks) if name.startswith("check_")] + ["check_images", "check_tensor_shape"]
-    for module in _HOLDERS:
-        for name in names:
-            if hasattr(module, name):
-                saved.append((module, name, getattr(module, name)))
+    """Every check function is a no-op in every ``mome`` module that imported it (``from .._checks import ...``
+    binds the name in the importing module, so each binding is replaced)."""
+    functions, saved = _check_functions(), []
+    for module in [m for name, m in list(sys.modules.items()) if name == "mome" or name.startswith("mome.")]:
+        for name, value in list(vars(module).items()):
+            if any(value is fn for fn in functions):
+                saved.append((module, name, value))
                 setattr(module, name, lambda *args, **kwargs: None)
     try:
         yield
@@ -70,6 +75,16 @@ def _cases(vit_b: bool) -> list[tuple[str, Callable[[], object]]]:
     return cases
 
 
+def _check_calls() -> list[tuple[str, Callable[[], object]]]:
+    """The checks alone, on ViT-B/16-sized inputs (what one forward of a family calls once per input)."""
+    images, ids, tokens = torch.randn(8, 3, 224, 224), torch.randint(0, 49408, (8, 77)), torch.randn(8, 197, 768)
+    return [
+        ("check_image_batch([8, 3, 224, 224])", lambda: checks.check_image_batch("x", images, 3, (224, 224))),
+        ("check_ids_in_range([8, 77] ids)", lambda: checks.check_ids_in_range("text", ids, 49408)),
+        ("check_token_batch([8, 197, 768])", lambda: checks.check_token_batch("x", tokens, 768)),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds (median and spread over them)")
@@ -77,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-vit-b", action="store_true", help="skip the ViT-B/16-sized V-MoE")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    header = "| family | with checks (ms) | without (ms) | ratio | spread with / without (ms) |"
-    rows = [header, "|---|---|---|---|---|"]
+    header = "| family | with checks (ms) | without (ms) | ratio (median of rounds) | ratio spread | rounds |"
+    rows = [header, "|---|---|---|---|---|---|"]
     with torch.no_grad():
         for name, fn in _cases(not args.no_vit_b):
             calls = 1 if "ViT-B" in name else args.calls
@@ -88,10 +103,18 @@ def main(argv: list[str] | None = None) -> None:
                 on.append(_time(fn, calls))
                 with checks_disabled():
                     off.append(_time(fn, calls))
+            ratios = sorted(a / b for a, b in zip(on, off))  # each round's pair, timed back to back
             with_, without = statistics.median(on), statistics.median(off)
-            spread = f"{min(on):.3f}-{max(on):.3f} / {min(off):.3f}-{max(off):.3f}"
-            rows.append(f"| {name} | {with_:.3f} | {without:.3f} | {with_ / without:.3f} | {spread} |")
+            spread = f"{ratios[0]:.3f}-{ratios[-1]:.3f}"
+            row = (
+                f"| {name} | {with_:.2f} | {without:.2f} | {statistics.median(ratios):.3f} | {spread} | {args.rounds} |"
+            )
+            rows.append(row)
             print(rows[-1], file=sys.stderr, flush=True)
+        rows += ["", "| check, alone | microseconds per call (median) | spread | rounds |", "|---|---|---|---|"]
+        for name, fn in _check_calls():
+            times = sorted(_time(fn, 1000) * 1e3 for _ in range(args.rounds))
+            rows.append(f"| {name} | {statistics.median(times):.1f} | {times[0]:.1f}-{times[-1]:.1f} | {args.rounds} |")
     print("\n".join(rows))
 
 
