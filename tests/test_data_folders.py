@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import mome
 from mome.data.base import DataConfigError
 from mome.data.folders import (
     BadSampleError,
@@ -232,6 +233,30 @@ def test_csv_errors(tmp_path, model, tokenizer):
         list(dm.train_dataloader())
 
 
+def test_csv_rows_that_cannot_be_read_name_the_file_and_line(tmp_path, model, tokenizer):
+    """A row with a missing or an extra field was read silently (an empty caption, a dropped field); a file whose
+    captions are all empty trained on nothing; bytes that are not UTF-8 gave a bare UnicodeDecodeError."""
+    _image(0).save(tmp_path / "0.jpg")
+
+    def setup(name: str, text: bytes) -> None:
+        (tmp_path / name).write_bytes(text)
+        dm = CsvImageTextDataModule(tmp_path / name)
+        dm.bind(model, tokenizer)
+        dm.setup("fit")
+
+    with pytest.raises(DataConfigError, match=r"short\.tsv, line 3: 1 field, the header has 2"):
+        setup("short.tsv", b"filepath\ttitle\n0.jpg\ta\n0.jpg\n0.jpg\tb\n")
+    with pytest.raises(DataConfigError, match=r"long\.tsv, line 2: 3 fields, the header has 2"):
+        setup("long.tsv", b"filepath\ttitle\n0.jpg\ta\tb\n")
+    with pytest.raises(DataConfigError, match=r"latin\.tsv, line 3: not UTF-8 text"):
+        setup("latin.tsv", b"filepath\ttitle\n0.jpg\ta\n0.jpg\tcaf\xe9\n")
+    with pytest.raises(DataConfigError, match=r"data\.train_file: '.*header\.tsv' has no rows after its header"):
+        setup("header.tsv", b"filepath\ttitle\n")
+    with pytest.raises(DataConfigError, match=r"data\.train_file: every 'title' caption of '.*blank\.tsv' is empty"):
+        setup("blank.tsv", b"filepath\ttitle\n0.jpg\t\n0.jpg\t \n")
+    setup("fine.tsv", b"filepath\ttitle\n0.jpg\t\n0.jpg\ta\n")  # some empty captions are fine
+
+
 # -- WebDataset -----------------------------------------------------------------------------------------------------
 def _write_shards(folder: Path, shards: int, per_shard: int, bad: str | None = None) -> list[dict]:
     """Shards ``folder/shard-00000{i}.tar``; returns the samples written (key, caption, label) in order."""
@@ -313,6 +338,8 @@ def test_webdataset_errors(tmp_path, model, tokenizer):
         dm.setup("fit")
     with pytest.raises(DataConfigError, match=r"data\.task"):
         WebDatasetDataModule(shard, task="captioning")
+    with pytest.raises(mome.InvalidArgumentError, match=r"data\.epoch_length must be a positive integer.*got 'abc'"):
+        WebDatasetDataModule(shard, epoch_length="abc")  # was a TypeError of the comparison
 
     dm = WebDatasetDataModule(shard, val_urls=shard, eval_batch_size=1)
     dm.bind(model)
@@ -326,6 +353,11 @@ def test_webdataset_errors(tmp_path, model, tokenizer):
     dm.bind(model, tokenizer)
     with pytest.raises(BadSampleError, match=r"'000000' has no 'caption' member"):
         list(dm.val_dataloader())
+
+    dm = WebDatasetDataModule(shard, val_urls=shard, task="classification", label_key="txt", eval_batch_size=1)
+    dm.bind(model)
+    with pytest.raises(BadSampleError, match=r"shard-000000\.tar: sample '000000': member 'txt' is not a class index"):
+        list(dm.val_dataloader())  # was a bare ValueError of int()
 
 
 @pytest.mark.filterwarnings("ignore:Your `IterableDataset` has `__len__` defined")

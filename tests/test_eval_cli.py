@@ -65,10 +65,13 @@ def test_zero_shot_from_a_mome_train_checkpoint(tmp_path, limoe_checkpoint, caps
     out = tmp_path / "eval"
     record, objects = evaluate(compose_eval(out, [f"ckpt_path={limoe_checkpoint}", *FAST]))
     assert record["model"] == "limoe_tiny_patch8_e4" and record["pretrained"] == str(limoe_checkpoint)
+    assert record["weights"] == f"checkpoint {limoe_checkpoint}"
     assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert record["n_samples"] == 250 and record["protocol"]["num_templates"] == 6
     _check_outputs(out, record, "zeroshot_classification")
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    assert "mome-eval: warning:" not in captured.err  # trained weights: no random-initialisation warning
+    line = captured.out.strip().splitlines()[-1]
     assert line.startswith("mome-eval: limoe_tiny_patch8_e4") and "acc1" in line and str(out) in line
     # one sample's cost (mome._flops; tests/test_family_features.py checks the counts by hand)
     cost = record["cost"]
@@ -99,11 +102,18 @@ def test_linear_probe_on_digits(tmp_path):
     _check_outputs(out, record, "linear_probe")
 
 
-def test_classification_with_a_zoo_model(tmp_path):
+def test_classification_with_a_zoo_model(tmp_path, capsys):
     out = tmp_path / "eval"
     overrides = ["model=vmoe_tiny_patch8_e4", "+model.num_classes=10", "eval_task=classification", "max_samples=40"]
     record, _ = evaluate(compose_eval(out, [*overrides, *FAST]))
     assert record["model"] == "vmoe_tiny_patch8_e4" and record["pretrained"] == "none"
+    # no checkpoint and no pretrained weights: the accuracy is a random initialisation's, and the run says so
+    assert record["weights"] == "random initialisation"
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("mome-eval: warning:")]
+    assert len(warnings) == 1 and "vmoe_tiny_patch8_e4 has no trained weights" in warnings[0], warnings
+    assert "random initialisation" in warnings[0]
+    assert "(none: random initialisation)" in captured.out.strip().splitlines()[-1]
     assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"} and record["n_samples"] == 40
     _check_outputs(out, record, "classification")
     routing = json.loads((out / "routing.json").read_text())
@@ -152,6 +162,17 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys, limoe_checkpoint):
         tmp_path, capsys, ["model=vmoe_tiny_patch8_e4", f"ckpt_path={limoe_checkpoint}"], "does not fit vmoe"
     )
     assert "Missing key(s)" in line and "Unexpected key(s)" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.limit_test_batches=abc", "trainer.limit_test_batches must be a number of batches >= 0 or a"),
+        ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
+    ],
+)
+def test_a_bad_trainer_or_data_number_is_named(tmp_path, capsys, override, expected):
+    _fails_early(tmp_path, capsys, ["model.model_name=limoe_tiny_patch8_e4", override], expected)
 
 
 def test_unknown_eval_task(tmp_path, capsys):

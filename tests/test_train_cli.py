@@ -66,6 +66,7 @@ def _fails_early(tmp_path, capsys, overrides, expected):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mome-train: error:")]
     assert len(lines) == 1 and expected in lines[0], lines
     assert not out.exists()  # nothing half-written is left behind
+    return lines[0]
 
 
 @pytest.mark.parametrize("trainer", ["ddp_ep", "fsdp_ep"])
@@ -78,6 +79,88 @@ def test_expert_parallel_on_a_model_without_moe_layers_fails_before_training(tmp
 @pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
 def test_a_seed_that_is_not_a_whole_number_is_named(tmp_path, capsys, seed):
     _fails_early(tmp_path, capsys, [f"seed={seed}"], "seed must be a whole number (or null), got")
+
+
+def test_a_seed_outside_what_lightning_takes_is_named(tmp_path, capsys):
+    """Lightning replaced seed=-1 by a random seed, with a warning only."""
+    _fails_early(tmp_path, capsys, ["seed=-1"], "seed must be a whole number in [0, 4294967295] (or null), got -1")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.max_epochs=abc", "trainer.max_epochs must be an integer >= -1 (or None), got 'abc'"),
+        ("trainer.max_steps=1.5", "trainer.max_steps must be an integer >= -1, got 1.5"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be a positive integer, got 0"),
+        ("trainer.log_every_n_steps=true", "trainer.log_every_n_steps must be a positive integer (or None), got True"),
+        ("trainer.limit_train_batches=2.5", "trainer.limit_train_batches must be a number of batches >= 0 or a"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval must be a number of batches >= 1 or a"),
+        ("trainer.fast_dev_run=abc", "trainer.fast_dev_run must be true, false or a number of batches >= 0"),
+        ("trainer.gradient_clip_val=nan", "trainer.gradient_clip_val must be a finite number >= 0 (or null), got nan"),
+    ],
+)
+def test_a_trainer_number_lightning_cannot_use_is_named(tmp_path, capsys, override, expected):
+    """``trainer.max_epochs=abc`` trained (under fast_dev_run) or failed inside the fit loop with a traceback."""
+    _fails_early(tmp_path, capsys, [override], expected)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.num_workers=-1", "data.num_workers must be an integer >= 0, got -1"),
+        ("data.eval_batch_size=0", "data.eval_batch_size must be a positive integer (or None), got 0"),
+        ("data.train_augment=maybe", "data.train_augment must be true or false, got 'maybe'"),
+    ],
+)
+def test_a_bad_data_option_is_named(tmp_path, capsys, override, expected):
+    _fails_early(tmp_path, capsys, [override], expected)
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "0", "-1e-3", "abc"])
+def test_a_learning_rate_that_cannot_train_is_named(tmp_path, capsys, lr):
+    """NaN failed when fit started (a traceback); inf, 0 and a negative rate trained silently wrong."""
+    _fails_early(tmp_path, capsys, [f"task.optimizer.lr={lr}"], "task.optimizer.lr must be a finite number > 0, got")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("task.optimizer.name=adamz", "Optimizer adamz not found"),  # failed when fit started
+        ("task.optimizer.weight_decay=-0.1", "task.optimizer.weight_decay must be a finite number >= 0, got -0.1"),
+        ("+task.scheduler.warmup_steps=abc", "task.scheduler.warmup_steps must be an integer >= 0, got 'abc'"),
+        ("task.scheduler.min_lr_ratio=2", "task.scheduler.min_lr_ratio must be a number in [0, 1], got 2"),
+        ("task.aux_loss_weight=nan", "task.aux_loss_weight must be a finite number >= 0, got nan"),
+    ],
+)
+def test_a_bad_optimisation_option_is_named(tmp_path, capsys, override, expected):
+    line = _fails_early(tmp_path, capsys, [override], expected)
+    assert "model (" not in line  # a task option, not the model's
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["test=abc"], "test must be true or false, got 'abc'"),  # a string was truthy: the run went on
+        (["export.enabled=abc"], "export.enabled must be true or false, got 'abc'"),
+        (["task.check_finite=abc"], "task.check_finite must be true or false, got 'abc'"),
+        (["experiment=vmoe_digits", "task.label_smoothing=2"], "task.label_smoothing must be a number in [0, 1]"),
+    ],
+)
+def test_a_switch_or_task_option_of_the_wrong_kind_is_named(tmp_path, capsys, overrides, expected):
+    _fails_early(tmp_path, capsys, overrides, expected)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+model.capacity_factor=inf", "UnsupportedOptionError: model (vmoe_tiny_patch8_e4): vmoe_tiny_patch8_e4"),
+        ("+model.moe_kwargs.capacity_factor=inf", "InvalidArgumentError: model (vmoe_tiny_patch8_e4): "),
+    ],
+)
+def test_a_mome_error_of_the_model_constructor_is_one_line(tmp_path, capsys, override, expected):
+    """A mome.MomeError whose constructor takes more than a message was re-raised as a TypeError traceback."""
+    line = _fails_early(tmp_path, capsys, ["experiment=vmoe_digits", override], expected)
+    assert "capacity_factor" in line and "inf" in line
 
 
 def test_unknown_model_fails_before_training(tmp_path, capsys):
@@ -142,6 +225,63 @@ def _pairs(tmp_path):
 def test_template_without_its_required_values_names_them(tmp_path, capsys):
     _fails_early(tmp_path, capsys, ["experiment=limoe_csv"], "data.train_file=<value>")
     _fails_early(tmp_path, capsys, ["experiment=vmoe_imagefolder"], "data.root=<value> model.num_classes=<value>")
+    _fails_early(tmp_path, capsys, ["experiment=limoe_webdataset"], "data.train_urls=<value>")
+    _fails_early(tmp_path, capsys, ["experiment=moe_llava_json"], "data.train_file=<value> task.init_from=<value>")
+    _fails_early(tmp_path, capsys, ["data=imagefolder", "task=classification"], "data.root=<value>")
+
+
+def test_a_missing_validation_folder_fails_before_training(tmp_path, capsys):
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            _images(tmp_path / "folder" / split / label, 2)
+    overrides = ["experiment=vmoe_imagefolder", f"data.root={tmp_path / 'folder'}", "model=vmoe_tiny_patch8_e4"]
+    expected = f"data.val_dir: '{tmp_path / 'folder' / 'val'}' is not a directory; set data.val_fraction"
+    _fails_early(tmp_path, capsys, [*overrides, "model.num_classes=2"], expected)
+
+
+def _captions(tmp_path, lines: list[str]):
+    _images(tmp_path / "pairs", 4)
+    csv = tmp_path / "pairs" / "bad.tsv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"{line}\n" for line in lines))
+    good = _pairs(tmp_path)
+    overrides = ["experiment=limoe_csv", "model=limoe_tiny_patch8_e4", f"data.train_file={csv}"]
+    return csv, [*overrides, f"data.val_file={good}", f"data.test_file={good}"]
+
+
+def test_a_csv_whose_captions_are_all_empty_fails_before_training(tmp_path, capsys):
+    """It trained on empty captions and exited 0."""
+    csv, overrides = _captions(tmp_path, [f"{i}.png\t" for i in range(4)])
+    _fails_early(tmp_path, capsys, overrides, f"data.train_file: every 'title' caption of '{csv}' is empty")
+
+
+def test_a_bad_csv_row_names_its_file_and_line(tmp_path, capsys):
+    """A row with a missing caption field trained with an empty caption."""
+    csv, overrides = _captions(tmp_path, ["0.png\ta cat", "1.png", "2.png\ta dog"])
+    _fails_early(tmp_path, capsys, overrides, f"{csv}, line 3: 1 field, the header has 2")
+
+
+def test_a_bad_sample_met_while_training_is_one_line_and_keeps_the_run(tmp_path, capsys):
+    """An unreadable image is found by a DataLoader worker: one line naming the file and the CSV line, exit 1, and
+    the run's folder (its recorded config) is kept."""
+    _images(tmp_path / "pairs", 2)
+    (tmp_path / "pairs" / "broken.png").write_bytes(b"not a png")
+    csv = tmp_path / "pairs" / "broken.tsv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"broken.png\tthing {i}\n" for i in range(4)))
+    good = _pairs(tmp_path)
+    out = tmp_path / "run"
+    overrides = ["experiment=limoe_csv", "model=limoe_tiny_patch8_e4", f"data.train_file={csv}"]
+    overrides += [f"data.val_file={good}", f"data.test_file={good}", "trainer.fast_dev_run=1", "logger=csv"]
+    overrides += ["data.num_workers=1", "data.batch_size=2", "trainer.precision=32-true"]
+    cfg = compose_train(out, overrides)
+    (out / ".hydra").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("mome-train", _job, cfg)
+    assert exit_info.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mome-train: error:")]
+    assert len(lines) == 1, lines
+    assert f"BadSampleError: not a readable image file: {tmp_path / 'pairs' / 'broken.png'}" in lines[0]
+    assert f"of {csv})" in lines[0] and f"kept in {out}" in lines[0]
+    assert (out / ".hydra").is_dir()
 
 
 def test_limoe_csv_without_a_test_file_fails_before_training(tmp_path, capsys):
@@ -175,6 +315,7 @@ def test_head_that_does_not_fit_the_classes_fails_before_training(tmp_path, caps
             _images(tmp_path / "folder" / split / label, 2)
     overrides = ["experiment=vmoe_imagefolder", f"data.root={tmp_path / 'folder'}", "model=vmoe_tiny_patch8_e4"]
     _fails_early(tmp_path, capsys, [*overrides, "model.num_classes=1000"], "model.num_classes=1000 but the data has 2")
+    _fails_early(tmp_path, capsys, [*overrides, "+model.num_classes=1000"], "model.num_classes=1000 but the data has 2")
 
 
 def test_moe_recipe_is_a_group_choice_not_an_addition(tmp_path):

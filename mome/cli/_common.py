@@ -3,10 +3,12 @@ from a composed Hydra config, and failing with one clear line before anything is
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,14 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import model_entrypoint
-from .._errors import CheckpointMismatchError, MomeError, PretrainedUnavailableError, UnknownModelError
+from .._checks import check_int
+from .._errors import (
+    CheckpointMismatchError,
+    InvalidArgumentError,
+    MomeError,
+    PretrainedUnavailableError,
+    UnknownModelError,
+)
 from ..data.base import DataConfigError, MomeDataModule
 from ..layers.moe import MoE
 from ..layers.soft_moe import SoftMoE
@@ -34,13 +43,16 @@ __all__ = [
     "check_missing",
     "check_moe",
     "check_splits",
+    "check_trainer",
     "model_family",
     "run_cli",
     "setup_phase",
 ]
 
-# Errors that mean "the configuration or the input is wrong": reported as one line, exit code 2.
+# Errors that mean "the configuration or the input is wrong": reported as one line, exit code 2. Every
+# mome.MomeError is one (whatever its builtin base: PretrainedUnavailableError is a RuntimeError).
 USER_ERRORS = (
+    MomeError,
     ValueError,
     KeyError,
     FileNotFoundError,
@@ -68,9 +80,17 @@ def setup_phase() -> Iterator[None]:
     """
     try:
         yield
+    except SetupError:
+        raise
     except USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise SetupError(f"{type(err).__name__}: {message}") from err
+        raise SetupError(one_line(err)) from err
+
+
+def one_line(err: BaseException, where: str = "", message: str | None = None) -> str:
+    """``<ErrorType>: <where><the message's first line>``: how :func:`setup_phase` reports ``err`` (``message``:
+    in place of ``str(err)``)."""
+    text = (str(err) if message is None else message).strip()
+    return f"{type(err).__name__}: {where}{text.splitlines()[0] if text else ''}"
 
 
 def plain_container(node: Any) -> Any:
@@ -97,6 +117,8 @@ def seed_everything(cfg: DictConfig) -> None:
         return
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be a whole number (or null), got {seed!r}")
+    if not 0 <= seed < 2**32:  # Lightning would replace it by a random seed, with a warning only
+        raise ConfigError(f"seed must be a whole number in [0, {2**32 - 1}] (or null), got {seed!r}")
     L.seed_everything(seed, workers=True)
 
 
@@ -104,10 +126,15 @@ def check_missing(cfg: DictConfig) -> None:
     """Fail before anything is built when the config leaves a value the user must give (``???``).
 
     A template for real data (``experiment=limoe_csv``, ``vmoe_imagefolder``, ...) marks the paths and sizes
-    only the user knows as mandatory (``data.train_file: ???``, ``model.num_classes: ???``); the error lists
-    every one of them in one line, as the overrides to add.
+    only the user knows as mandatory (``data.train_file: ???``, ``model.num_classes: ???``, or, for a key its
+    group sets to null, ``required: [task.init_from]``); the error lists every one of them in one line, as the
+    overrides to add.
     """
-    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not str(key).startswith("hydra."))
+    missing = {key for key in OmegaConf.missing_keys(cfg) if not str(key).startswith("hydra.")}
+    # a "???" of an experiment does not replace a group's default (OmegaConf keeps the value it merges onto): such a
+    # key is listed in the experiment's `required` instead
+    missing.update(str(key) for key in cfg.get("required") or () if OmegaConf.select(cfg, str(key)) is None)
+    missing = sorted(missing)
     if missing:
         experiment = _choice("experiment")
         needs = " ".join(f"{key}=<value>" for key in missing)
@@ -192,8 +219,9 @@ def build_task(cfg: DictConfig) -> MomeTask:
         return task_class(model=plain_container(cfg.model), **kwargs)
     except TypeError as err:
         raise ConfigError(f"task ({task_class.__name__}): {err}") from err
-    except USER_ERRORS as err:
-        raise type(err)(f"model ({cfg.model.get('model_name')}): {err}") from err
+    except USER_ERRORS as err:  # the error's own type is kept in the line; its constructor may take other arguments
+        where = "" if str(err).startswith("task") else f"model ({cfg.model.get('model_name')}): "
+        raise SetupError(one_line(err, where)) from err
 
 
 def build_datamodule(cfg: DictConfig, task: MomeTask) -> MomeDataModule:
@@ -205,7 +233,7 @@ def build_datamodule(cfg: DictConfig, task: MomeTask) -> MomeDataModule:
         datamodule = instantiate(cfg.data)
     except InstantiationException as err:
         cause = err.__cause__ or err
-        raise (cause if isinstance(cause, USER_ERRORS) else ConfigError(f"data: {err}")) from err
+        raise (cause if isinstance(cause, USER_ERRORS) else ConfigError(f"data: {cause}")) from err
     datamodule.bind(task.model, task.tokenizer)
     datamodule.setup("fit")
     return datamodule
@@ -220,6 +248,49 @@ def _instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
             except InstantiationException as err:
                 raise ConfigError(f"{name}.{key}: {err.__cause__ or err}") from err
     return objects
+
+
+#: ``Trainer`` arguments that are whole numbers: ``(the smallest value, whether null is accepted)``.
+_TRAINER_INTS = {
+    "max_epochs": (-1, True),
+    "min_epochs": (0, True),
+    "max_steps": (-1, False),
+    "min_steps": (0, True),
+    "num_nodes": (1, False),
+    "accumulate_grad_batches": (1, False),
+    "check_val_every_n_epoch": (1, True),
+    "log_every_n_steps": (1, True),
+    "num_sanity_val_steps": (-1, True),
+}
+#: ``Trainer`` arguments that are a number of batches (an int) or a fraction of the epoch (a float in ``[0, 1]``).
+_TRAINER_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Fail before anything is built when a numeric ``trainer.<key>`` is not a number Lightning takes
+    (``trainer.max_epochs=abc`` would only fail, or be ignored, once ``fit`` runs): one line naming the key."""
+    node = plain_container(cfg.get("trainer")) or {}
+    for key, (minimum, optional) in _TRAINER_INTS.items():
+        if key in node:
+            check_int(f"trainer.{key}", node[key], minimum=minimum, optional=optional)
+    for key in (*_TRAINER_BATCHES, "overfit_batches", "val_check_interval"):
+        value = node.get(key)
+        if value is None:
+            continue
+        low = 1 if key == "val_check_interval" else 0
+        fraction = isinstance(value, float) and 0.0 <= value <= 1.0 and (value > 0 or low == 0)
+        count = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        if not (fraction or count):
+            share = "(0, 1]" if low else "[0, 1]"
+            raise InvalidArgumentError(
+                f"trainer.{key}", f"a number of batches >= {low} or a fraction of the epoch in {share}", value
+            )
+    fast = node.get("fast_dev_run", False)
+    if not isinstance(fast, bool) and not (isinstance(fast, int) and fast >= 0):
+        raise InvalidArgumentError("trainer.fast_dev_run", "true, false or a number of batches >= 0", fast)
+    clip = node.get("gradient_clip_val")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, Real) or not 0 <= clip < math.inf):
+        raise InvalidArgumentError("trainer.gradient_clip_val", "a finite number >= 0 (or null)", clip)
 
 
 #: Keys of the ``trainer`` group that are mome's, not ``Trainer`` arguments: the strategy reads them through
@@ -267,7 +338,9 @@ def _remove_unfinished_output(prog: str) -> None:
 
 def run_cli(prog: str, job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run ``job(cfg)``: a setup error prints one line naming the field, removes the run's folder and
-    exits 2; a non-finite loss prints the step and the loss terms and exits 1."""
+    exits 2; a non-finite loss prints the step and the loss terms and exits 1; a bad sample or record met while
+    running (:class:`~mome.data.DataConfigError`: the file and its line or record) prints one line, keeps what the
+    run wrote and exits 1."""
     try:
         return job(cfg)
     except NonFiniteLossError as err:
@@ -277,3 +350,18 @@ def run_cli(prog: str, job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any
         print(f"{prog}: error: {err}", file=sys.stderr)
         _remove_unfinished_output(prog)
         raise SystemExit(2) from err
+    except DataConfigError as err:  # a bad sample or record met while running: what was written is kept
+        kept = f" (the run's outputs so far are kept in {_output_dir()})" if HydraConfig.initialized() else ""
+        print(f"{prog}: error: {one_line(err, message=_worker_message(err))}{kept}", file=sys.stderr)
+        raise SystemExit(1) from err
+
+
+def _output_dir() -> str:
+    return str(HydraConfig.get().runtime.output_dir)
+
+
+def _worker_message(err: BaseException) -> str:
+    """The message of ``err`` as raised: a DataLoader worker's error is raised again in the main process with the
+    worker's traceback as its message, whose last entry is ``<module>.<Type>: <message>``."""
+    text, marker = str(err), f"{type(err).__module__}.{type(err).__qualname__}: "
+    return text.rsplit(marker, 1)[1] if "Original Traceback" in text and marker in text else text

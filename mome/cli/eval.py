@@ -46,6 +46,7 @@ from ._common import (
     build_datamodule,
     build_trainer,
     check_moe,
+    check_trainer,
     plain_container,
     run_cli,
     seed_everything,
@@ -66,8 +67,14 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
 
 
-def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:
-    """The model to evaluate, its name and its ``pretrained`` field (weights source) for the results."""
+#: The ``weights`` field of the results (and the warning) for a model built without any trained weights.
+RANDOM_WEIGHTS = "random initialisation"
+
+
+def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str, str]:
+    """The model to evaluate, its name, its ``pretrained`` field (the weights' name, ``"none"`` without) and its
+    ``weights`` field (where its weights come from: a checkpoint, a saved model, a pretrained card, or
+    :data:`RANDOM_WEIGHTS`) for the results."""
     check_moe(cfg)
     spec = plain_container(cfg.get("model")) or {}
     spec = {k: v for k, v in spec.items() if v is not None or k == "model_name"}
@@ -83,7 +90,8 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:
             model = model_from_checkpoint(ckpt_path)
         except CheckpointMismatchError as err:
             raise CheckpointMismatchError(_one_line(err)) from err
-        return model, str(getattr(model, "mome_model_name", type(model).__name__)), str(ckpt_path)
+        name = str(getattr(model, "mome_model_name", type(model).__name__))
+        return model, name, str(ckpt_path), f"checkpoint {ckpt_path}"
     model = build_model(spec)
     name = str(spec["model_name"])
     if ckpt_path is not None:
@@ -91,11 +99,15 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str]:
             model.load_state_dict(_checkpoint_state(ckpt_path), strict=True)
         except RuntimeError as err:  # torch names the missing and unexpected keys
             raise CheckpointMismatchError(f"ckpt_path={ckpt_path} does not fit {name}: {_one_line(err)}") from err
-        return model, name, str(ckpt_path)
+        return model, name, str(ckpt_path), f"checkpoint {ckpt_path}"
     if name.startswith(("local-dir:", "hf-hub:")):
-        return model, name, name
+        return model, name, name, f"saved model {name}"
     arch, tag = split_model_name_tag(name)
-    return model, arch, tag if (tag or spec.get("pretrained")) else "none"
+    if spec.get("checkpoint_path"):
+        return model, arch, str(spec["checkpoint_path"]), f"checkpoint_path {spec['checkpoint_path']}"
+    if spec.get("pretrained"):  # create_model loaded the card's weights (the tag's, else the default card's)
+        return model, arch, tag or "default", f"pretrained {tag or 'default'}"
+    return model, arch, "none", RANDOM_WEIGHTS  # a tag alone selects the card's architecture, not its weights
 
 
 def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> EvaluationTask:
@@ -155,7 +167,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one evaluation from a composed config; returns ``(results record, objects)``."""
     with setup_phase():
         seed_everything(cfg)
-        model, model_name, pretrained = load_model(cfg)
+        check_trainer(cfg)
+        model, model_name, pretrained, weights = load_model(cfg)
         task = build_eval_task(cfg, model, model_name)
         data_class = _data_class(cfg)
         if data_class is not None:
@@ -169,6 +182,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         split = str(cfg.get("split", "test"))
         loaders = task.dataloaders(datamodule, split, cfg.get("max_samples"))
         trainer = build_trainer(cfg)
+    if weights == RANDOM_WEIGHTS and trainer.is_global_zero:
+        print(
+            f"mome-eval: warning: {model_name} has no trained weights (no ckpt_path=, no model.pretrained=true or "
+            f"model.checkpoint_path=): {RANDOM_WEIGHTS}, its metrics are those of an untrained model",
+            file=sys.stderr,
+        )
     output_dir = Path(cfg.paths.output_dir)
     resolved = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
     task.output_dir = output_dir
@@ -176,6 +195,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "dataset": _dataset_name(cfg, datamodule),
         "model": model_name,
         "pretrained": pretrained,
+        "weights": weights,
         "split": split,
         "config_hash": hashlib.sha256(resolved.encode()).hexdigest()[:12],
     }
@@ -191,8 +211,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _summary(record: dict[str, Any], output_dir: Path) -> str:
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
+    weights = record["pretrained"] + (f": {RANDOM_WEIGHTS}" if record.get("weights") == RANDOM_WEIGHTS else "")
     return (
-        f"mome-eval: {record['model']} ({record['pretrained']}) on {record['dataset']} {record['task']}: {metrics} "
+        f"mome-eval: {record['model']} ({weights}) on {record['dataset']} {record['task']}: {metrics} "
         f"({record['n_samples']} samples{_drops(record.get('routing'))}{_cost(record.get('cost'))}); "
         f"results in {output_dir / 'results.json'}"
     )

@@ -45,6 +45,7 @@ from ._common import (
     check_expert_parallel,
     check_missing,
     check_splits,
+    check_trainer,
     run_cli,
     seed_everything,
     setup_phase,
@@ -123,6 +124,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     with setup_phase():
         check_missing(cfg)
         seed_everything(cfg)
+        check_trainer(cfg)
+        for key in ("train", "test"):  # a string ("abc") would be truthy
+            if not isinstance(cfg.get(key, True), bool):
+                raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
         ckpt_path = _resolve_ckpt_path(cfg)
         export, push_repo, private = _export_options(cfg)
         task = build_task(cfg)
@@ -176,6 +181,8 @@ def _export_options(cfg: DictConfig) -> tuple[bool, str | None, bool | None]:
     if isinstance(node, bool):
         return node, None, None
     enabled, repo_id, private = node.get("enabled", True), node.get("push_to_hub"), node.get("private")
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"export.enabled must be true or false, got {enabled!r}")
     if repo_id is not None:
         from huggingface_hub.errors import HFValidationError
         from huggingface_hub.utils import validate_repo_id

@@ -26,7 +26,8 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._errors import MomeError
+from .._checks import check_int
+from .._errors import InvalidArgumentError, MomeError
 
 __all__ = [
     "BadSampleError",
@@ -140,7 +141,7 @@ class MomeDataModule(L.LightningDataModule):
             ``{"hflip": 0.0, "scale": [0.8, 1.0]}``); ``None`` uses timm's defaults.
         train_augment: ``False`` trains on the eval transform (no augmentation).
         pin_memory: DataLoader ``pin_memory``.
-        seed: seed of the training order (epoch ``e`` uses ``seed + e``).
+        seed: seed of the training order (epoch ``e`` uses ``seed + e``); ``None`` draws one from torch's RNG.
     """
 
     def __init__(
@@ -151,18 +152,26 @@ class MomeDataModule(L.LightningDataModule):
         augment: Mapping[str, Any] | None = None,
         train_augment: bool = True,
         pin_memory: bool = False,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise DataConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        check_int("data.eval_batch_size", eval_batch_size, optional=True)
+        check_int("data.num_workers", num_workers, minimum=0)
+        check_int("data.seed", seed, minimum=0, optional=True)
+        for name, flag in (("data.train_augment", train_augment), ("data.pin_memory", pin_memory)):
+            if not isinstance(flag, bool):
+                raise InvalidArgumentError(name, "true or false", flag)
+        if augment is not None and not isinstance(augment, Mapping):
+            raise InvalidArgumentError("data.augment", "a mapping of create_transform arguments (or null)", augment)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.augment = dict(augment or {})
         self.train_augment = train_augment
         self.pin_memory = pin_memory
-        self.seed = seed
+        self.seed = int(torch.randint(2**31, ()).item()) if seed is None else seed  # seed=null: unseeded
         self.train_transform: Callable | None = None
         self.eval_transform: Callable | None = None
         self.tokenizer: Callable[..., torch.Tensor] | None = None

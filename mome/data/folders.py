@@ -162,7 +162,7 @@ class ImageFolderDataModule(_SplitFilesDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(seed=seed, **kwargs)
-        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        if val_fraction is not None and (not isinstance(val_fraction, float) or not 0.0 < val_fraction < 1.0):
             raise DataConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.root = Path(root).expanduser()
         self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
@@ -251,6 +251,17 @@ class ImageFolderDataModule(_SplitFilesDataModule):
         return self._folder(split, path, self.eval_transform, fixed=True)
 
 
+def _undecodable_line(path: Path) -> int:
+    """The first line of ``path`` that is not UTF-8 (0 when every line is)."""
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
 class CsvImageTextDataset(Dataset):
     """Image-text pairs listed in a CSV/TSV file, the format of open_clip's ``CsvDataset``.
 
@@ -283,24 +294,43 @@ class CsvImageTextDataset(Dataset):
         self.images: list[str] = []
         self.captions: list[str] = []
         self.lines: list[int] = []  # line of the file each row starts on (the header is line 1)
+        name = os.fspath(self.file)
         with open(self.file, newline="", encoding="utf-8") as stream:
             reader = csv.DictReader(stream, delimiter=sep)
-            columns = reader.fieldnames or []
-            for key, name in ((img_key, "data.img_key"), (caption_key, "data.caption_key")):
-                if key not in columns:
-                    raise DataConfigError(
-                        f"{name}: column {key!r} not found in {os.fspath(self.file)!r} (columns: {columns}, "
-                        f"separator {sep!r})"
-                    )
-            line = reader.line_num + 1
-            for row in reader:
-                image = (row.get(img_key) or "").strip()
-                if not image:
-                    raise DataConfigError(f"{os.fspath(self.file)}, line {line}: empty {img_key!r} field")
-                self.images.append(os.fspath(base / image))  # an absolute path replaces base
-                self.captions.append(row.get(caption_key) or "")
-                self.lines.append(line)
+            line = 1
+            try:
+                columns = reader.fieldnames or []
+                for key, option in ((img_key, "data.img_key"), (caption_key, "data.caption_key")):
+                    if key not in columns:
+                        raise DataConfigError(
+                            f"{option}: column {key!r} not found in {name!r} (columns: {columns}, separator {sep!r})"
+                        )
                 line = reader.line_num + 1
+                for row in reader:
+                    if None in row or None in row.values():  # more fields than the header, or fewer
+                        count = len(columns) + len(row.get(None, ())) - sum(v is None for v in row.values())
+                        raise DataConfigError(
+                            f"{name}, line {line}: {count} field{'s' * (count != 1)}, the header has {len(columns)} "
+                            f"(separator {sep!r}; quote a field that holds it)"
+                        )
+                    image = row[img_key].strip()
+                    if not image:
+                        raise DataConfigError(f"{name}, line {line}: empty {img_key!r} field")
+                    self.images.append(os.fspath(base / image))  # an absolute path replaces base
+                    self.captions.append(row[caption_key])
+                    self.lines.append(line)
+                    line = reader.line_num + 1
+            except csv.Error as err:  # a NUL byte, an unterminated quote at the end of the file, a huge field
+                raise DataConfigError(f"{name}, line {line}: not readable as CSV ({err})") from err
+            except UnicodeDecodeError as err:
+                raise DataConfigError(f"{name}, line {_undecodable_line(self.file)}: not UTF-8 text ({err})") from err
+        if not self.captions:
+            raise DataConfigError(f"{field}: {name!r} has no rows after its header")
+        if not any(caption.strip() for caption in self.captions):
+            raise DataConfigError(
+                f"{field}: every {caption_key!r} caption of {name!r} is empty (data.caption_key names the caption "
+                f"column; columns: {columns})"
+            )
 
     def __len__(self) -> int:
         return len(self.captions)

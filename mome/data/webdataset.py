@@ -33,6 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
+from .._checks import check_int
 from .base import BadSampleError, DataConfigError, MomeDataModule
 from .folders import STAGE_SPLITS
 
@@ -108,7 +109,14 @@ class _ToSample:
         out = {"image": self.transform(image) if self.transform is not None else image}
         target = self._member(sample, self.target_key)
         if self.task == "classification":
-            out["label"] = int(target)
+            try:
+                out["label"] = int(target)
+            except (TypeError, ValueError) as err:
+                raise BadSampleError(
+                    f"{sample.get('__url__')}: sample {sample.get('__key__')!r}: member {self.target_key!r} is not "
+                    f"a class index ({target!r:.60})",
+                    sample.get("__url__"),
+                ) from err
         else:
             out["text"] = self.tokenizer([target if isinstance(target, str) else str(target)])[0]
         return out
@@ -152,10 +160,8 @@ class WebDatasetDataModule(MomeDataModule):
         super().__init__(seed=seed, **kwargs)
         if task not in _TASKS:
             raise DataConfigError(f"data.task must be one of {_TASKS}, got {task!r}")
-        if epoch_length is not None and epoch_length < 1:
-            raise DataConfigError(f"data.epoch_length must be >= 1 or None, got {epoch_length}")
-        if shuffle_buffer < 0:
-            raise DataConfigError(f"data.shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        check_int("data.epoch_length", epoch_length, optional=True)
+        check_int("data.shuffle_buffer", shuffle_buffer, minimum=0)
         self.urls = {"train": train_urls, "val": val_urls, "test": test_urls}
         self.image_key = image_key
         self.text_key = text_key

@@ -27,6 +27,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._checkpoint import load_state_exactly
-from .._errors import CheckpointMismatchError, CorruptCheckpointError, MomeError, UnsafeCheckpointError
+from .._checkpoint import load_state_exactly, read_torch_file
+from .._checks import check_finite_positive, check_int
+from .._errors import CheckpointMismatchError, CorruptCheckpointError, InvalidArgumentError, MomeError
 from .._factory import create_model
 from ..layers.moe import aux_losses, eval_capacity
 
@@ -85,22 +87,19 @@ def read_lightning_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[s
     """A Lightning checkpoint read with ``torch.load(weights_only=True)`` (``mmap=True``: tensors memory-mapped,
     only the pickled index read now), checked to hold a ``state_dict``.
 
+    ``mome-train`` (``ckpt_path=``) and ``mome-eval`` read checkpoints here, so one file gets one error from both.
+
     Raises:
         FileNotFoundError: no such file.
-        UnsafeCheckpointError: a pickle that ``weights_only=True`` refuses (it would run code); nothing in it runs.
+        UnsafeCheckpointError: a pickle that ``weights_only=True`` refuses for the globals it would import (it would
+            run code); nothing in it runs.
+        CheckpointFormatError: another format (safetensors, msgpack) or bytes of no known format (text, random bytes).
         CorruptCheckpointError: a truncated or damaged file, or one without a ``state_dict``.
     """
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        raise UnsafeCheckpointError(f"{path}: refused by torch.load(weights_only=True): {err}") from err
-    except Exception as err:  # RuntimeError / EOFError / OSError of a truncated or damaged archive
-        raise CorruptCheckpointError(f"{path}: not a readable Lightning checkpoint ({err})") from err
+    checkpoint = read_torch_file(path, mmap=mmap, what="Lightning checkpoint")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise CorruptCheckpointError(f"{path}: not a Lightning checkpoint (no state_dict)")
     return checkpoint
@@ -181,6 +180,28 @@ def set_trainable(model: nn.Module, trainable: Sequence[str] | None, frozen: Seq
     return kept
 
 
+def check_number(name: str, value: object, expected: str, *, upper: float = 1.0) -> None:
+    """``value`` is a real number in ``[0, upper]`` (``upper=math.inf``: any finite number ``>= 0``)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= upper or not math.isfinite(value):
+        raise InvalidArgumentError(name, expected, value)
+
+
+def _check_schedule(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
+    """The numbers of ``task.optimizer`` and ``task.scheduler`` that the optimiser and the schedule would take
+    without complaint and train wrongly with (an infinite or zero learning rate) or fail on only when ``fit`` starts
+    (a NaN learning rate, a warm-up that is not a whole number of steps)."""
+    if optimizer.get("lr") is not None:
+        check_finite_positive("task.optimizer.lr", optimizer["lr"])
+    if optimizer.get("weight_decay") is not None:
+        check_number("task.optimizer.weight_decay", optimizer["weight_decay"], "a finite number >= 0", upper=math.inf)
+    if "warmup_steps" in scheduler:
+        check_int("task.scheduler.warmup_steps", scheduler["warmup_steps"], minimum=0)
+    if "warmup_fraction" in scheduler:
+        check_number("task.scheduler.warmup_fraction", scheduler["warmup_fraction"], "a number in [0, 1]")
+    if "min_lr_ratio" in scheduler:
+        check_number("task.scheduler.min_lr_ratio", scheduler["min_lr_ratio"], "a number in [0, 1]")
+
+
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """The learning-rate multiplier of linear warm-up then cosine decay to ``min_lr_ratio``."""
     if step < warmup_steps:
@@ -229,6 +250,11 @@ class MomeTask(L.LightningModule):
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0})
         if self.scheduler_cfg.get("name", "cosine") not in ("cosine", "constant"):
             raise TaskConfigError(f"task.scheduler.name must be 'cosine' or 'constant', got {self.scheduler_cfg}")
+        check_number("task.aux_loss_weight", aux_loss_weight, "a finite number >= 0", upper=math.inf)
+        for name, flag in (("task.grad_checkpointing", grad_checkpointing), ("task.check_finite", check_finite)):
+            if not isinstance(flag, bool):
+                raise InvalidArgumentError(name, "true or false", flag)
+        _check_schedule(self.optimizer_cfg, self.scheduler_cfg)
         self.aux_loss_weight = aux_loss_weight
         self.check_finite = check_finite
         if trainable is not None or frozen:
@@ -244,6 +270,7 @@ class MomeTask(L.LightningModule):
         self.compile_kwargs: dict[str, Any] | None = (
             dict(compile) if isinstance(compile, Mapping) else ({} if compile else None)
         )
+        self._create_optimizer()  # an optimizer name or argument timm refuses fails now, not when fit starts
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward (what the model summary runs on :attr:`example_input_array`)."""
@@ -355,15 +382,19 @@ class MomeTask(L.LightningModule):
             _set_rng_states(checkpoint["mome_rng_states"])
 
     # ---------------------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> Any:
+    def _create_optimizer(self) -> torch.optim.Optimizer:
+        """``task.optimizer`` built by timm's ``create_optimizer_v2`` over the model's trainable parameters."""
         from timm.optim import create_optimizer_v2
 
         cfg = dict(self.optimizer_cfg)
         name = cfg.pop("name", "adamw")
         try:
-            optimizer = create_optimizer_v2(self.model, opt=name, **cfg)
+            return create_optimizer_v2(self.model, opt=name, **cfg)
         except (TypeError, ValueError, AssertionError) as err:
             raise TaskConfigError(f"task.optimizer {self.optimizer_cfg}: {err}") from err
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._create_optimizer()
         sched = dict(self.scheduler_cfg)
         if sched.get("name", "cosine") == "constant":
             return optimizer

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 
-from .base import MomeTask, TaskConfigError
+from .base import MomeTask, TaskConfigError, check_number
 
 __all__ = ["ClassificationTask", "classification_metrics"]
 
@@ -45,6 +45,7 @@ class ClassificationTask(MomeTask):
 
     def __init__(self, *args: Any, label_smoothing: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_number("task.label_smoothing", label_smoothing, "a number in [0, 1]")  # else a failed first step
         self.label_smoothing = label_smoothing
         num_classes = int(getattr(self.model, "num_classes", 0))
         if num_classes < 2:

@@ -45,6 +45,7 @@ RESULT_SCHEMA: dict[str, Any] = {
         },
         "n_samples": {"type": "integer", "minimum": 1},
         "split": {"type": "string"},
+        "weights": {"type": "string"},  # where the weights come from; "random initialisation": none (mome's field)
         "protocol": {"type": "object"},
         "cost": {  # one sample's cost (mome._flops): total and active parameters, active FLOPs (mome's field)
             "type": "object",
