@@ -698,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
     errors = sum(1 for entry in entries if entry["error"]) + len(OVERRIDES) + sum(1 for call in CALLS if call["error"])
     cases = len(entries) + len(OVERRIDES) + len(CALLS)
-    print(f"{len(entries)} files, {len(OVERRIDES)} overrides, {len(CALLS)} calls: {cases} cases, {errors} of them errors")
+    parts = f"{len(entries)} files, {len(OVERRIDES)} overrides, {len(CALLS)} calls"
+    print(f"{parts}: {cases} cases, {errors} of them errors")
     print(f"{size} bytes in {args.out}")
     return 0
 
