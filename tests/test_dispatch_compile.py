@@ -204,7 +204,7 @@ def test_model_moe_layers_compile_fullgraph_inside_the_model(name):
 # -- host-device synchronisation --------------------------------------------------------------------------
 #: Host reads that only happen on CPU tensors (skipped on accelerators): mome's range check of modality ids
 #: (by function) and ATen's ``one_hot`` index check (by source line; CUDA relies on device asserts there).
-CPU_ONLY_FUNCTIONS = ("_check_modality_ids",)
+CPU_ONLY_FUNCTIONS = ("check_modality_ids",)
 CPU_ONLY_LINES = ("one_hot(",)
 
 

@@ -80,6 +80,13 @@ def _flip(blob: bytes, position: int, bit: int = 0) -> bytes:
     return bytes(data)
 
 
+def _random_bytes(size: int) -> bytes:
+    """``size`` bytes of a fixed pseudo-random stream (the same on every run and platform)."""
+    return (
+        torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(7)).numpy().tobytes()
+    )
+
+
 def _checkpoints(out: Path, entries: list[dict[str, Any]]) -> None:
     good = reference_state()
     blob = _safetensors_bytes(good)
@@ -142,6 +149,20 @@ def _checkpoints(out: Path, entries: list[dict[str, Any]]) -> None:
             _safetensors_bytes({k: (v * 100).to(torch.int64) for k, v in good.items()}),
             "CheckpointMismatchError",
             "dtype",
+        ),
+        # bytes of no format at all are corrupt, not unsafe, whatever the suffix says
+        "random_bytes.pt": (_random_bytes(4096), "CheckpointFormatError", "random_bytes.pt"),
+        "random_bytes.ckpt": (_random_bytes(4096), "CheckpointFormatError", "random_bytes.ckpt"),
+        # weights of the right names and shapes holding NaN or Inf: refused unless allow_non_finite=True
+        "nan.safetensors": (
+            _safetensors_bytes({**good, "0.weight": torch.full_like(good["0.weight"], float("nan"))}),
+            "NonFiniteWeightsError",
+            "0.weight",
+        ),
+        "inf.safetensors": (
+            _safetensors_bytes({**good, "2.bias": torch.full_like(good["2.bias"], float("inf"))}),
+            "NonFiniteWeightsError",
+            "2.bias",
         ),
         # half precision is a precision change, not a mismatch: it loads, cast to the model's dtype
         "half_precision.safetensors": (_safetensors_bytes({k: v.half() for k, v in good.items()}), "", ""),

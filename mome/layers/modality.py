@@ -23,7 +23,7 @@ from .._checks import check_finite_positive, check_int, check_token_batch
 from .._errors import InvalidArgumentError, InvalidInputError
 from .experts import Experts
 from .moe import MoE, SparseMoE, layer_dtype, recomputing
-from .routers import ModalityRouter, _check_modality_ids
+from .routers import ModalityRouter, check_modality_ids
 
 __all__ = ["ModalityLayerNorm", "ModalityMoE", "MultiwayFFN"]
 
@@ -47,7 +47,7 @@ class ModalityLayerNorm(nn.Module):
         check_token_batch("x", x, self.weight.shape[1], owner=owner)
         if modality_ids is None:
             raise InvalidInputError("modality_ids", f"an integer tensor of shape {tuple(x.shape[:-1])}", None, owner)
-        ids = _check_modality_ids(modality_ids, x.shape[:-1], self.weight.shape[0], owner).view(x.shape[:-1])
+        ids = check_modality_ids(modality_ids, x.shape[:-1], self.weight.shape[0], owner).view(x.shape[:-1])
         normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)
         return normed * self.weight[ids] + self.bias[ids]
 

@@ -26,7 +26,7 @@ from .routers import (
     Router,
     Routing,
     TopKRouter,
-    _check_modality_ids,
+    check_modality_ids,
 )
 
 __all__ = [
@@ -211,7 +211,7 @@ class MoE(RoutedLayer):
         # The router re-checks the range of the ids it indexes with: read the values once when its bound is as tight.
         router_modalities = getattr(self.router, "num_modalities", None)
         check_range = router_modalities is None or router_modalities > self.num_modalities
-        modality = _check_modality_ids(modality_ids, x.shape[:-1], self.num_modalities, owner, check_range=check_range)
+        modality = check_modality_ids(modality_ids, x.shape[:-1], self.num_modalities, owner, check_range=check_range)
         if modality is None and self.default_modality is not None:
             modality = torch.full(tokens.shape[:1], self.default_modality, dtype=torch.long, device=x.device)
         if token_ids is None and isinstance(self.router, HashRouter):

@@ -96,7 +96,7 @@ class Router(nn.Module, abc.ABC):
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-def _check_modality_ids(
+def check_modality_ids(
     modality_ids: Tensor | None,
     token_shape: tuple[int, ...],
     num_modalities: int,
@@ -239,7 +239,7 @@ class TopKRouter(Router):
             if modality_ids is None:
                 expected = f"a [T] integer tensor (this router has modality_experts pools for {self.num_modalities})"
                 raise InvalidInputError("modality_ids", expected, None, type(self).__name__)
-            ids = _check_modality_ids(modality_ids, x.shape[:1], self.num_modalities, type(self).__name__)
+            ids = check_modality_ids(modality_ids, x.shape[:1], self.num_modalities, type(self).__name__)
             logits = logits.masked_fill(~self.allowed_experts[ids], float("-inf"))
         return logits
 
@@ -463,7 +463,7 @@ class ModalityRouter(Router):
             raise InvalidInputError(
                 "modality_ids", f"a [T] integer tensor ({self.num_modalities} modalities)", None, owner
             )
-        modality_ids = _check_modality_ids(modality_ids, x.shape[:1], self.num_modalities, owner)
+        modality_ids = check_modality_ids(modality_ids, x.shape[:1], self.num_modalities, owner)
         expert = self.expert_of_modality[modality_ids]
         return _one_hot_routing(expert, self.num_experts, modality_ids, x.dtype)
 
