@@ -161,7 +161,20 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys, limoe_checkpoint):
     line = _fails_early(
         tmp_path, capsys, ["model=vmoe_tiny_patch8_e4", f"ckpt_path={limoe_checkpoint}"], "does not fit vmoe"
     )
-    assert "Missing key(s)" in line and "Unexpected key(s)" in line
+    assert "missing key(s)" in line and "unexpected key(s)" in line
+
+
+@pytest.mark.parametrize("with_model", [True, False], ids=["model+ckpt_path", "ckpt_path"])
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, capsys, limoe_checkpoint, with_model):
+    """A Lightning checkpoint holding NaN weights is one line naming the tensor, on both routes of mome-eval."""
+    checkpoint = torch.load(limoe_checkpoint, map_location="cpu", weights_only=True)
+    key = "model.text_proj.weight"
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    bad = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, bad)
+    model = ["model.model_name=limoe_tiny_patch8_e4"] if with_model else []
+    line = _fails_early(tmp_path, capsys, [*model, f"ckpt_path={bad}"], "NonFiniteWeightsError")
+    assert "text_proj.weight" in line
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from .._checkpoint import load_state_exactly
 from .._errors import CheckpointMismatchError
 from .._registry import split_model_name_tag
 from .._resources import conf_dir
@@ -95,9 +96,9 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str, str]:
     model = build_model(spec)
     name = str(spec["model_name"])
     if ckpt_path is not None:
-        try:
-            model.load_state_dict(_checkpoint_state(ckpt_path), strict=True)
-        except RuntimeError as err:  # torch names the missing and unexpected keys
+        try:  # strict, and NaN/Inf refused, as every other route that loads weights
+            load_state_exactly(model, _checkpoint_state(ckpt_path), "its weights")
+        except CheckpointMismatchError as err:
             raise CheckpointMismatchError(f"ckpt_path={ckpt_path} does not fit {name}: {_one_line(err)}") from err
         return model, name, str(ckpt_path), f"checkpoint {ckpt_path}"
     if name.startswith(("local-dir:", "hf-hub:")):
