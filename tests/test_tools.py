@@ -72,6 +72,32 @@ def test_bench_quick_models_and_decoding():
     assert rows["moe_llava_tiny_e4 dense twin"]["decode_ratio_to_dense_twin"] == 1.0
 
 
+def test_bench_routers_section_times_every_router_against_top_k(tmp_path):
+    """``--only routers``: each router and design of mome.layers on the shape, ratios to the top-k row; BASE and GShard
+    run on the k their design fixes; the target check covers every router but BASE on the target shape."""
+    bench = load("bench")
+    out_md = tmp_path / "routers.md"
+    argv = ["--only", "routers", "--shapes", "64:4:1", "64:4:2", "--dim", "16", "--repeats", "1"]
+    results = bench.main([*argv, "--markdown", str(out_md)])
+    rows = results["routers"]
+    by_shape = {}
+    for row in rows:
+        by_shape.setdefault(row["top_k"], {})[row["implementation"]] = row
+    assert by_shape[1][bench.TOP_K]["forward_backward_ratio"] == 1.0
+    for k, names in by_shape.items():
+        assert set(names) == set(bench.router_candidates(bench.LayerShape("sparse", 64, 4, k, 32, 16, "swiglu")))
+        for name, row in names.items():
+            fixed = (name.startswith("base") and k != 1) or (name == "gshard" and k != 2)
+            assert ("note" in row) == fixed, (name, row)
+            if not fixed:
+                assert row["forward_backward_s"] > 0 and row["forward_ratio"] > 0
+    assert "Routers" in out_md.read_text()
+    assert bench.check_router_targets(rows) == []  # 64:4 is not the target shape
+    target_rows = [{**row, "tokens": 4096, "experts": 8} for row in rows]
+    checked = {check["target"].split(": ")[1].split(" f+b")[0] for check in bench.check_router_targets(target_rows)}
+    assert bench.TOP_K not in checked and not any(name.startswith("base") for name in checked) and "sinkhorn" in checked
+
+
 def test_bench_memory_item_runs_in_a_fresh_process():
     bench = load("bench")
     shape = bench.LayerShape("sparse", 64, 4, 2, 64, 32, "swiglu")
