@@ -45,6 +45,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._checks import check_int
 from ._errors import InvalidArgumentError, UnsupportedModelError, UnsupportedOptionError
 from ._pretrained import PretrainedCfg
 from ._registry import register_model
@@ -567,11 +568,13 @@ def _moe_into_lm(
     dim = model.config.hidden_size
     moe_kwargs = dict(moe_kwargs)
     allow_noncausal = bool(moe_kwargs.pop("allow_noncausal_routing", False))
+    segments = moe_kwargs.pop("fine_grained", 1)  # DeepSeekMoE: m * num_experts experts, top m * top_k
+    check_int("fine_grained", segments, owner="upcycle")
     for index in resolve_moe_layers(moe_layers, len(layers)):
         mlp = layers[index].mlp
         parameter = next(mlp.parameters())
-        gate = _build_router(router, dim, num_experts, top_k, renormalize)
-        moe = MoE.from_dense(mlp, num_experts, top_k, router=gate, **moe_kwargs)
+        gate = _build_router(router, dim, segments * num_experts, segments * top_k, renormalize)
+        moe = MoE.from_dense(mlp, num_experts, top_k, router=gate, fine_grained=segments, **moe_kwargs)
         check_causal_safe(moe, allow_noncausal=allow_noncausal)
         layers[index].mlp = moe.to(device=parameter.device, dtype=parameter.dtype)
     return model

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from mome import MomeError
 from mome.layers import (
+    SMEAR,
     ExpertChoiceRouter,
     Experts,
     GShardTop2Router,
@@ -202,6 +203,12 @@ CONSTRUCTORS = {
         lambda a: True,
         lambda layer, a: _layer_probe(layer, a["dim"], False),
     ),
+    "SMEAR": (
+        SMEAR,
+        {"dim": pos_int(), "hidden_dim": pos_int(), "num_experts": pos_int()},
+        lambda a: True,
+        lambda layer, a: _layer_probe(layer, a["dim"], False),
+    ),
     "MultiwayFFN": (
         MultiwayFFN,
         {
@@ -294,6 +301,7 @@ LAYERS = {
         {},
     ),
     "soft": (lambda: SoftMoE(DIM, 16, 4, 2), (2, 3), "ignored", 1, {}),
+    "smear": (lambda: SMEAR(DIM, 16, 4), (2, 3), "ignored", 1, {}),
     "modality_moe": (lambda: ModalityMoE(DIM, 16, [2, 2], 1), (1, None), "required", 2, {}),
     "multiway": (lambda: MultiwayFFN(DIM, 16), (1, None), "required", 2, {}),
     "multiway_vl": (lambda: MultiwayFFN(DIM, 16, vl_expert=True), (1, None), "ignored", 2, {"use_vl": True}),

@@ -70,8 +70,8 @@ def test_recipe_changes_the_model_built(name, tmp_path):
         if OWN_RECIPE[family] != name:  # a family's own recipe restates its defaults (see the next test)
             assert built != repr(mome.create_model(TINY[family])), family
         layers = _moe_layers(build_model(spec))
-        if recipe["moe_type"] == "soft":
-            assert not layers and "SoftMoE" in built, family
+        if recipe["moe_type"] in ("soft", "smear"):
+            assert not layers and {"soft": "SoftMoE", "smear": "SMEAR"}[recipe["moe_type"]] in built, family
         else:
             assert layers, family
             expected = recipe.get("moe_kwargs", {}).get("aux_loss_weights")

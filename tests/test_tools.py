@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -70,6 +71,32 @@ def test_bench_quick_models_and_decoding():
     llava = rows["moe_llava_tiny_e4"]
     assert llava["unit"] == "tokens" and llava["per_s"] > 0 and llava["decode_token_s"] > 0
     assert rows["moe_llava_tiny_e4 dense twin"]["decode_ratio_to_dense_twin"] == 1.0
+
+
+def test_bench_routers_section_times_every_router_against_top_k(tmp_path):
+    """``--only routers``: each router and design of mome.layers on the shape, ratios to the top-k row; BASE and GShard
+    run on the k their design fixes; the target check covers every router but BASE on the target shape."""
+    bench = load("bench")
+    out_md = tmp_path / "routers.md"
+    argv = ["--only", "routers", "--shapes", "64:4:1", "64:4:2", "--dim", "16", "--repeats", "1"]
+    results = bench.main([*argv, "--markdown", str(out_md)])
+    rows = results["routers"]
+    by_shape = {}
+    for row in rows:
+        by_shape.setdefault(row["top_k"], {})[row["implementation"]] = row
+    assert by_shape[1][bench.TOP_K]["forward_backward_ratio"] == 1.0
+    for k, names in by_shape.items():
+        assert set(names) == set(bench.router_candidates(bench.LayerShape("sparse", 64, 4, k, 32, 16, "swiglu")))
+        for name, row in names.items():
+            fixed = (name.startswith("base") and k != 1) or (name == "gshard" and k != 2)
+            assert ("note" in row) == fixed, (name, row)
+            if not fixed:
+                assert row["forward_backward_s"] > 0 and row["forward_ratio"] > 0
+    assert "Routers" in out_md.read_text()
+    assert bench.check_router_targets(rows) == []  # 64:4 is not the target shape
+    target_rows = [{**row, "tokens": 4096, "experts": 8} for row in rows]
+    checked = {check["target"].split(": ")[1].split(" f+b")[0] for check in bench.check_router_targets(target_rows)}
+    assert bench.TOP_K not in checked and not any(name.startswith("base") for name in checked) and "sinkhorn" in checked
 
 
 def test_bench_memory_item_runs_in_a_fresh_process():
@@ -161,3 +188,56 @@ def test_bench_markdown_lists_untimed_implementations_below_the_table():
     lines = bench.markdown_tables([("Layers", header, body)])
     assert "| T=8 | dense | 0.1 |  |" in lines and not any("needs a GPU" in line for line in lines if line[:1] == "|")
     assert "- peer (every shape): unavailable: needs a GPU" in lines
+
+
+def test_router_study_trains_each_router_and_writes_the_table(tmp_path, capsys):
+    study = load("router_study")
+    out, out_json = tmp_path / "routers.md", tmp_path / "runs.json"
+    argv = ["--routers", "noisy_top_k_bpr", "soft_moe", "--steps", "4", "--seeds", "3", "--out", str(out)]
+    threads = study.torch.get_num_threads()
+    rows = study.main([*argv, "--json", str(out_json)])
+    assert study.torch.get_num_threads() == threads  # the study trains on --threads 1, then gives the caller's back
+    assert [row["router"] for row in rows] == ["dense", "noisy_top_k_bpr", "soft_moe"]
+    for row in rows:
+        assert row["seeds"] == [3] and row["steps"] == 4  # the same budget for every router, dense included
+        assert 0.0 <= row["top1_mean"] <= 1.0 and row["top1_std"] == 0.0
+        assert math.isfinite(row["step_ms"]) and row["step_ms"] > 0 and 0 < row["step_ratio"] < 100
+    dense, sparse, soft = rows
+    assert dense["step_ratio"] == 1.0 and dense["load_cv"] is None and dense["dropped"] is None
+    for key in ("dropped", "unrouted", "train_dropped"):  # a capacity router: shares of the routed assignments
+        assert 0.0 <= sparse[key] <= 1.0
+    assert soft["dropped"] is None and soft["train_dropped"] is None  # Soft MoE routes no token to one expert
+    for row in (sparse, soft):  # load CV of E = 4 experts: 0 (even) .. sqrt(E - 1) (one expert takes all)
+        assert 0.0 <= row["load_cv"] <= math.sqrt(3) and 0.0 <= row["train_load_cv"] <= math.sqrt(3)
+    runs = json.loads(out_json.read_text())["runs"]
+    assert [run["router"] for run in runs] == ["dense", "noisy_top_k_bpr", "soft_moe"]
+    assert "model.moe_layers=none" in runs[0]["overrides"] and "moe=soft_moe" in runs[2]["overrides"]
+    assert {"moe=vmoe", "model.moe_kwargs.batch_priority=true", "seed=3", "trainer.max_steps=4"} <= set(
+        runs[1]["overrides"]
+    )
+    text = out.read_text()
+    assert text.startswith("Command: `python tools/router_study.py --routers noisy_top_k_bpr soft_moe --steps 4")
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| router | top-1 % (mean ± std) | dropped |") and len(table) == 4
+    assert table[3].startswith("| soft_moe: Soft MoE") and "| - | - |" in table[3]
+    assert text in capsys.readouterr().out
+
+
+def test_router_study_summary_statistics():
+    study = load("router_study")
+    assert study.coefficient_of_variation([0.25, 0.25, 0.25, 0.25]) == 0.0
+    assert study.coefficient_of_variation([1.0, 0.0, 0.0, 0.0]) == pytest.approx(math.sqrt(3))
+    base = {"label": "x", "steps": 10, "dropped": None, "unrouted": None, "load_cv": None}
+    base |= {"train_dropped": None, "train_load_cv": None}
+    runs = [
+        {**base, "router": "dense", "seed": 0, "top1": 0.5, "step_s": 0.1},
+        {**base, "router": "dense", "seed": 1, "top1": 0.7, "step_s": 0.2},
+        {**base, "router": "a", "seed": 0, "top1": 0.6, "step_s": 0.3, "dropped": 0.1, "load_cv": 0.2},
+        {**base, "router": "a", "seed": 1, "top1": 0.8, "step_s": 0.2, "dropped": 0.3, "load_cv": 0.4},
+    ]
+    dense, a = study.summarize(runs)
+    assert dense["top1_mean"] == pytest.approx(0.6) and dense["top1_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert a["step_ratio"] == pytest.approx((3.0 + 1.0) / 2)  # each seed against the dense run of that seed
+    assert a["dropped"] == pytest.approx(0.2) and a["load_cv"] == pytest.approx(0.3) and a["seeds"] == [0, 1]
+    text = study.markdown([dense, a], "python tools/router_study.py --steps 10", "test machine")
+    assert "| a: x | 70.0 ± 14.1 | 0.200 | - | 0.30 | - | - | 2.00 | 250.0 | 0,1 | 10 |" in text

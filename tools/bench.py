@@ -14,7 +14,9 @@ slow drifts of a shared machine hit all of them alike. Sections (``--only``, def
 - ``models``: training images/s (or tokens/s) of V-MoE S/32, Soft-MoE S/16, LIMoE-tiny and
   MoE-LLaVA-tiny against their dense twins of equal active FLOPs, and MoE-LLaVA-tiny's decode latency
   per token with the KV cache;
-- ``memory``: peak memory of the target shapes and of every model's training step.
+- ``memory``: peak memory of the target shapes and of every model's training step;
+- ``routers`` (only when named): every router and expert design of ``mome.layers`` in a ``SparseMoE`` of the
+  sparse shapes (and SMEAR), forward and forward+backward, against the top-k router of the same shape.
 
 Examples::
 
@@ -22,6 +24,7 @@ Examples::
     python tools/bench.py --quick                           # a smoke test (tiny shapes and models)
     python tools/bench.py --only layers peers --shapes 4096:8:2 512:64:2 --repeats 7
     python tools/bench.py --json /tmp/bench.json --markdown docs/benchmarks.md   # the generated tables
+    python tools/bench.py --only routers --shapes 4096:8:2 4096:8:1 --repeats 9     # the routers' cost
 """
 
 from __future__ import annotations
@@ -44,9 +47,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mome  # noqa: E402
-from mome.layers import ModalityMoE, MoE, SoftMoE, SparseMoE  # noqa: E402
+from mome.layers import SMEAR, ModalityMoE, MoE, SoftMoE, SparseMoE  # noqa: E402
 
-SECTIONS = ("layers", "peers", "models", "memory")
+SECTIONS = ("layers", "peers", "models", "memory", "routers")
+DEFAULT_SECTIONS = ("layers", "peers", "models", "memory")  # ``routers`` runs when named (``--only routers``)
+#: (tokens, experts, ratio limit) of every router's forward+backward against top-k (BASE's exact assignment excepted:
+#: its cost is reported, not held to the limit).
+ROUTER_TARGET = (4096, 8, 1.10)
+TOP_K = "top_k"
 MIXTRAL_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe")
 #: (tokens, experts, ratio limit) of the forward+backward targets of mome's sorted dispatch.
 SPARSE_TARGETS = ((4096, 8, 1.15), (512, 64, 1.5), (64, 8, 2.5))
@@ -264,6 +272,35 @@ def layer_candidates(shape: LayerShape, peers: bool, device_type: str = "cpu") -
     return candidates
 
 
+def router_candidates(shape: LayerShape) -> dict[str, Factory | str]:
+    """Router or design name -> factory of a layer of ``shape`` (dropless, sorted dispatch); the first entry, the
+    top-k router, is the baseline of the ratios. Designs that fix ``k`` (BASE: 1, GShard: 2) are skipped on the
+    other shapes."""
+    dim, hidden, experts, top_k = shape.dim, shape.hidden, shape.experts, shape.top_k
+    gated = shape.act == "swiglu"
+    options = dict(gated=gated, act_layer=nn.SiLU if gated else nn.GELU, bias=not gated)
+
+    def sparse(router: str = "top_k", k: int = top_k, **extra) -> Factory:
+        return lambda: SparseMoE(dim, hidden, experts, k, router=router, **options, **extra)
+
+    fine = 2 if hidden % 2 == 0 else 1
+    return {
+        TOP_K: sparse(renormalize=gated),
+        "noisy_top_k + BPR": sparse("noisy_top_k", batch_priority=True),
+        "expert_choice (c=k)": sparse("expert_choice", capacity_factor=float(top_k)),
+        "sinkhorn": sparse("sinkhorn"),
+        "xmoe": sparse("xmoe"),
+        "hash": sparse("hash"),
+        "base (exact assignment)": sparse("base", 1) if top_k == 1 else "skipped: BASE routes top-1",
+        "gshard": sparse("gshard", 2) if top_k == 2 else "skipped: GShard routes top-2",
+        f"deepseek (m={fine}, aux-free bias)": sparse(fine_grained=fine, bias_update_rate=1e-3, renormalize=True),
+        f"deepseek (m={fine}, aux-free, 1 shared)": sparse(
+            fine_grained=fine, bias_update_rate=1e-3, renormalize=True, num_shared_experts=1
+        ),
+        "SMEAR (per-sequence merged expert)": lambda: SMEAR(dim, hidden, experts, **options),
+    }
+
+
 def soft_candidates(shape: LayerShape, peers: bool) -> dict[str, Factory | str]:
     dim, hidden = shape.dim, shape.hidden
     candidates: dict[str, Factory | str] = {
@@ -393,11 +430,17 @@ def build(candidates: dict[str, Factory | str], device: torch.device) -> tuple[d
     return modules, notes
 
 
-def bench_layer_shape(shape: LayerShape, args, device: torch.device, budget: Budget) -> list[dict]:
-    """Rows of every implementation of one shape (ratios to its first, dense, row)."""
-    base = {"section": "layers", "family": shape.family, "shape": str(shape), **asdict(shape)}
+def bench_layer_shape(
+    shape: LayerShape, args, device: torch.device, budget: Budget, section: str = "layers"
+) -> list[dict]:
+    """Rows of every implementation of one shape (ratios to its first row: the dense FFN, or for ``section=
+    "routers"`` the top-k router)."""
+    base = {"section": section, "family": shape.family, "shape": str(shape), **asdict(shape)}
     reason = skip_reason(shape) or ("skipped: --max-seconds spent" if budget.spent() else None)
-    candidates = layer_candidates(shape, peers="peers" in args.sections, device_type=device.type)
+    if section == "routers":
+        candidates = router_candidates(shape)
+    else:
+        candidates = layer_candidates(shape, peers="peers" in args.sections, device_type=device.type)
     if reason:
         return [{**base, "implementation": name, "note": reason} for name in candidates]
     modules, notes = build(candidates, device)
@@ -801,6 +844,19 @@ def check_targets(layer_rows: list[dict]) -> list[dict]:
     return checks
 
 
+def check_router_targets(router_rows: list[dict]) -> list[dict]:
+    """PASS/MISS of every router's forward+backward ratio to top-k on the target shape (BASE reported only)."""
+    tokens, experts, limit = ROUTER_TARGET
+    return [
+        _check(f"{row['shape']}: {row['implementation']} f+b / {TOP_K}", row.get("forward_backward_ratio"), limit)
+        for row in router_rows
+        if (row["tokens"], row["experts"]) == (tokens, experts)
+        and row["implementation"] != TOP_K
+        and not row["implementation"].startswith("base")
+        and row.get("forward_backward_ratio") is not None
+    ]
+
+
 def _check(target: str, value: float | None, limit: float) -> dict:
     status = "n/a" if value is None else ("PASS" if value <= limit else "MISS")
     return {"section": "targets", "target": f"{target} <= {limit:g}", "value": value, "status": status}
@@ -834,6 +890,23 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 for r in rows
             ]
             out.append((f"{title} (D={rows[0]['dim']}, {rows[0]['act']})", header, body))
+    if results.get("routers"):
+        rows = results["routers"]
+        header = ["shape", "router", "fwd (s)", "f+b (s)", f"fwd / {TOP_K}", f"f+b / {TOP_K}", "n", "note"]
+        body = [
+            [
+                r["shape"],
+                r["implementation"],
+                fmt(r.get("forward_s")),
+                fmt(r.get("forward_backward_s")),
+                fmt(r.get("forward_ratio"), 2),
+                fmt(r.get("forward_backward_ratio"), 2),
+                str(r.get("samples", "")) if r.get("forward_s") else "",
+                r.get("note", ""),
+            ]
+            for r in rows
+        ]
+        out.append((f"Routers (D={rows[0]['dim']}, {rows[0]['act']}; ratios to the top-k router)", header, body))
     if results.get("models"):
         header = ["model", "step (s)", "units/s", "ratio", "decode ms/token", "decode ratio", "params (M)", "note"]
         body = [
@@ -1005,7 +1078,7 @@ def environment(args) -> dict:
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), dest="sections")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS), dest="sections")
     parser.add_argument("--quick", action="store_true", help="a small subset (D=64, T=64, E=8, tiny models)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
@@ -1067,13 +1140,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         return profile_shape(LayerShape.parse(args.profile, args.dim, args.act), device, rounds=args.profile_rounds)
     budget = Budget(args.max_seconds)
-    results: dict = {"layers": [], "models": [], "memory": [], "targets": []}
+    results: dict = {"layers": [], "routers": [], "models": [], "memory": [], "targets": []}
     if {"layers", "peers"} & set(args.sections):
         for shape in layer_shapes(args):
             rows = bench_layer_shape(shape, args, device, budget)
             results["layers"] += rows
             print_tables({"layers": rows})
         results["targets"] = check_targets(results["layers"])
+    if "routers" in args.sections:
+        for shape in [s for s in layer_shapes(args) if s.family == "sparse"]:
+            rows = bench_layer_shape(shape, args, device, budget, section="routers")
+            results["routers"] += rows
+            print_tables({"routers": rows})
+        results["targets"] += check_router_targets(results["routers"])
     if "models" in args.sections:
         for name in args.models:
             results["models"] += bench_model(name, args, device, budget)

@@ -30,6 +30,7 @@ router (and a Soft MoE's ``mu``/``scale``, and any shared expert) keeps the mode
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
@@ -37,8 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import Experts
+from ..layers.experts import segment_dense
 from ..models.limoe import LIMoE, limoe_state_dict_from_open_clip_text
-from ._keymap import KeyMap, replicate, resample_pos_embed
+from ._keymap import KeyMap, resample_pos_embed
 
 __all__ = ["OPEN_CLIP_NO_COUNTERPART", "convert_open_clip", "convert_timm_vit"]
 
@@ -58,11 +60,16 @@ def _moe_ffns(model: nn.Module) -> list[tuple[str, Experts]]:
 
 
 def _copy_dense_ffns(km: KeyMap, model: nn.Module, naming: str) -> None:
-    """Every expert of each MoE FFN ``<name>`` from the dense FFN of the same name (``<name>.fc1.weight``, ...)."""
+    """Every expert of each MoE FFN ``<name>`` from the dense FFN of the same name (``<name>.fc1.weight``, ...);
+    a layer with ``fine_grained=m`` (DeepSeekMoE) gets the dense FFN's ``m`` hidden segments (``segment_dense``)."""
     for name, experts in _moe_ffns(model):
+        segments = getattr(model.get_submodule(name), "fine_grained", 1)
+        split = functools.partial(
+            segment_dense, num_copies=experts.num_experts // segments, fine_grained=segments, gated=experts.gated
+        )
         for ours, theirs in _EXPERTS_FROM_FFN[naming]:  # [out, in] -> [E, out, in]; [out] -> [E, out]
             if f"{name}.experts.{ours}" in km.target:
-                km.copy(f"{name}.experts.{ours}", f"{name}.{theirs}", lambda v, n=experts.num_experts: replicate(v, n))
+                km.copy(f"{name}.experts.{ours}", f"{name}.{theirs}", functools.partial(split, ours))
 
 
 def _keep_moe_init(km: KeyMap, model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""mome's layer library: routers, the capacity plan, stacked experts, MoE / Soft MoE / modality layers and losses.
+"""mome's layer library: routers, the capacity plan, stacked experts, MoE / Soft MoE / SMEAR / modality layers, losses.
 
 Every model family of mome is assembled from these parts; each is usable on its own as a drop-in
 FFN for timm blocks (``[B, N, D] -> [B, N, D]``).
@@ -28,6 +28,8 @@ from .moe import aux_losses as aux_losses
 from .moe import eval_capacity as eval_capacity
 from .moe import routing_stats as routing_stats
 from .moe import timm_mlp_layer as timm_mlp_layer
+from .moe import update_expert_biases as update_expert_biases
+from .routers import BaseLayerRouter as BaseLayerRouter
 from .routers import CausalRoutingError as CausalRoutingError
 from .routers import ExpertChoiceRouter as ExpertChoiceRouter
 from .routers import GShardTop2Router as GShardTop2Router
@@ -36,6 +38,11 @@ from .routers import ModalityRouter as ModalityRouter
 from .routers import NoisyTopKRouter as NoisyTopKRouter
 from .routers import Router as Router
 from .routers import Routing as Routing
+from .routers import SinkhornRouter as SinkhornRouter
 from .routers import TopKRouter as TopKRouter
+from .routers import XMoERouter as XMoERouter
+from .routers import balanced_assignment as balanced_assignment
 from .routers import check_causal_safe as check_causal_safe
+from .routers import sinkhorn_balance as sinkhorn_balance
+from .smear import SMEAR as SMEAR
 from .soft_moe import SoftMoE as SoftMoE

@@ -30,7 +30,7 @@ from .._errors import InvalidArgumentError
 from .dispatch import DispatchPlan
 from .routers import Routing
 
-__all__ = ["Dispatch", "Experts", "resolve_dispatch_dtype", "round_through"]
+__all__ = ["Dispatch", "Experts", "resolve_dispatch_dtype", "round_through", "segment_dense"]
 
 Dispatch = Literal["sorted", "buffers"]
 
@@ -276,7 +276,8 @@ class Experts(nn.Module):
             + (f", dispatch_dtype={self.dispatch_dtype}" if self.dispatch_dtype is not None else "")
         )
 
-    def _activate(self, hidden: Tensor) -> Tensor:
+    def activate(self, hidden: Tensor) -> Tensor:
+        """The activation between the projections: ``act(hidden)``, or ``act(gate) * up`` for gated experts."""
         if self.gated:
             gate, up = hidden.chunk(2, dim=-1)
             return self.act(gate) * up
@@ -294,7 +295,7 @@ class Experts(nn.Module):
         hidden = grouped_matmul(rows, self.w_in, group_ends)  # [R, H or 2H]
         if self.b_in is not None:  # in place: the matmul output is not saved for its backward
             hidden += self.b_in.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
-        out = grouped_matmul(self._activate(hidden), self.w_out, group_ends)  # [R, D]
+        out = grouped_matmul(self.activate(hidden), self.w_out, group_ends)  # [R, D]
         if self.b_out is not None:
             out += self.b_out.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
         return round_through(out, self.dispatch_dtype)
@@ -302,7 +303,7 @@ class Experts(nn.Module):
     def forward_batched(self, buffers: Tensor) -> Tensor:
         """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection)."""
         buffers = round_through(buffers, self.dispatch_dtype)
-        hidden = self._activate(batched_linear(buffers, self.w_in, self.b_in))  # [E, C, H']
+        hidden = self.activate(batched_linear(buffers, self.w_in, self.b_in))  # [E, C, H']
         return round_through(batched_linear(hidden, self.w_out, self.b_out), self.dispatch_dtype)  # [E, C, D]
 
     def forward_slots(self, buffers: Tensor) -> Tensor:
@@ -356,33 +357,61 @@ class Experts(nn.Module):
 
     # ---------------------------------------------------------------- sparse upcycling
     @classmethod
-    def from_dense(cls, mlp: nn.Module, num_experts: int, *, dispatch: Dispatch = "sorted") -> Experts:
+    def from_dense(
+        cls, mlp: nn.Module, num_experts: int, *, dispatch: Dispatch = "sorted", fine_grained: int = 1
+    ) -> Experts:
         """Sparse upcycling (Komatsuzaki et al. 2023): ``E`` copies of a dense FFN.
 
         Accepts timm ``Mlp``, ``GluMlp``/``SwiGLUPacked`` and ``SwiGLU``, and transformers MLPs with
         ``gate_proj/up_proj/down_proj`` (Llama, Mistral, Qwen2, StableLM) or ``fc1/fc2`` (Phi, CLIP).
         The activation module is copied, so every expert computes exactly the dense function.
+
+        ``fine_grained=m`` (DeepSeekMoE's fine-grained segmentation, Dai et al. 2024): the dense hidden units are
+        split into ``m`` segments of ``H / m`` and each segment is copied to the ``E`` copies, ``m E`` experts in
+        all (:func:`segment_dense`); the ``m`` segments of one copy sum to the dense FFN.
         """
-        spec = _dense_ffn_spec(mlp)
-        w_in, b_in, w_out, b_out, act, gated = spec
+        check_int("fine_grained", fine_grained, owner="Experts.from_dense")
+        w_in, b_in, w_out, b_out, act, gated = _dense_ffn_spec(mlp)
         hidden_dim = w_out.shape[1]
+        if hidden_dim % fine_grained:
+            expected = f"a divisor of the dense FFN's hidden width {hidden_dim}"
+            raise InvalidArgumentError("fine_grained", expected, fine_grained, "Experts.from_dense")
         experts = cls(
-            num_experts,
+            num_experts * fine_grained,
             w_in.shape[1],
-            hidden_dim,
+            hidden_dim // fine_grained,
             gated=gated,
             act_layer=copy.deepcopy(act),
             bias=b_in is not None,
             dispatch=dispatch,
-        )
+        ).to(w_in.dtype)  # before the copy: a float64 FFN is copied exactly
         with torch.no_grad():
-            experts.w_in.copy_(w_in.unsqueeze(0).expand_as(experts.w_in))  # [H', D] -> [E, H', D]
-            experts.w_out.copy_(w_out.unsqueeze(0).expand_as(experts.w_out))  # [D, H] -> [E, D, H]
-            if b_in is not None:
-                experts.b_in.copy_(b_in.unsqueeze(0).expand_as(experts.b_in))
-            if b_out is not None:
-                experts.b_out.copy_(b_out.unsqueeze(0).expand_as(experts.b_out))
-        return experts.to(w_in.dtype)
+            for name, value in (("w_in", w_in), ("b_in", b_in), ("w_out", w_out), ("b_out", b_out)):
+                if value is not None:
+                    getattr(experts, name).copy_(segment_dense(name, value, num_experts, fine_grained, gated=gated))
+        return experts
+
+
+def segment_dense(name: str, value: Tensor, num_copies: int, fine_grained: int = 1, *, gated: bool = False) -> Tensor:
+    """A dense FFN's tensor (``name`` one of ``w_in [H', D]``, ``b_in [H']``, ``w_out [D, H]``, ``b_out [D]``, in
+    nn.Linear layout) as the stacked tensor of ``num_copies * m`` experts (``m = fine_grained``).
+
+    Expert ``c m + s`` holds segment ``s`` of copy ``c``: hidden units ``[s H/m, (s+1) H/m)`` (of the gate and of
+    the up rows apart when ``gated``) and ``b_out / m``, so the ``m`` segments of a copy sum to the dense FFN
+    (DeepSeekMoE's fine-grained segmentation, Dai et al. 2024). ``m = 1`` is plain sparse upcycling: a copy each.
+    """
+    m = fine_grained
+    if name in ("w_in", "b_in"):  # the hidden axis is axis 0: [H', ...] -> [m, H'/m, ...]
+        parts = value.chunk(2) if gated else (value,)
+        segments = torch.cat([part.reshape(m, part.shape[0] // m, *part.shape[1:]) for part in parts], dim=1)
+    elif name == "w_out":  # [D, H] -> [m, D, H/m]
+        segments = value.reshape(value.shape[0], m, value.shape[1] // m).transpose(0, 1)
+    elif name == "b_out":  # [D] -> [m, D]: each segment adds 1/m of the bias
+        segments = (value / m).expand(m, *value.shape)
+    else:
+        raise InvalidArgumentError("name", "one of 'w_in', 'b_in', 'w_out', 'b_out'", name, "segment_dense")
+    stacked = segments.unsqueeze(0).expand(num_copies, *segments.shape)  # [E, m, ...]
+    return stacked.reshape(num_copies * m, *segments.shape[1:]).clone(memory_format=torch.contiguous_format)
 
 
 def _dense_ffn_spec(mlp: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, nn.Module, bool]:

@@ -24,6 +24,7 @@ __all__ = [
     "local_entropy_loss",
     "noisy_top_k_selection_probs",
     "router_z_loss",
+    "sequence_balance_loss",
     "soft_minimum_threshold",
 ]
 
@@ -50,6 +51,27 @@ def load_balance_loss(router_probs: Tensor, top1_index: Tensor) -> Tensor:
     fraction_dispatched = F.one_hot(top1_index, num_experts).to(router_probs.dtype).mean(dim=-2)  # [..., E]
     mean_prob = router_probs.mean(dim=-2)  # [..., E]
     return num_experts * (fraction_dispatched * mean_prob).sum(dim=-1).mean()
+
+
+def sequence_balance_loss(router_probs: Tensor, expert_index: Tensor) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report",
+    eq. 17-20), without its weight ``alpha`` (given in ``aux_loss_weights``).
+
+    Per sequence of ``T`` tokens: ``f_i = E / (K T) * sum_t 1[i in TopK(t)]``, ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}``,
+    ``P_i = (1/T) sum_t s'_{i,t}``, ``L = sum_i f_i P_i``; the mean over sequences is returned. Equals 1 for a
+    uniform router; only ``P_i`` carries a gradient.
+
+    Args:
+        router_probs: ``[B, T, E]`` affinities ``s`` of each sequence's tokens.
+        expert_index: ``[B, T, K]`` the experts selected for each token.
+    """
+    num_experts, top_k, length = router_probs.shape[-1], expert_index.shape[-1], router_probs.shape[-2]
+    selected = expert_index.reshape(expert_index.shape[0], -1)  # [B, T*K]
+    counts = router_probs.new_zeros(selected.shape[0], num_experts)
+    counts.scatter_add_(1, selected, torch.ones_like(selected, dtype=router_probs.dtype))  # [B, E]
+    fraction = counts * (num_experts / (top_k * length))  # f [B, E]
+    mean_affinity = (router_probs / router_probs.sum(dim=-1, keepdim=True)).mean(dim=-2)  # P [B, E]
+    return (fraction * mean_affinity).sum(dim=-1).mean()
 
 
 def importance_loss(router_probs: Tensor) -> Tensor:

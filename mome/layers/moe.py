@@ -20,12 +20,16 @@ from . import losses as L
 from .dispatch import compute_capacity, plan_dispatch
 from .experts import Dispatch, Experts
 from .routers import (
+    BaseLayerRouter,
     ExpertChoiceRouter,
+    GShardTop2Router,
     HashRouter,
     ModalityRouter,
     Router,
     Routing,
+    SinkhornRouter,
     TopKRouter,
+    XMoERouter,
     check_modality_ids,
 )
 
@@ -41,10 +45,11 @@ __all__ = [
     "recomputing",
     "routing_stats",
     "timm_mlp_layer",
+    "update_expert_biases",
 ]
 
 #: Auxiliary losses an :class:`MoE` can add, by name (weights are given in ``aux_loss_weights``).
-AUX_LOSSES = ("load_balance", "importance", "load", "z_loss", "local_entropy", "global_entropy")
+AUX_LOSSES = ("load_balance", "importance", "load", "z_loss", "local_entropy", "global_entropy", "sequence_balance")
 
 
 def recomputing() -> bool:
@@ -147,8 +152,8 @@ class MoE(RoutedLayer):
             raise InvalidArgumentError("aux_loss_weights", f"names in {list(AUX_LOSSES)}", unknown, owner)
         for name, weight in weights.items():
             check_finite(f"aux_loss_weights[{name!r}]", weight, minimum=0, owner=owner)
-        if "load_balance" in weights and isinstance(router, ExpertChoiceRouter):
-            reason = "load_balance counts first choices; expert choice is balanced by design"
+        if {"load_balance", "sequence_balance"} & set(weights) and isinstance(router, ExpertChoiceRouter):
+            reason = "load_balance and sequence_balance count token choices; expert choice is balanced by design"
             raise UnsupportedOptionError("aux_loss_weights", owner, reason, weights)
         if weights and not router.learned:
             reason = f"{type(router).__name__} has no learned gate to train"
@@ -207,6 +212,9 @@ class MoE(RoutedLayer):
         """
         owner = type(self).__name__
         check_token_batch("x", x, self.experts.dim, dtype=layer_dtype(x, self.experts.w_in), owner=owner)
+        if "sequence_balance" in self.aux_loss_weights and x.dim() < 3:
+            expected = f"a [B, T, {self.experts.dim}] tensor (the sequence_balance loss is computed per sequence)"
+            raise InvalidInputError("x", expected, f"shape {tuple(x.shape)}", owner)
         tokens = x.reshape(-1, x.shape[-1])  # [T, D]
         # The router re-checks the range of the ids it indexes with: read the values once when its bound is as tight.
         router_modalities = getattr(self.router, "num_modalities", None)
@@ -232,7 +240,7 @@ class MoE(RoutedLayer):
         out = self.experts(tokens, routing, plan, self.dispatch)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
-        self._record(routing, requested, num_groups)
+        self._record(routing, requested, num_groups, x.shape[-2] if x.dim() >= 3 else None)
         return out.reshape(x.shape)
 
     def _num_groups(self, num_tokens: int) -> int:
@@ -245,10 +253,13 @@ class MoE(RoutedLayer):
             raise InvalidInputError("x", expected, f"{num_tokens} tokens", type(self).__name__)
         return num_tokens // self.group_size
 
-    def _record(self, routing: Routing, requested: Tensor, num_groups: int = 1) -> None:
-        """Store this forward pass's weighted aux losses and its routing statistics (not in a checkpoint's
-        re-run of the forward during backward: :func:`recomputing`). The losses are computed in a re-run too: their
-        backward needs the tensors the re-run saves again."""
+    def _record(
+        self, routing: Routing, requested: Tensor, num_groups: int = 1, sequence_length: int | None = None
+    ) -> None:
+        """Store this forward pass's weighted aux losses and its routing statistics, and in training count the
+        router's selections for its bias update (:meth:`TopKRouter.record_load`); not in a checkpoint's re-run of the
+        forward during backward (:func:`recomputing`). The losses are computed in a re-run too: their backward needs
+        the tensors the re-run saves again. ``sequence_length``: tokens per sequence (``sequence_balance``)."""
         probs, modality = routing.router_probs, routing.modality_ids
         grouped_probs = probs.view(num_groups, probs.shape[0] // num_groups, probs.shape[-1])  # [G, T/G, E]
         num_modalities = self.num_modalities
@@ -270,11 +281,18 @@ class MoE(RoutedLayer):
                 raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
             elif name == "global_entropy":
                 raw[name] = L.global_entropy_loss(probs, modality, num_modalities, self.global_entropy_threshold).sum()
+            elif name == "sequence_balance":
+                sequences = (-1, sequence_length)  # [B, T, ...]: the loss is per sequence
+                raw[name] = L.sequence_balance_loss(
+                    probs.view(*sequences, probs.shape[-1]), routing.expert_index.view(*sequences, routing.top_k)
+                )
         weighted = {name: self.aux_loss_weights[name] * value for name, value in raw.items()}
         if recomputing():
             return
         self.last_aux_losses = weighted
         with torch.no_grad():
+            if self.training and isinstance(self.router, TopKRouter):
+                self.router.record_load(routing.expert_index)
             stats = _routing_statistics(routing, requested, num_modalities)
             stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
         self.last_routing_stats = stats
@@ -288,16 +306,21 @@ class MoE(RoutedLayer):
         *,
         router: Router | None = None,
         dispatch: Dispatch = "sorted",
+        fine_grained: int = 1,
         **moe_kwargs,
     ) -> MoE:
         """Sparse upcycling: every expert is a copy of ``mlp``; the router starts random.
 
         With the default router (top-k, renormalised) and no capacity limit the new layer computes
         exactly what ``mlp`` computed (MoE-LLaVA stage III, Komatsuzaki et al. 2023).
+
+        ``fine_grained=m`` (DeepSeekMoE's fine-grained segmentation, see :meth:`Experts.from_dense`): ``m E``
+        experts, the ``m`` hidden segments of each of the ``E`` copies, and a default router of top ``m k``; the
+        ``m`` segments of one copy, each with weight 1, sum to ``mlp``. A given ``router`` has ``m E`` experts.
         """
-        experts = Experts.from_dense(mlp, num_experts, dispatch=dispatch)
+        experts = Experts.from_dense(mlp, num_experts, dispatch=dispatch, fine_grained=fine_grained)
         if router is None:
-            router = TopKRouter(experts.dim, num_experts, top_k, renormalize=True)
+            router = TopKRouter(experts.dim, experts.num_experts, fine_grained * top_k, renormalize=True)
         return cls(router.to(experts.w_in.dtype), experts, **moe_kwargs)
 
 
@@ -336,7 +359,12 @@ def _routing_statistics(routing: Routing, requested: Tensor, num_modalities: int
     return stats
 
 
-RouterSpec = Literal["top_k", "noisy_top_k", "expert_choice", "hash", "modality"]
+RouterSpec = Literal["top_k", "noisy_top_k", "expert_choice", "hash", "modality", "gshard", "base", "sinkhorn", "xmoe"]
+#: The options ``router_options`` may give each router built by name (keyword arguments of its class).
+ROUTER_OPTIONS = {
+    "sinkhorn": ("sinkhorn_iters", "renormalize"),
+    "xmoe": ("routing_dim", "temperature", "min_temperature", "renormalize"),
+}
 #: The routers built from :class:`~mome.layers.routers.TopKRouter`, and the options (with their defaults) only they
 #: use: any other router given a value other than the default is refused by name rather than ignoring it.
 TOP_K_ROUTERS = ("top_k", "noisy_top_k")
@@ -345,6 +373,10 @@ TOP_K_ROUTER_OPTIONS: dict[str, Any] = {
     "noise_std": None,
     "batch_priority": False,
     "modality_experts": None,
+    "bias_update_rate": None,
+    "num_groups": None,
+    "max_groups": None,
+    "fine_grained": 1,
 }
 
 
@@ -361,14 +393,24 @@ class SparseMoE(MoE):
         hidden_dim: hidden width of each expert.
         num_experts: ``E``.
         top_k: experts per token.
-        router: ``"top_k"``, ``"noisy_top_k"``, ``"expert_choice"``, ``"hash"``, ``"modality"``, or a
-            callable ``(dim, num_experts) -> Router``.
-        renormalize, noise_std, batch_priority, modality_experts: router options (see
-            :class:`~mome.layers.routers.TopKRouter`); ``noise_std`` defaults to 1 for the noisy router.
+        router: ``"top_k"``, ``"noisy_top_k"``, ``"expert_choice"``, ``"hash"``, ``"modality"``, ``"gshard"``
+            (:class:`~mome.layers.routers.GShardTop2Router`: GShard's top-2 gate with a sampled second expert;
+            ``top_k`` must be 2), ``"base"`` (:class:`~mome.layers.routers.BaseLayerRouter`, BASE layers' balanced
+            assignment; ``top_k`` must be 1), ``"sinkhorn"`` (:class:`~mome.layers.routers.SinkhornRouter`, S-BASE),
+            ``"xmoe"`` (:class:`~mome.layers.routers.XMoERouter`), or a callable ``(dim, num_experts) -> Router``.
+        router_options: keyword options of the router named by ``router`` (``ROUTER_OPTIONS`` lists them), e.g.
+            ``{"sinkhorn_iters": 4}``; refused for the other routers.
+        renormalize, noise_std, batch_priority, modality_experts, bias_update_rate, num_groups, max_groups: router
+            options (see :class:`~mome.layers.routers.TopKRouter`); ``noise_std`` defaults to 1 for the noisy router.
+        fine_grained: ``m``, DeepSeekMoE's fine-grained expert segmentation (Dai et al. 2024, "DeepSeekMoE: Towards
+            Ultimate Expert Specialization in Mixture-of-Experts Language Models", sec. 3.1): ``m E`` experts of
+            hidden width ``H / m`` and top ``m k`` (the same active parameters and FLOPs per token as ``E`` experts
+            of width ``H`` and top ``k``); ``m`` divides ``hidden_dim``. A top-k router option.
         gated, act_layer, bias, dispatch_dtype: expert options (see :class:`~mome.layers.experts.Experts`;
             ``dispatch_dtype="bfloat16"`` rounds what crosses the dispatch as vmoe's ``Bfloat16Dispatcher``).
         num_shared_experts: number of always-on shared experts (one FFN of width
-            ``num_shared_experts * shared_hidden_dim``, default ``hidden_dim``).
+            ``num_shared_experts * shared_hidden_dim``, default the routed experts' width ``hidden_dim / m``:
+            DeepSeekMoE's shared-expert isolation counts fine-grained experts).
         **moe_kwargs: capacity, dispatch and loss options of :class:`MoE`.
     """
 
@@ -380,10 +422,15 @@ class SparseMoE(MoE):
         top_k: int = 2,
         *,
         router: RouterSpec | Callable[[int, int], Router] = "top_k",
+        router_options: Mapping[str, Any] | None = None,
         renormalize: bool = False,
         noise_std: float | None = None,
         batch_priority: bool = False,
         modality_experts: Sequence[Sequence[int]] | None = None,
+        bias_update_rate: float | None = None,
+        num_groups: int | None = None,
+        max_groups: int | None = None,
+        fine_grained: int = 1,
         gated: bool = False,
         act_layer: type[nn.Module] = nn.GELU,
         bias: bool = True,
@@ -402,35 +449,66 @@ class SparseMoE(MoE):
             raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
         check_int("num_shared_experts", num_shared_experts, minimum=0, owner=owner)
         check_int("shared_hidden_dim", shared_hidden_dim, owner=owner, optional=True)
+        check_int("fine_grained", fine_grained, owner=owner)
+        if hidden_dim % fine_grained:
+            raise InvalidArgumentError("fine_grained", f"a divisor of hidden_dim={hidden_dim}", fine_grained, owner)
         if callable(router) or router not in TOP_K_ROUTERS:
             given = dict(
                 renormalize=renormalize,
                 noise_std=noise_std,
                 batch_priority=batch_priority,
                 modality_experts=modality_experts,
+                bias_update_rate=bias_update_rate,
+                num_groups=num_groups,
+                max_groups=max_groups,
+                fine_grained=fine_grained,
             )
             for name, value in given.items():
                 if value != TOP_K_ROUTER_OPTIONS[name]:
                     which = "a router callable" if callable(router) else f"router={router!r}"
                     reason = f"it configures the top-k routers ({', '.join(TOP_K_ROUTERS)}), not {which}"
                     raise UnsupportedOptionError(name, owner, reason, value)
+        if router_options:
+            allowed = ROUTER_OPTIONS.get(router, ()) if isinstance(router, str) else ()
+            if not allowed:
+                reason = f"it configures the routers {', '.join(ROUTER_OPTIONS)}, not router={router!r}"
+                raise UnsupportedOptionError("router_options", owner, reason, router_options)
+            if not isinstance(router_options, Mapping) or not set(router_options) <= set(allowed):
+                raise InvalidArgumentError(
+                    "router_options", f"a mapping of names in {list(allowed)}", router_options, owner
+                )
         if callable(router):
             built = router(dim, num_experts)
         elif router in TOP_K_ROUTERS:
             default_noise = 1.0 if router == "noisy_top_k" else 0.0
             built = TopKRouter(
                 dim,
-                num_experts,
-                top_k,
+                fine_grained * num_experts,
+                fine_grained * top_k,
                 renormalize=renormalize,
                 noise_std=default_noise if noise_std is None else noise_std,
                 batch_priority=batch_priority,
                 modality_experts=modality_experts,
+                bias_update_rate=bias_update_rate,
+                num_groups=num_groups,
+                max_groups=max_groups,
             )
         elif router == "expert_choice":
             capacity_factor = moe_kwargs.pop("capacity_factor", None)  # the router's: tokens per expert
             check_finite_positive("capacity_factor", capacity_factor, owner=owner, optional=True)
             built = ExpertChoiceRouter(dim, num_experts, 1.0 if capacity_factor is None else capacity_factor)
+        elif router == "gshard":
+            if top_k != 2:
+                raise InvalidArgumentError("top_k", "2 (router='gshard' is GShard's top-2 gate)", top_k, owner)
+            built = GShardTop2Router(dim, num_experts)
+        elif router == "base":
+            if top_k != 1:
+                raise InvalidArgumentError("top_k", "1 (router='base' assigns each token one expert)", top_k, owner)
+            built = BaseLayerRouter(dim, num_experts)
+        elif router == "sinkhorn":
+            built = SinkhornRouter(dim, num_experts, top_k, **(router_options or {}))
+        elif router == "xmoe":
+            built = XMoERouter(dim, num_experts, top_k, **(router_options or {}))
         elif router == "hash":
             built = HashRouter(num_experts)
         elif router == "modality":
@@ -439,9 +517,9 @@ class SparseMoE(MoE):
             expected = "one of " + ", ".join(repr(name) for name in RouterSpec.__args__) + " or a callable"
             raise InvalidArgumentError("router", expected, router, owner)
         experts = Experts(
-            num_experts,
+            fine_grained * num_experts,
             dim,
-            hidden_dim,
+            hidden_dim // fine_grained,
             gated=gated,
             act_layer=act_layer,
             bias=bias,
@@ -452,7 +530,7 @@ class SparseMoE(MoE):
         if num_shared_experts:
             from timm.layers import GluMlp, Mlp
 
-            width = num_shared_experts * (shared_hidden_dim or hidden_dim)
+            width = num_shared_experts * (shared_hidden_dim or hidden_dim // fine_grained)
             shared = (
                 GluMlp(dim, 2 * width, act_layer=act_layer, bias=bias, gate_last=False)
                 if gated
@@ -463,6 +541,8 @@ class SparseMoE(MoE):
         elif modality_experts is not None:
             moe_kwargs.setdefault("num_modalities", len(modality_experts))
         super().__init__(built, experts, shared, **moe_kwargs)
+        #: DeepSeekMoE's segmentation factor ``m``: the layer has ``m * num_experts`` experts of width ``H / m``.
+        self.fine_grained = fine_grained
 
 
 def timm_mlp_layer(**moe_kwargs) -> Callable[..., MoE]:
@@ -489,6 +569,19 @@ def timm_mlp_layer(**moe_kwargs) -> Callable[..., MoE]:
         return SparseMoE(in_features, hidden_features, **kwargs)
 
     return build
+
+
+def update_expert_biases(model: nn.Module) -> int:
+    """Apply DeepSeek-V3's auxiliary-loss-free bias update (:meth:`TopKRouter.update_bias`) to every router of
+    ``model`` with a ``bias_update_rate``, from the loads its training forward passes counted since the last call.
+
+    Call it once per optimizer step (mome's Lightning tasks do, in ``on_before_optimizer_step``). Returns the
+    number of routers updated.
+    """
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter) and m.bias_update_rate is not None]
+    for router in routers:
+        router.update_bias()
+    return len(routers)
 
 
 def _routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:

@@ -40,7 +40,7 @@ from .._checkpoint import load_state_exactly, read_torch_file
 from .._checks import check_finite_positive, check_int
 from .._errors import CheckpointMismatchError, CorruptCheckpointError, InvalidArgumentError, MomeError
 from .._factory import create_model
-from ..layers.moe import aux_losses, eval_capacity
+from ..layers.moe import aux_losses, eval_capacity, update_expert_biases
 
 __all__ = [
     "MomeTask",
@@ -358,6 +358,11 @@ class MomeTask(L.LightningModule):
         return total
 
     _batch_size: int | None = None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing: update the routers' expert biases from the loads of this
+        step's training forward passes (all of its accumulated micro-batches), once per optimizer step."""
+        update_expert_biases(self.model)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_size = _infer_batch_size(batch)

@@ -33,12 +33,19 @@ from .._checks import (
 )
 from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
 from .._pretrained import PretrainedCfg
-from ..layers import Experts, ModalityMoE, SoftMoE, SparseMoE
+from ..layers import SMEAR, Experts, ModalityMoE, SoftMoE, SparseMoE
 
 __all__ = ["MoEVisionTransformer", "build_moe_ffn", "resolve_moe_layers"]
 
-MoEType = Literal["sparse", "soft", "modality_pools"]
-MOE_TYPES = ("sparse", "soft", "modality_pools")
+MoEType = Literal["sparse", "soft", "modality_pools", "smear"]
+MOE_TYPES = ("sparse", "soft", "modality_pools", "smear")
+#: The layer types that route no token to a few experts (every step differentiable): Soft MoE mixes the tokens into
+#: slots, SMEAR merges the experts per example; the token-routing options (top_k, router, moe_kwargs) do not apply.
+SOFT_MOE_TYPES = ("soft", "smear")
+_SOFT_REASONS = {
+    "soft": "a Soft MoE layer mixes every token into every slot (no routing)",
+    "smear": "a SMEAR layer merges all experts per example (no token routing)",
+}
 
 # ------------------------------------------------------------------------------------------ argument checks
 # Shared by the model families (V-MoE, Soft MoE ViT, LIMoE, VLMo, MoE-LLaVA): each constructor checks its arguments
@@ -162,8 +169,9 @@ def check_moe_options(
 ) -> None:
     """The MoE arguments of the vision families: a known ``moe_type``, positive ``num_experts``, ``top_k`` and
     ``slots_per_expert``, ``top_k <= num_experts`` for sparse layers, and no option the layer type ignores:
-    a Soft MoE routes no tokens (``top_k`` and ``router`` must keep their ``defaults``, which model specs carry
-    for every layer type, and ``moe_kwargs`` must be empty); token-routed layers have no slots
+    a Soft MoE or SMEAR layer (:data:`SOFT_MOE_TYPES`) routes no tokens (``top_k`` and ``router`` must keep their
+    ``defaults``, which model specs carry for every layer type, and ``moe_kwargs`` must be empty); only Soft MoE
+    has slots
     (``slots_per_expert`` must stay 1)."""
     check_choice("moe_type", moe_type, MOE_TYPES, owner=owner)
     check_int("num_experts", num_experts, owner=owner)
@@ -171,24 +179,24 @@ def check_moe_options(
     check_int("slots_per_expert", slots_per_expert, owner=owner)
     if moe_type == "sparse" and top_k > num_experts:
         raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
-    if moe_type == "soft":
-        reason = "a Soft MoE layer mixes every token into every slot (no routing)"
+    if moe_type in SOFT_MOE_TYPES:
+        reason = _SOFT_REASONS[moe_type]
         if top_k != defaults[0]:
             raise UnsupportedOptionError("top_k", owner, reason + "; top_k applies to moe_type='sparse'", top_k)
         check_soft_router(owner, moe_type, router, defaults[1])
         if moe_kwargs:
             reason += "; moe_kwargs configure sparse layers"
             raise UnsupportedOptionError("moe_kwargs", owner, reason, dict(moe_kwargs))
-    elif slots_per_expert != 1:
-        reason = f"slots are Soft MoE's (moe_type='soft'); a moe_type={moe_type!r} layer routes tokens"
+    if moe_type != "soft" and slots_per_expert != 1:
+        reason = f"slots are Soft MoE's (moe_type='soft'); a moe_type={moe_type!r} layer has none"
         raise UnsupportedOptionError("slots_per_expert", owner, reason, slots_per_expert)
 
 
 def check_soft_router(owner: str, moe_type: Any, router: Any, default: str) -> None:
-    """A Soft MoE (``moe_type="soft"``) routes no tokens: ``router`` must be absent (None) or the family's
-    ``default`` (which its model specs carry for every layer type)."""
-    if moe_type == "soft" and router is not None and router != default:
-        reason = "a Soft MoE layer mixes every token into every slot (no routing); router applies to moe_type='sparse'"
+    """A Soft MoE or SMEAR layer (:data:`SOFT_MOE_TYPES`) routes no tokens: ``router`` must be absent (None) or the
+    family's ``default`` (which its model specs carry for every layer type)."""
+    if moe_type in SOFT_MOE_TYPES and router is not None and router != default:
+        reason = f"{_SOFT_REASONS[moe_type]}; router applies to moe_type='sparse'"
         raise UnsupportedOptionError("router", owner, reason, router)
 
 
@@ -213,7 +221,8 @@ def build_moe_ffn(
     """The MoE layer that replaces the dense timm ``Mlp`` of a block (same width and activation).
 
     ``"sparse"``: :class:`~mome.layers.SparseMoE` with ``options``; ``"soft"``:
-    :class:`~mome.layers.SoftMoE`; ``"modality_pools"``: :class:`~mome.layers.ModalityMoE` (needs
+    :class:`~mome.layers.SoftMoE`; ``"smear"``: :class:`~mome.layers.SMEAR`; ``"modality_pools"``:
+    :class:`~mome.layers.ModalityMoE` (needs
     modality ids; ``options["experts_per_modality"]`` or an even image/text split of ``num_experts``).
     ``upcycle`` copies the dense FFN into every expert (sparse upcycling). ``dispatch_dtype`` rounds what
     crosses the dispatch (vmoe's bf16 dispatchers; see :class:`~mome.layers.Experts`).
@@ -231,6 +240,12 @@ def build_moe_ffn(
             experts=experts,
             dispatch_dtype=dispatch_dtype,
         )
+    if moe_type == "smear":
+        if dispatch_dtype is not None:
+            reason = "a SMEAR layer dispatches no tokens (each example runs its merged FFN)"
+            raise UnsupportedOptionError("dispatch_dtype", _OWNER.get() or "build_moe_ffn", reason, dispatch_dtype)
+        experts = Experts.from_dense(dense, num_experts) if upcycle else None
+        return SMEAR(dim, hidden, num_experts, act_layer=act_layer, experts=experts)
     if dispatch_dtype is not None:
         options = {**options, "dispatch_dtype": dispatch_dtype}
     if moe_type == "modality_pools":
@@ -246,7 +261,9 @@ def build_moe_ffn(
     else:
         check_choice("moe_type", moe_type, MOE_TYPES, owner="build_moe_ffn")
     if upcycle:
-        moe.experts.load_state_dict(Experts.from_dense(dense, moe.experts.num_experts).state_dict())
+        segments = getattr(moe, "fine_grained", 1)  # DeepSeekMoE's m: m * num_experts experts of width H / m
+        upcycled = Experts.from_dense(dense, moe.experts.num_experts // segments, fine_grained=segments)
+        moe.experts.load_state_dict(upcycled.state_dict())
     return moe
 
 
@@ -294,8 +311,9 @@ class MoEVisionTransformer(VisionTransformer):
         num_experts: experts per MoE layer.
         top_k: experts per token (sparse).
         moe_layers: which blocks are MoE (see :func:`resolve_moe_layers`).
-        moe_type: ``"sparse"`` (:class:`~mome.layers.SparseMoE`), ``"soft"`` (:class:`~mome.layers.SoftMoE`)
-            or ``"modality_pools"`` (:class:`~mome.layers.ModalityMoE`; image tokens use the image pool).
+        moe_type: ``"sparse"`` (:class:`~mome.layers.SparseMoE`), ``"soft"`` (:class:`~mome.layers.SoftMoE`),
+            ``"smear"`` (:class:`~mome.layers.SMEAR`) or ``"modality_pools"`` (:class:`~mome.layers.ModalityMoE`;
+            image tokens use the image pool).
         router: router of the sparse layers (``"noisy_top_k"``, ``"top_k"``, ``"expert_choice"``, ...).
         group_size_images: route tokens in groups of this many images (V-MoE token groups: capacity
             and the routing losses apply per group); the batch must then be a multiple of it. None
@@ -361,8 +379,8 @@ class MoEVisionTransformer(VisionTransformer):
             defaults=(2, "noisy_top_k"),
         )
         check_int("group_size_images", group_size_images, owner=owner, optional=True)
-        if moe_type == "soft" and group_size_images is not None:
-            reason = "token groups bound the capacity of routed layers; a Soft MoE mixes the tokens of each image"
+        if moe_type in SOFT_MOE_TYPES and group_size_images is not None:
+            reason = f"token groups bound the capacity of routed layers; {_SOFT_REASONS[moe_type]}"
             raise UnsupportedOptionError("group_size_images", owner, reason, group_size_images)
         check_int("representation_size", representation_size, owner=owner, optional=True)
         moe_layer_indices = resolve_moe_layers(moe_layers, vit["depth"], owner)  # all checked: now build

@@ -65,6 +65,7 @@ from .._registry import register_model
 from ..layers import MoE
 from ..layers.moe import TOP_K_ROUTER_OPTIONS, TOP_K_ROUTERS
 from ._moe_vit import (
+    SOFT_MOE_TYPES,
     MoEType,
     build_moe_ffn,
     building,
@@ -120,7 +121,8 @@ class LIMoE(nn.Module):
         top_k: experts per token (sparse and modality-pool layers).
         moe_layers: which blocks are MoE (see :func:`~mome.models.resolve_moe_layers`).
         moe_type: ``"sparse"`` (:class:`~mome.layers.SparseMoE`), ``"soft"``
-            (:class:`~mome.layers.SoftMoE`, run per modality) or ``"modality_pools"``
+            (:class:`~mome.layers.SoftMoE`, run per modality), ``"smear"`` (:class:`~mome.layers.SMEAR`, run per
+            modality: an example's image or text tokens pool into its routing) or ``"modality_pools"``
             (:class:`~mome.layers.ModalityMoE`: ``num_experts`` split into an image and a text pool,
             unless ``moe_kwargs["experts_per_modality"]`` says otherwise, plus a shared expert).
         router: router of the sparse layers (``"noisy_top_k"``, ``"top_k"``, ``"expert_choice"``, ...).
@@ -473,7 +475,7 @@ def _create_limoe(arch: str, /, **kwargs: Any) -> LIMoE:
     defaults = LIMOE_MOE_DEFAULTS
     if options["router"] not in TOP_K_ROUTERS:  # BPR is a top-k router's option: not a default for the others
         defaults = {k: v for k, v in defaults.items() if k not in TOP_K_ROUTER_OPTIONS}
-    moe_kwargs = user if moe_type == "soft" else {**defaults, **user}
+    moe_kwargs = user if moe_type in SOFT_MOE_TYPES else {**defaults, **user}
     with building(arch):
         return LIMoE(moe_kwargs=moe_kwargs, **options)
 

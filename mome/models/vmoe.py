@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._registry import register_model
-from ._moe_vit import MoEVisionTransformer, building, check_soft_router
+from ._moe_vit import SOFT_MOE_TYPES, MoEVisionTransformer, building, check_soft_router
 
 __all__ = ["MoEVisionTransformer"]
 
@@ -41,10 +41,11 @@ VMOE_MOE_DEFAULTS: dict[str, Any] = {
 def _create_vmoe(arch: str, /, **kwargs: Any) -> MoEVisionTransformer:
     """V-MoE defaults (noisy top-k router, V-MoE capacity and losses) under user overrides; errors name ``arch``.
 
-    With ``moe_type="soft"`` (a V-MoE with Soft MoE FFNs) the routing defaults do not apply: ``router`` may only
-    restate the family's ``"noisy_top_k"`` and ``moe_kwargs`` must be empty (checked by the model)."""
+    With ``moe_type="soft"`` or ``"smear"`` (a V-MoE with Soft MoE or SMEAR FFNs) the routing defaults do not
+    apply: ``router`` may only restate the family's ``"noisy_top_k"`` and ``moe_kwargs`` must be empty (checked by
+    the model)."""
     with building(arch):
-        soft = kwargs.get("moe_type") == "soft"
+        soft = kwargs.get("moe_type") in SOFT_MOE_TYPES
         check_soft_router(arch, kwargs.get("moe_type"), kwargs.get("router"), "noisy_top_k")
         user = dict(kwargs.pop("moe_kwargs", None) or {})
         moe_kwargs = user if soft else {**VMOE_MOE_DEFAULTS, **user}
