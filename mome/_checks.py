@@ -21,6 +21,7 @@ __all__ = [
     "check_finite",
     "check_finite_positive",
     "check_ids_in_range",
+    "check_top_k",
     "check_image_batch",
     "check_int",
     "check_probability",
@@ -40,6 +41,12 @@ def check_int(name: str, value: object, *, minimum: int = 1, owner: str | None =
         none = " (or None)" if optional else ""
         expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise InvalidArgumentError(name, expected + none, value, owner)
+
+
+def check_top_k(top_k: object, num_experts: int, *, owner: str | None = None) -> None:
+    """``top_k`` is a whole number in ``[1, num_experts]`` (experts chosen per token)."""
+    if not _is_int(top_k) or not 1 <= top_k <= num_experts:
+        raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
 
 
 def check_finite_positive(name: str, value: object, *, owner: str | None = None, optional: bool = False) -> None:
@@ -129,12 +136,15 @@ def check_token_batch(
 
 
 def check_ids_in_range(name: str, ids: object, limit: int, *, owner: str | None = None, what: str = "ids") -> None:
-    """``ids`` is an integer tensor whose values lie in ``[0, limit)`` (e.g. token ids within the vocabulary)."""
+    """``ids`` is an integer tensor whose values lie in ``[0, limit)`` (e.g. token ids within the vocabulary).
+
+    The range is read on CPU tensors only, outside ``torch.compile``: on an accelerator its ``min``/``max`` would
+    synchronise the host with the device on every forward (there, an id outside the table is the device's error)."""
     if not isinstance(ids, Tensor):
         raise InvalidInputError(name, "an integer tensor", type(ids).__name__, owner)
     if torch.is_floating_point(ids) or ids.dtype == torch.bool or torch.is_complex(ids):
         raise InvalidInputError(name, "an integer tensor", ids.dtype, owner)
-    if ids.numel() and not torch.compiler.is_compiling():
+    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= limit:
             raise InvalidInputError(name, f"{what} in [0, {limit})", f"values in [{low}, {high}]", owner)

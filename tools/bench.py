@@ -869,6 +869,23 @@ def fmt(value, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _shape_rows(rows: list[dict]) -> list[list[str]]:
+    """The table cells of per-shape timing rows (layers and routers)."""
+    return [
+        [
+            r["shape"],
+            r["implementation"],
+            fmt(r.get("forward_s")),
+            fmt(r.get("forward_backward_s")),
+            fmt(r.get("forward_ratio"), 2),
+            fmt(r.get("forward_backward_ratio"), 2),
+            str(r.get("samples", "")) if r.get("forward_s") else "",
+            r.get("note", ""),
+        ]
+        for r in rows
+    ]
+
+
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """``(title, header, rows)`` of every section present, shared by the terminal and Markdown output."""
     out = []
@@ -876,37 +893,12 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         rows = [r for r in results.get("layers", []) if r["family"] == family]
         if rows:
             header = ["shape", "implementation", "fwd (s)", "f+b (s)", "fwd ratio", "f+b ratio", "n", "note"]
-            body = [
-                [
-                    r["shape"],
-                    r["implementation"],
-                    fmt(r.get("forward_s")),
-                    fmt(r.get("forward_backward_s")),
-                    fmt(r.get("forward_ratio"), 2),
-                    fmt(r.get("forward_backward_ratio"), 2),
-                    str(r.get("samples", "")) if r.get("forward_s") else "",
-                    r.get("note", ""),
-                ]
-                for r in rows
-            ]
-            out.append((f"{title} (D={rows[0]['dim']}, {rows[0]['act']})", header, body))
+            out.append((f"{title} (D={rows[0]['dim']}, {rows[0]['act']})", header, _shape_rows(rows)))
     if results.get("routers"):
         rows = results["routers"]
         header = ["shape", "router", "fwd (s)", "f+b (s)", f"fwd / {TOP_K}", f"f+b / {TOP_K}", "n", "note"]
-        body = [
-            [
-                r["shape"],
-                r["implementation"],
-                fmt(r.get("forward_s")),
-                fmt(r.get("forward_backward_s")),
-                fmt(r.get("forward_ratio"), 2),
-                fmt(r.get("forward_backward_ratio"), 2),
-                str(r.get("samples", "")) if r.get("forward_s") else "",
-                r.get("note", ""),
-            ]
-            for r in rows
-        ]
-        out.append((f"Routers (D={rows[0]['dim']}, {rows[0]['act']}; ratios to the top-k router)", header, body))
+        title = f"Routers (D={rows[0]['dim']}, {rows[0]['act']}; ratios to the top-k router)"
+        out.append((title, header, _shape_rows(rows)))
     if results.get("models"):
         header = ["model", "step (s)", "units/s", "ratio", "decode ms/token", "decode ratio", "params (M)", "note"]
         body = [

@@ -30,7 +30,7 @@ from .._errors import InvalidArgumentError
 from .dispatch import DispatchPlan
 from .routers import Routing
 
-__all__ = ["Dispatch", "Experts", "resolve_dispatch_dtype", "round_through", "segment_dense"]
+__all__ = ["Dispatch", "Experts", "given_or_new_experts", "resolve_dispatch_dtype", "round_through", "segment_dense"]
 
 Dispatch = Literal["sorted", "buffers"]
 
@@ -478,3 +478,25 @@ def _dense_ffn_spec(mlp: nn.Module) -> tuple[Tensor, Tensor | None, Tensor, Tens
         "or gate_proj/up_proj/down_proj (Llama-style)"
     )
     raise InvalidArgumentError("mlp", expected, name, "Experts.from_dense")
+
+
+def given_or_new_experts(
+    experts: object,
+    num_experts: int,
+    dim: int,
+    hidden_dim: int,
+    owner: str,
+    gated: bool = False,
+    act_layer: type[nn.Module] = nn.GELU,
+    bias: bool = True,
+) -> Experts:
+    """``experts`` when it is an :class:`Experts` of ``num_experts`` experts of width ``dim`` (else a typed error
+    naming ``owner``), or new experts of those sizes when it is None (the layers that take prebuilt experts)."""
+    if experts is None:
+        return Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias)
+    if not isinstance(experts, Experts):
+        raise InvalidArgumentError("experts", "a mome.layers.Experts (or None)", type(experts).__name__, owner)
+    if experts.num_experts != num_experts or experts.dim != dim:
+        expected = f"experts with num_experts={num_experts}, dim={dim}"
+        raise InvalidArgumentError("experts", expected, f"num_experts={experts.num_experts}, dim={experts.dim}", owner)
+    return experts

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_finite, check_finite_positive, check_int, check_token_batch
+from .._checks import check_choice, check_finite, check_finite_positive, check_int, check_token_batch, check_top_k
 from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
 from . import losses as L
 from .dispatch import compute_capacity, plan_dispatch
@@ -444,9 +444,7 @@ class SparseMoE(MoE):
         check_int("dim", dim, owner=owner)
         check_int("hidden_dim", hidden_dim, owner=owner)
         check_int("num_experts", num_experts, owner=owner)
-        check_int("top_k", top_k, owner=owner)
-        if top_k > num_experts:
-            raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+        check_top_k(top_k, num_experts, owner=owner)
         check_int("num_shared_experts", num_shared_experts, minimum=0, owner=owner)
         check_int("shared_hidden_dim", shared_hidden_dim, owner=owner, optional=True)
         check_int("fine_grained", fine_grained, owner=owner)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_finite, check_finite_positive, check_ids_in_range, check_int, check_token_batch
+from .._checks import check_finite, check_finite_positive, check_ids_in_range, check_int, check_token_batch, check_top_k
 from .._errors import InvalidArgumentError, InvalidInputError, MomeError, UnsupportedOptionError
 from .losses import noisy_top_k_selection_probs
 
@@ -241,9 +241,7 @@ class TopKRouter(Router):
         owner = type(self).__name__
         check_int("dim", dim, owner=owner)
         check_int("num_experts", num_experts, owner=owner)
-        check_int("top_k", top_k, owner=owner)
-        if top_k > num_experts:
-            raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+        check_top_k(top_k, num_experts, owner=owner)
         check_finite("noise_std", noise_std, minimum=0, owner=owner)
         check_finite_positive("bias_update_rate", bias_update_rate, owner=owner, optional=True)
         _check_groups(num_experts, top_k, num_groups, max_groups, owner)
@@ -776,9 +774,7 @@ class SinkhornRouter(Router):
         owner = type(self).__name__
         check_int("dim", dim, owner=owner)
         check_int("num_experts", num_experts, owner=owner)
-        check_int("top_k", top_k, owner=owner)
-        if top_k > num_experts:
-            raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+        check_top_k(top_k, num_experts, owner=owner)
         check_int("sinkhorn_iters", sinkhorn_iters, owner=owner)
         self.num_experts = num_experts
         self.top_k = top_k
@@ -849,9 +845,7 @@ class XMoERouter(Router):
         owner = type(self).__name__
         check_int("dim", dim, owner=owner)
         check_int("num_experts", num_experts, owner=owner)
-        check_int("top_k", top_k, owner=owner)
-        if top_k > num_experts:
-            raise InvalidArgumentError("top_k", f"an integer in [1, num_experts={num_experts}]", top_k, owner)
+        check_top_k(top_k, num_experts, owner=owner)
         check_int("routing_dim", routing_dim, owner=owner)
         check_finite_positive("min_temperature", min_temperature, owner=owner)
         check_finite("temperature", temperature, minimum=min_temperature, owner=owner)

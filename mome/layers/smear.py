@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, check_token_batch
-from .._errors import InvalidArgumentError, UnsupportedOptionError
-from .experts import Experts, batched_linear
+from .._errors import UnsupportedOptionError
+from .experts import Experts, batched_linear, given_or_new_experts
 from .moe import RoutedLayer, layer_dtype, recomputing
 
 __all__ = ["SMEAR"]
@@ -61,13 +61,7 @@ class SMEAR(RoutedLayer):
         owner = type(self).__name__
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
             check_int(name, value, owner=owner)
-        if experts is not None and not isinstance(experts, Experts):
-            raise InvalidArgumentError("experts", "a mome.layers.Experts (or None)", type(experts).__name__, owner)
-        self.experts = experts or Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias)
-        if self.experts.num_experts != num_experts or self.experts.dim != dim:
-            expected = f"experts with num_experts={num_experts}, dim={dim}"
-            got = f"num_experts={self.experts.num_experts}, dim={self.experts.dim}"
-            raise InvalidArgumentError("experts", expected, got, owner)
+        self.experts = given_or_new_experts(experts, num_experts, dim, hidden_dim, owner, gated, act_layer, bias)
         if self.experts.dispatch_dtype is not None:
             reason = "SMEAR dispatches no tokens (every token runs its example's merged FFN)"
             raise UnsupportedOptionError("experts.dispatch_dtype", owner, reason, self.experts.dispatch_dtype)

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, check_token_batch
-from .._errors import InvalidArgumentError
-from .experts import Experts, resolve_dispatch_dtype, round_through
+from .experts import Experts, given_or_new_experts, resolve_dispatch_dtype, round_through
 from .moe import RoutedLayer, layer_dtype, recomputing
 
 __all__ = ["SoftMoE"]
@@ -69,13 +68,7 @@ class SoftMoE(RoutedLayer):
         for name, value in (("dim", dim), ("hidden_dim", hidden_dim), ("num_experts", num_experts)):
             check_int(name, value, owner=owner)
         check_int("slots_per_expert", slots_per_expert, owner=owner)
-        if experts is not None and not isinstance(experts, Experts):
-            raise InvalidArgumentError("experts", "a mome.layers.Experts (or None)", type(experts).__name__, owner)
-        self.experts = experts or Experts(num_experts, dim, hidden_dim, gated=gated, act_layer=act_layer, bias=bias)
-        if self.experts.num_experts != num_experts or self.experts.dim != dim:
-            expected = f"experts with num_experts={num_experts}, dim={dim}"
-            got = f"num_experts={self.experts.num_experts}, dim={self.experts.dim}"
-            raise InvalidArgumentError("experts", expected, got, owner)
+        self.experts = given_or_new_experts(experts, num_experts, dim, hidden_dim, owner, gated, act_layer, bias)
         self.num_experts = num_experts
         self.slots_per_expert = slots_per_expert
         self.dispatch_dtype = resolve_dispatch_dtype(dispatch_dtype)
