@@ -93,10 +93,16 @@ def test_bench_routers_section_times_every_router_against_top_k(tmp_path):
             if not fixed:
                 assert row["forward_backward_s"] > 0 and row["forward_ratio"] > 0
     assert "Routers" in out_md.read_text()
+    repeated = bench.main([*argv[:-1], "2"])["routers"]
+    sinkhorn = next(row for row in repeated if row["implementation"] == "sinkhorn")
+    low, high = sinkhorn["forward_backward_ratio_range"]
+    assert low <= high and len(sinkhorn["forward_backward_s_rounds"]) == 2
     assert bench.check_router_targets(rows) == []  # 64:4 is not the target shape
     target_rows = [{**row, "tokens": 4096, "experts": 8} for row in rows]
     checked = {check["target"].split(": ")[1].split(" f+b")[0] for check in bench.check_router_targets(target_rows)}
-    assert bench.TOP_K not in checked and not any(name.startswith("base") for name in checked) and "sinkhorn" in checked
+    assert bench.TOP_K not in checked and not any(name.startswith(bench.REPORTED_ONLY) for name in checked)
+    assert {"sinkhorn", "deepseek routing (aux-free bias, sequence loss)"} <= checked
+    assert any(name.startswith("deepseek fine-grained") for name in by_shape[2])  # timed, reported only
 
 
 def test_bench_memory_item_runs_in_a_fresh_process():
@@ -241,3 +247,16 @@ def test_router_study_summary_statistics():
     assert a["dropped"] == pytest.approx(0.2) and a["load_cv"] == pytest.approx(0.3) and a["seeds"] == [0, 1]
     text = study.markdown([dense, a], "python tools/router_study.py --steps 10", "test machine")
     assert "| a: x | 70.0 ± 14.1 | 0.200 | - | 0.30 | - | - | 2.00 | 250.0 | 0,1 | 10 |" in text
+
+
+def test_bench_ratio_range_compares_round_by_round():
+    """The spread of a ratio is the range of the per-round ratios (round i of both ran back to back), by hand."""
+    bench = load("bench")
+    row, base = {"step_s": 2.0, "step_s_rounds": [2.0, 3.0, 1.0]}, {"step_s": 1.0, "step_s_rounds": [1.0, 2.0, 1.0]}
+    out = {}
+    bench.add_ratio(out, row, base, "step_s", "ratio")
+    assert out == {"ratio": 2.0, "ratio_range": [1.0, 2.0]}  # per round: 2.0, 1.5, 1.0
+    assert bench.fmt_ratio(out, "ratio") == "2.00 [1.00-2.00]"
+    assert bench.ratio_range({"step_s_rounds": [1.0]}, {"step_s_rounds": [1.0]}, "step_s") is None
+    check = bench._check("x", out, "ratio", 1.5)
+    assert check["status"] == "MISS" and check["value_range"] == [1.0, 2.0]
