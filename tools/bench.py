@@ -294,7 +294,7 @@ def router_candidates(shape: LayerShape) -> dict[str, Factory | str]:
         "expert_choice (c=k)": sparse("expert_choice", capacity_factor=float(top_k)),
         "sinkhorn": sparse("sinkhorn"),
         "xmoe": sparse("xmoe"),
-        "hash": sparse("hash"),
+        "hash (top-1 by design)": sparse("hash"),
         "base (exact assignment)": sparse("base", 1) if top_k == 1 else "skipped: BASE routes top-1",
         "gshard": sparse("gshard", 2) if top_k == 2 else "skipped: GShard routes top-2",
         "deepseek routing (aux-free bias, sequence loss)": sparse(
