@@ -7,6 +7,7 @@ registry, so ``timm.create_model("vmoe_s32_e8")`` works after ``import mome``.
 """
 
 from . import _timm
+from . import compress as compress  # expert pruning and merging (mome.compress.prune_experts, merge_experts)
 from . import models as models  # registers the families (MoE-LLaVA lazily)
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._errors import CardError as CardError

@@ -114,7 +114,7 @@ LAYERS = [
     ["mome.models"],
     ["mome.convert"],
     ["mome._factory"],
-    ["mome._saving", "mome._timm", "mome._upcycle"],
+    ["mome._saving", "mome._timm", "mome._upcycle", "mome.compress"],
     ["mome.zoo", "mome"],
     ["mome.data"],
     ["mome.lit"],

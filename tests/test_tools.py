@@ -260,3 +260,34 @@ def test_bench_ratio_range_compares_round_by_round():
     assert bench.ratio_range({"step_s_rounds": [1.0]}, {"step_s_rounds": [1.0]}, "step_s") is None
     check = bench._check("x", out, "ratio", 1.5)
     assert check["status"] == "MISS" and check["value_range"] == [1.0, 2.0]
+
+
+def test_compress_study_tests_every_compressed_model_and_writes_the_table(tmp_path, capsys):
+    study = load("compress_study")
+    torch = study.study.torch  # the router study's, whose training loop and thread handling this tool runs
+    out, out_json = tmp_path / "compression.md", tmp_path / "rows.json"
+    argv = ["--steps", "4", "--experts", "4", "--sizes", "3", "2", "--seed", "1", "--out", str(out)]
+    threads = torch.get_num_threads()
+    rows = study.main([*argv, "--json", str(out_json)])
+    assert torch.get_num_threads() == threads
+    # per model: the trained one, then pruned and merged at each size, all tested on the same split
+    expected = [("trained", 4), ("prune", 3), ("merge", 3), ("prune", 2), ("merge", 2)]
+    for model in ("vmoe", "limoe"):
+        mine = [row for row in rows if row["model"] == model]
+        assert [(row["method"], row["experts"]) for row in mine] == expected
+        assert all(0.0 <= row["top1"] <= 1.0 for row in mine)
+    assert json.loads(out_json.read_text())["rows"] == rows
+    text = out.read_text()
+    assert text.startswith("Command: `python tools/compress_study.py --steps 4 --experts 4 --sizes 3 2 --seed 1")
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| model (test metric) | experts per layer | pruned top-1 % | merged top-1 % |"
+    assert len(table) == 1 + 2 * 3 and table[1].startswith("| vmoe (classification top-1) | 4 (trained) |")
+    assert text in capsys.readouterr().out
+    again = study.main(["--models", "vmoe", *argv[:-2]])  # the same seed: the same figures
+    assert again == [row for row in rows if row["model"] == "vmoe"]
+
+
+def test_compress_study_rejects_sizes_outside_the_experts():
+    study = load("compress_study")
+    with pytest.raises(SystemExit):
+        study.main(["--experts", "4", "--sizes", "6"])

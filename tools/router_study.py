@@ -43,7 +43,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,16 +175,22 @@ def coefficient_of_variation(load: Sequence[float]) -> float:
     return float(values.std(unbiased=False) / mean) if mean > 0 else 0.0
 
 
-def train_and_test(overrides: Sequence[str], work_dir: Path) -> dict[str, Any]:
-    """Train one configuration, test it; its accuracy, routing shares over the test split and step times."""
-    start = time.perf_counter()
+def build_run(overrides: Sequence[str], work_dir: Path) -> tuple[Any, Any, L.Trainer]:
+    """The task, data module and trainer ``mome-train <overrides>`` builds (seeded, checked), its outputs in
+    ``work_dir``."""
     cfg = compose_run(overrides, work_dir)
     check_trainer(cfg)
     seed_everything(cfg)
     task = build_task(cfg)
     datamodule = build_datamodule(cfg, task)
     task.check_datamodule(datamodule)
-    trainer = build_trainer(cfg)
+    return task, datamodule, build_trainer(cfg)
+
+
+def train_and_test(overrides: Sequence[str], work_dir: Path) -> dict[str, Any]:
+    """Train one configuration, test it; its accuracy, routing shares over the test split and step times."""
+    start = time.perf_counter()
+    task, datamodule, trainer = build_run(overrides, work_dir)
     timer = StepTimer()
     trainer.callbacks.append(timer)
     trainer.fit(task, datamodule=datamodule)
@@ -296,30 +303,45 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     command = "python tools/router_study.py " + shlex.join(list(sys.argv[1:] if argv is None else argv))
+    with quiet_training(args.threads):
+        runs = _run_all(args)
+        rows = summarize(runs)
+        text = markdown(rows, command, environment(args.device))  # names the threads the runs used
+    write_outputs(text, args.out, args.json, {"runs": runs, "rows": rows})
+    return rows
+
+
+@contextmanager
+def quiet_training(threads: int) -> Iterator[None]:
+    """Inside: ``threads`` torch threads, Lightning's loggers at ERROR and its warnings off; a caller in the same
+    process (the tests) gets its threads and logging back afterwards."""
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     saved = torch.get_num_threads(), [logger.level for logger in loggers]
     try:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
         for logger in loggers:
             logger.setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="lightning")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            runs = _run_all(args)
-        rows = summarize(runs)
-        text = markdown(rows, command, environment(args.device))
-    finally:  # a caller in the same process (the tests) keeps its threads and logging
+            yield
+    finally:
         torch.set_num_threads(saved[0])
         for logger, level in zip(loggers, saved[1]):
             logger.setLevel(level)
+
+
+def write_outputs(text: str, out: Path | None, json_path: Path | None, numbers: dict[str, Any]) -> None:
+    """Print the Markdown ``text`` (its first line names the command), write it to ``out`` and, with the command,
+    ``numbers`` to ``json_path`` (each when given)."""
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "runs": runs, "rows": rows}, indent=1))
-    return rows
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    if json_path:
+        command = text.splitlines()[0].removeprefix("Command: `").removesuffix("`")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"command": command, **numbers}, indent=1))
 
 
 def _run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
