@@ -42,6 +42,7 @@ from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
 from ._pretrained import CFG_FIELDS, PretrainedCfg
 from ._registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 from ._tokenizer import Tokenizer, create_tokenizer
+from .peft import ADAPTER_CONFIG_NAME, load_lora_experts
 
 __all__ = [
     "MODEL_SOURCES",
@@ -272,6 +273,8 @@ def create_model(
         cfg = PretrainedCfg.from_dict({**config.get("pretrained_cfg", {}), **(pretrained_cfg_overlay or {})})
         model = _build(arch, False, {**config.get("model_args", {}), **kwargs}, cfg.replace(architecture=arch))
         load_checkpoint(model, folder / WEIGHTS_NAME, allow_non_finite=allow_non_finite)
+        if (folder / ADAPTER_CONFIG_NAME).is_file():  # a model saved with its LoRA experts (mome.peft)
+            load_lora_experts(model, folder, allow_noncausal=True)  # saved as trained: its routing was accepted
     if checkpoint_path is not None:
         load_checkpoint_file(
             model, checkpoint_path, checkpoint_format, converter_options, allow_non_finite=allow_non_finite

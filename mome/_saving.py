@@ -4,7 +4,9 @@ The folder is the layout timm and open_clip converged on, so ``mome.create_model
 ``mome.create_model("hf-hub:...")`` and ``timm.create_model("hf-hub:...")`` (timm-contract families)
 read it: ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg``, the ``files`` written),
 ``model.safetensors``, the tokenizer files when the model's tokenizer is a Hugging Face one at hand, and
-a ``README.md`` model card with Hub front-matter.
+a ``README.md`` model card with Hub front-matter. A model with LoRA experts (:mod:`mome.peft`) is saved as its base
+architecture's weights plus its adapters (``adapter_config.json``, ``adapter_model.safetensors``), which
+``create_model("local-dir:...")`` adds back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
 from ._pretrained import PretrainedCfg
 from ._registry import is_model, model_module, split_model_name_tag
 from ._tokenizer import create_tokenizer
+from .peft import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora_experts, save_lora_experts, without_lora_experts
 
 __all__ = ["check_save_target", "model_card", "push_to_hub", "save_pretrained"]
 
@@ -186,8 +189,12 @@ def save_pretrained(
     remove_stale_siblings(directory)  # what earlier saves killed mid-way left behind
     tmp = hidden_sibling(directory)
     try:
-        st.save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        with without_lora_experts(model) as base:  # the architecture's weights, under its own names
+            st.save_model(base, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         files = [WEIGHTS_NAME, *_tokenizer_files(cfg, tmp), _README_NAME, CONFIG_NAME]
+        if has_lora_experts(model):  # and its LoRA experts, which create_model("local-dir:...") adds back
+            save_lora_experts(model, tmp)
+            files[1:1] = [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
         (tmp / _README_NAME).write_text(model_card(arch, args, cfg, repo_id))
         config = {"architecture": arch, "model_args": args, "pretrained_cfg": cfg.to_dict(), _MANIFEST_KEY: files}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -111,7 +111,7 @@ LAYERS = [
     ["mome._cards"],
     ["mome._registry"],
     ["mome.layers"],
-    ["mome.models"],
+    ["mome.models", "mome.peft"],
     ["mome.convert"],
     ["mome._factory"],
     ["mome._saving", "mome._timm", "mome._upcycle", "mome.compress"],

@@ -42,6 +42,7 @@ __all__ = [
     "SparseMoE",
     "aux_losses",
     "eval_capacity",
+    "record_routing",
     "recomputing",
     "routing_stats",
     "timm_mlp_layer",
@@ -256,46 +257,7 @@ class MoE(RoutedLayer):
     def _record(
         self, routing: Routing, requested: Tensor, num_groups: int = 1, sequence_length: int | None = None
     ) -> None:
-        """Store this forward pass's weighted aux losses and its routing statistics, and in training count the
-        router's selections for its bias update (:meth:`TopKRouter.record_load`); not in a checkpoint's re-run of the
-        forward during backward (:func:`recomputing`). The losses are computed in a re-run too: their backward needs
-        the tensors the re-run saves again. ``sequence_length``: tokens per sequence (``sequence_balance``)."""
-        probs, modality = routing.router_probs, routing.modality_ids
-        grouped_probs = probs.view(num_groups, probs.shape[0] // num_groups, probs.shape[-1])  # [G, T/G, E]
-        num_modalities = self.num_modalities
-        raw: dict[str, Tensor] = {}
-        for name in self.aux_loss_weights:
-            if name == "load" and routing.selection_probs is None:
-                continue  # the load loss only exists with router noise (training), as in V-MoE
-            if probs.shape[0] == 0:  # no tokens (an empty batch): every mean is undefined; the layer adds 0
-                raw[name] = probs.sum()  # a zero that stays in the graph, so backward still reaches the router
-            elif name == "load_balance":
-                raw[name] = L.load_balance_loss(grouped_probs, routing.expert_index[:, 0].view(num_groups, -1))
-            elif name == "importance":
-                raw[name] = L.importance_loss(grouped_probs)
-            elif name == "load":
-                raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
-            elif name == "z_loss":
-                raw[name] = L.router_z_loss(routing.router_logits)
-            elif name == "local_entropy":
-                raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
-            elif name == "global_entropy":
-                raw[name] = L.global_entropy_loss(probs, modality, num_modalities, self.global_entropy_threshold).sum()
-            elif name == "sequence_balance":
-                sequences = (-1, sequence_length)  # [B, T, ...]: the loss is per sequence
-                raw[name] = L.sequence_balance_loss(
-                    probs.view(*sequences, probs.shape[-1]), routing.expert_index.view(*sequences, routing.top_k)
-                )
-        weighted = {name: self.aux_loss_weights[name] * value for name, value in raw.items()}
-        if recomputing():
-            return
-        self.last_aux_losses = weighted
-        with torch.no_grad():
-            if self.training and isinstance(self.router, TopKRouter):
-                self.router.record_load(routing.expert_index)
-            stats = _routing_statistics(routing, requested, num_modalities)
-            stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
-        self.last_routing_stats = stats
+        record_routing(self, routing, requested, num_groups, sequence_length)
 
     @classmethod
     def from_dense(
@@ -322,6 +284,55 @@ class MoE(RoutedLayer):
         if router is None:
             router = TopKRouter(experts.dim, experts.num_experts, fine_grained * top_k, renormalize=True)
         return cls(router.to(experts.w_in.dtype), experts, **moe_kwargs)
+
+
+def record_routing(
+    layer: RoutedLayer, routing: Routing, requested: Tensor, num_groups: int = 1, sequence_length: int | None = None
+) -> None:
+    """Store a routed layer's weighted aux losses and routing statistics of this forward pass, and in training count
+    the router's selections for its bias update (:meth:`TopKRouter.record_load`); not in a checkpoint's re-run of the
+    forward during backward (:func:`recomputing`). The losses are computed in a re-run too: their backward needs
+    the tensors the re-run saves again. ``sequence_length``: tokens per sequence (``sequence_balance``).
+
+    ``layer`` names its losses in ``aux_loss_weights`` and has ``num_modalities``, ``global_entropy_threshold`` and
+    ``router`` (:class:`MoE`, :class:`mome.peft.LoRAExpertsLinear`): every token-choice layer records alike.
+    """
+    probs, modality = routing.router_probs, routing.modality_ids
+    grouped_probs = probs.view(num_groups, probs.shape[0] // num_groups, probs.shape[-1])  # [G, T/G, E]
+    num_modalities = layer.num_modalities
+    raw: dict[str, Tensor] = {}
+    for name in layer.aux_loss_weights:
+        if name == "load" and routing.selection_probs is None:
+            continue  # the load loss only exists with router noise (training), as in V-MoE
+        if probs.shape[0] == 0:  # no tokens (an empty batch): every mean is undefined; the layer adds 0
+            raw[name] = probs.sum()  # a zero that stays in the graph, so backward still reaches the router
+        elif name == "load_balance":
+            raw[name] = L.load_balance_loss(grouped_probs, routing.expert_index[:, 0].view(num_groups, -1))
+        elif name == "importance":
+            raw[name] = L.importance_loss(grouped_probs)
+        elif name == "load":
+            raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
+        elif name == "z_loss":
+            raw[name] = L.router_z_loss(routing.router_logits)
+        elif name == "local_entropy":
+            raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
+        elif name == "global_entropy":
+            raw[name] = L.global_entropy_loss(probs, modality, num_modalities, layer.global_entropy_threshold).sum()
+        elif name == "sequence_balance":
+            sequences = (-1, sequence_length)  # [B, T, ...]: the loss is per sequence
+            raw[name] = L.sequence_balance_loss(
+                probs.view(*sequences, probs.shape[-1]), routing.expert_index.view(*sequences, routing.top_k)
+            )
+    weighted = {name: layer.aux_loss_weights[name] * value for name, value in raw.items()}
+    if recomputing():
+        return
+    layer.last_aux_losses = weighted
+    with torch.no_grad():
+        if layer.training and isinstance(layer.router, TopKRouter):
+            layer.router.record_load(routing.expert_index)
+        stats = _routing_statistics(routing, requested, num_modalities)
+        stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
+    layer.last_routing_stats = stats
 
 
 def _routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:

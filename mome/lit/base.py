@@ -118,10 +118,28 @@ def model_from_checkpoint(path: str | Path) -> nn.Module:
     if not isinstance(spec, Mapping):
         raise CheckpointMismatchError(f"{path}: not a mome-train checkpoint (no hyper_parameters.model spec)")
     model = build_model(spec)
+    add_adapters(model, checkpoint.get("hyper_parameters", {}).get("peft"))
     prefix = "model."
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     load_state_exactly(model, state, str(path))
     return model
+
+
+def add_adapters(model: nn.Module, peft: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Add the LoRA experts of a task's ``peft`` node (:func:`mome.peft.add_lora_experts`) to ``model``; returns the
+    node as a dict, or None without one. A bad node is a :class:`TaskConfigError` naming ``task.peft``."""
+    if peft is None:
+        return None
+    from ..peft import LoRAExpertsConfig, add_lora_experts
+
+    if not isinstance(peft, Mapping):
+        raise TaskConfigError(f"task.peft must be a mapping of LoRAExpertsConfig fields, got {peft!r}")
+    try:
+        config = LoRAExpertsConfig(**peft)
+    except TypeError as err:
+        raise TaskConfigError(f"task.peft: {err}") from err
+    add_lora_experts(model, config)
+    return dict(peft)
 
 
 class EvalCapacity:
@@ -223,6 +241,10 @@ class MomeTask(L.LightningModule):
         check_finite: stop on a NaN/inf loss (one host sync per step).
         eval_capacity: the MoE capacity at validation and test: ``"dropless"`` (default), ``"model"`` (the
             layers' own eval capacity) or a capacity factor (:class:`EvalCapacity`).
+        peft: LoRA experts to tune instead of the model (:class:`mome.peft.LoRAExpertsConfig` fields, e.g.
+            ``{"target_modules": ["qkv", "fc1"], "r": 8, "num_experts": 4, "routing": "token"}``): they are added to
+            the model as it is built, and they (experts and routers) are the only parameters trained: the base
+            model stays frozen whatever the task's stages or ``trainable`` say (:meth:`restrict_to_adapters`).
         compile: ``torch.compile`` the model when the trainer sets the task up (``configure_model``), in place
             (``nn.Module.compile``: parameter names, checkpoints and exports stay those of the eager model);
             ``True`` for torch's defaults (inductor), or a mapping of ``torch.compile`` keyword arguments
@@ -241,10 +263,12 @@ class MomeTask(L.LightningModule):
         check_finite: bool = True,
         eval_capacity: str | float | None = "dropless",
         compile: bool | Mapping[str, Any] = False,
+        peft: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model)
+        self.peft_cfg = add_adapters(self.model, peft)
         self.model_spec = dict(model)
         self.optimizer_cfg = dict(optimizer or {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05})
         self.scheduler_cfg = dict(scheduler or {"name": "cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0})
@@ -259,6 +283,7 @@ class MomeTask(L.LightningModule):
         self.check_finite = check_finite
         if trainable is not None or frozen:
             set_trainable(self.model, list(trainable) if trainable is not None else None, list(frozen))
+        self.restrict_to_adapters()
         if grad_checkpointing:
             if not hasattr(self.model, "set_grad_checkpointing"):
                 raise TaskConfigError(f"{type(self.model).__name__} has no set_grad_checkpointing switch")
@@ -271,6 +296,14 @@ class MomeTask(L.LightningModule):
             dict(compile) if isinstance(compile, Mapping) else ({} if compile else None)
         )
         self._create_optimizer()  # an optimizer name or argument timm refuses fails now, not when fit starts
+
+    def restrict_to_adapters(self) -> None:
+        """With ``peft``: freeze every parameter of the model but the LoRA experts and their routers (a task calls
+        this again after its own stage or schedule changed what trains); nothing without ``peft``."""
+        if self.peft_cfg is not None:
+            from ..peft import mark_only_adapters_trainable
+
+            mark_only_adapters_trainable(self.model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward (what the model summary runs on :attr:`example_input_array`)."""

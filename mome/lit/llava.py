@@ -128,6 +128,7 @@ class LLaVATask(MomeTask):
             configure_stage(self.model, stage, train_dense_ffn=train_dense_ffn)
         except ValueError as err:
             raise TaskConfigError(f"task.stage={stage}: {err} (model.moe_layers must be 'none' in stages 1-2)") from err
+        self.restrict_to_adapters()  # task.peft: only the LoRA experts train, in any stage
         self._answers: dict[str, list[float]] = defaultdict(list)
 
     def setup(self, stage: str) -> None:
@@ -144,8 +145,14 @@ class LLaVATask(MomeTask):
             previous.upcycle(
                 moe_layers=self.model.moe_layers, num_experts=config.num_experts, top_k=config.num_experts_per_tok
             )
-        load_state_exactly(self.model, previous.state_dict(), f"task.init_from={path}")
+        if self.peft_cfg is None:
+            load_state_exactly(self.model, previous.state_dict(), f"task.init_from={path}")
+        else:  # the previous stage's weights are the frozen base of the LoRA experts
+            from ..peft import load_base_state_dict
+
+            load_base_state_dict(self.model, previous.state_dict(), f"task.init_from={path}")
         configure_stage(self.model, self.stage, train_dense_ffn=self.train_dense_ffn)
+        self.restrict_to_adapters()
 
     # ------------------------------------------------------------------------------- steps
     def _lm_loss(self, batch: dict[str, Any], split: str) -> Tensor:

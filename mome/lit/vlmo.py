@@ -122,6 +122,7 @@ class VLMoTask(ContrastiveTask):
                     self._frozen_slices[name] = row[0][row[1]].clone()
             else:
                 param.requires_grad_(name.startswith(_TEXT_STAGE_TRAINABLE))
+        self.restrict_to_adapters()  # task.peft: only the LoRA experts train, in every stage
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._frozen_slices:  # undo the optimiser's step (momentum, weight decay) on the frozen V-FFN slices
