@@ -31,6 +31,8 @@ from ._factory import get_tokenizer as get_tokenizer
 from ._factory import load_checkpoint_file as load_checkpoint_file
 from ._factory import parse_model_name as parse_model_name
 from ._pretrained import PretrainedCfg as PretrainedCfg
+from ._quantize import quantization_of as quantization_of
+from ._quantize import quantize as quantize
 from ._registry import add_zoo_dir as add_zoo_dir
 from ._registry import get_pretrained_cfg as get_pretrained_cfg
 from ._registry import is_model as is_model

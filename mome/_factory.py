@@ -40,6 +40,7 @@ from ._errors import (
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
 from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
 from ._pretrained import CFG_FIELDS, PretrainedCfg
+from ._quantize import quantize_from_config
 from ._registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
 from ._tokenizer import Tokenizer, create_tokenizer
 from .peft import ADAPTER_CONFIG_NAME, load_lora_experts
@@ -272,6 +273,8 @@ def create_model(
         arch = split_model_name_tag(config["architecture"])[0]
         cfg = PretrainedCfg.from_dict({**config.get("pretrained_cfg", {}), **(pretrained_cfg_overlay or {})})
         model = _build(arch, False, {**config.get("model_args", {}), **kwargs}, cfg.replace(architecture=arch))
+        if "quantization" in config:  # a quantized save: quantize the same way, then load the int data and scales
+            quantize_from_config(model, config["quantization"], str(folder / CONFIG_NAME))
         load_checkpoint(model, folder / WEIGHTS_NAME, allow_non_finite=allow_non_finite)
         if (folder / ADAPTER_CONFIG_NAME).is_file():  # a model saved with its LoRA experts (mome.peft)
             load_lora_experts(model, folder, allow_noncausal=True)  # saved as trained: its routing was accepted
@@ -316,6 +319,7 @@ _SAVED_FIELDS = {
     "architecture": (str, "a model name"),
     "model_args": (dict, "an object"),
     "pretrained_cfg": (dict, "an object"),
+    "quantization": (dict, "an object"),
 }
 
 

@@ -25,6 +25,7 @@ from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from ._errors import InvalidArgumentError, PretrainedUnavailableError, UnknownModelError
 from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
 from ._pretrained import PretrainedCfg
+from ._quantize import quantization_of
 from ._registry import is_model, model_module, split_model_name_tag
 from ._tokenizer import create_tokenizer
 from .peft import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora_experts, save_lora_experts, without_lora_experts
@@ -149,8 +150,10 @@ def save_pretrained(
     """Write a saved folder, readable by ``create_model("local-dir:...")`` and ``"hf-hub:..."``.
 
     The folder holds ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg`` and the list
-    of ``files`` written), ``model.safetensors``, the tokenizer files when the model's tokenizer is a
-    Hugging Face one at hand, and a ``README.md`` model card (``repo_id`` is the Hub repo it names).
+    of ``files`` written; ``quantization`` for a model :func:`mome.quantize` quantized, whose
+    ``model.safetensors`` then holds each quantized weight's int data and scales), ``model.safetensors``, the
+    tokenizer files when the model's tokenizer is a Hugging Face one at hand, and a ``README.md`` model card
+    (``repo_id`` is the Hub repo it names).
     ``model_name``/``model_args`` default to what :func:`create_model` recorded on the model. The
     folder is written next to ``directory`` and swapped into place (:mod:`mome._folders`), so the target
     holds a complete save, the earlier or the new one; an existing folder is replaced only if it holds
@@ -197,6 +200,9 @@ def save_pretrained(
             files[1:1] = [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
         (tmp / _README_NAME).write_text(model_card(arch, args, cfg, repo_id))
         config = {"architecture": arch, "model_args": args, "pretrained_cfg": cfg.to_dict(), _MANIFEST_KEY: files}
+        quantization = quantization_of(model)
+        if quantization:  # create_model("local-dir:...") quantizes the rebuilt model the same way before loading
+            config["quantization"] = quantization
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         swap_into_place(tmp, directory)
     except BaseException:

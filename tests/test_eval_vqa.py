@@ -99,24 +99,55 @@ def test_vqa_writes_results_and_predictions(tmp_path, shapes):
     assert (out / "routing_patch_map.png").exists()
 
 
-@pytest.mark.parametrize(("reply", "expected"), [("reference", 1.0), ("junk", 0.0)])
-def test_stubbed_generation_scores(tmp_path, shapes, monkeypatch, reply, expected):
-    """generate_answer is the one generation function (LLaVATask.test_step uses it too): stubbed to give the
-    reference (re-cased, with an article and punctuation) every answer is a hit; stubbed to give junk, none."""
+@pytest.mark.parametrize(("reply", "expected", "report"), [("reference", 1.0, "true"), ("junk", 0.0, "false")])
+def test_stubbed_generation_scores(tmp_path, shapes, monkeypatch, reply, expected, report):
+    """generate_answers is the one generation function (LLaVATask.test_step uses it too; one prompt at a time with
+    the routing report, the batch without): stubbed to give the reference (re-cased, with an article and
+    punctuation) every answer is a hit; stubbed to give junk, none."""
     references = iter(_references(shapes))
     calls = []
 
     def stub(model, tokenizer, prompt_ids, images, max_new_tokens):
-        calls.append(prompt_ids.shape)
-        reference = next(references)
-        return f"  The {reference.upper()}. " if reply == "reference" else "zzz qqq"
+        calls.append(len(prompt_ids))
+        return [f"  The {next(references).upper()}. " if reply == "reference" else "zzz qqq" for _ in prompt_ids]
 
-    monkeypatch.setattr(mome.lit.llava, "generate_answer", stub)
-    record, predictions, _ = _vqa(tmp_path, shapes)
-    assert len(calls) == record["n_samples"] == len(predictions) == 8
+    monkeypatch.setattr(mome.lit.llava, "generate_answers", stub)
+    record, predictions, _ = _vqa(tmp_path, shapes, f"routing_report={report}", "data.eval_batch_size=4")
+    assert calls == ([1] * 8 if report == "true" else [4, 4])
+    assert sum(calls) == record["n_samples"] == len(predictions) == 8
     assert record["metrics"]["exact_match"] == expected
     assert all(p["hit"] == bool(expected) for p in predictions)
     assert all(value == expected for value in record["metrics"].values())
+
+
+def test_batched_generation_gives_the_answers_of_one_prompt_at_a_time():
+    """Prompts of different lengths, with 1 or 2 images, left-padded into one generate call: the same greedy
+    tokens as each prompt alone (the tiny model's MoE layers drop no token at these sizes)."""
+    from mome.lit.llava import generate_answer, generate_answers, left_pad
+
+    torch.manual_seed(0)
+    model = mome.create_model("moe_llava_tiny_e4").eval()
+    tokenizer = mome.get_tokenizer("moe_llava_tiny_e4").tokenizer
+    image = [model.config.image_token_id] * model.num_image_tokens
+    prompts, images = [], []
+    for length, count in ((3, 1), (11, 2), (6, 1), (1, 2)):
+        words = torch.randint(5, 80, (length,)).tolist()
+        prompts.append(torch.tensor([[1, *image * count, *words]]))
+        images.append(torch.randn(count, *model.pretrained_cfg.input_size))
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    assert ids.shape == (4, 1 + 2 * len(image) + 11) and mask.sum(1).tolist() == [p.shape[1] for p in prompts]
+    assert torch.equal(ids[1], prompts[1][0]) and (ids[0, : ids.shape[1] - prompts[0].shape[1]] == 0).all()
+    batched = generate_answers(model, tokenizer, prompts, images, max_new_tokens=6)
+    single = [generate_answer(model, tokenizer, p, i, max_new_tokens=6) for p, i in zip(prompts, images)]
+    assert batched == single and sum(map(bool, batched)) >= 3  # not a comparison of empty strings
+
+
+def test_vqa_without_the_routing_report_generates_in_batches_with_the_same_answers(tmp_path, shapes):
+    common = ["max_samples=6", "eval_task.max_new_tokens=3", "data.eval_batch_size=3"]
+    _, one_at_a_time, _ = _vqa(tmp_path / "report", shapes, *common)
+    record, batched, out = _vqa(tmp_path / "batched", shapes, *common, "routing_report=false")
+    assert batched == one_at_a_time and record["n_samples"] == 6
+    assert not (out / "routing.json").exists()
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -111,6 +111,7 @@ LAYERS = [
     ["mome._cards"],
     ["mome._registry"],
     ["mome.layers"],
+    ["mome._quant_tensor", "mome._quantize"],
     ["mome.models", "mome.peft"],
     ["mome.convert"],
     ["mome._factory"],

@@ -30,7 +30,16 @@ from .._errors import InvalidArgumentError
 from .dispatch import DispatchPlan
 from .routers import Routing
 
-__all__ = ["Dispatch", "Experts", "given_or_new_experts", "resolve_dispatch_dtype", "round_through", "segment_dense"]
+__all__ = [
+    "Dispatch",
+    "Experts",
+    "dense",
+    "given_or_new_experts",
+    "is_quantized",
+    "resolve_dispatch_dtype",
+    "round_through",
+    "segment_dense",
+]
 
 Dispatch = Literal["sorted", "buffers"]
 
@@ -46,6 +55,17 @@ def resolve_dispatch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | Non
     raise InvalidArgumentError(
         "dispatch_dtype", f"None, a floating torch dtype or one of {sorted(_DTYPE_NAMES)}", dtype
     )
+
+
+def is_quantized(weight: Tensor) -> bool:
+    """Whether ``weight`` is a quantized tensor subclass (torchao's ``TorchAOBaseTensor`` protocol, which
+    :func:`mome.quantize` puts in place of float weights), told without importing torchao."""
+    return hasattr(type(weight), "tensor_data_names") and hasattr(weight, "dequantize")
+
+
+def dense(weight: Tensor) -> Tensor:
+    """``weight`` as a float tensor: a quantized one dequantized (``w = scale * (q - zero)``), a float one as is."""
+    return weight.dequantize() if is_quantized(weight) else weight
 
 
 def round_through(x: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -283,6 +303,12 @@ class Experts(nn.Module):
             return self.act(gate) * up
         return self.act(hidden)
 
+    def dense_weights(self) -> tuple[Tensor, Tensor]:
+        """``(w_in [E, H', D], w_out [E, D, H])`` as float tensors: after :func:`mome.quantize` the stacked weights
+        are torchao tensor subclasses (int8 per row, or packed int4 per group), dequantized here for each forward
+        (weight-only quantization: the matmuls run in the activations' float dtype); float weights as they are."""
+        return dense(self.w_in), dense(self.w_out)
+
     # ---------------------------------------------------------------- compute on grouped tokens
     def forward_grouped(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """FFNs on rows sorted by expert: ``rows [R, D]`` -> ``[R, D]``.
@@ -292,10 +318,11 @@ class Experts(nn.Module):
         num_rows = rows.shape[0]
         group_ends = group_sizes.cumsum(0)
         rows = round_through(rows, self.dispatch_dtype)
-        hidden = grouped_matmul(rows, self.w_in, group_ends)  # [R, H or 2H]
+        w_in, w_out = self.dense_weights()
+        hidden = grouped_matmul(rows, w_in, group_ends)  # [R, H or 2H]
         if self.b_in is not None:  # in place: the matmul output is not saved for its backward
             hidden += self.b_in.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
-        out = grouped_matmul(self.activate(hidden), self.w_out, group_ends)  # [R, D]
+        out = grouped_matmul(self.activate(hidden), w_out, group_ends)  # [R, D]
         if self.b_out is not None:
             out += self.b_out.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
         return round_through(out, self.dispatch_dtype)
@@ -303,8 +330,9 @@ class Experts(nn.Module):
     def forward_batched(self, buffers: Tensor) -> Tensor:
         """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection)."""
         buffers = round_through(buffers, self.dispatch_dtype)
-        hidden = self.activate(batched_linear(buffers, self.w_in, self.b_in))  # [E, C, H']
-        return round_through(batched_linear(hidden, self.w_out, self.b_out), self.dispatch_dtype)  # [E, C, D]
+        w_in, w_out = self.dense_weights()
+        hidden = self.activate(batched_linear(buffers, w_in, self.b_in))  # [E, C, H']
+        return round_through(batched_linear(hidden, w_out, self.b_out), self.dispatch_dtype)  # [E, C, D]
 
     def forward_slots(self, buffers: Tensor) -> Tensor:
         """Per-expert slot buffers of all ``E`` experts ``[E, C, D]`` -> ``[E, C, D]``.

@@ -90,7 +90,8 @@ class SMEAR(RoutedLayer):
             flat = probs.to(parameter.dtype) @ parameter.reshape(parameter.shape[0], -1)  # [B, numel / E]
             return flat.view(probs.shape[0], *parameter.shape[1:])
 
-        return merge(experts.w_in), merge(experts.b_in), merge(experts.w_out), merge(experts.b_out)
+        w_in, w_out = experts.dense_weights()  # dequantized when mome.quantize has quantized them
+        return merge(w_in), merge(experts.b_in), merge(w_out), merge(experts.b_out)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, M, D]`` (or ``[M, D]``, one example) -> same shape; ``B`` and ``M`` may be 0 (an empty output).

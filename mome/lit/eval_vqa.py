@@ -33,7 +33,11 @@ class VQAEvalTask(EvaluationTask):
     :func:`mome.lit.llava.normalize_answer` (lower case, punctuation and articles removed, whitespace
     collapsed): ``exact_match = hits / samples``, also per question type (``exact_match/<type>``, from the
     records' ``meta.question_types``). Generation and scoring are :func:`mome.lit.llava.answer_questions`,
-    the code of ``LLaVATask.test_step``. Every answer is written to ``predictions.jsonl`` beside
+    the code of ``LLaVATask.test_step``: with ``routing_report=false`` and the default dropless evaluation
+    (``eval_capacity``), the questions of a batch (``data.eval_batch_size``) are answered by one left-padded
+    ``generate`` call (:func:`mome.lit.llava.generate_answers`), whose routing is not counted (its pad tokens are
+    routed too); otherwise one at a time (a capacity limit would make a batch's answers depend on its other
+    prompts). Every answer is written to ``predictions.jsonl`` beside
     ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
     dataset order and without the samples Lightning's ``DistributedSampler`` repeats.
 
@@ -77,20 +81,29 @@ class VQAEvalTask(EvaluationTask):
         self._answered = []
 
     def evaluate_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
-        answered = []
-        indices = self._batch_indices
-        for position, (prompt, images) in enumerate(zip(batch["prompt_ids"], batch["prompt_images"], strict=True)):
-            self._batch_indices = None if indices is None else indices[position].repeat(images.shape[0])
-            with self._llava_patch_capture(prompt, images):
-                answered += llava.answer_questions(
-                    self.model,
-                    self.tokenizer.tokenizer,
-                    [prompt],
-                    [images],
-                    [batch["answers"][position]],
-                    self.max_new_tokens,
+        prompts, images, answers = batch["prompt_ids"], batch["prompt_images"], batch["answers"]
+        if not self.routing_report and self.eval_capacity.value == "dropless":
+            # the whole batch in one left-padded generate call; dropless, the pad tokens routed with it change no
+            # other token's experts, and its routing is not counted (the pads would be)
+            with self._routing_paused():
+                answered = llava.answer_questions(
+                    self.model, self.tokenizer.tokenizer, prompts, images, answers, self.max_new_tokens
                 )
-        self._batch_indices = indices
+        else:  # one prompt at a time: a batch's pad tokens would be routed and counted in the report
+            answered = []
+            indices = self._batch_indices
+            for position, (prompt, prompt_images) in enumerate(zip(prompts, images, strict=True)):
+                self._batch_indices = None if indices is None else indices[position].repeat(prompt_images.shape[0])
+                with self._llava_patch_capture(prompt, prompt_images):
+                    answered += llava.answer_questions(
+                        self.model,
+                        self.tokenizer.tokenizer,
+                        [prompt],
+                        [prompt_images],
+                        [answers[position]],
+                        self.max_new_tokens,
+                    )
+            self._batch_indices = indices
         for position, (prediction, hit) in enumerate(answered):
             self._answered.append(
                 {

@@ -35,7 +35,7 @@ from .._factory import create_model
 from .base import MomeTask, TaskConfigError, model_from_checkpoint
 from .expert_parallel import forward_is_collective
 
-__all__ = ["LLaVATask", "answer_questions", "exact_match", "generate_answer", "normalize_answer"]
+__all__ = ["LLaVATask", "answer_questions", "exact_match", "generate_answer", "generate_answers", "normalize_answer"]
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -54,23 +54,56 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
+def left_pad(prompt_ids: Sequence[Tensor], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts ``[1, L_i]`` as one left-padded batch: ``(input_ids [B, L], attention_mask [B, L])`` with
+    ``L = max L_i``; row ``i`` holds ``pad_token_id`` (attention 0) in its first ``L - L_i`` positions, so every
+    prompt ends at the last column, where generation appends (transformers' convention for decoder-only models)."""
+    length = max(prompt.shape[-1] for prompt in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompt_ids):
+        width = prompt.shape[-1]
+        input_ids[row, length - width :] = prompt.reshape(-1)  # [1, L_i] -> [L_i]
+        attention_mask[row, length - width :] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
-def generate_answer(model: Any, tokenizer: Any, prompt_ids: Tensor, images: Tensor, max_new_tokens: int) -> str:
-    """Greedy answer of a MoE-LLaVA ``model`` to one prompt ``[1, L]`` with its images ``[n, 3, H, W]``: at
-    most ``max_new_tokens`` new tokens (stopping at ``eos``), decoded without special tokens by the
-    transformers ``tokenizer``."""
+def generate_answers(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[Tensor], images: Sequence[Tensor], max_new_tokens: int
+) -> list[str]:
+    """Greedy answers of a MoE-LLaVA ``model`` to a batch of prompts ``[1, L_i]``, each with its images
+    ``[n_i, 3, H, W]``, in one transformers ``generate`` call: the prompts left-padded (:func:`left_pad`, the
+    attention mask zero on the pads), the images concatenated in prompt order (LLaVA fills the image placeholders
+    row by row). At most ``max_new_tokens`` new tokens each (a row stops at ``eos`` and is padded after it),
+    decoded without special tokens by the transformers ``tokenizer``.
+
+    The answers are those of one prompt at a time (``tests/test_eval_vqa.py``) as long as no MoE layer drops a
+    token: the pads are routed like any token, so under a capacity limit they take expert slots, and a batch's
+    capacity ``ceil(T k c / E)`` differs from a single prompt's."""
+    if not prompt_ids:
+        return []
     device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids, attention_mask = left_pad(prompt_ids, pad)
     output = model.generate(
-        input_ids=prompt_ids.to(device),
-        attention_mask=torch.ones_like(prompt_ids, device=device),
-        images=images.to(device),
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        images=torch.cat([image.to(device) for image in images]),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
         synced_gpus=forward_is_collective(model),  # every rank decodes as many steps
     )
-    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
+    return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def generate_answer(model: Any, tokenizer: Any, prompt_ids: Tensor, images: Tensor, max_new_tokens: int) -> str:
+    """Greedy answer of a MoE-LLaVA ``model`` to one prompt ``[1, L]`` with its images ``[n, 3, H, W]``: at
+    most ``max_new_tokens`` new tokens (stopping at ``eos``), decoded without special tokens by the
+    transformers ``tokenizer`` (:func:`generate_answers` of a batch of one)."""
+    return generate_answers(model, tokenizer, [prompt_ids], [images], max_new_tokens)[0]
 
 
 def answer_questions(
@@ -81,13 +114,12 @@ def answer_questions(
     references: Sequence[str],
     max_new_tokens: int,
 ) -> list[tuple[str, bool]]:
-    """``(predicted answer, exact match)`` of each question of a batch: the greedy answer
-    (:func:`generate_answer`) scored against its reference with :func:`exact_match`."""
-    answered = []
-    for prompt, prompt_images, reference in zip(prompt_ids, images, references, strict=True):
-        prediction = generate_answer(model, tokenizer, prompt, prompt_images, max_new_tokens)
-        answered.append((prediction, exact_match(prediction, reference)))
-    return answered
+    """``(predicted answer, exact match)`` of each question of a batch: the greedy answers, generated together
+    (:func:`generate_answers`), scored against their references with :func:`exact_match`."""
+    if len(references) != len(prompt_ids):
+        raise ValueError(f"answer_questions: {len(prompt_ids)} prompts but {len(references)} references")
+    predictions = generate_answers(model, tokenizer, prompt_ids, images, max_new_tokens)
+    return [(prediction, exact_match(prediction, reference)) for prediction, reference in zip(predictions, references)]
 
 
 def _load_init(path: str | Path) -> torch.nn.Module:
