@@ -293,7 +293,7 @@ class MoE(RoutedLayer):
         with torch.no_grad():
             if self.training and isinstance(self.router, TopKRouter):
                 self.router.record_load(routing.expert_index)
-            stats = _routing_statistics(routing, requested, num_modalities)
+            stats = routing_statistics(routing, requested, num_modalities)
             stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
         self.last_routing_stats = stats
 
@@ -324,7 +324,7 @@ class MoE(RoutedLayer):
         return cls(router.to(experts.w_in.dtype), experts, **moe_kwargs)
 
 
-def _routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:
+def routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:
     """Per-expert load, dropped fraction and router entropy (overall and per modality).
 
     ``expert_load [E]``: share of the computed assignments that each expert computed (sums to 1);
