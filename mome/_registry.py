@@ -54,30 +54,30 @@ _entrypoints: dict[str, Callable[..., nn.Module]] = {}
 _model_to_module: dict[str, str] = {}
 _tags: dict[str, list[str]] = {}  # arch -> its tags, the default first
 _cfgs: dict[str, PretrainedCfg] = {}  # "arch.tag" -> card
-_lazy_families: dict[str, str] = {}  # module not imported yet -> fnmatch pattern of the archs it registers
+_lazy_families: dict[str, tuple[str, ...]] = {}  # module not imported yet -> fnmatch patterns of its archs
 _zoo_loaded = False
 _zoo_pending: dict[str, tuple[PretrainedCfg, bool]] = {}  # "arch.tag" -> (card, is default) of unregistered archs
 
 
-def register_lazy_family(module: str, pattern: str) -> None:
+def register_lazy_family(module: str, pattern: str | Iterable[str]) -> None:
     """Import ``module`` (which registers its models) only when a name matching ``pattern`` is looked up.
 
-    ``pattern`` is an fnmatch pattern of the archs the module registers (``"moe_llava_*"``); listing
-    models imports every lazy family. A family already imported is not registered again.
+    ``pattern`` is an fnmatch pattern of the archs the module registers (``"moe_llava_*"``), or several;
+    listing models imports every lazy family. A family already imported is not registered again.
     """
     import sys
 
     if module not in sys.modules:
-        _lazy_families[module] = pattern
+        _lazy_families[module] = (pattern,) if isinstance(pattern, str) else tuple(pattern)
 
 
 def _import_families(arch: str | None = None, modules: Iterable[str] = ()) -> None:
     """Import the lazy families that could register ``arch``, or those of ``modules`` (last part of the
     module name), or all of them when neither is given."""
     modules = set(modules)
-    for module, pattern in list(_lazy_families.items()):
+    for module, patterns in list(_lazy_families.items()):
         if arch is not None:
-            wanted = fnmatch.fnmatchcase(arch, pattern)
+            wanted = any(fnmatch.fnmatchcase(arch, pattern) for pattern in patterns)
         else:
             wanted = not modules or module.rsplit(".", 1)[-1] in modules
         if wanted:

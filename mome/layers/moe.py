@@ -330,12 +330,12 @@ def record_routing(
     with torch.no_grad():
         if layer.training and isinstance(layer.router, TopKRouter):
             layer.router.record_load(routing.expert_index)
-        stats = _routing_statistics(routing, requested, num_modalities)
+        stats = routing_statistics(routing, requested, num_modalities)
         stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
     layer.last_routing_stats = stats
 
 
-def _routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:
+def routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:
     """Per-expert load, dropped fraction and router entropy (overall and per modality).
 
     ``expert_load [E]``: share of the computed assignments that each expert computed (sums to 1);

@@ -15,12 +15,23 @@ from ._moe_vit import MoEVisionTransformer as MoEVisionTransformer
 from ._moe_vit import resolve_moe_layers as resolve_moe_layers
 
 _registry.register_lazy_family(f"{__name__}.moe_llava", "moe_llava_*")
+#: transformers' multimodal MoE models (:mod:`mome.models.hf_moe_vlm`), lazy for the same reason
+HF_MOE_VLM_ARCHS = (
+    "qwen3_vl_moe_*",
+    "ernie4_5_vl_moe_*",
+    "glm4v_moe_*",
+    "glm4_5v_*",
+    "llama4_*",
+    "aria_*",
+    "qwen3_omni_moe_*",
+)
+_registry.register_lazy_family(f"{__name__}.hf_moe_vlm", HF_MOE_VLM_ARCHS)
 
 
 def __getattr__(name: str):
     """``mome.models.moe_llava`` on attribute access imports the lazy family (as ``import`` would)."""
-    if name == "moe_llava":
+    if name in ("moe_llava", "hf_moe_vlm"):
         import importlib
 
-        return importlib.import_module(f"{__name__}.moe_llava")
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
