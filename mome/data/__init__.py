@@ -1,6 +1,7 @@
 """mome's Lightning data modules (importing this package imports Lightning; ``import mome`` does not).
 
-- :class:`DigitsDataModule`: the embedded default (scikit-learn's digits as captions or labels);
+- :class:`DigitsDataModule`: the embedded default (scikit-learn's digits as captions or labels, and with
+  ``task="image_text_audio"`` each digit's DTMF tone as log-mel features: :mod:`mome.data.digits_audio`);
 - :class:`ImageFolderDataModule`, :class:`CsvImageTextDataModule`, :class:`WebDatasetDataModule`: real data;
 - :mod:`mome.data.conversation` and :mod:`mome.data.shapes`: LLaVA-style conversations and the synthetic
   shapes VQA set of the MoE-LLaVA demo.
@@ -9,17 +10,21 @@
 
 from .base import BadSampleError, DataConfigError, MomeDataModule, ResumableDataLoader
 from .conversation import ConversationDataModule, ShapesDataModule
-from .digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, DigitsDataModule
+from .digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, DigitsAudioDataset, DigitsDataModule
+from .digits_audio import DTMF_FREQUENCIES, AudioFeatures
 from .folders import CsvImageTextDataModule, ImageFolderDataModule
 from .webdataset import WebDatasetDataModule
 
 __all__ = [
+    "AudioFeatures",
     "BadSampleError",
     "DIGIT_CLASSNAMES",
     "DIGIT_TEMPLATES",
+    "DTMF_FREQUENCIES",
     "ConversationDataModule",
     "CsvImageTextDataModule",
     "DataConfigError",
+    "DigitsAudioDataset",
     "DigitsDataModule",
     "ImageFolderDataModule",
     "MomeDataModule",

@@ -20,8 +20,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .base import DataConfigError, MomeDataModule
+from .digits_audio import AudioFeatures, digit_waveform
 
-__all__ = ["DIGIT_CLASSNAMES", "DIGIT_TEMPLATES", "DigitsDataModule", "DigitsDataset", "digits_splits"]
+__all__ = [
+    "DIGIT_CLASSNAMES",
+    "DIGIT_TEMPLATES",
+    "DigitsAudioDataset",
+    "DigitsDataModule",
+    "DigitsDataset",
+    "digits_splits",
+]
 
 DIGIT_CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Caption templates (open_clip's zero-shot convention: a callable or format string per template).
@@ -34,6 +42,7 @@ DIGIT_TEMPLATES: tuple[str, ...] = (
     "a drawing of a {}.",
 )
 SPLIT_SIZES = {"val": 250, "test": 250}  # the rest (1,297) is train
+TASKS = ("image_text", "image_text_audio", "classification")
 
 
 def digits_splits(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -85,12 +94,33 @@ class DigitsDataset(Dataset):
         return sample
 
 
+class DigitsAudioDataset(DigitsDataset):
+    """The digits with three modalities: :class:`~mome.data.digits.DigitsDataset`'s ``"image"``, ``"label"`` (and
+    ``"text"`` with a tokenizer) plus ``"audio"``, the ``[80, 100]`` log-mel features of the sample's DTMF tone
+    (:func:`~mome.data.digits_audio.digit_waveform` of its label, index and ``audio_seed``)."""
+
+    def __init__(self, *args: Any, audio_seed: int = 0, features: AudioFeatures | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.audio_seed = audio_seed
+        self.features = features or AudioFeatures()
+
+    def waveform(self, index: int) -> np.ndarray:
+        return digit_waveform(int(self.labels[index]), index, self.audio_seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        sample["audio"] = self.features([self.waveform(index)])[0]  # [mel, frames]
+        return sample
+
+
 class DigitsDataModule(MomeDataModule):
     """scikit-learn's digits (embedded, no download) for classification or image-text training.
 
     Args:
-        task: ``"image_text"`` (samples carry a tokenized caption; needs a tokenizer at :meth:`bind`)
-            or ``"classification"``.
+        task: ``"image_text"`` (samples carry a tokenized caption; needs a tokenizer at :meth:`bind`),
+            ``"image_text_audio"`` (and each digit's DTMF tone as log-mel ``"audio"`` features,
+            :class:`DigitsAudioDataset`; the split's index seeds the tone) or
+            ``"classification"``.
         templates: caption templates, also used for zero-shot evaluation (``{}`` = class name).
         split_seed: seed of the fixed stratified split.
         **kwargs: :class:`MomeDataModule` arguments (batch sizes, workers, augmentation).
@@ -104,8 +134,8 @@ class DigitsDataModule(MomeDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if task not in ("image_text", "classification"):
-            raise DataConfigError(f"data.task must be 'image_text' or 'classification', got {task!r}")
+        if task not in TASKS:
+            raise DataConfigError(f"data.task must be one of {', '.join(map(repr, TASKS))}, got {task!r}")
         if not templates or any("{}" not in t for t in templates):
             raise DataConfigError(f"data.templates must be non-empty format strings with '{{}}', got {templates!r}")
         self.task = task
@@ -118,9 +148,14 @@ class DigitsDataModule(MomeDataModule):
         if self.datasets:
             return
         self._require_bound()
-        if self.task == "image_text" and self.tokenizer is None:
-            raise DataConfigError("data.task=image_text needs the model's tokenizer: bind(model, tokenizer)")
-        tokenizer = self.tokenizer if self.task == "image_text" else None
-        for split, (images, labels) in digits_splits(self.split_seed).items():
+        with_text = self.task != "classification"
+        if with_text and self.tokenizer is None:
+            raise DataConfigError(f"data.task={self.task} needs the model's tokenizer: bind(model, tokenizer)")
+        tokenizer = self.tokenizer if with_text else None
+        for seed, (split, (images, labels)) in enumerate(digits_splits(self.split_seed).items()):
             transform = self.train_transform if split == "train" else self.eval_transform
-            self.datasets[split] = DigitsDataset(images, labels, transform, tokenizer, self.templates, self.classnames)
+            args = (images, labels, transform, tokenizer, self.templates, self.classnames)
+            if self.task == "image_text_audio":
+                self.datasets[split] = DigitsAudioDataset(*args, audio_seed=self.split_seed * 3 + seed)
+            else:
+                self.datasets[split] = DigitsDataset(*args)

@@ -373,9 +373,12 @@ class MomeTask(L.LightningModule):
             self._tokenizer = create_tokenizer(cfg.get("tokenizer"), context_length=cfg.get("context_length"))
         return self._tokenizer
 
-    def total_loss(self, task_losses: Mapping[str, Tensor], stage: str) -> Tensor:
-        """Sum the task terms and the weighted MoE aux losses; log every term; check finiteness."""
-        aux = aux_losses(self.model)
+    def total_loss(
+        self, task_losses: Mapping[str, Tensor], stage: str, aux: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """Sum the task terms and the weighted MoE aux losses (``aux``, else those the model's last forward pass
+        recorded, :func:`mome.aux_losses`); log every term; check finiteness."""
+        aux = aux_losses(self.model) if aux is None else dict(aux)
         aux_total = sum(aux.values(), torch.zeros((), device=self.device))
         total = sum(task_losses.values()) + self.aux_loss_weight * aux_total
         batch_size = self._batch_size

@@ -9,7 +9,8 @@ Mixture-of-Modality-Experts", sec. 2.3) as one Lightning run whose ``schedule`` 
    head that belong to the task, not to the exported model;
 2. ``text`` — language pre-training: masked language modelling on the text-only path with the
    attention, the V-FFN and everything the image path uses frozen, as in the paper: only the text
-   embeddings, the L-FFN (its slice of the stacked multiway experts) and the MLM head train;
+   embeddings, the L-FFN (its slice of the stacked multiway experts; in a VL-MoE, also the text tokens' sparse
+   T-MoE layers, ``.mlp.sparse.text.``, while the V-MoE layers stay frozen) and the MLM head train;
 3. ``image_text`` — vision-language pre-training, everything trained, with
    ``L = L_itc + L_itm + L_mlm``: image-text contrastive (CLIP's InfoNCE on the dual-encoder path),
    image-text matching on the fusion path with hard negatives (for each image a text, and for each
@@ -17,6 +18,9 @@ Mixture-of-Modality-Experts", sec. 2.3) as one Lightning run whose ``schedule`` 
    positives and same-class pairs excluded, VLMo's ITM recipe), and MLM on the fusion path.
 
 Text masking uses transformers' ``DataCollatorForLanguageModeling`` (15%, BERT's 80/10/10 rule).
+A stage runs the model several times per step (image, text, fusion paths); each pass's MoE aux losses
+(a VL-MoE's sparse experts) are read after it and summed over the passes, ``L_aux = sum_pass sum_l aux_l``,
+since every pass records its own, replacing the previous pass's.
 Validation and test report the losses of the current stage and zero-shot top-1 of the dual encoder.
 """
 
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
 from ..layers.expert_parallel import ShardedExperts
+from ..layers.moe import aux_losses
 from .base import TaskConfigError
 from .contrastive import ContrastiveTask
 
@@ -41,6 +46,7 @@ VLMO_STAGES = ("image", "text", "image_text")
 IMAGE, TEXT = 0, 1  # the multiway experts' modality slices (mome.models.vlmo)
 # Text stage: parameters trained (the rest is frozen, as in VLMo sec. 2.3).
 _TEXT_STAGE_TRAINABLE = ("text_embeddings.", "mlm_score.")
+_TEXT_SPARSE_EXPERTS = ".mlp.sparse.text."  # VL-MoE's T-MoE layers (MultiwayFFN.sparse["text"]) train too
 _MULTIWAY_STACKED = (".mlp.norm.", ".mlp.moe.experts.")  # [modality, ...] stacks: train only the TEXT slice
 
 
@@ -79,6 +85,7 @@ class VLMoTask(ContrastiveTask):
         nn.init.trunc_normal_(self.mask_embedding, std=0.02)
         self._frozen_slices: dict[str, Tensor] = {}
         self._collator: Any = None
+        self._pass_aux: dict[str, Tensor] = {}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -121,7 +128,7 @@ class VLMoTask(ContrastiveTask):
                 if row is not None:  # on this rank
                     self._frozen_slices[name] = row[0][row[1]].clone()
             else:
-                param.requires_grad_(name.startswith(_TEXT_STAGE_TRAINABLE))
+                param.requires_grad_(name.startswith(_TEXT_STAGE_TRAINABLE) or _TEXT_SPARSE_EXPERTS in name)
         self.restrict_to_adapters()  # task.peft: only the LoRA experts train, in every stage
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -169,6 +176,7 @@ class VLMoTask(ContrastiveTask):
     def _mlm_loss(self, text: Tensor, image: Tensor | None) -> Tensor:
         masked, labels = self._masked_text(text)
         logits = self.model.mlm_logits(masked, image=image, text_mask=text != self.model.pad_token_id)
+        self._gather_aux()
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     def _mim_loss(self, image: Tensor) -> Tensor:
@@ -177,6 +185,7 @@ class VLMoTask(ContrastiveTask):
         num_masked = max(1, round(self.mim_mask_ratio * num_patches))
         patch_mask = noise.argsort(dim=1).argsort(dim=1) < num_masked  # [B, P], exactly num_masked per image
         tokens = self.model.forward_image(image, patch_mask=patch_mask, mask_embedding=self.mask_embedding)
+        self._gather_aux()
         prediction = self.mim_head(tokens[:, 1:])  # [B, P, p*p*3]
         ph, pw = self.model.patch_embed.patch_size
         grid_h, grid_w = self.model.patch_embed.grid_size
@@ -205,6 +214,7 @@ class VLMoTask(ContrastiveTask):
         texts = torch.cat([text, text[negative_text], text[rows]])
         labels = torch.cat([torch.ones(size), torch.zeros(2 * rows.numel())]).long().to(image.device)
         logits = self.model.itm_logits(images, texts, text_mask=texts != self.model.pad_token_id)
+        self._gather_aux()
         return F.cross_entropy(logits, labels)
 
     def stage_losses(self, batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
@@ -215,20 +225,40 @@ class VLMoTask(ContrastiveTask):
             return {"mlm_loss": self._mlm_loss(batch["text"], None)}
         text_mask = batch["text"] != self.model.pad_token_id
         image_features = self.model.encode_image(batch["image"], normalize=True)
+        self._gather_aux()
         text_features = self.model.encode_text(batch["text"], normalize=True, text_mask=text_mask)
+        self._gather_aux()
         return {
             "itc_loss": self.clip_loss(image_features, text_features, self.model.logit_scale.exp()),
             "itm_loss": self._itm_loss(batch, image_features, text_features),
             "mlm_loss": self._mlm_loss(batch["text"], batch["image"]),
         }
 
+    def _gather_aux(self) -> None:
+        """Add the aux losses the model's last pass recorded to this step's (and clear the records)."""
+        for name, value in aux_losses(self.model).items():
+            self._pass_aux[name] = self._pass_aux[name] + value if name in self._pass_aux else value
+
+    def step_aux_losses(self) -> dict[str, Tensor]:
+        """The aux losses of every pass since the last call, summed by name (then forgotten)."""
+        self._gather_aux()
+        aux, self._pass_aux = self._pass_aux, {}
+        return aux
+
+    def _stage_total(self, batch: dict[str, Tensor], stage: str, split: str) -> Tensor:
+        self._pass_aux = {}
+        losses = self.stage_losses(batch, stage)
+        return self.total_loss(losses, split, aux=self.step_aux_losses())
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.total_loss(self.stage_losses(batch, self.stage), "train")
+        return self._stage_total(batch, self.stage, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.total_loss(self.stage_losses(batch, self.stage), "val")
+        self._stage_total(batch, self.stage, "val")
         self._zero_shot(batch, self.val_metrics)
+        aux_losses(self.model)  # the zero-shot passes' records train nothing
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.total_loss(self.stage_losses(batch, "image_text"), "test")
+        self._stage_total(batch, "image_text", "test")
         self._zero_shot(batch, self.test_metrics)
+        aux_losses(self.model)

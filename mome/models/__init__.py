@@ -1,7 +1,7 @@
 """mome's model families, one per file.
 
 Importing this package registers the families that need only torch and timm (V-MoE, Soft-MoE ViT,
-LIMoE, VLMo) and declares MoE-LLaVA, which needs transformers, as a lazy family: its module is imported
+LIMoE, VLMo, VL-MoE) and declares MoE-LLaVA, which needs transformers, as a lazy family: its module is imported
 the first time a ``moe_llava_*`` name is looked up or the models are listed
 (:func:`mome.register_lazy_family`), so ``import mome`` does not import transformers.
 """
@@ -9,6 +9,7 @@ the first time a ``moe_llava_*`` name is looked up or the models are listed
 from .. import _registry
 from . import limoe as limoe
 from . import soft_moe_vit as soft_moe_vit
+from . import vl_moe as vl_moe
 from . import vlmo as vlmo
 from . import vmoe as vmoe
 from ._moe_vit import MoEVisionTransformer as MoEVisionTransformer

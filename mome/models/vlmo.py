@@ -59,7 +59,7 @@ NLVR2 classifiers keep upstream's ``vqa_classifier.{0,1,3}`` / ``nlvr2_classifie
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -81,6 +81,7 @@ from ._moe_vit import (
     owner_name,
     parameter_names,
     reject_unknown_options,
+    resolve_moe_layers,
 )
 
 __all__ = [
@@ -189,7 +190,8 @@ class VLMoAttention(nn.Module):
 
 
 class VLMoBlock(nn.Module):
-    """Shared attention + :class:`~mome.layers.MultiwayFFN` (V-FFN, L-FFN, and the VL-FFN if ``vl_expert``)."""
+    """Shared attention + :class:`~mome.layers.MultiwayFFN` (V-FFN, L-FFN, and the VL-FFN if ``vl_expert``);
+    with ``moe`` the V-FFN and L-FFN are sparse MoE layers (VL-MoE's V-MoE and T-MoE), the VL-FFN stays dense."""
 
     def __init__(
         self,
@@ -202,12 +204,14 @@ class VLMoBlock(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
+        moe: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = VLMoAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.mlp = MultiwayFFN(dim, int(dim * mlp_ratio), MODALITIES, vl_expert=vl_expert, norm=True, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = MultiwayFFN(dim, hidden, MODALITIES, vl_expert=vl_expert, norm=True, eps=1e-6, moe=moe)
         if layer_scale_init_values is not None:
             self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale_init_values)))
             self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale_init_values)))
@@ -283,6 +287,11 @@ class VLMo(nn.Module):
             ``"nlvr2"`` (``nlvr2_classifier`` and a third token type for the second image). Pre-training:
             itc, itc_vl, itm, mlm (the default); stage-2 text pre-training: mlm; retrieval fine-tuning: itc.
         vqa_num_classes: answers of the VQA classifier (3129 for VQAv2, upstream's ``vqav2_label_size``).
+        moe_layers: the blocks whose V-FFN and L-FFN are sparse MoE layers (VL-MoE; see
+            :func:`~mome.models.resolve_moe_layers`: ``"every_2"`` is blocks 1, 3, 5, ...); ``"none"``: VLMo.
+        moe: the :class:`~mome.layers.SparseMoE` options of those layers' per-modality experts (``num_experts``,
+            ``top_k``, ``router``, capacity, batch priority, losses; :class:`~mome.layers.MultiwayFFN`'s
+            ``moe``); required with ``moe_layers``, refused without. The VL-FFN stays dense.
     """
 
     def __init__(
@@ -310,6 +319,8 @@ class VLMo(nn.Module):
         tie_mlm_decoder: bool = False,
         heads: Sequence[str] = PRETRAINING_HEADS,
         vqa_num_classes: int = 3129,
+        moe_layers: str | Sequence[int] = "none",
+        moe: Mapping[str, Any] | None = None,
     ) -> None:
         owner = owner_name(self)
         check_transformer(
@@ -343,6 +354,13 @@ class VLMo(nn.Module):
         if tie_mlm_decoder and "mlm" not in heads:
             reason = f"it ties the 'mlm' head's decoder, and heads={list(heads)} has none"
             raise UnsupportedOptionError("tie_mlm_decoder", owner, reason, tie_mlm_decoder)
+        moe_layer_indices = resolve_moe_layers(moe_layers, depth, owner)
+        if moe_layer_indices and not isinstance(moe, Mapping):
+            expected = "a mapping of SparseMoE options (num_experts, top_k, router, ...) for the sparse experts"
+            raise InvalidArgumentError("moe", expected, moe, owner)
+        if moe is not None and not moe_layer_indices:
+            reason = f"it configures the sparse experts of moe_layers, and moe_layers={moe_layers!r} has none"
+            raise UnsupportedOptionError("moe", owner, reason, moe)
         rel_pos_text_len = max_text_len if rel_pos_text_len is None else rel_pos_text_len
         if use_rel_pos_bias and rel_pos_text_len < max_text_len:
             expected = f"an integer >= max_text_len={max_text_len} (the text rows of the relative position table)"
@@ -357,6 +375,7 @@ class VLMo(nn.Module):
         self.vlffn_start_layer_index = vlffn_start_layer_index
         self.max_text_len, self.vocab_size, self.pad_token_id = max_text_len, vocab_size, pad_token_id
         self.use_rel_pos_bias, self.rel_pos_text_len = use_rel_pos_bias, rel_pos_text_len
+        self.moe_layer_indices = moe_layer_indices
         self.grad_checkpointing = False
 
         # image embedding
@@ -393,6 +412,7 @@ class VLMo(nn.Module):
                 proj_drop=drop_rate,
                 attn_drop=attn_drop_rate,
                 drop_path=rates[i],
+                moe=dict(moe) if i in moe_layer_indices else None,
             )
             for i in range(depth)
         )
@@ -733,17 +753,12 @@ def _create_vlmo(arch: str, /, **kwargs: Any) -> VLMo:
         return VLMo(**kwargs)
 
 
-@register_model
-def vlmo_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
-    """VLMo-Base: 12 layers, width 768, 12 heads; VL-FFN in blocks 10-11; shared relative bias, layer scale."""
-    args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, vlffn_start_layer_index=10, rel_pos_text_len=196)
-    return _create_vlmo("vlmo_base_patch16_224", **{**args, **kwargs})
-
-
-@register_model
-def vlmo_base_plus_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
-    """VLMo-Base+: 24 layers, width 544, 16 heads; VL-FFN in blocks 21-23; absolute positions, no layer scale."""
-    args = dict(
+#: The sizes of the VLMo variants (``VLMo`` keyword arguments), shared with the families built on VLMo (VL-MoE).
+VLMO_SIZES: dict[str, dict[str, Any]] = {
+    "base": dict(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, vlffn_start_layer_index=10, rel_pos_text_len=196
+    ),
+    "base_plus": dict(
         patch_size=16,
         embed_dim=544,
         depth=24,
@@ -752,23 +767,11 @@ def vlmo_base_plus_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
         use_abs_pos_emb=True,
         use_rel_pos_bias=False,
         use_layer_scale=False,
-    )
-    return _create_vlmo("vlmo_base_plus_patch16_224", **{**args, **kwargs})
-
-
-@register_model
-def vlmo_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
-    """VLMo-Large: 24 layers, width 1024, 16 heads; VL-FFN in blocks 21-23; shared relative bias, layer scale."""
-    args = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, vlffn_start_layer_index=21, rel_pos_text_len=196)
-    return _create_vlmo("vlmo_large_patch16_224", **{**args, **kwargs})
-
-
-@register_model
-def vlmo_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> VLMo:
-    """A tiny VLMo for tests and demos: 32px, patch 8, 4 layers of width 64, 4 heads, VL-FFN in blocks 2-3,
-    vocabulary 1000 (tokenizer ``mome:tiny-wordlevel``, built offline), 16 text tokens; base-style positions
-    (shared relative bias) and layer scale."""
-    args = dict(
+    ),
+    "large": dict(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, vlffn_start_layer_index=21, rel_pos_text_len=196
+    ),
+    "tiny": dict(
         img_size=32,
         patch_size=8,
         embed_dim=64,
@@ -777,5 +780,31 @@ def vlmo_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> VLMo:
         vlffn_start_layer_index=2,
         vocab_size=1000,
         max_text_len=16,
-    )
-    return _create_vlmo("vlmo_tiny_patch8_32", **{**args, **kwargs})
+    ),
+}
+
+
+@register_model
+def vlmo_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
+    """VLMo-Base: 12 layers, width 768, 12 heads; VL-FFN in blocks 10-11; shared relative bias, layer scale."""
+    return _create_vlmo("vlmo_base_patch16_224", **{**VLMO_SIZES["base"], **kwargs})
+
+
+@register_model
+def vlmo_base_plus_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
+    """VLMo-Base+: 24 layers, width 544, 16 heads; VL-FFN in blocks 21-23; absolute positions, no layer scale."""
+    return _create_vlmo("vlmo_base_plus_patch16_224", **{**VLMO_SIZES["base_plus"], **kwargs})
+
+
+@register_model
+def vlmo_large_patch16_224(pretrained: bool = False, **kwargs: Any) -> VLMo:
+    """VLMo-Large: 24 layers, width 1024, 16 heads; VL-FFN in blocks 21-23; shared relative bias, layer scale."""
+    return _create_vlmo("vlmo_large_patch16_224", **{**VLMO_SIZES["large"], **kwargs})
+
+
+@register_model
+def vlmo_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> VLMo:
+    """A tiny VLMo for tests and demos: 32px, patch 8, 4 layers of width 64, 4 heads, VL-FFN in blocks 2-3,
+    vocabulary 1000 (tokenizer ``mome:tiny-wordlevel``, built offline), 16 text tokens; base-style positions
+    (shared relative bias) and layer scale."""
+    return _create_vlmo("vlmo_tiny_patch8_32", **{**VLMO_SIZES["tiny"], **kwargs})
