@@ -316,8 +316,12 @@ def test_configured_widths_take_the_grouped_mm_path():
     """grouped_mm needs 16-byte aligned rows: D and H multiples of 4 (fp32) or 8 (bf16) in every
     registered model's experts (built on meta), so the per-group fallback, which reads the group sizes
     on the host, is never taken at configured widths in fp32/bf16 (fp16 always takes it)."""
+    from mome.models.hf_moe_vlm import RELEASED  # transformers' models: no mome experts, architecture on the Hub
+
     checked = set()
     for name in mome.list_models():
+        if name in RELEASED:
+            continue
         with torch.device("meta"):
             model = mome.create_model(name)
         for module in model.modules():

@@ -65,3 +65,11 @@ def test_agreement_allows_rounding_not_a_change():
     assert agrees_with_record(2.9e-6, 2.9e-6) and agrees_with_record(2.0e-6, 2.9e-6)
     assert agrees_with_record(0.0, 1.0e-7)  # below fp32's epsilon both read as exact
     assert not agrees_with_record(1.0e-5, 2.9e-6) and not agrees_with_record(9.5e-4, 8.4e-5)
+
+
+def test_the_case_table_names_the_cpu_kernels_it_was_measured_with():
+    """The strict agreement with the table applies where torch's CPU kernels are those it was measured with."""
+    from fidelity import CAPABILITY_SENTENCE, recorded_capability
+
+    capability = recorded_capability()
+    assert capability and CAPABILITY_SENTENCE.format(capability) in FIDELITY_DOC.read_text()

@@ -33,11 +33,13 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from fidelity import (  # noqa: E402  (tests/ joins the path first)
+    CAPABILITY_SENTENCE,
     CARD_TABLE_MARKERS,
     CASE_TABLE_MARKERS,
     FIDELITY_DOC,
     ZOO_README,
     FidelityCase,
+    cpu_capability,
     fixture_meta,
     read_case_table,
     replace_between,
@@ -109,7 +111,9 @@ def render_case_table(rows: Sequence[Row]) -> str:
             diff = format_diff(row.max_diff, row.case.relative)
             lines.append(f"| {row.case.name} | {diff} | {worst} | {row.case.tolerance:.0e} |")
         blocks.append("\n".join(lines))
-    return "\n\n".join(blocks)
+    capability = CAPABILITY_SENTENCE.format(cpu_capability())
+    header = f"{capability}: another CPU rounds differently, within the tolerance of each row."
+    return "\n\n".join([header, *blocks])
 
 
 def render_card_table(rows: Sequence[Row]) -> str:

@@ -26,8 +26,8 @@ Names: ``<family>_tiny`` (random weights, a tiny config of the family's real con
 32, 4 experts, a 1-block vision tower, 32 px images; a few hundred kB) and the released sizes,
 ``qwen3_vl_moe_30b_a3b``, ``ernie4_5_vl_moe_28b_a3b``, ``glm4_5v_106b_a12b``, ``llama4_scout_17b_16e``,
 ``aria_25b_a3_9b``, ``qwen3_omni_moe_30b_a3b``, whose architecture is the ``config.json`` of their Hub repo
-(fetched through huggingface_hub's cache, offline-aware) and whose weights ``pretrained=True`` loads with the
-class's ``from_pretrained`` (the zoo cards, ``source_format: transformers``).
+(fetched through huggingface_hub's cache,
+offline-aware) and whose weights ``pretrained=True`` loads with the class's ``from_pretrained`` (no zoo cards yet).
 
 Routing: :func:`enable_routing_capture` hooks the family's router modules (found by class) and records,
 per router call, mome's routing statistics (:mod:`mome.layers.hf_routing`), read with :func:`mome.routing_stats`.
@@ -581,7 +581,7 @@ def set_top_k(model: nn.Module, top_k: int) -> int:
 
 # -- registry ----------------------------------------------------------------------------------------------------
 
-#: arch -> (model type, Hub repo of the released model); the cards in zoo/ name the same repos
+#: arch -> (model type, Hub repo of the released model)
 RELEASED = {
     "qwen3_vl_moe_30b_a3b": ("qwen3_vl_moe", "Qwen/Qwen3-VL-30B-A3B-Instruct"),
     "ernie4_5_vl_moe_28b_a3b": ("ernie4_5_vl_moe", "baidu/ERNIE-4.5-VL-28B-A3B-PT"),
