@@ -94,3 +94,18 @@ def test_itm_hard_negatives_never_pair_an_image_with_its_own_class(task):
     for image, text in zip(images[6:], texts[6:]):
         i, j = image_rows[float(image.sum())], text_rows[tuple(text.tolist())]
         assert batch["label"][i] != batch["label"][j]
+
+
+def test_the_optimiser_trains_the_mim_head_and_mask_embedding(task):
+    """The MIM head and mask embedding belong to the task, not the model: the task's optimiser must hold them, or
+    the image stage regresses the pixels through a head frozen at its random init."""
+    optimizer = task._create_optimizer()
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in (task.mask_embedding, *task.mim_head.parameters())} <= held
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay[id(task.mim_head.weight)] == task.optimizer_cfg["weight_decay"] and decay[id(task.mask_embedding)] == 0
+    before = task.mim_head.weight.detach().clone(), task.mask_embedding.detach().clone()
+    task._freeze_for("image")
+    sum(task.stage_losses(_batch(task), "image").values()).backward()
+    optimizer.step()
+    assert not torch.equal(task.mim_head.weight, before[0]) and not torch.equal(task.mask_embedding, before[1])

@@ -94,6 +94,19 @@ class VLMoTask(ContrastiveTask):
             # frozen image path, the other stages the MIM head): DDP must look for them at each step.
             self.trainer.strategy._ddp_kwargs["find_unused_parameters"] = True
 
+    def _create_optimizer(self) -> torch.optim.Optimizer:
+        """The model's optimiser plus the task's own MIM parameters (``mim_head``, ``mask_embedding``): they live on
+        the task, not the model, so the model's optimiser alone would leave them at their random init. The head's
+        weight gets ``task.optimizer.weight_decay``; its bias and the mask embedding none (as timm treats 1-d
+        parameters)."""
+        optimizer = super()._create_optimizer()
+        if not hasattr(self, "mim_head"):  # the base task's config check at construction, before the MIM head exists
+            return optimizer
+        decay = float(self.optimizer_cfg.get("weight_decay", 0.0))
+        optimizer.add_param_group({"params": [self.mim_head.weight], "weight_decay": decay})
+        optimizer.add_param_group({"params": [self.mim_head.bias, self.mask_embedding], "weight_decay": 0.0})
+        return optimizer
+
     def compile_targets(self) -> list[nn.Module]:
         """``task.compile`` compiles every block: the stages train through ``encode_image``, ``encode_text``,
         ``mlm_logits`` and ``itm_logits``, not the model's forward, and each of those runs the blocks."""
