@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -18,20 +19,22 @@ from mome.peft import (
     ADAPTER_WEIGHTS_NAME,
     LoRAExpertsConfig,
     LoRAExpertsLinear,
+    adapter_layers,
     adapter_state_dict,
     add_lora_experts,
     base_state_dict,
+    discarded_modules,
     load_lora_experts,
     lora_experts_layers,
     merge_lora_experts,
     save_lora_experts,
 )
 
-ROUTINGS = ["token", "instance", "soft"]
+ROUTINGS = ["token", "instance", "soft", "slots"]
 
 
 def _config(routing: str, targets, **kwargs) -> LoRAExpertsConfig:
-    top_k = None if routing == "soft" else kwargs.pop("top_k", 2)
+    top_k = None if routing in ("soft", "slots") else kwargs.pop("top_k", 2)
     return LoRAExpertsConfig(target_modules=targets, routing=routing, top_k=top_k, r=2, num_experts=3, **kwargs)
 
 
@@ -93,6 +96,69 @@ def test_zero_initialised_experts_leave_the_model_unchanged(family, routing):
     assert torch.equal(output, reference)  # B = 0: each delta is exactly 0
 
 
+def _vlmo_fusion(m):
+    return m.forward_fusion(torch.randn(2, 3, 32, 32), torch.randint(5, 100, (2, 6)))[0]
+
+
+def _llava():
+    return mome.create_model("moe_llava_tiny_e4")
+
+
+def _llava_forward_inputs(m):
+    ids = [1, 5, *[m.config.image_token_id] * m.num_image_tokens, 17, 18, 9, 6, 8, 20, 22, 3]
+    pixels = torch.randn(2, 3, *m.pretrained_cfg["input_size"][1:])
+    return {"input_ids": torch.tensor([ids, ids[:3] + ids[3:][::-1]]), "pixel_values": pixels}
+
+
+def _llava_forward(m):
+    return m(**_llava_forward_inputs(m))
+
+
+# every family's default targets (conf/peft/molora.yaml), each forward reaching the layers the task losses use
+REACHED = {
+    **{name: MODELS[name] for name in ("timm_vit", "limoe", "llama")},
+    "vlmo": (lambda: mome.create_model("vlmo_tiny_patch8_32"), ["qkv", "fc1", "fc2"], _vlmo_fusion),
+    "moe_llava": (_llava, ["q_proj", "v_proj", "fc1", "fc2"], lambda m: _llava_forward(m).logits),
+}
+
+
+@pytest.mark.parametrize("family", sorted(REACHED))
+def test_every_adapter_gets_a_gradient(family):
+    """Each adapted layer must be called as a module: a model that reads ``layer.weight`` into ``F.linear`` would
+    bypass the experts (VLMo's attention did, so its qkv experts never trained)."""
+    build, targets, run = REACHED[family]
+    model = build().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # LLaVA: its unused last vision layer is skipped (tested below)
+        add_lora_experts(model, _config("soft", targets, init_lora_weights=False), allow_noncausal=True)
+    run(model).float().square().mean().backward()
+    no_grad = [
+        name
+        for name, param in model.named_parameters()
+        if ".lora_" in name and (param.grad is None or not param.grad.count_nonzero())
+    ]
+    assert not no_grad, no_grad
+
+
+def test_llava_layers_whose_output_is_discarded_get_no_experts():
+    """MoE-LLaVA reads the penultimate vision layer (``vision_feature_layer=-2``): its last vision layer feeds
+    nothing, so experts there would train on their routers' aux losses only. They are skipped, with a warning."""
+    model = _llava()
+    last = model.config.vision_config.num_hidden_layers - 1
+    assert model.config.vision_feature_layer == -2
+    assert discarded_modules(model) == [f"model.vision_tower.encoder.layers.{last}"]
+    with pytest.warns(UserWarning, match=rf"no LoRA experts on .*encoder\.layers\.{last}\.mlp\.fc2"):
+        adapted = add_lora_experts(model, _config("token", ["fc2", "q_proj"], init_lora_weights=False))
+    assert f"model.vision_tower.encoder.layers.{last - 1}.mlp.fc2" in adapted
+    assert not [name for name in adapted if f"encoder.layers.{last}." in name]
+    _llava_forward(model).logits.sum().backward()  # the task loss reaches every adapter that was placed
+    assert all(p.grad is not None and p.grad.count_nonzero() for n, p in model.named_parameters() if "lora_A" in n)
+    pattern = rf"model\.vision_tower\.encoder\.layers\.{last}\.mlp\.fc2"
+    with pytest.raises(mome.InvalidArgumentError, match="whose output MoELLaVA uses"):
+        add_lora_experts(_llava(), _config("token", pattern))
+    assert discarded_modules(mome.create_model("limoe_tiny_patch8_e4")) == []
+
+
 def _layer(routing: str, top_k: int | None = 1, renormalize: bool = False, alpha: float = 1.0) -> LoRAExpertsLinear:
     """D=2, r=1, E=2, s = alpha / r = 1: W = I, b = 0; expert 0: A=[1, 0], B=[1, 0]^T; expert 1: A=[0, 1],
     B=[0, 2]^T; router logits = x (W_r = I)."""
@@ -113,7 +179,8 @@ def _layer(routing: str, top_k: int | None = 1, renormalize: bool = False, alpha
     with torch.no_grad():
         layer.lora_A.copy_(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))  # [E, r, in]
         layer.lora_B.copy_(torch.tensor([[[1.0], [0.0]], [[0.0], [2.0]]]))  # [E, out, r]
-        layer.router.proj.weight.copy_(torch.eye(2))
+        if routing != "slots":  # slots: the router's keys are set by the test
+            layer.router.proj.weight.copy_(torch.eye(2))
     return layer.eval()
 
 
@@ -146,6 +213,25 @@ def test_hand_computed_instance_routes_the_pooled_sample():
     torch.testing.assert_close(layer.last_gates, torch.tensor([[1.0, 0.0]]))
 
 
+def test_hand_computed_slots_dispatch_and_combine():
+    # Omni-SMoLA's slots (P = 1 per expert), slot keys mu = I, scale 1: logits = <x_m, mu_s> = I for the tokens
+    # x_0 = [1, 0], x_1 = [0, 1]; q = softmax([1, 0])_0 = 0.7311. Dispatch (over tokens): slot 0 = q x_0 + (1-q) x_1
+    # = [q, 1-q], slot 1 = [1-q, q]. Expert 0 (B A = [[1, 0], [0, 0]]) on slot 0: [q, 0]; expert 1 (B A =
+    # [[0, 0], [0, 2]]) on slot 1: [0, 2q]. Combine (over slots): token 0 takes [q, 1-q]: delta = [q^2, 2q(1-q)];
+    # token 1 takes [1-q, q]: delta = [q(1-q), 2q^2]. y = x + delta.
+    layer = _layer("slots", top_k=None)
+    with torch.no_grad():
+        layer.router.mu.copy_(torch.eye(2))
+    q = 1 / (1 + math.exp(-1))
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, M=2, D=2]
+    expected = torch.tensor([[[1 + q * q, 2 * q * (1 - q)], [q * (1 - q), 1 + 2 * q * q]]])
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer.last_gates, torch.tensor([[0.5, 0.5]]))  # each token's combine: q and 1-q
+    stats = layer.last_routing_stats
+    torch.testing.assert_close(stats["expert_load"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(stats["combine_weights_max_mean"], torch.tensor(q))
+
+
 def test_scaling_is_alpha_over_r():
     layer, doubled = _layer("token"), _layer("token", alpha=2.0)
     x = torch.tensor([[3.0, 1.0]])
@@ -174,7 +260,7 @@ def test_instance_merge_equals_the_unmerged_forward():
     mome.create_model("limoe_tiny_patch8_e4").load_state_dict(state, strict=True)
 
 
-@pytest.mark.parametrize("routing", ["token", "soft"])
+@pytest.mark.parametrize("routing", ["token", "soft", "slots"])
 def test_token_level_routing_refuses_to_merge(routing):
     model = _limoe_with_experts(routing)
     with pytest.raises(mome.UnsupportedOptionError, match=r"blocks\.0\.attn\.qkv.*no single dense"):
@@ -256,6 +342,12 @@ def test_bad_options_are_typed_errors():
         LoRAExpertsConfig(target_modules=["q"], routing="soft", top_k=2)
     with pytest.raises(mome.InvalidArgumentError, match="routing"):
         LoRAExpertsConfig(target_modules=["q"], routing="cluster")
+    with pytest.raises(mome.UnsupportedOptionError, match="slots_per_expert"):
+        LoRAExpertsConfig(target_modules=["q"], routing="token", slots_per_expert=2)
+    with pytest.raises(mome.UnsupportedOptionError, match="aux_loss_weights"):
+        LoRAExpertsConfig(target_modules=["q"], routing="slots", aux_loss_weights={"load_balance": 0.01})
+    with pytest.raises(CausalRoutingError, match="slots"):  # slots mix a sample's tokens, later ones included
+        add_lora_experts(_tiny_lm(), _config("slots", ["q_proj"]))
     with pytest.raises(mome.InvalidArgumentError, match="aux_loss_weights"):
         LoRAExpertsConfig(target_modules=["q"], aux_loss_weights={"balance": 1.0})
     with pytest.raises(CausalRoutingError, match="instance"):  # the pooled routing would see later tokens
@@ -306,8 +398,8 @@ def _train_and_check_frozen(name, tmp_path, monkeypatch, extra=(), eval_extra=()
     run_experiment(name, tmp_path, {}, ["data.num_workers=0", *extra], ["max_samples=4", *eval_extra])
     model = tasks[0][1]["task"].model
     adapters = adapter_state_dict(model)
-    moved = [key for key, value in adapters.items() if "lora_B" in key and not torch.equal(value, started[key])]
-    assert moved  # the adapters trained (an expert no token chose in 2 steps keeps its B = 0)
+    unchanged = [key for key, value in adapters.items() if torch.equal(value, started[key])]
+    assert not unchanged, unchanged  # every expert and router trained (A moves once B is no longer 0: 2 steps)
     for key, value in model.state_dict().items():
         if key not in adapters:
             assert torch.equal(value, started[key]), f"{key} changed"  # frozen: bitwise the same
@@ -329,3 +421,164 @@ def test_moe_llava_molora_tunes_the_stage2_model(tmp_path, monkeypatch):
     mome.save_pretrained(stage2, tmp_path / "logs" / "moe_llava_shapes" / "stage2" / "model")
     small = ["data.train_size=8", "data.val_size=4", "data.test_size=4", "data.batch_size=4"]
     _train_and_check_frozen("moe_llava_shapes_molora", tmp_path, monkeypatch, small, small)
+
+
+# ------------------------------------------------------------------- LoRA on the stacked experts (target_experts)
+def _stacked_moe(dispatch: str = "sorted"):
+    """D=2, H=2, E=2, identity activation, no biases, w_in = w_out = I; top-1 router with logits = x (renormalised:
+    the chosen expert's weight is 1). One LoRA of rank 1 per expert and weight, s = alpha / r = 1:
+    expert 0: w_in delta B A = [0, 1]^T [1, 0] = [[0, 0], [1, 0]], w_out delta 0;
+    expert 1: w_in delta [1, 0]^T [0, 1] = [[0, 1], [0, 0]], w_out delta [0, 2]^T [1, 0] = [[0, 0], [2, 0]]."""
+    from mome.layers import MoE, TopKRouter
+    from mome.layers.experts import Experts
+
+    router = TopKRouter(2, 2, 1, renormalize=True)
+    experts = Experts(2, 2, 2, act_layer=nn.Identity, bias=False, dispatch=dispatch)
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.eye(2))
+        experts.w_in.copy_(torch.eye(2).expand(2, 2, 2))
+        experts.w_out.copy_(torch.eye(2).expand(2, 2, 2))
+    model = nn.Sequential(MoE(router, experts, capacity_factor=4.0, eval_capacity_factor=4.0, dispatch=dispatch))
+    config = LoRAExpertsConfig(target_experts=["experts"], r=1, lora_alpha=1.0)
+    assert add_lora_experts(model, config) == ["0.experts"]
+    lora = model[0].experts
+    with torch.no_grad():
+        lora.lora_A["w_in"].copy_(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))  # [E, r, in]
+        lora.lora_B["w_in"].copy_(torch.tensor([[[0.0], [1.0]], [[1.0], [0.0]]]))  # [E, out, r]
+        lora.lora_A["w_out"].copy_(torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]]))
+        lora.lora_B["w_out"].copy_(torch.tensor([[[0.0], [0.0]], [[0.0], [2.0]]]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("dispatch", ["sorted", "buffers"])
+def test_hand_computed_expert_lora_acts_on_the_routed_tokens_only(dispatch):
+    # token [3, 1] -> expert 0: (I + [[0, 0], [1, 0]]) [3, 1] = [3, 4], then w_out = I: [3, 4]
+    # token [0, 2] -> expert 1: (I + [[0, 1], [0, 0]]) [0, 2] = [2, 2], then (I + [[0, 0], [2, 0]]) [2, 2] = [2, 6]
+    # (expert 0's delta on [0, 2] would give [0, 2]: each delta acts only on its expert's tokens)
+    model = _stacked_moe(dispatch)
+    with torch.no_grad():
+        out = model(torch.tensor([[3.0, 1.0], [0.0, 2.0]]))
+    torch.testing.assert_close(out, torch.tensor([[3.0, 4.0], [2.0, 6.0]]))
+
+
+def _llava_with_expert_lora(init_lora_weights: bool = False, **kwargs):
+    torch.manual_seed(0)
+    model = _llava().eval()
+    config = LoRAExpertsConfig(target_experts=["experts"], r=2, init_lora_weights=init_lora_weights, **kwargs)
+    return model, add_lora_experts(model, config)
+
+
+def test_zero_initialised_expert_lora_is_the_base_model():
+    torch.manual_seed(0)
+    base = _llava().eval()
+    torch.manual_seed(1)
+    inputs = _llava_forward_inputs(base)
+    with torch.no_grad():
+        reference = base(**inputs).logits
+    model, adapted = _llava_with_expert_lora(init_lora_weights=True)
+    assert adapted == [f"model.language_model.layers.{i}.mlp.experts" for i in model.moe_layers]
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{name}.lora_{m}.{w}" for name in adapted for m in "AB" for w in ("w_in", "w_out"))
+
+
+def test_expert_lora_agrees_across_dispatch_paths_forward_and_backward():
+    from mome.layers import MoE
+
+    model, _ = _llava_with_expert_lora()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    for moe in moes:  # a capacity that drops nothing: both paths compute every assignment
+        moe.capacity_factor = moe.eval_capacity_factor = 8.0
+    inputs = _llava_forward_inputs(model)
+    results = {}
+    for dispatch in ("sorted", "buffers"):
+        for moe in moes:
+            moe.dispatch = dispatch
+        model.zero_grad()
+        logits = model(**inputs).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[dispatch] = (logits.detach(), grads)
+    torch.testing.assert_close(results["buffers"][0], results["sorted"][0], rtol=1e-5, atol=1e-5)
+    assert results["sorted"][1] and all(g.count_nonzero() for g in results["sorted"][1].values())
+    for name, grad in results["sorted"][1].items():
+        torch.testing.assert_close(results["buffers"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_expert_lora_round_trip_and_merge(tmp_path):
+    model, adapted = _llava_with_expert_lora()
+    inputs = _llava_forward_inputs(model)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    folder = save_lora_experts(model, tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / ADAPTER_WEIGHTS_NAME))
+    factors = {f"{name}.lora_{m}.{w}" for name in adapted for m in "AB" for w in ("w_in", "w_out")}
+    assert set(saved) == {f"base_model.model.{key}" for key in factors}
+    torch.manual_seed(0)
+    fresh = load_lora_experts(_llava().eval(), folder)  # the same base weights (same seed)
+    for key, value in adapter_state_dict(model).items():
+        assert torch.equal(adapter_state_dict(fresh)[key], value), key
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits, expected)
+        merge_lora_experts(fresh)  # w[e] += s B[e] A[e]: the base architecture again
+        merged = fresh(**inputs).logits
+    assert not adapter_layers(fresh)
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    _llava().load_state_dict(fresh.state_dict(), strict=True)
+
+
+def test_expert_lora_on_quantized_experts_trains_the_factors_only():
+    """QLoRA of the experts: ``mome.quantize`` first, then the LoRA factors (float) on the int8 stacked weights."""
+    torch.manual_seed(0)
+    model = mome.quantize(_llava().eval(), "int8")
+    inputs = _llava_forward_inputs(model)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    add_lora_experts(model, LoRAExpertsConfig(target_experts=["experts"], r=2))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, reference)  # B = 0
+    model(**inputs).logits.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(".lora_B." in n or not g.count_nonzero() for n, g in grads.items())  # A: 0 while B = 0
+    assert all(grads[n].count_nonzero() for n in grads if ".lora_B." in n)
+    with pytest.raises(mome.UnsupportedOptionError, match="layers.0.mlp.experts.*quantized"):
+        merge_lora_experts(model)
+
+
+def test_peft_target_parameters_cannot_wrap_mome_experts():
+    """Why mome.peft adapts the stacked experts itself: peft 0.21's ``target_parameters`` (its ``ParamWrapper``,
+    which does support ``[E, out, in]`` expert tensors) replaces the experts module by a wrapper that forwards no
+    attribute, and the MoE layer reads ``experts.dim`` and ``experts.w_in``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = _llava().eval()
+    config = LoraConfig(r=2, target_modules=[], target_parameters=["experts.w_in", "experts.w_out"])
+    model = inject_adapter_in_model(config, model)
+    assert type(model.model.language_model.layers[0].mlp.experts).__name__ == "ParamWrapper"
+    with pytest.raises(AttributeError, match="'ParamWrapper' object has no attribute 'dim'"):
+        model(**_llava_forward_inputs(model))
+
+
+def test_expert_lora_bad_input_is_typed():
+    with pytest.raises(mome.UnsupportedOptionError, match="lora_dropout"):
+        LoRAExpertsConfig(target_experts=["experts"], lora_dropout=0.1)
+    with pytest.raises(mome.InvalidArgumentError, match="target_modules"):
+        LoRAExpertsConfig()
+    with pytest.raises(mome.InvalidArgumentError, match="target_experts.*'expertz'"):
+        add_lora_experts(_llava(), LoRAExpertsConfig(target_experts=["expertz"]))
+    with pytest.raises(mome.UnsupportedModelError, match="'model.multi_modal_projector.linear_1'.*not an Experts"):
+        add_lora_experts(_llava(), LoRAExpertsConfig(target_experts=["linear_1"]))
+    rank = r"r must be at most min\(out, in\)=64 .*layers\.0\.mlp\.experts"
+    with pytest.raises(mome.InvalidArgumentError, match=rank):
+        add_lora_experts(_llava(), LoRAExpertsConfig(target_experts=["experts"], r=65))
+
+
+@pytest.mark.slow
+def test_moe_llava_expert_lora_tunes_the_stage3_model(tmp_path, monkeypatch):
+    stage3 = mome.create_model("moe_llava_tiny_e4")  # what experiment=..._stage3 exports (MoE in layers 0 and 2)
+    mome.save_pretrained(stage3, tmp_path / "logs" / "moe_llava_shapes" / "stage3" / "model")
+    small = ["data.train_size=8", "data.val_size=4", "data.test_size=4", "data.batch_size=4"]
+    _train_and_check_frozen("moe_llava_shapes_expert_lora", tmp_path, monkeypatch, small, small)

@@ -35,6 +35,13 @@ def _l2_normalize(x: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.square().sum(dim=dim, keepdim=True) + eps)
 
 
+def soft_routing_weights(tokens: Tensor, mu: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft MoE's ``(dispatch, combine)``, each ``[B, M, S]``, for tokens ``[B, M, D]`` and slot keys ``mu [D, S]``:
+    ``logits = scale * <x_hat, mu_hat>`` (fp32), dispatch = softmax over the tokens, combine = over the slots."""
+    logits = torch.einsum("bmd,ds->bms", _l2_normalize(tokens, -1), _l2_normalize(mu, 0) * scale).float()  # [B, M, S]
+    return logits.softmax(dim=1).to(tokens.dtype), logits.softmax(dim=2).to(tokens.dtype)
+
+
 class SoftMoE(RoutedLayer):
     """Soft MoE FFN, a drop-in for a timm ``Mlp`` on ``[B, M, D]`` sequences.
 
@@ -81,12 +88,7 @@ class SoftMoE(RoutedLayer):
 
     def routing_weights(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """``(dispatch, combine)``, each ``[B, M, E*P]`` (slot ``e*P + p``), for tokens ``[B, M, D]``."""
-        logits = torch.einsum(
-            "bmd,ds->bms", _l2_normalize(tokens, -1), _l2_normalize(self.mu, 0) * self.scale
-        ).float()  # [B, M, S]
-        dispatch = logits.softmax(dim=1).to(tokens.dtype)  # over tokens
-        combine = logits.softmax(dim=2).to(tokens.dtype)  # over slots
-        return dispatch, combine
+        return soft_routing_weights(tokens, self.mu, self.scale)
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
         """``x [B, M, D]`` (or ``[M, D]``, one sequence) -> same shape; ``B`` and ``M`` may be 0 (an empty output).

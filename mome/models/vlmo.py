@@ -175,7 +175,8 @@ class VLMoAttention(nn.Module):
         """``x [B, N, D]``, ``attn_bias`` broadcastable to ``[B, heads, N, N]`` -> ``[B, N, D]``."""
         batch, tokens, dim = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        # through the module, not its weight: a wrapped qkv (mome.peft's LoRA experts) must see its input
+        qkv = (self.qkv(x) + bias).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d] each
         if self.fused_attn:
             mask = None if attn_bias is None else attn_bias.to(q.dtype)
