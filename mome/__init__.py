@@ -15,6 +15,7 @@ from ._errors import CheckpointFormatError as CheckpointFormatError
 from ._errors import CheckpointMismatchError as CheckpointMismatchError
 from ._errors import ChecksumMismatchError as ChecksumMismatchError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
+from ._errors import DeviceMapError as DeviceMapError
 from ._errors import DownloadError as DownloadError
 from ._errors import InvalidArgumentError as InvalidArgumentError
 from ._errors import InvalidInputError as InvalidInputError

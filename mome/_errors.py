@@ -17,6 +17,7 @@ The hierarchy::
     |   `-- CheckpointFormatError   a format that cannot be told, or is not the one it was read as
     |-- UnsafeCheckpointError     a pickle that would run code on load
     |-- NonFiniteWeightsError     weights with NaN or Inf (``allow_non_finite=True`` loads them)
+    |-- DeviceMapError            a device map that does not fit (an unknown device or layer, too little max_memory)
     |-- ChecksumMismatchError, CardError
     `-- PretrainedUnavailableError, DownloadError
 """
@@ -37,6 +38,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ChecksumMismatchError",
     "CorruptCheckpointError",
+    "DeviceMapError",
     "DownloadError",
     "PretrainedUnavailableError",
     "UnknownModelError",
@@ -109,6 +111,12 @@ class UnsafeCheckpointError(MomeError, ValueError):
 class NonFiniteWeightsError(MomeError, ValueError):
     """Weights holding NaN or Inf; the message names the file and the first tensors. Loading them anyway takes an
     explicit ``allow_non_finite=True``."""
+
+
+class DeviceMapError(MomeError, ValueError):
+    """A ``device_map`` or ``max_memory`` of ``create_model`` that does not fit: a device that is not one or is not
+    available here, a layer the map names that the model lacks or one it does not place, or weights larger than
+    ``max_memory``; the one-line message names the layer or the device."""
 
 
 class PretrainedUnavailableError(MomeError, RuntimeError):

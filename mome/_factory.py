@@ -39,6 +39,7 @@ from ._errors import (
 )
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
 from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
+from ._loading import DevicePlacement, build_empty, load_into_empty, resolve_device_map
 from ._pretrained import CFG_FIELDS, PretrainedCfg
 from ._quantize import quantize_from_config
 from ._registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
@@ -111,14 +112,56 @@ def load_pretrained(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     allow_non_finite: bool = False,
+    placement: DevicePlacement | None = None,
 ) -> None:
     """Fetch the card's checkpoint, convert it if its format is not mome's (with the card's
-    ``converter_options``), and load it into ``model`` exactly (NaN/Inf refused unless ``allow_non_finite``)."""
+    ``converter_options``), and load it into ``model`` exactly (NaN/Inf refused unless ``allow_non_finite``).
+    With ``placement``, ``model`` is an empty one (:func:`mome._loading.build_empty`) filled tensor by tensor."""
     path = fetch_checkpoint(cfg, name, cache_dir, local_files_only, progress=True)
-    if not cfg.needs_conversion():
+    if placement is not None:
+        converter = cfg.converter if cfg.needs_conversion() else None
+        _load_empty(model, path, cfg.source_format, converter, cfg.converter_options, allow_non_finite, placement)
+    elif not cfg.needs_conversion():
         load_checkpoint(model, path, allow_non_finite=allow_non_finite)
+    else:
+        _load_converted(model, path, cfg.source_format, cfg.converter, cfg.converter_options, allow_non_finite)
+
+
+def _load_empty(
+    model: nn.Module,
+    path: Path,
+    source_format: str,
+    converter: str | None,
+    options: Mapping[str, Any],
+    allow_non_finite: bool,
+    placement: DevicePlacement,
+) -> None:
+    """Fill the empty ``model`` from ``path``: mome's safetensors (a file, the shards of a folder, a saved folder's
+    ``model.safetensors``) streamed tensor by tensor; a torch file memory-mapped; an upstream format converted in
+    memory first (the converter needs the whole checkpoint), then set in place without a second copy."""
+    if converter is not None:
+        try:
+            from .convert import load_converted
+        except ImportError as err:
+            raise PretrainedUnavailableError(
+                f"{path}: converting the {source_format!r} format needs mome.convert ({type(err).__name__}: {err})"
+            ) from err
+        state = load_converted(path, source_format, converter, model, allow_non_finite=allow_non_finite, **options)
+        load_into_empty(model, state, placement, f"{path} (converted)", allow_non_finite=True)  # checked above
         return
-    _load_converted(model, path, cfg.source_format, cfg.converter, cfg.converter_options, allow_non_finite)
+    if options:
+        raise UnsupportedOptionError(
+            "converter_options", f"checkpoint_format={source_format!r}", "that format has no converter", sorted(options)
+        )
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+        path = path / WEIGHTS_NAME  # a saved folder: its weights (adapters, if any, are separate files)
+    if source_format == "mome" and (path.is_dir() or file_kind(path) == "safetensors"):
+        source: Path | dict = path
+    elif source_format == "mome":
+        source = read_state_dict(path, mmap=True)
+    else:
+        source = FORMATS[source_format](path)
+    load_into_empty(model, source, placement, str(path), allow_non_finite=allow_non_finite)
 
 
 def _load_as(
@@ -198,13 +241,36 @@ def load_checkpoint_file(
     return source_format
 
 
+def load_empty_from_file(
+    model: nn.Module,
+    path: Path,
+    checkpoint_format: str | None,
+    converter_options: Mapping[str, Any] | None,
+    allow_non_finite: bool,
+    placement: DevicePlacement,
+) -> None:
+    """Fill the empty ``model`` from ``checkpoint_path`` (its format told as :func:`load_checkpoint_file` tells it)."""
+    if checkpoint_format is not None and checkpoint_format not in FORMATS:
+        raise CheckpointFormatError(
+            f"unknown checkpoint_format {checkpoint_format!r}; the formats are {sorted(FORMATS)}"
+        )
+    source_format = checkpoint_format or detect_format(path, list(model.state_dict()))
+    converter = DEFAULT_CONVERTERS[source_format]
+    _load_empty(model, path, source_format, converter, dict(converter_options or {}), allow_non_finite, placement)
+
+
 def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool = False) -> Path:
     """The ``config.json`` + safetensors of a saved-folder Hub repo."""
     return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
 
 
-def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg) -> nn.Module:
-    model = model_entrypoint(arch)(pretrained=pretrained, **kwargs)
+def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg, empty: bool = False) -> nn.Module:
+    """The entrypoint's model (with ``empty``: its parameters on the meta device, :func:`mome._loading.build_empty`)."""
+    entrypoint = model_entrypoint(arch)
+    if empty:
+        model = build_empty(lambda: entrypoint(pretrained=pretrained, **kwargs))
+    else:
+        model = entrypoint(pretrained=pretrained, **kwargs)
     # The entrypoint may set the architecture's data defaults; the card's fields take precedence.
     defaults = getattr(model, "pretrained_cfg", None)
     model.pretrained_cfg = defaults.replace(**cfg.to_dict(remove_null=True)) if defaults is not None else cfg
@@ -223,6 +289,9 @@ def create_model(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     allow_non_finite: bool = False,
+    low_cpu_mem_usage: bool = False,
+    device_map: str | int | torch.device | Mapping[str, Any] | None = None,
+    max_memory: Mapping[Any, int | str] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name (timm's ``create_model``).
@@ -246,6 +315,16 @@ def create_model(
         allow_non_finite: load weights holding NaN or Inf; by default they are refused with a
             :class:`~mome.NonFiniteWeightsError` naming the file and the tensors (on every route: card,
             saved folder, ``checkpoint_path``, converted), and the model is not built half-loaded.
+        low_cpu_mem_usage: build the model with its parameters on the meta device and fill it from the
+            checkpoint tensor by tensor (:mod:`mome._loading`), so the weights are held once, not twice (random init,
+            then the checkpoint). Needs weights to load (``pretrained``, a saved folder or ``checkpoint_path``);
+            not for a quantized folder.
+        device_map: where the loaded weights go (implies ``low_cpu_mem_usage``): ``"cpu"``, a device
+            (``"cuda:0"``, an int: a CUDA index), ``"auto"`` (accelerate's ``infer_auto_device_map``) or a dict of
+            layer name (``""``: the whole model) -> device. The model goes onto one device. A device that is not
+            available, a layer the map lacks or names wrongly, or weights over ``max_memory`` raise a
+            :class:`~mome.DeviceMapError` naming the device or the layer before any tensor is read.
+        max_memory: device -> bytes (or ``"10GiB"``) the weights may take there, with ``device_map``.
         **kwargs: passed to the entrypoint; those set to None are dropped (so a CLI can pass them).
             They override the card's ``model_kwargs``, which apply when the tag is named or
             ``pretrained`` is set (a bare ``arch`` keeps the entrypoint's defaults).
@@ -254,16 +333,31 @@ def create_model(
     ``mome_model_args`` (what :func:`save_pretrained` writes).
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    empty = bool(low_cpu_mem_usage) or device_map is not None
+    if max_memory is not None and device_map is None:
+        why = "it bounds a device_map=; none was given"
+        raise UnsupportedOptionError("max_memory", "create_model", why, max_memory)
     source, name = parse_model_name(model_name)
     if source is None:
         cfg = get_pretrained_cfg(name)
         cfg = cfg.replace(**(pretrained_cfg_overlay or {}))
         arch, tag = split_model_name_tag(name)
+        if empty and not pretrained and checkpoint_path is None:
+            why = "no weights are loaded (no pretrained=True, local-dir:, hf-hub: or checkpoint_path=)"
+            option = "device_map" if device_map is not None else "low_cpu_mem_usage"
+            raise UnsupportedOptionError(option, "create_model", why, device_map if device_map is not None else True)
         # a named tag (or pretrained weights) means that checkpoint's model: its card's kwargs apply
         card_kwargs = cfg.model_kwargs if (tag or pretrained) else {}
-        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg)
+        # a card without a checkpoint of its own (transformers' released MoE VLMs) has its entrypoint load the weights
+        own_weights = pretrained and not cfg.has_weights()
+        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg, empty=empty and not own_weights)
+        placement = resolve_device_map(model, device_map, max_memory) if empty else None
         if pretrained:
-            load_pretrained(model, cfg, name, cache_dir, local_files_only, allow_non_finite)
+            load_pretrained(model, cfg, name, cache_dir, local_files_only, allow_non_finite, placement)
+        elif placement is not None:  # fill the empty model from checkpoint_path itself
+            path = Path(checkpoint_path).expanduser()
+            load_empty_from_file(model, path, checkpoint_format, converter_options, allow_non_finite, placement)
+            checkpoint_path = checkpoint_format = converter_options = None
         elif allow_non_finite and checkpoint_path is None:
             why = "no weights are loaded (no pretrained=True or checkpoint_path=)"
             raise UnsupportedOptionError("allow_non_finite", "create_model", why, True)
@@ -271,11 +365,24 @@ def create_model(
         folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir, local_files_only)
         config = read_saved_config(folder, model_name)
         arch = split_model_name_tag(config["architecture"])[0]
+        if empty and "quantization" in config:
+            raise UnsupportedOptionError(
+                "low_cpu_mem_usage/device_map",
+                "create_model",
+                f"{folder} holds a quantized model, which is rebuilt and quantized before its int weights load",
+                True,
+            )
         cfg = PretrainedCfg.from_dict({**config.get("pretrained_cfg", {}), **(pretrained_cfg_overlay or {})})
-        model = _build(arch, False, {**config.get("model_args", {}), **kwargs}, cfg.replace(architecture=arch))
-        if "quantization" in config:  # a quantized save: quantize the same way, then load the int data and scales
-            quantize_from_config(model, config["quantization"], str(folder / CONFIG_NAME))
-        load_checkpoint(model, folder / WEIGHTS_NAME, allow_non_finite=allow_non_finite)
+        args = {**config.get("model_args", {}), **kwargs}
+        model = _build(arch, False, args, cfg.replace(architecture=arch), empty=empty)
+        if empty:
+            placement = resolve_device_map(model, device_map, max_memory)
+            weights = folder / WEIGHTS_NAME
+            load_into_empty(model, weights, placement, str(weights), allow_non_finite=allow_non_finite)
+        else:
+            if "quantization" in config:  # a quantized save: quantize the same way, then load the int data and scales
+                quantize_from_config(model, config["quantization"], str(folder / CONFIG_NAME))
+            load_checkpoint(model, folder / WEIGHTS_NAME, allow_non_finite=allow_non_finite)
         if (folder / ADAPTER_CONFIG_NAME).is_file():  # a model saved with its LoRA experts (mome.peft)
             load_lora_experts(model, folder, allow_noncausal=True)  # saved as trained: its routing was accepted
     if checkpoint_path is not None:

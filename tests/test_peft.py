@@ -303,6 +303,9 @@ def test_save_pretrained_keeps_the_adapters_and_create_model_adds_them_back(tmp_
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(image), model.encode_image(image))
     assert set(base_state_dict(loaded)) == set(mome.create_model("limoe_tiny_patch8_e4").state_dict())
+    low = mome.create_model(f"local-dir:{tmp_path / 'saved'}", low_cpu_mem_usage=True).eval()  # memory-aware
+    with torch.no_grad():
+        assert torch.equal(low.encode_image(image), model.encode_image(image))
 
 
 def test_loading_into_another_architecture_names_the_key(tmp_path):

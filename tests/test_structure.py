@@ -107,7 +107,7 @@ def test_the_package_has_no_import_circle():
 # The layers, bottom to top: a module may import only from its own layer or the layers below.
 LAYERS = [
     ["mome._errors", "mome._checks", "mome._folders", "mome._resources", "mome._pretrained"],
-    ["mome._checkpoint", "mome._formats", "mome._hub", "mome._tokenizer"],
+    ["mome._checkpoint", "mome._formats", "mome._hub", "mome._tokenizer", "mome._loading"],
     ["mome._cards"],
     ["mome._registry"],
     ["mome.layers"],

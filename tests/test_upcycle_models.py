@@ -160,6 +160,14 @@ def test_upcycled_model_saves_and_reloads_exactly(source, tmp_path):
     with torch.no_grad():
         first, second = spec.outputs(reloaded), spec.outputs(model)
     assert all(torch.equal(first[k], second[k]) for k in second)
+    # the memory-aware load (built on the meta device, tensors streamed in place) gives the same model
+    low = mome.create_model(f"local-dir:{folder}", low_cpu_mem_usage=True).eval()
+    lows = low.state_dict()
+    assert list(lows) == list(theirs) and all(torch.equal(lows[k], theirs[k]) for k in lows)
+    assert len(list(low.parameters())) == len(list(model.parameters()))
+    with torch.no_grad():
+        third = spec.outputs(low)
+    assert all(torch.equal(third[k], second[k]) for k in second)
 
 
 def test_every_expert_is_a_copy_and_the_router_is_fresh():
