@@ -18,6 +18,7 @@ The hierarchy::
     |-- UnsafeCheckpointError     a pickle that would run code on load
     |-- NonFiniteWeightsError     weights with NaN or Inf (``allow_non_finite=True`` loads them)
     |-- ChecksumMismatchError, CardError
+    |-- ProcessorMismatchError    a processor whose token ids or vocabulary do not fit its model's config
     `-- PretrainedUnavailableError, DownloadError
 """
 
@@ -39,6 +40,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DownloadError",
     "PretrainedUnavailableError",
+    "ProcessorMismatchError",
     "UnknownModelError",
     "UnsafeCheckpointError",
 ]
@@ -128,6 +130,12 @@ class ChecksumMismatchError(MomeError, ValueError):
             f"{path}: sha256 {actual} does not match the expected {expected}"
             + ("; the file was deleted, try again" if deleted else "")
         )
+
+
+class ProcessorMismatchError(MomeError, ValueError):
+    """A processor (tokenizer + image processor) that does not fit the model it is paired with: its image / video
+    / audio placeholder token is another id than the model's config says, or its vocabulary is larger than the
+    model's embedding; the message names the model or card and every field that disagrees."""
 
 
 class CardError(MomeError, ValueError):

@@ -38,7 +38,7 @@ from ._errors import (
     UnsupportedOptionError,
 )
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
-from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
+from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot, transformers_source
 from ._pretrained import CFG_FIELDS, PretrainedCfg
 from ._quantize import quantize_from_config
 from ._registry import get_pretrained_cfg, is_model, model_entrypoint, split_model_name_tag
@@ -203,8 +203,10 @@ def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool
     return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
 
 
-def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg) -> nn.Module:
-    model = model_entrypoint(arch)(pretrained=pretrained, **kwargs)
+def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg, source: Any = None) -> nn.Module:
+    """Call the entrypoint; ``source`` (a transformers-format card's fetch function) goes to it as ``source=``."""
+    extra = {} if source is None else {"source": source}
+    model = model_entrypoint(arch)(pretrained=pretrained, **kwargs, **extra)
     # The entrypoint may set the architecture's data defaults; the card's fields take precedence.
     defaults = getattr(model, "pretrained_cfg", None)
     model.pretrained_cfg = defaults.replace(**cfg.to_dict(remove_null=True)) if defaults is not None else cfg
@@ -261,8 +263,9 @@ def create_model(
         arch, tag = split_model_name_tag(name)
         # a named tag (or pretrained weights) means that checkpoint's model: its card's kwargs apply
         card_kwargs = cfg.model_kwargs if (tag or pretrained) else {}
-        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg)
-        if pretrained:
+        source = transformers_source(cfg, cache_dir, local_files_only)
+        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg, source)
+        if pretrained and source is None:  # a transformers-format card's entrypoint loaded the weights itself
             load_pretrained(model, cfg, name, cache_dir, local_files_only, allow_non_finite)
         elif allow_non_finite and checkpoint_path is None:
             why = "no weights are loaded (no pretrained=True or checkpoint_path=)"
