@@ -22,6 +22,7 @@ from ._errors import InvalidInputError as InvalidInputError
 from ._errors import MomeError as MomeError
 from ._errors import NonFiniteWeightsError as NonFiniteWeightsError
 from ._errors import PretrainedUnavailableError as PretrainedUnavailableError
+from ._errors import ProcessorMismatchError as ProcessorMismatchError
 from ._errors import UnknownModelError as UnknownModelError
 from ._errors import UnsafeCheckpointError as UnsafeCheckpointError
 from ._errors import UnsupportedModelError as UnsupportedModelError

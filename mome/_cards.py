@@ -20,13 +20,14 @@ from ._errors import CardError
 from ._formats import CONVERTERS as CONVERTER_TABLE
 from ._formats import FORMATS
 from ._hub import SHA256_PATTERN
-from ._pretrained import PretrainedCfg
+from ._pretrained import TRANSFORMERS_FORMAT, PretrainedCfg
 
 __all__ = [
     "CARD_SCHEMA",
     "CARD_SUFFIX",
     "CONVERTERS",
     "SOURCE_FORMATS",
+    "PREPROCESSING_FIELDS",
     "FieldSpec",
     "read_card",
     "read_cards",
@@ -40,6 +41,10 @@ CONVERTERS = tuple(CONVERTER_TABLE)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 _TAG = re.compile(r"[a-z0-9][a-z0-9_]*")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+#: a Hub revision: a 40-hex commit (a pin) or a branch / tag name (``main``, ``refs/pr/3``), which follows the repo
+_REVISION = re.compile(r"[0-9a-f]{40}|[A-Za-z0-9][\w.\-]*(/[\w.\-]+)*")
+#: the evaluation-preprocessing fields; a transformers-format card may leave them out (its processor holds them)
+PREPROCESSING_FIELDS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 CARD_SUFFIX = ".yaml"
 
 
@@ -116,6 +121,11 @@ CARD_SCHEMA: dict[str, FieldSpec] = {
     "default": FieldSpec((bool,), "the arch's default tag"),
     "hf_hub_id": FieldSpec(_STR, "Hugging Face Hub repo id", check=_pattern(_HUB_ID, "an 'org/name' repo id")),
     "hf_hub_filename": FieldSpec(_STR, "file in the repo; omitted for a foreign whole-repo checkpoint"),
+    "revision": FieldSpec(
+        _STR,
+        "Hub revision of hf_hub_id: a 40-hex commit pins it; a branch name (main) follows the repo",
+        check=_pattern(_REVISION, "a 40-hex commit or a branch / tag name"),
+    ),
     "url": FieldSpec(_STR, "plain URL or GitHub release asset", check=_url),
     "file": FieldSpec(_STR, "local file (relative to the card's folder)"),
     "sha256": FieldSpec(
@@ -149,10 +159,11 @@ def validate_card(data: Any, path: str | Path | None = None) -> list[CardError]:
     if not isinstance(data, Mapping):
         return [CardError(path, None, f"a card is a YAML mapping, not a {type(data).__name__}")]
     errors = [CardError(path, k, "unknown field") for k in data if k not in CARD_SCHEMA]
+    processor_holds = data.get("source_format") == TRANSFORMERS_FORMAT  # the repo's processor preprocesses
     for key, spec in CARD_SCHEMA.items():
         value = data.get(key)
         if value is None:
-            if spec.required:
+            if spec.required and not (processor_holds and key in PREPROCESSING_FIELDS):
                 errors.append(CardError(path, key, "is required"))
             continue
         is_bool = isinstance(value, bool) and bool not in spec.types
@@ -168,11 +179,18 @@ def validate_card(data: Any, path: str | Path | None = None) -> list[CardError]:
     if data.get("hf_hub_filename") and not data.get("hf_hub_id"):
         errors.append(CardError(path, "hf_hub_filename", "needs hf_hub_id"))
     native = data["source_format"] == "mome"
-    if native and data.get("converter") not in (None, "mome"):
-        errors.append(CardError(path, "converter", "a 'mome' format card needs no converter"))
+    if data.get("revision") and not data.get("hf_hub_id"):
+        errors.append(CardError(path, "revision", "needs hf_hub_id"))
+    if processor_holds:
+        if data.get("converter") is not None:
+            errors.append(CardError(path, "converter", "a 'transformers' card needs none (from_pretrained reads it)"))
+        if data.get("url") or data.get("hf_hub_filename"):
+            errors.append(CardError(path, "hf_hub_id", "a 'transformers' card names a whole repo (hf_hub_id or file)"))
+        native = True  # no converter to require below
     if not native and data.get("converter") in (None, "mome"):
         errors.append(CardError(path, "converter", f"the {data['source_format']!r} format needs one of {CONVERTERS}"))
-    if data.get("hf_hub_id") and not data.get("hf_hub_filename") and not native and data.get("sha256"):
+    whole_repo = data.get("hf_hub_id") and not data.get("hf_hub_filename") and data["source_format"] != "mome"
+    if whole_repo and data.get("sha256"):
         errors.append(CardError(path, "sha256", "a whole-repo checkpoint (no hf_hub_filename) has no single sha256"))
     if data.get("file") and path is not None:
         file = Path(path).parent / Path(data["file"]).expanduser()

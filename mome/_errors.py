@@ -19,6 +19,7 @@ The hierarchy::
     |-- NonFiniteWeightsError     weights with NaN or Inf (``allow_non_finite=True`` loads them)
     |-- DeviceMapError            a device map that does not fit (an unknown device or layer, too little max_memory)
     |-- ChecksumMismatchError, CardError
+    |-- ProcessorMismatchError    a processor whose token ids or vocabulary do not fit its model's config
     `-- PretrainedUnavailableError, DownloadError
 """
 
@@ -41,6 +42,7 @@ __all__ = [
     "DeviceMapError",
     "DownloadError",
     "PretrainedUnavailableError",
+    "ProcessorMismatchError",
     "UnknownModelError",
     "UnsafeCheckpointError",
 ]
@@ -136,6 +138,12 @@ class ChecksumMismatchError(MomeError, ValueError):
             f"{path}: sha256 {actual} does not match the expected {expected}"
             + ("; the file was deleted, try again" if deleted else "")
         )
+
+
+class ProcessorMismatchError(MomeError, ValueError):
+    """A processor (tokenizer + image processor) that does not fit the model it is paired with: its image / video
+    / audio placeholder token is another id than the model's config says, or its vocabulary is larger than the
+    model's embedding; the message names the model or card and every field that disagrees."""
 
 
 class CardError(MomeError, ValueError):

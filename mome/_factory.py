@@ -38,7 +38,7 @@ from ._errors import (
     UnsupportedOptionError,
 )
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
-from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot
+from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot, transformers_source
 from ._loading import DevicePlacement, build_empty, load_into_empty, resolve_device_map
 from ._pretrained import CFG_FIELDS, PretrainedCfg
 from ._quantize import quantize_from_config
@@ -264,13 +264,17 @@ def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool
     return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
 
 
-def _build(arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg, empty: bool = False) -> nn.Module:
-    """The entrypoint's model (with ``empty``: its parameters on the meta device, :func:`mome._loading.build_empty`)."""
+def _build(
+    arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg, source: Any = None, empty: bool = False
+) -> nn.Module:
+    """Call the entrypoint; ``source`` (a transformers-format card's fetch function) goes to it as ``source=``; with
+    ``empty`` the parameters are built on the meta device (:func:`mome._loading.build_empty`)."""
     entrypoint = model_entrypoint(arch)
+    extra = {} if source is None else {"source": source}
     if empty:
-        model = build_empty(lambda: entrypoint(pretrained=pretrained, **kwargs))
+        model = build_empty(lambda: entrypoint(pretrained=pretrained, **kwargs, **extra))
     else:
-        model = entrypoint(pretrained=pretrained, **kwargs)
+        model = entrypoint(pretrained=pretrained, **kwargs, **extra)
     # The entrypoint may set the architecture's data defaults; the card's fields take precedence.
     defaults = getattr(model, "pretrained_cfg", None)
     model.pretrained_cfg = defaults.replace(**cfg.to_dict(remove_null=True)) if defaults is not None else cfg
@@ -348,12 +352,14 @@ def create_model(
             raise UnsupportedOptionError(option, "create_model", why, device_map if device_map is not None else True)
         # a named tag (or pretrained weights) means that checkpoint's model: its card's kwargs apply
         card_kwargs = cfg.model_kwargs if (tag or pretrained) else {}
+        source = transformers_source(cfg, cache_dir, local_files_only)
         # a card without a checkpoint of its own (transformers' released MoE VLMs) has its entrypoint load the weights
-        own_weights = pretrained and not cfg.has_weights()
-        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg, empty=empty and not own_weights)
+        own_weights = source is not None or (pretrained and not cfg.has_weights())
+        model = _build(arch, pretrained, {**card_kwargs, **kwargs}, cfg, source, empty=empty and not own_weights)
         placement = resolve_device_map(model, device_map, max_memory) if empty else None
         if pretrained:
-            load_pretrained(model, cfg, name, cache_dir, local_files_only, allow_non_finite, placement)
+            if source is None:
+                load_pretrained(model, cfg, name, cache_dir, local_files_only, allow_non_finite, placement)
         elif placement is not None:  # fill the empty model from checkpoint_path itself
             path = Path(checkpoint_path).expanduser()
             load_empty_from_file(model, path, checkpoint_format, converter_options, allow_non_finite, placement)

@@ -101,6 +101,12 @@ _FORMATS: dict[str, tuple[str, str | None, str, tuple[tuple[str, ...], ...]]] = 
         "a MoE-LLaVA Hugging Face save_pretrained folder",
         (("model.layers.", "lm_head."), ("transformer.h.", "lm_head.")),
     ),
+    "transformers": (
+        _FOLDER,
+        None,
+        "a transformers save_pretrained repo, read by the model class's own from_pretrained (no converter)",
+        (),  # a card format: the weights are loaded by transformers, never told from a file
+    ),
 }
 
 #: source format -> reader ``fn(path) -> {upstream key: tensor}``

@@ -26,7 +26,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from ._checkpoint import WEIGHTS_NAME
+from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from ._errors import (
     ChecksumMismatchError,
     CorruptCheckpointError,
@@ -34,7 +34,7 @@ from ._errors import (
     PretrainedUnavailableError,
     UnknownModelError,
 )
-from ._pretrained import PretrainedCfg
+from ._pretrained import TRANSFORMERS_FORMAT, PretrainedCfg
 
 __all__ = [
     "CHECKPOINT_HINT",
@@ -47,6 +47,7 @@ __all__ = [
     "hub_snapshot",
     "is_offline",
     "sha256_file",
+    "transformers_source",
     "url_cache_path",
 ]
 
@@ -203,12 +204,15 @@ def _from_hub(fetch: Callable[..., str], what: str, command: str, **options: Any
     from huggingface_hub.errors import EntryNotFoundError
 
     options = {k: v for k, v in options.items() if v or k not in ("local_files_only", "revision")}
+    if options.get("revision"):
+        what, command = f"{what} at revision {options['revision']}", f"{command} --revision {options['revision']}"
     try:
         return Path(fetch(**options))
     except (OSError, EntryNotFoundError) as err:
+        why = " ".join(str(err).split())  # one line: huggingface_hub's messages span several
         raise PretrainedUnavailableError(
             f"could not fetch {what} (offline or not found); pre-fetch it where there is network with "
-            f"`hf download {command}` into the same cache ({type(err).__name__}: {err})"
+            f"`hf download {command}` into the same cache ({type(err).__name__}: {why})"
         ) from err
 
 
@@ -262,6 +266,8 @@ def hub_snapshot(
 CHECKPOINT_HINT = "; or pass checkpoint_path= to load weights you have"
 #: Files a Hub snapshot of a foreign checkpoint needs (Hugging Face ``save_pretrained`` folders: MoE-LLaVA).
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.tiktoken", "*.py"]
+#: Files of a transformers-format repo: config, safetensors weights, processor and tokenizer (no remote code)
+TRANSFORMERS_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 def _vmoe_shards(index: Path) -> list[str]:
@@ -281,7 +287,14 @@ def _vmoe_shards(index: Path) -> list[str]:
     return [f"{prefix}.data-{shard:05d}-of-{count:05d}" for shard in range(count)]
 
 
-def _fetch(cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_files_only: bool, progress: bool) -> Path:
+def _fetch(
+    cfg: PretrainedCfg,
+    name: str,
+    cache_dir: str | Path | None,
+    local_files_only: bool,
+    progress: bool,
+    config_only: bool = False,
+) -> Path:
     """The card's checkpoint on disk: ``file``, else ``hf_hub_id``, else ``url`` (timm's order), sha256 checked.
 
     A foreign card without ``hf_hub_filename`` is a whole Hub repo (the snapshot folder is returned).
@@ -296,16 +309,21 @@ def _fetch(cfg: PretrainedCfg, name: str, cache_dir: str | Path | None, local_fi
         return path
     sibling: Callable[[str], Path]  # fetches another file of the same folder (a shard)
     if cfg.hf_hub_id:
-        if cfg.hf_hub_filename is None and cfg.needs_conversion():
-            return hub_snapshot(cfg.hf_hub_id, SNAPSHOT_PATTERNS, cache_dir, local_files_only=local_files_only)
+        revision = cfg.revision
+        if cfg.is_whole_repo():
+            patterns = TRANSFORMERS_PATTERNS if cfg.source_format == TRANSFORMERS_FORMAT else SNAPSHOT_PATTERNS
+            patterns = [CONFIG_NAME] if config_only else patterns
+            options = {"local_files_only": local_files_only, "revision": revision}
+            return hub_snapshot(cfg.hf_hub_id, patterns, cache_dir, **options)
         filename = cfg.hf_hub_filename or WEIGHTS_NAME
-        path = hub_download(cfg.hf_hub_id, filename, cache_dir, local_files_only=local_files_only)
+        path = hub_download(cfg.hf_hub_id, filename, cache_dir, local_files_only=local_files_only, revision=revision)
         check_sha256(path, cfg.sha256, delete=True)
         folder = filename.rpartition("/")[0]
 
         def sibling(file: str) -> Path:
             repo_file = f"{folder}/{file}" if folder else file
-            return hub_download(cfg.hf_hub_id, repo_file, cache_dir, local_files_only=local_files_only)
+            options = {"local_files_only": local_files_only, "revision": revision}
+            return hub_download(cfg.hf_hub_id, repo_file, cache_dir, **options)
 
     elif cfg.url:
         options = {"cache_dir": cache_dir, "local_files_only": local_files_only, "progress": progress}
@@ -329,10 +347,12 @@ def fetch_checkpoint(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     progress: bool = True,
+    config_only: bool = False,
 ) -> Path:
     """The checkpoint of the card ``cfg`` (called ``name`` in errors) on disk, downloaded once, sha256-checked.
 
-    Returns the file (or, for a whole Hub repo, the snapshot folder) in the card's upstream format.
+    Returns the file (or, for a whole Hub repo, the snapshot folder) in the card's upstream format; with
+    ``config_only``, a whole repo's snapshot holds its ``config.json`` only (the architecture, no weights).
 
     Raises:
         PretrainedUnavailableError: offline / ``local_files_only`` and not cached, or the transfer failed;
@@ -340,14 +360,16 @@ def fetch_checkpoint(
         ChecksumMismatchError: the file does not hash to the card's sha256 (a download is deleted).
     """
     try:
-        return _fetch(cfg, name, cache_dir, local_files_only, progress)
+        return _fetch(cfg, name, cache_dir, local_files_only, progress, config_only)
     except PretrainedUnavailableError as err:
-        what = f"{name}: its weights"
-        if cfg.needs_conversion():
+        what = f"{name}: its {'config.json' if config_only else 'weights'}"
+        if cfg.source_format == TRANSFORMERS_FORMAT:
+            what += " (a transformers repo, read by the model class's from_pretrained)"
+        elif cfg.needs_conversion():
             what += f" (the {cfg.source_format!r} format, converted by the zoo loader with {cfg.converter!r})"
         raise type(err)(
-            f"{what} are not available here: {err}; pre-fetch them with `python -m mome.zoo download {name}`"
-            + CHECKPOINT_HINT
+            f"{what} {'is' if config_only else 'are'} not available here: {err}; pre-fetch "
+            f"{'it' if config_only else 'them'} with `python -m mome.zoo download {name}`" + CHECKPOINT_HINT
         ) from err
 
 
@@ -359,11 +381,29 @@ def cached_checkpoint(cfg: PretrainedCfg, cache_dir: str | Path | None = None) -
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
-        if not cfg.hf_hub_filename and cfg.needs_conversion():
+        if cfg.is_whole_repo():
             return None
-        found = try_to_load_from_cache(cfg.hf_hub_id, cfg.hf_hub_filename or WEIGHTS_NAME, cache_dir=cache_dir)
+        filename = cfg.hf_hub_filename or WEIGHTS_NAME
+        found = try_to_load_from_cache(cfg.hf_hub_id, filename, cache_dir=cache_dir, revision=cfg.revision)
         return Path(found) if isinstance(found, str) else None
     if cfg.url:
         path = url_cache_path(cfg.url, cache_dir)
         return path if path.is_file() else None
     return None
+
+
+def transformers_source(
+    cfg: PretrainedCfg, cache_dir: str | Path | None, local_files_only: bool
+) -> Callable[[bool], Path] | None:
+    """For a transformers-format card (:data:`~mome._pretrained.TRANSFORMERS_FORMAT`): the function its entrypoint
+    calls to fetch the card's repo at its revision (``config_only=True``: its ``config.json`` alone), through
+    huggingface_hub's cache, offline-aware, errors naming the card. None for every other card."""
+    if cfg.source_format != TRANSFORMERS_FORMAT:
+        return None
+    card = f"{cfg.architecture}.{cfg.tag}"
+
+    def source(config_only: bool) -> Path:
+        return fetch_checkpoint(cfg, card, cache_dir, local_files_only, progress=True, config_only=config_only)
+
+    source.card = card  # type: ignore[attr-defined]  # the entrypoint's errors name the card
+    return source

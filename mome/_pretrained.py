@@ -13,10 +13,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CFG_FIELDS", "NATIVE_FORMAT", "PretrainedCfg"]
+__all__ = ["CFG_FIELDS", "NATIVE_FORMAT", "TRANSFORMERS_FORMAT", "PretrainedCfg"]
 
 #: The format of mome's own saved weights (``model.safetensors`` with mome's key names).
 NATIVE_FORMAT = "mome"
+#: A transformers ``save_pretrained`` repo of a model mome runs as transformers' own class (the MoE VLMs of
+#: :mod:`mome.models.hf_moe_vlm`): the whole repo is fetched and the class's ``from_pretrained`` reads it, with
+#: no converter (transformers' own key mapping applies); its processor holds the preprocessing.
+TRANSFORMERS_FORMAT = "transformers"
 
 
 @dataclass
@@ -31,6 +35,8 @@ class PretrainedCfg:
     # weight source
     hf_hub_id: str | None = None
     hf_hub_filename: str | None = None
+    # Hub revision of ``hf_hub_id``: a 40-hex commit pins it; a branch name (``main``) follows the repo
+    revision: str | None = None
     url: str | None = None
     file: str | None = None
     sha256: str | None = None
@@ -78,7 +84,15 @@ class PretrainedCfg:
         return bool(self.file or self.hf_hub_id or self.url)
 
     def needs_conversion(self) -> bool:
+        """Whether a converter maps the checkpoint onto the model (every foreign format but transformers')."""
+        if self.source_format == TRANSFORMERS_FORMAT:
+            return False
         return self.source_format != NATIVE_FORMAT or self.converter not in (None, NATIVE_FORMAT)
+
+    def is_whole_repo(self) -> bool:
+        """Whether the checkpoint is a whole Hub repo (a foreign format without ``hf_hub_filename``)."""
+        foreign = self.needs_conversion() or self.source_format == TRANSFORMERS_FORMAT
+        return bool(self.hf_hub_id) and self.hf_hub_filename is None and foreign
 
     def to_dict(self, remove_null: bool = True) -> dict[str, Any]:
         values = dataclasses.asdict(self)

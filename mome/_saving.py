@@ -22,9 +22,9 @@ from typing import Any
 from torch import nn
 
 from ._checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from ._errors import InvalidArgumentError, PretrainedUnavailableError, UnknownModelError
+from ._errors import InvalidArgumentError, PretrainedUnavailableError, UnknownModelError, UnsupportedModelError
 from ._folders import hidden_sibling, remove_stale_siblings, swap_into_place
-from ._pretrained import PretrainedCfg
+from ._pretrained import TRANSFORMERS_FORMAT, PretrainedCfg
 from ._quantize import quantization_of
 from ._registry import is_model, model_module, split_model_name_tag
 from ._tokenizer import create_tokenizer
@@ -186,6 +186,12 @@ def save_pretrained(
     cfg = getattr(model, "pretrained_cfg", None)
     cfg = cfg if isinstance(cfg, PretrainedCfg) else PretrainedCfg()
     cfg = cfg.replace(architecture=arch)
+    if cfg.source_format == TRANSFORMERS_FORMAT:  # nothing is written: mome's folder could not rebuild it
+        raise UnsupportedModelError(
+            f"save_pretrained: {arch} is built from a transformers repo by its zoo card; save it with the model's "
+            "own save_pretrained and load that folder with mome.create_model(CARD, pretrained=True, "
+            "pretrained_cfg_overlay=dict(file=FOLDER))"
+        )
 
     directory = Path(directory).expanduser()
     check_save_target(directory)

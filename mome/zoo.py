@@ -36,10 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from ._cards import CARD_SCHEMA, CONVERTERS, SOURCE_FORMATS, FieldSpec, read_card, read_cards, validate_card
-from ._errors import CardError, ChecksumMismatchError, InvalidArgumentError, MomeError, PretrainedUnavailableError
+from ._errors import (
+    CardError,
+    ChecksumMismatchError,
+    InvalidArgumentError,
+    MomeError,
+    PretrainedUnavailableError,
+    UnsupportedOptionError,
+)
 from ._factory import create_model, fetch_pretrained
 from ._hub import cached_checkpoint, sha256_file
-from ._pretrained import PretrainedCfg
+from ._pretrained import TRANSFORMERS_FORMAT, PretrainedCfg
 from ._registry import get_pretrained_cfg, list_pretrained
 from ._saving import check_save_target, save_pretrained
 
@@ -71,7 +78,8 @@ def _card_yaml(cfg: PretrainedCfg) -> str:
 
 def _source(cfg: PretrainedCfg) -> str:
     if cfg.hf_hub_id:
-        return f"hf-hub:{cfg.hf_hub_id}" + (f"/{cfg.hf_hub_filename}" if cfg.hf_hub_filename else "")
+        source = f"hf-hub:{cfg.hf_hub_id}" + (f"/{cfg.hf_hub_filename}" if cfg.hf_hub_filename else "")
+        return source + (f"@{cfg.revision}" if cfg.revision else "")
     return cfg.url or cfg.file or ""
 
 
@@ -128,6 +136,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("convert", "given a card NAME, or --file FILE with --arch ARCH", " ".join(given))
     if args.file is not None and not Path(args.file).expanduser().exists():
         raise FileNotFoundError(f"--file {args.file}: no such file or folder")
+    if args.name is not None and get_pretrained_cfg(args.name).source_format == TRANSFORMERS_FORMAT:
+        raise UnsupportedOptionError(
+            "convert",
+            args.name,
+            "a transformers card is not converted: `python -m mome.zoo download NAME` fetches its repo, which "
+            "mome.create_model(NAME, pretrained=True) reads with the class's from_pretrained",
+            args.name,
+        )
     check_save_target(args.out)
     build = {"cache_dir": args.cache_dir, "allow_non_finite": args.allow_non_finite, **model_kwargs}
     try:

@@ -169,10 +169,12 @@ def test_bad_input_gives_one_line_typed_errors(monkeypatch):
         mome.create_model("aria_tiny")
 
 
-def test_a_released_model_offline_and_not_cached_names_the_arch_and_repo(monkeypatch, tmp_path):
+def test_a_released_model_offline_and_not_cached_names_its_card_repo_and_revision(monkeypatch, tmp_path):
+    """A released name builds from its zoo card (tests/test_hf_moe_vlm_cards.py covers the cards)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for pretrained, what in ((False, "config.json"), (True, "weights")):
         with pytest.raises(
-            mome.PretrainedUnavailableError, match=f"glm4_5v_106b_a12b: the {what} of zai-org/GLM-4.5V@main"
+            mome.PretrainedUnavailableError,
+            match=f"^glm4_5v_106b_a12b.chat: its {what} .* zai-org/GLM-4.5V at revision main",
         ):
-            mome.create_model("glm4_5v_106b_a12b", pretrained=pretrained)
+            mome.create_model("glm4_5v_106b_a12b", pretrained=pretrained, cache_dir=tmp_path)

@@ -25,9 +25,12 @@ dense Llama (``text_config`` of model type ``llama``), there is no MoE to analys
 Names: ``<family>_tiny`` (random weights, a tiny config of the family's real config class: 2 layers of width
 32, 4 experts, a 1-block vision tower, 32 px images; a few hundred kB) and the released sizes,
 ``qwen3_vl_moe_30b_a3b``, ``ernie4_5_vl_moe_28b_a3b``, ``glm4_5v_106b_a12b``, ``llama4_scout_17b_16e``,
-``aria_25b_a3_9b``, ``qwen3_omni_moe_30b_a3b``, whose architecture is the ``config.json`` of their Hub repo
-(fetched through huggingface_hub's cache,
-offline-aware) and whose weights ``pretrained=True`` loads with the class's ``from_pretrained`` (no zoo cards yet).
+``aria_25b_a3_9b``, ``qwen3_omni_moe_30b_a3b``, each with a zoo card (``zoo/<name>.<tag>.yaml``, format
+``transformers``: the Hub repo of the release and its revision). Their architecture is the ``config.json`` of
+the card's repo and ``pretrained=True`` loads the weights with the class's ``from_pretrained``; ``create_model``
+fetches the repo at the card's revision through huggingface_hub's cache (offline-aware) after the entrypoint has
+checked that the installed transformers has the family. :func:`load_processor` gives the card's processor,
+checked against the model's config by :func:`check_processor`.
 
 Routing: :func:`enable_routing_capture` hooks the family's router modules (found by class) and records,
 per router call, mome's routing statistics (:mod:`mome.layers.hf_routing`), read with :func:`mome.routing_stats`.
@@ -48,20 +51,23 @@ import torch
 from torch import Tensor, nn
 
 from .._errors import (
+    CheckpointMismatchError,
     InvalidArgumentError,
     PretrainedUnavailableError,
+    ProcessorMismatchError,
     UnsupportedModelError,
 )
-from .._hub import is_offline
 from .._registry import register_model
 from ..layers.hf_routing import RouterTap, RoutingCapture
 
 __all__ = [
     "FAMILIES",
     "HFMoEFamily",
+    "check_processor",
     "enable_routing_capture",
     "example_inputs",
     "family_of",
+    "load_processor",
     "router_taps",
     "routing_capture",
     "set_top_k",
@@ -604,24 +610,106 @@ def _build_tiny(model_type: str, pretrained: bool, overrides: dict[str, Any]) ->
     return model.eval()
 
 
-def _build_released(arch: str, pretrained: bool, revision: str, dtype: str | None, local_files_only: bool) -> nn.Module:
-    model_type, repo_id = RELEASED[arch]
-    family = _family(model_type, arch)
-    model_class = _transformers_class(family, family.model_class, arch)
-    offline = local_files_only or is_offline()
-    options: dict[str, Any] = {"revision": revision, "local_files_only": offline}
-    what = "weights" if pretrained else "config.json"
-    try:
-        if pretrained:
-            return model_class.from_pretrained(repo_id, dtype=dtype or "auto", **options).eval()
-        config_class = _transformers_class(family, family.config_class, arch)
-        config = config_class.from_pretrained(repo_id, **options)
-    except OSError as err:  # transformers raises OSError for a repo or revision missing from the cache / the Hub
-        why = "offline (HF_HUB_OFFLINE or local_files_only) and not cached" if offline else type(err).__name__
-        raise PretrainedUnavailableError(f"{arch}: the {what} of {repo_id}@{revision}: {why}") from None
-    if config.model_type == "qwen3_omni_moe":  # the repo's config is the whole Omni model: build its Thinker
-        config = config.thinker_config
-    return model_class(config).eval()
+def _build_released(arch: str, pretrained: bool, source: Callable[[bool], Any] | None, dtype: str | None) -> nn.Module:
+    """The released model of ``arch`` from its card's repo (``source``, the fetch function ``create_model`` passes:
+    the card's Hub repo at the card's revision, through huggingface_hub's cache, offline-aware): the repo's
+    ``config.json`` with random weights, or with ``pretrained`` the class's ``from_pretrained``. The installed
+    transformers must have the family's classes: checked before anything is fetched."""
+    model_type, _ = RELEASED[arch]
+    card = getattr(source, "card", arch)
+    family = _family(model_type, card)
+    model_class = _transformers_class(family, family.model_class, card)
+    whole_class = _transformers_class(family, _WHOLE_MODEL.get(model_type, family.model_class), card)
+    if source is None:  # the entrypoint called directly, or a folder mome.save_pretrained would have refused
+        raise InvalidArgumentError(
+            "source",
+            f"the fetch function of its zoo card: build it with mome.create_model({arch!r}) (a transformers "
+            "save_pretrained folder: pretrained_cfg_overlay=dict(file=FOLDER))",
+            None,
+            arch,
+        )
+    folder = source(not pretrained)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != model_type:
+        raise CheckpointMismatchError(
+            f"{card}: {folder} holds a {config.model_type!r} config.json, not the card's family {model_type!r}"
+        )
+    if not pretrained:
+        return model_class(getattr(config, "thinker_config", config)).eval()
+    if whole_class is model_class:
+        return model_class.from_pretrained(folder, dtype=dtype or "auto").eval()
+    # Qwen3-Omni: the repo is the whole model (thinker.* + talker.* + code2wav.*); only the Thinker is built
+    whole = whole_class.from_pretrained(folder, dtype=dtype or "auto", enable_audio_output=False)
+    return whole.thinker.eval()
+
+
+#: families whose release is a larger model holding the registered one (Qwen3-Omni: the Thinker of the whole model)
+_WHOLE_MODEL = {"qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
+
+_MODALITY_WORDS = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+
+
+def check_processor(processor: Any, config: Any, name: str) -> None:
+    """Raise :class:`~mome.ProcessorMismatchError` (one line, naming ``name`` and every field that disagrees) when
+    ``processor`` does not fit a model of ``config``: each of its placeholder tokens (``image_token``,
+    ``video_token``, ``audio_token``) must be the id the config names (``image_token_id`` / ``image_token_index``
+    ...), and its tokenizer's vocabulary must fit the language model's embedding (``text_config.vocab_size``)."""
+    model_type = "qwen3_omni_moe" if config.model_type == "qwen3_omni_moe_thinker" else config.model_type
+    family = _family(model_type, name)
+    config = getattr(config, "thinker_config", config)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
+        raise ProcessorMismatchError(f"{name}: {type(processor).__name__} has no tokenizer: not a VLM processor")
+    problems = []
+    for modality, field in family.token_ids:
+        expected = getattr(config, field, None)
+        token = getattr(processor, f"{_MODALITY_WORDS[modality]}_token", None)
+        if expected is None or token is None:
+            continue
+        found, word = tokenizer.convert_tokens_to_ids(token), _MODALITY_WORDS[modality]
+        if found != expected:
+            problems.append(f"its {word} token {token!r} is id {found}, config.{field} is {expected}")
+    vocab = config.get_text_config().vocab_size
+    if len(tokenizer) > vocab:
+        problems.append(f"its tokenizer has {len(tokenizer)} tokens, the model's embedding {vocab}")
+    if problems:
+        raise ProcessorMismatchError(f"{name}: the processor does not fit the model: {'; '.join(problems)}")
+
+
+def load_processor(
+    name: str,
+    *,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool = False,
+) -> Any:
+    """The processor (tokenizer, image / video / audio processors, chat template) of the card ``name``
+    (``arch`` or ``arch.tag``), from the card's repo at its revision (huggingface_hub's cache, offline-aware),
+    checked against the repo's ``config.json`` by :func:`check_processor`.
+
+    Raises:
+        UnsupportedModelError: the installed transformers lacks the family.
+        PretrainedUnavailableError: the card's repo or revision is not cached and cannot be fetched.
+        ProcessorMismatchError: the processor's placeholder ids or vocabulary do not fit the model's config.
+    """
+    from transformers import AutoConfig, AutoProcessor
+
+    from .._hub import transformers_source
+    from .._registry import get_pretrained_cfg, split_model_name_tag
+
+    cfg = get_pretrained_cfg(name).replace(**(pretrained_cfg_overlay or {}))
+    arch = split_model_name_tag(name)[0]
+    source = transformers_source(cfg, cache_dir, local_files_only)
+    if arch not in RELEASED or source is None:
+        raise UnsupportedModelError(f"{name}: not a released transformers MoE VLM card (those of {sorted(RELEASED)})")
+    family = _family(RELEASED[arch][0], source.card)
+    _transformers_class(family, family.model_class, source.card)
+    folder = source(False)
+    processor = AutoProcessor.from_pretrained(folder)
+    check_processor(processor, AutoConfig.from_pretrained(folder), source.card)
+    return processor
 
 
 def _register_tiny(model_type: str) -> None:
@@ -635,14 +723,15 @@ def _register_tiny(model_type: str) -> None:
 
 
 def _register_released(arch: str) -> None:
-    def entrypoint(
-        pretrained: bool = False, revision: str = "main", dtype: str | None = None, local_files_only: bool = False
-    ) -> nn.Module:
-        return _build_released(arch, pretrained, revision, dtype, local_files_only)
+    def entrypoint(pretrained: bool = False, dtype: str | None = None, source: Any = None) -> nn.Module:
+        return _build_released(arch, pretrained, source, dtype)
 
     model_type, repo_id = RELEASED[arch]
     entrypoint.__name__ = entrypoint.__qualname__ = arch
-    entrypoint.__doc__ = f"{model_type} as released ({repo_id}): the repo's config (and weights with pretrained=True)."
+    entrypoint.__doc__ = (
+        f"{model_type} as released ({repo_id}): the card's repo config (and weights with pretrained=True), "
+        "fetched by mome.create_model at the card's revision."
+    )
     entrypoint.__module__ = __name__
     register_model(entrypoint)
 
