@@ -179,6 +179,8 @@ def validate_card(data: Any, path: str | Path | None = None) -> list[CardError]:
     if data.get("hf_hub_filename") and not data.get("hf_hub_id"):
         errors.append(CardError(path, "hf_hub_filename", "needs hf_hub_id"))
     native = data["source_format"] == "mome"
+    if native and data.get("converter") not in (None, "mome"):
+        errors.append(CardError(path, "converter", "a 'mome' format card needs no converter"))
     if data.get("revision") and not data.get("hf_hub_id"):
         errors.append(CardError(path, "revision", "needs hf_hub_id"))
     if processor_holds:
