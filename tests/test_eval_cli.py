@@ -143,6 +143,24 @@ def test_retrieval_with_the_captions_of_a_csv(tmp_path):
     assert record["metrics"]["text_retrieval_recall@5"] == 1.0  # 2 texts: every image finds its caption in the top 5
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_evaluates_the_quantized_model(tmp_path, limoe_checkpoint, mode):
+    """``quantize=int8|int4`` quantizes the loaded checkpoint's weights, its stacked experts too, before the run, and
+    records the mode in results.json; the zero-shot score stays near the full-precision model's."""
+    pytest.importorskip("torchao")
+    from mome.layers import Experts
+    from mome.layers.experts import is_quantized
+
+    overrides = [f"ckpt_path={limoe_checkpoint}", "max_samples=60", "routing_maps=0", *FAST]
+    full, _ = evaluate(compose_eval(tmp_path / "fp32", overrides))
+    record, objects = evaluate(compose_eval(tmp_path / mode, [*overrides, f"quantize={mode}"]))
+    assert full["quantization"] is None and record["quantization"]["mode"] == mode
+    experts = [m for m in objects["task"].model.modules() if isinstance(m, Experts)]
+    assert experts and all(is_quantized(e.w_in) and is_quantized(e.w_out) for e in experts)
+    assert json.loads((tmp_path / mode / "results.json").read_text())["quantization"]["mode"] == mode
+    assert abs(record["metrics"]["acc1"] - full["metrics"]["acc1"]) <= 0.1  # a 2-step model: near chance either way
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def _fails_early(tmp_path, capsys, overrides, expected):
     out = tmp_path / "run"
@@ -231,6 +249,29 @@ def test_model_takes_a_config_or_any_create_model_name(tmp_path):
     for name in ("local-dir:runs/42/model", "limoe_tiny_patch8_e4.digits", "hf-hub:org/repo"):
         cfg = compose_eval(tmp_path, [f"model={name}", "eval_task=retrieval"])
         assert cfg.model == {"_target_": "mome.create_model", "model_name": name}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["quantize=int3"], "quantize=int3: unknown mode; give one of int8, int4"),
+        (["quantize_group_size=32"], "quantize_group_size=32 needs quantize=int4"),
+        (["quantize=int8", "quantize_group_size=32"], "quantize=int8: "),
+    ],
+)
+def test_a_bad_quantize_option_is_named(tmp_path, capsys, overrides, expected):
+    pytest.importorskip("torchao")
+    _fails_early(tmp_path, capsys, ["model=limoe_tiny_patch8_e4", *overrides], expected)
+
+
+def test_quantize_refuses_a_folder_that_is_already_quantized(tmp_path, capsys):
+    pytest.importorskip("torchao")
+    import mome
+
+    folder = tmp_path / "int8"
+    mome.save_pretrained(mome.quantize(mome.create_model("limoe_tiny_patch8_e4"), "int8"), folder)
+    line = _fails_early(tmp_path, capsys, [f"model=local-dir:{folder}", "quantize=int4"], "already quantized (int8)")
+    assert "drop quantize=" in line
 
 
 def test_unknown_model_name_one_line(tmp_path, capsys):

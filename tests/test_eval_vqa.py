@@ -150,6 +150,26 @@ def test_vqa_without_the_routing_report_generates_in_batches_with_the_same_answe
     assert not (out / "routing.json").exists()
 
 
+def test_vqa_on_an_int8_model_answers_with_quantized_experts(tmp_path, shapes):
+    """``quantize=int8`` on the generation path: every question is answered by the quantized model (its experts
+    quantized), the mode is in results.json, and the answers are those of a model quantized by hand."""
+    pytest.importorskip("torchao")
+    import mome
+    from mome.layers import Experts
+    from mome.layers.experts import is_quantized
+
+    common = ["max_samples=4", "eval_task.max_new_tokens=3", "routing_report=false", "seed=0"]
+    record, predictions, _ = _vqa(tmp_path / "int8", shapes, *common, "quantize=int8")
+    assert record["quantization"]["mode"] == "int8" and record["n_samples"] == len(predictions) == 4
+    folder = tmp_path / "by_hand"
+    torch.manual_seed(0)  # mome-eval's seed=0: the same random tiny model
+    mome.save_pretrained(mome.quantize(mome.create_model("moe_llava_tiny_e4"), "int8"), folder)
+    by_hand, expected, _ = _vqa(tmp_path / "folder", shapes, *common, f"model=local-dir:{folder}")
+    assert by_hand["quantization"]["mode"] == "int8" and predictions == expected
+    model = mome.create_model(f"local-dir:{folder}")
+    assert all(is_quantized(e.w_in) for e in model.modules() if isinstance(e, Experts))
+
+
 # --------------------------------------------------------------------------------------------- errors
 def test_vqa_needs_a_llava_model(tmp_path, capsys, shapes):
     line = _fails_early(tmp_path, capsys, ["model=vmoe_tiny_patch8_e4", "eval_task=vqa", *shapes], "eval_task=vqa")

@@ -37,7 +37,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from .._checkpoint import load_state_exactly
-from .._errors import CheckpointMismatchError
+from .._errors import CheckpointMismatchError, MomeError
+from .._quantize import MODES as QUANTIZATION_MODES
+from .._quantize import quantization_of, quantize
 from .._registry import split_model_name_tag
 from .._resources import conf_dir
 from ..lit import EvaluationTask
@@ -55,7 +57,7 @@ from ._common import (
 )
 from ._help import check_plugins
 
-__all__ = ["evaluate", "load_model", "main"]
+__all__ = ["evaluate", "load_model", "main", "quantize_for_eval"]
 
 
 def _one_line(err: Exception) -> str:
@@ -109,6 +111,30 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, str, str, str]:
     if spec.get("pretrained"):  # create_model loaded the card's weights (the tag's, else the default card's)
         return model, arch, tag or "default", f"pretrained {tag or 'default'}"
     return model, arch, "none", RANDOM_WEIGHTS  # a tag alone selects the card's architecture, not its weights
+
+
+def quantize_for_eval(cfg: DictConfig, model: nn.Module, model_name: str) -> dict[str, Any] | None:
+    """``quantize=int8|int4``: :func:`mome.quantize` the loaded model in place (its expert weights too) before the
+    evaluation; returns the quantization the evaluated model carries (None: full precision), for the results.
+
+    A model loaded from a quantized folder (``local-dir:``) keeps its own quantization; asking to quantize it again is
+    a :class:`ConfigError`, as are an unknown mode and a group size without int4."""
+    mode = cfg.get("quantize")
+    group_size = cfg.get("quantize_group_size")
+    if mode is None:
+        if group_size is not None:
+            raise ConfigError(f"quantize_group_size={group_size} needs quantize=int4")
+        return quantization_of(model)
+    if mode not in QUANTIZATION_MODES:
+        raise ConfigError(f"quantize={mode}: unknown mode; give one of {', '.join(QUANTIZATION_MODES)} (or null)")
+    loaded = quantization_of(model)
+    if loaded:
+        raise ConfigError(f"quantize={mode}: {model_name} is already quantized ({loaded['mode']}); drop quantize=")
+    try:
+        quantize(model, str(mode), group_size=group_size)
+    except MomeError as err:
+        raise ConfigError(f"quantize={mode}: {_one_line(err)}") from err
+    return quantization_of(model)
 
 
 def build_eval_task(cfg: DictConfig, model: nn.Module, model_name: str) -> EvaluationTask:
@@ -170,6 +196,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         seed_everything(cfg)
         check_trainer(cfg)
         model, model_name, pretrained, weights = load_model(cfg)
+        quantization = quantize_for_eval(cfg, model, model_name)
         task = build_eval_task(cfg, model, model_name)
         data_class = _data_class(cfg)
         if data_class is not None:
@@ -198,6 +225,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "pretrained": pretrained,
         "weights": weights,
         "split": split,
+        "quantization": quantization,
         "config_hash": hashlib.sha256(resolved.encode()).hexdigest()[:12],
     }
     task.measure_cost = bool(cfg.get("cost", True))  # in the test processes: a spawned one gets a model not yet run
