@@ -293,6 +293,37 @@ def test_compress_study_rejects_sizes_outside_the_experts():
         study.main(["--experts", "4", "--sizes", "6"])
 
 
+@pytest.mark.slow
+def test_bench_quantize_measures_a_saved_llava_s_vqa_exact_match_in_each_mode(tmp_path, capsys):
+    """``--llava-model``: the saved model's VQA exact match by mome-eval in fp32, int8 and int4; the fp32 figure is
+    the one ``mome-eval eval_task=vqa`` gives alone."""
+    pytest.importorskip("torchao")
+    from test_eval_cli import compose_eval
+
+    import mome
+    from mome.cli.eval import evaluate
+
+    tool = load("bench_quantize")
+    folder = tmp_path / "llava"
+    mome.save_pretrained(mome.create_model("moe_llava_tiny_e4"), folder)
+    data = [f"data.root={tmp_path / 'shapes'}", "data.train_size=4", "data.val_size=4", "data.test_size=6"]
+    overrides = [*data, "eval_task.max_new_tokens=3"]
+    out = tmp_path / "quantization.md"
+    argv = ["--families", "--limoe-steps", "0", "--llava-model", str(folder), "--llava-overrides", *overrides]
+    vqa = tool.main([*argv, "--out", str(out)])["vqa"]
+    assert all(vqa[mode]["n_samples"] == 6 and 0 <= vqa[mode]["metrics"]["exact_match"] <= 1 for mode in tool.MODES)
+    alone, _ = evaluate(
+        compose_eval(tmp_path / "alone", [f"model=local-dir:{folder}", "eval_task=vqa", "data=shapes", *overrides])
+    )
+    assert vqa["fp32"]["metrics"] == alone["metrics"]
+    text = out.read_text()
+    assert "| family |" not in text and "VQA exact match on 6 shapes test questions" in text
+    assert [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| int")] == ["| int8", "| int4"]
+    with pytest.raises(SystemExit):
+        tool.main(["--families", "--limoe-steps", "0", "--llava-model", str(tmp_path)])  # no config.json there
+    assert "no saved model there" in capsys.readouterr().err
+
+
 def test_bench_quantize_reports_each_mode_and_the_zero_shot_accuracy(tmp_path, capsys):
     tool = load("bench_quantize")
     out, out_json = tmp_path / "quantization.md", tmp_path / "quantization.json"
