@@ -71,7 +71,9 @@ def example_input(model: nn.Module) -> Any:
     - a MoE-LLaVA (transformers contract): ``{"input_ids", "attention_mask", "images"}``, one image of
       ``pretrained_cfg["input_size"]`` and its ``num_image_tokens`` placeholders followed by
       :data:`LLAVA_EXAMPLE_TEXT_TOKENS` text tokens;
-    - an open_clip-contract model (LIMoE, VLMo): ``(image, text)``, a text of ``context_length`` non-padding tokens;
+    - an open_clip-contract model (LIMoE, VLMo): ``(image, text)``, a text of ``context_length`` non-padding tokens,
+      and a model with the audio modality (``audio_size``, LIMoE's ``audio=True``) ``(image, text, audio)``, zero
+      features ``[1, *audio_size]``;
     - a timm-contract classifier (V-MoE, Soft MoE): ``image [1, C, H, W]``.
     """
     device = next(model.parameters()).device
@@ -85,7 +87,11 @@ def example_input(model: nn.Module) -> Any:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "images": image}
     if hasattr(model, "encode_text"):
         length = int(cfg.get("context_length") or getattr(model, "context_length", 77))
-        return image, torch.ones(1, length, dtype=torch.long, device=device)
+        text = torch.ones(1, length, dtype=torch.long, device=device)
+        audio_size = getattr(model, "audio_size", None)
+        if audio_size is not None:
+            return image, text, torch.zeros(1, *audio_size, device=device)
+        return image, text
     return image
 
 

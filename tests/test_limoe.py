@@ -34,7 +34,12 @@ def moe_blocks(model):
 
 
 def test_variants_are_registered_without_weights():
-    assert mome.list_models("limoe_*") == ["limoe_b16_e8", "limoe_l16_e32", "limoe_tiny_patch8_e4"]
+    assert mome.list_models("limoe_*") == [
+        "limoe_audio_tiny_patch8_e4",
+        "limoe_b16_e8",
+        "limoe_l16_e32",
+        "limoe_tiny_patch8_e4",
+    ]
     assert mome.list_pretrained("limoe_*") == []  # LIMoE checkpoints were never released
     with pytest.raises(ValueError, match="no pretrained weights"):
         mome.create_model(TINY, pretrained=True)

@@ -9,6 +9,13 @@ metrics named as CLIP_benchmark names them, as fractions in ``[0, 1]`` (:mod:`mo
   ``acc1``, ``acc5`` and ``mean_per_class_recall`` (torchmetrics; ``acc5`` only with more than 5 classes).
 - :class:`RetrievalTask` (``retrieval``): image->text and text->image recall@k counted as in the CLIP
   paper (a query scores 1 when *any* of its positives is among its top k; :func:`retrieval_recall_at_k`).
+
+A model with an audio modality (``encode_audio`` and ``"audio"`` in its ``modality_names``: LIMoE with
+``audio=True``) evaluated on batches with ``"audio"`` (``data.task=image_text_audio``) is scored from its audio
+too: zero-shot classification from the audio embeddings against the same text classifier (``audio_acc1``,
+``audio_acc5``, ``audio_mean_per_class_recall``) and retrieval between every ordered pair of image, text and audio
+(``audio_to_text_recall@k``, ``text_to_audio_recall@k``, ``audio_to_image_recall@k``, ``image_to_audio_recall@k``,
+beside the image-text names above).
 - :class:`LinearProbeTask` (``linear_probe``): L2-regularised logistic regression (scikit-learn L-BFGS, as
   CLIP's linear-probe protocol, sec. 3.2) fitted on frozen features of the train split, scored on the
   evaluation split: ``acc1``, ``acc5``, ``mean_per_class_recall``.
@@ -61,6 +68,7 @@ __all__ = [
     "LinearProbeTask",
     "RetrievalTask",
     "ZeroShotClassificationTask",
+    "has_audio",
     "patch_grid",
     "split_loader",
 ]
@@ -130,6 +138,39 @@ def _templates(datamodule: MomeDataModule, templates: Sequence[str] | None, task
     if any("{}" not in t for t in found):
         raise DataConfigError(f"eval_task.templates must contain '{{}}' or '{{c}}' for the class name, got {found}")
     return found
+
+
+def has_audio(model: nn.Module) -> bool:
+    """Whether ``model`` has the audio modality (``encode_audio`` and ``"audio"`` in its ``modality_names``)."""
+    return hasattr(model, "encode_audio") and "audio" in (getattr(model, "modality_names", None) or ())
+
+
+def _input_modalities(
+    model: nn.Module, datamodule: MomeDataModule, asked: Sequence[str] | None, known: Sequence[str], task: str
+) -> list[str]:
+    """The modalities ``eval_task=<task>`` scores: ``asked`` (each one of ``known``), else every one of ``known``
+    that the model has and the data module's samples carry (image always; audio with a model that has it and a
+    data module whose ``modalities`` include it).
+
+    Raises:
+        TaskConfigError: an unknown modality, or audio asked of a model without it.
+        DataConfigError: audio asked of a data module whose samples carry none.
+    """
+    carried = tuple(getattr(datamodule, "modalities", None) or ("image", "text"))
+    if asked is None:
+        return [m for m in known if m != "audio" or (has_audio(model) and "audio" in carried)]
+    chosen = [str(m) for m in asked]
+    if not chosen or any(m not in known for m in chosen) or len(set(chosen)) != len(chosen):
+        raise TaskConfigError(f"eval_task.modalities must be distinct names among {list(known)}, got {list(asked)}")
+    if "audio" in chosen and not has_audio(model):
+        names = ", ".join(getattr(model, "modality_names", None) or ("image", "text"))
+        raise TaskConfigError(f"eval_task={task} modalities=[..., audio]: the model's modalities are {names}")
+    if "audio" in chosen and "audio" not in carried:
+        raise DataConfigError(
+            f"eval_task={task} scores audio, but {type(datamodule).__name__} gives {', '.join(carried)}: "
+            "use data=digits data.task=image_text_audio"
+        )
+    return chosen
 
 
 def patch_grid(model: nn.Module, images: Tensor | None = None) -> tuple[int, int] | None:
@@ -252,6 +293,10 @@ class EvaluationTask(L.LightningModule, abc.ABC):
             if hasattr(self.model, "encode_image"):
                 return self.model.encode_image(image, normalize=True)
             return self.model.forward_head(self.model.forward_features(image), pre_logits=True)
+
+    def audio_features(self, audio: Tensor) -> Tensor:
+        """Unit-norm audio embeddings (a model with ``encode_audio``)."""
+        return self.model.encode_audio(audio, normalize=True)
 
     def _routing_labels(self, labels: Tensor | None) -> Any:
         return nullcontext() if self._recorder is None else self._recorder.labels(labels)
@@ -405,10 +450,15 @@ class ZeroShotClassificationTask(EvaluationTask):
         classnames: class names (default: the data module's ``classnames``).
         templates: prompt templates with ``{}`` or ``{c}`` (default: the data module's ``templates``).
         logit_scale: the logit multiplier (100, CLIP_benchmark's ``run_classification``).
+        modalities: the inputs classified against the one text classifier, among ``image`` and ``audio``; the
+            image metrics keep CLIP_benchmark's names (``acc1``, ...), the audio ones are prefixed (``audio_acc1``).
+            None: the image, and the audio when the model has it and the data carry it.
     """
 
     name = "zeroshot_classification"
     option = "zero_shot"
+    #: the inputs a zero-shot classifier can score
+    input_modalities: ClassVar[tuple[str, ...]] = ("image", "audio")
 
     def __init__(
         self,
@@ -416,6 +466,7 @@ class ZeroShotClassificationTask(EvaluationTask):
         classnames: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
         logit_scale: float = 100.0,
+        modalities: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -424,21 +475,25 @@ class ZeroShotClassificationTask(EvaluationTask):
         self.templates_override = templates
         self.templates: list[str] = []
         self.logit_scale = logit_scale
+        self.modalities_override = None if modalities is None else list(modalities)
+        self.modalities: list[str] = ["image"]
         self.classifier: Tensor | None = None
-        self.metrics = None
+        self.metrics: dict[str, Any] = {}
 
     def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
         self.classnames = _classes(datamodule, self.classnames_override, "zero_shot")
         self.templates = _templates(datamodule, self.templates_override, "zero_shot")
         if len(self.classnames) < 2:
             raise DataConfigError(f"eval_task=zero_shot needs at least 2 classes, got {self.classnames}")
+        known = self.input_modalities
+        self.modalities = _input_modalities(self.model, datamodule, self.modalities_override, known, "zero_shot")
         return super().dataloaders(datamodule, split, max_samples)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         from open_clip import build_zero_shot_classifier
 
-        self.metrics = classification_metrics(len(self.classnames), "").to(self.device)
+        self.metrics = {m: classification_metrics(len(self.classnames), "").to(self.device) for m in self.modalities}
         with self._routing_paused(self.global_rank != 0):  # the prompts' routing is counted once
             self.classifier = build_zero_shot_classifier(
                 self.model,
@@ -450,20 +505,37 @@ class ZeroShotClassificationTask(EvaluationTask):
             )  # [embed_dim, num_classes]
 
     def evaluate_batch(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
-        features = self.image_features(batch["image"], batch["label"])
-        self.metrics.update(self.logit_scale * features @ self.classifier, batch["label"])
+        for modality, metrics in self.metrics.items():
+            if modality == "image":
+                features = self.image_features(batch["image"], batch["label"])
+            else:
+                features = self.audio_features(batch["audio"])
+            metrics.update(self.logit_scale * features @ self.classifier, batch["label"])
 
     def compute(self) -> dict[str, float]:
-        return clip_benchmark_names(self.metrics.compute())
+        results: dict[str, float] = {}
+        for modality, metrics in self.metrics.items():
+            prefix = "" if modality == "image" else f"{modality}_"  # the image keeps CLIP_benchmark's names
+            results.update({prefix + k: v for k, v in clip_benchmark_names(metrics.compute()).items()})
+        return dict(sorted(results.items()))
 
     def protocol(self) -> dict[str, Any]:
-        return {"classnames": self.classnames, "templates": self.templates, "num_templates": len(self.templates)}
+        return {
+            "classnames": self.classnames,
+            "templates": self.templates,
+            "num_templates": len(self.templates),
+            "modalities": self.modalities,
+        }
 
 
 class RetrievalTask(EvaluationTask):
     """Image-text retrieval, recall@k in both directions (CLIP paper; CLIP_benchmark's names):
     ``text_retrieval_recall@k`` (image queries, text candidates) and ``image_retrieval_recall@k`` (text
-    queries, image candidates).
+    queries, image candidates). With audio (a model with ``encode_audio``, batches with ``"audio"``): every
+    ordered pair with audio too, ``<query>_to_<candidate>_recall@k`` (``audio_to_text``, ``text_to_audio``,
+    ``audio_to_image``, ``image_to_audio``). A sample's audio has the positives of its image among the texts; between
+    audio and images the positives are the same class with ``class_templates`` captions (the texts' protocol) and
+    the same sample with ``batch`` captions.
 
     Args:
         recall_k: the ``k`` of recall@k.
@@ -473,6 +545,8 @@ class RetrievalTask(EvaluationTask):
             that class (the labelled sets without captions, e.g. the embedded digits); ``"auto"``:
             ``class_templates`` when the data module has class names and templates, else ``batch``.
         templates: prompt templates for ``class_templates`` (default: the data module's).
+        modalities: the modalities retrieved between: ``[image, text]`` or ``[image, text, audio]``; None: audio
+            too when the model has it and the data carry it.
     """
 
     name = "zeroshot_retrieval"
@@ -484,6 +558,7 @@ class RetrievalTask(EvaluationTask):
         recall_k: Sequence[int] = (1, 5, 10),
         captions: str = "auto",
         templates: Sequence[str] | None = None,
+        modalities: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -492,11 +567,16 @@ class RetrievalTask(EvaluationTask):
             raise TaskConfigError(f"eval_task.captions must be auto, batch or class_templates, got {captions!r}")
         if not recall_k or any(int(k) < 1 for k in recall_k):
             raise TaskConfigError(f"eval_task.recall_k must be positive integers, got {list(recall_k)}")
+        if modalities is not None and not {"image", "text"} <= set(modalities):
+            raise TaskConfigError(f"eval_task.modalities must hold image and text (and audio), got {list(modalities)}")
         self.recall_k = [int(k) for k in recall_k]
         self.captions = captions
         self.templates_override = templates
         self.templates: list[str] = []
+        self.modalities_override = None if modalities is None else list(modalities)
+        self.modalities: list[str] = ["image", "text"]
         self._images: list[Tensor] = []
+        self._audios: list[Tensor] = []
         self._texts: list[Tensor] = []
         self._tokens: list[Tensor] = []
         self._labels: list[Tensor] = []
@@ -515,11 +595,13 @@ class RetrievalTask(EvaluationTask):
         if self.captions == "class_templates":
             self.classnames = _classes(datamodule, None, "retrieval")
             self.templates = _templates(datamodule, self.templates_override, "retrieval")
+        known = ("image", "text", "audio")
+        self.modalities = _input_modalities(self.model, datamodule, self.modalities_override, known, "retrieval")
         return super().dataloaders(datamodule, split, max_samples)
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
-        self._images, self._texts, self._tokens, self._labels = [], [], [], []
+        self._images, self._audios, self._texts, self._tokens, self._labels = [], [], [], [], []
         if self.captions == "class_templates":
             texts = [t.format(c) for c in self.classnames for t in self.templates]  # class-major
             tokens = self.tokenizer(texts).to(self.device)
@@ -527,6 +609,8 @@ class RetrievalTask(EvaluationTask):
                 self._class_texts = self.model.encode_text(tokens, normalize=True)  # [C * T, D]
 
     def evaluate_batch(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        if "audio" in self.modalities:
+            self._audios.append(self.audio_features(batch["audio"]))
         if self.captions == "class_templates":
             self._images.append(self.image_features(batch["image"], batch["label"]))
             self._labels.append(batch["label"])
@@ -540,14 +624,16 @@ class RetrievalTask(EvaluationTask):
         self._tokens.append(tokens)
 
     def compute(self) -> dict[str, float]:
+        audios = [torch.cat(self._audios)] if self._audios else []
         if self.captions == "class_templates":
-            images, labels = self.gather_samples(0, torch.cat(self._images), torch.cat(self._labels))
+            images, labels, *audios = self.gather_samples(0, torch.cat(self._images), torch.cat(self._labels), *audios)
             texts = self._class_texts.cpu()
             text_class = torch.arange(len(self.classnames)).repeat_interleave(len(self.templates))  # [C * T]
             positives = labels[:, None] == text_class[None, :]  # [N_img, N_txt]
+            same_sample = labels[:, None] == labels[None, :]  # audio <-> image: the same class  [N, N]
         else:
-            images, texts, tokens = self.gather_samples(
-                0, torch.cat(self._images), torch.cat(self._texts), torch.cat(self._tokens)
+            images, texts, tokens, *audios = self.gather_samples(
+                0, torch.cat(self._images), torch.cat(self._texts), torch.cat(self._tokens), *audios
             )
             num_images, per_image = tokens.shape[:2]
             unique, inverse = torch.unique(tokens.flatten(0, 1), dim=0, return_inverse=True)  # identical captions
@@ -556,17 +642,32 @@ class RetrievalTask(EvaluationTask):
             texts = texts.flatten(0, 1)[first]  # [U, D]
             positives = torch.zeros(num_images, unique.shape[0], dtype=torch.bool)
             positives[torch.arange(num_images).repeat_interleave(per_image), inverse] = True
+            same_sample = torch.eye(num_images, dtype=torch.bool)  # audio <-> image: the sample's own pair
         scores = images.float() @ texts.float().T  # [N_img, N_txt]
         to_text = retrieval_recall_at_k(scores, positives, self.recall_k)
         to_image = retrieval_recall_at_k(scores.T, positives.T, self.recall_k)
         self.num_texts = int(texts.shape[0])
         metrics = {f"image_retrieval_recall@{k}": v for k, v in to_image.items()}
         metrics.update({f"text_retrieval_recall@{k}": v for k, v in to_text.items()})
+        if audios:  # a sample's audio has its image's positives among the texts
+            audio = audios[0].float()
+            pairs = {
+                ("audio", "text"): (audio @ texts.float().T, positives),  # [N, N_txt]
+                ("audio", "image"): (audio @ images.float().T, same_sample),  # [N, N]
+            }
+            for (query, candidate), (pair_scores, pair_positives) in pairs.items():
+                forward = retrieval_recall_at_k(pair_scores, pair_positives, self.recall_k)
+                backward = retrieval_recall_at_k(pair_scores.T, pair_positives.T, self.recall_k)
+                metrics.update({f"{query}_to_{candidate}_recall@{k}": v for k, v in forward.items()})
+                metrics.update({f"{candidate}_to_{query}_recall@{k}": v for k, v in backward.items()})
         return metrics
 
     def protocol(self) -> dict[str, Any]:
         protocol: dict[str, Any] = {"recall_k": self.recall_k, "captions": self.captions, "ties": "pessimistic"}
         protocol["num_texts"] = getattr(self, "num_texts", None)
+        protocol["modalities"] = self.modalities
+        if "audio" in self.modalities:
+            protocol["audio_image_positives"] = "same class" if self.captions == "class_templates" else "same sample"
         if self.captions == "class_templates":
             protocol.update(classnames=self.classnames, templates=self.templates)
         return protocol

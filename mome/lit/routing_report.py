@@ -74,7 +74,7 @@ __all__ = [
     "write_routing_report",
 ]
 
-MODALITY_NAMES = ("image", "text")  # modality ids 0 and 1 of LIMoE and VLMo
+MODALITY_NAMES = ("image", "text")  # modality ids 0 and 1 of LIMoE and VLMo (a model's ``modality_names`` first)
 
 
 class _LayerCounts:
@@ -176,10 +176,13 @@ class RoutingRecorder:
         self._capture: _PatchCapture | None = None
         self.patch_maps: list[PatchMap] = []
         self.enabled = True
+        self.modality_names: tuple[str, ...] = MODALITY_NAMES
 
     def attach(self, model: nn.Module) -> RoutingRecorder:
-        """Hook every :class:`~mome.layers.MoE` and :class:`~mome.layers.SoftMoE` of ``model``."""
+        """Hook every :class:`~mome.layers.MoE` and :class:`~mome.layers.SoftMoE` of ``model``; the modalities are
+        named by the model's ``modality_names`` (LIMoE with audio: image, text, audio), else :data:`MODALITY_NAMES`."""
         self.detach()
+        self.modality_names = tuple(getattr(model, "modality_names", None) or MODALITY_NAMES)
         for name, module in model.named_modules():
             if isinstance(module, MoE):
                 counts = _LayerCounts("sparse", module.num_experts, module.num_modalities, self.num_classes)
@@ -335,7 +338,7 @@ class RoutingRecorder:
                 name: {
                     "dropped_fraction": _dropped(counts.kept.sum(), counts.requested.sum()),
                     "per_modality": {
-                        _modality_name(m): _dropped(counts.kept[m].sum(), counts.requested[m])
+                        _modality_name(m, self.modality_names): _dropped(counts.kept[m].sum(), counts.requested[m])
                         for m in range(counts.kept.shape[0])
                         if counts.tokens[m] > 0
                     },
@@ -358,7 +361,7 @@ class RoutingRecorder:
             if counts.kind == "sparse":
                 entry.update(_drop_and_entropy(kept.sum(0), counts.requested.sum(), tokens.sum(), counts))
                 entry["per_modality"] = {
-                    _modality_name(m): {
+                    _modality_name(m, self.modality_names): {
                         "tokens": int(tokens[m]),
                         "expert_load": _shares(kept[m]),
                         **_drop_and_entropy(kept[m], counts.requested[m], tokens[m], counts, m),
@@ -376,8 +379,8 @@ class RoutingRecorder:
         return {"layers": layers}
 
 
-def _modality_name(m: int) -> str:
-    return MODALITY_NAMES[m] if m < len(MODALITY_NAMES) else f"modality_{m}"
+def _modality_name(m: int, names: Sequence[str] = MODALITY_NAMES) -> str:
+    return names[m] if m < len(names) else f"modality_{m}"
 
 
 def _shares(counts: Tensor) -> list[float]:

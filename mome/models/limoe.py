@@ -42,6 +42,23 @@ open_clip's CLIP BPE (the paper used SentencePiece) with 16 tokens, MLPs use the
 ``nn.gelu``), and the entropy weights (0.01 each) and ``tau = log 2`` (:data:`LIMOE_MOE_DEFAULTS`).
 Headline numbers (arXiv v1 / NeurIPS camera-ready): LIMoE-L/16 78.6% / 77.9% and LIMoE-H/14
 84.1% / 83.8% zero-shot ImageNet.
+
+A third modality (``audio=True``, modality ``m = 2``; not in the LIMoE paper, which has images and text only):
+log-mel spectrograms ``[B, 80, 100]`` (Whisper's 80 mel bins x 100 frames of 10 ms,
+:class:`mome.data.AudioFeatures`) embedded as the Audio Spectrogram Transformer embeds them (Gong, Chung, Glass,
+"AST: Audio Spectrogram Transformer", Interspeech 2021, arXiv:2104.01778): the spectrogram is a one-channel
+image cut into patches by timm's ``PatchEmbed(in_chans=1)`` plus learned positions (AST's 16 x 16 patches
+overlap with stride 10; here the patches do not overlap, ``audio_patch_size`` divides ``audio_size``):
+
+    x_aud = PatchEmbed_1ch(audio[:, None]) + P_aud        [B, N_a, D]
+    z_aud = W_aud LN(mean_i x_aud[i])
+
+The audio tokens run through the same tower: attention over the audio stream alone, and the MoE layers see the
+image, text and audio tokens of a step in one call with modality ids 0 / 1 / 2, so capacity, BPR and the
+per-modality importance / load / entropy losses cover the three modalities (``num_modalities = 3``).
+``encode_audio`` is the audio stream alone; ``forward(image, text, audio)`` returns the three unit-norm
+embeddings and the one shared ``logit_scale`` (:class:`mome.lit.ContrastiveTask` sums the three pairs' InfoNCE).
+Without ``audio`` the model, its parameters and its outputs are the two-modality LIMoE's.
 """
 
 from __future__ import annotations
@@ -71,6 +88,7 @@ from ._moe_vit import (
     building,
     check_images,
     check_moe_options,
+    check_patch_grid,
     check_transformer,
     owner_name,
     parameter_names,
@@ -78,9 +96,11 @@ from ._moe_vit import (
     resolve_moe_layers,
 )
 
-__all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE", "limoe_state_dict_from_open_clip_text"]
+__all__ = ["LIMOE_MOE_DEFAULTS", "LIMoE", "MODALITY_NAMES", "limoe_state_dict_from_open_clip_text"]
 
-IMAGE, TEXT = 0, 1
+IMAGE, TEXT, AUDIO = 0, 1, 2
+#: The modality of each id: a two-modality LIMoE has the first two, ``audio=True`` all three.
+MODALITY_NAMES = ("image", "text", "audio")
 
 
 #: MoE options of LIMoE's sparse layers: the one source of these values. ``conf/moe/limoe.yaml`` restates them as
@@ -107,7 +127,9 @@ class LIMoE(nn.Module):
 
     ``encode_image(image, normalize=False) -> [B, embed_dim]``, ``encode_text(text, normalize=False)
     -> [B, embed_dim]``, ``forward(image, text) -> (image_features, text_features, logit_scale.exp())``
-    with unit-norm features (a dict with ``output_dict=True``), ``logit_scale``, ``pretrained_cfg``.
+    with unit-norm features (a dict with ``output_dict=True``), ``logit_scale``, ``pretrained_cfg``; with
+    ``audio=True`` also ``encode_audio(audio, normalize=False) -> [B, embed_dim]`` and ``forward(image, text, audio)
+    -> (image_features, text_features, audio_features, logit_scale.exp())``.
     Parameter names follow timm's ViT for the image embedding and the blocks (``patch_embed``,
     ``pos_embed``, ``blocks.i.{norm1,attn,norm2,mlp}``) and open_clip for the text embedding
     (``token_embedding``, ``positional_embedding``), so dense weights map onto it by name.
@@ -135,6 +157,10 @@ class LIMoE(nn.Module):
         init_logit_scale: initial ``logit_scale`` (``log(1 / 0.07)``, as CLIP).
         output_dict: ``forward`` returns a dict (open_clip's ``output_dict``).
         pad_id: text padding id.
+        audio: add the audio modality (modality id 2; see the module docstring): ``encode_audio``, ``audio=`` in
+            ``forward``, three modalities in the MoE statistics and losses.
+        audio_size: ``(mel bins, frames)`` of the audio features (Whisper's ``(80, 100)``: 1 s of 10 ms frames).
+        audio_patch_size: ``(mel bins, frames)`` of one audio patch; divides ``audio_size``.
     """
 
     def __init__(
@@ -164,6 +190,9 @@ class LIMoE(nn.Module):
         init_logit_scale: float = math.log(1 / 0.07),
         output_dict: bool = False,
         pad_id: int = 0,
+        audio: bool = False,
+        audio_size: tuple[int, int] = (80, 100),
+        audio_patch_size: int | tuple[int, int] = (16, 10),
     ) -> None:
         owner = owner_name(self)
         check_transformer(
@@ -185,7 +214,17 @@ class LIMoE(nn.Module):
         if pad_id >= vocab_size:
             raise InvalidArgumentError("pad_id", f"an id in [0, vocab_size={vocab_size})", pad_id, owner)
         check_finite("init_logit_scale", init_logit_scale, owner=owner)
+        if not isinstance(audio, bool):
+            raise InvalidArgumentError("audio", "true or false", audio, owner)
+        modality_names = MODALITY_NAMES if audio else MODALITY_NAMES[:2]
         options = dict(moe_kwargs or {})
+        if audio:
+            audio_size, audio_patch_size = (
+                tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v  # a YAML list, a ListConfig
+                for v in (audio_size, audio_patch_size)
+            )
+            check_patch_grid(audio_size, audio_patch_size, owner, names=("audio_size", "audio_patch_size"))
+            options = _three_modality_options(options, moe_type, num_experts, owner)
         check_moe_options(
             owner,
             moe_type=moe_type,
@@ -204,6 +243,8 @@ class LIMoE(nn.Module):
         self.pad_id = pad_id
         self.route_padding = route_padding
         self.output_dict = output_dict
+        self.modality_names = modality_names
+        self.audio_size = (int(audio_size[0]), int(audio_size[1])) if audio else None  # (mel bins, frames)
         self.grad_checkpointing = False
         act = get_act_layer(act_layer)
 
@@ -224,6 +265,15 @@ class LIMoE(nn.Module):
         self.image_proj = nn.Linear(width, embed_dim)
         self.text_norm = LayerNorm(width)
         self.text_proj = nn.Linear(width, embed_dim)
+        if audio:  # AST's input: the spectrogram as a one-channel image; mean-pooled like the image stream
+            self.audio_embed = PatchEmbed(
+                img_size=audio_size, patch_size=audio_patch_size, in_chans=1, embed_dim=width
+            )  # [B, 1, mel, frames] -> [B, N_a, D]
+            self.audio_pos_embed = nn.Parameter(torch.zeros(1, self.audio_embed.num_patches, width))
+            self.audio_norm = LayerNorm(width)
+            self.audio_proj = nn.Linear(width, embed_dim)
+        else:
+            self.audio_embed = self.audio_pos_embed = self.audio_norm = self.audio_proj = None
         self.logit_scale = nn.Parameter(torch.ones([]) * init_logit_scale)
         self.logit_bias = None  # open_clip's SigLIP slot; LIMoE trains with the softmax (CLIP) loss
         self._init_weights()
@@ -249,6 +299,8 @@ class LIMoE(nn.Module):
 
     def _init_weights(self) -> None:
         trunc_normal_(self.pos_embed, std=0.02)
+        if self.audio_pos_embed is not None:
+            trunc_normal_(self.audio_pos_embed, std=0.02)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         self.apply(_init_linear)
@@ -278,6 +330,28 @@ class LIMoE(nn.Module):
         keep = text != self.pad_id
         keep[:, 0] = True  # every sequence keeps a key to attend to
         return self.token_embedding(text) + self.positional_embedding[: text.shape[1]], keep
+
+    def _embed_audio(self, audio: Tensor) -> Tensor:
+        """``audio``: floating log-mel features ``[B, mel, frames]`` of the model's ``audio_size`` (``[B, 80, 100]``),
+        else :class:`~mome.InvalidInputError` (as any audio given to a model without the audio modality)."""
+        owner = owner_name(self)
+        if self.audio_embed is None:
+            expected = (
+                f"None: this LIMoE's modalities are {' and '.join(self.modality_names)} (build it with audio=True)"
+            )
+            got = f"shape {tuple(audio.shape)}" if isinstance(audio, Tensor) else type(audio).__name__
+            raise InvalidInputError("audio", expected, got, owner)
+        mel, frames = self.audio_embed.img_size
+        expected = f"log-mel features [B, {mel}, {frames}] (mel bins x frames, mome.data.AudioFeatures)"
+        if not isinstance(audio, Tensor):
+            raise InvalidInputError("audio", expected, type(audio).__name__, owner)
+        if audio.dim() != 3 or tuple(audio.shape[1:]) != (mel, frames):
+            raise InvalidInputError("audio", expected, f"shape {tuple(audio.shape)}", owner)
+        check_images("audio", audio[:, None], 1, (mel, frames), self.audio_embed, owner)  # floating, model's dtype
+        return self.audio_embed(audio[:, None]) + self.audio_pos_embed  # [B, 1, mel, frames] -> [B, N_a, D]
+
+    def _audio_head(self, x: Tensor) -> Tensor:
+        return self.audio_proj(self.audio_norm(x.mean(dim=1)))  # [B, N_a, D] -> [B, embed_dim]
 
     def _image_head(self, x: Tensor) -> Tensor:
         return self.image_proj(self.image_norm(x.mean(dim=1)))  # [B, N, D] -> [B, embed_dim]
@@ -326,8 +400,10 @@ class LIMoE(nn.Module):
         losses and statistics once, in the forward pass: :func:`mome.layers.moe.recomputing`)."""
         self.grad_checkpointing = enable
 
-    def _encode(self, image: Tensor | None, text: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """Unnormalised features of the given streams, run together through the tower."""
+    def _encode(
+        self, image: Tensor | None, text: Tensor | None, audio: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Unnormalised features of the given streams (image, text, audio), run together through the tower."""
         xs, masks, modalities, routed = [], [], [], []
         if image is not None:
             xs.append(self._embed_image(image))
@@ -340,8 +416,14 @@ class LIMoE(nn.Module):
             masks.append(keep[:, None, None, :])  # [B, 1, 1, L], True = attend (SDPA's boolean mask)
             modalities.append(TEXT)
             routed.append(None if self.route_padding else keep)
+        if audio is not None:
+            xs.append(self._embed_audio(audio))
+            masks.append(None)
+            modalities.append(AUDIO)
+            routed.append(None)
         if not xs:
-            raise InvalidInputError("image, text", "an image batch, a text batch, or both", "neither", owner_name(self))
+            given = "an image batch, a text batch" + (", an audio batch" if self.audio_embed is not None else "")
+            raise InvalidInputError(", ".join(self.modality_names), f"{given}, or several", "none", owner_name(self))
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 # timm's checkpoint, non-reentrant always: the aux losses the MoE records in the forward keep
@@ -349,9 +431,11 @@ class LIMoE(nn.Module):
                 xs = checkpoint(self._block, block, xs, masks, modalities, routed, use_reentrant=False)
             else:
                 xs = self._block(block, xs, masks, modalities, routed)
-        image_features = self._image_head(xs[0]) if image is not None else None
-        text_features = self._text_head(xs[-1], text) if text is not None else None
-        return image_features, text_features
+        streams = dict(zip(modalities, xs))
+        image_features = self._image_head(streams[IMAGE]) if image is not None else None
+        text_features = self._text_head(streams[TEXT], text) if text is not None else None
+        audio_features = self._audio_head(streams[AUDIO]) if audio is not None else None
+        return image_features, text_features, audio_features
 
     # -- open_clip interface -------------------------------------------------------------------------
 
@@ -365,20 +449,54 @@ class LIMoE(nn.Module):
         features = self._encode(None, text)[1]
         return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> Any:
-        """Both streams through one pass: unit-norm features and ``logit_scale.exp()`` (open_clip's CLIP)."""
-        image_features, text_features = self._encode(image, text)
-        if image_features is not None:
-            image_features = F.normalize(image_features, dim=-1)
-        if text_features is not None:
-            text_features = F.normalize(text_features, dim=-1)
+    def encode_audio(self, audio: Tensor, normalize: bool = False) -> Tensor:
+        """Log-mel features ``[B, 80, 100]`` (``audio_size``) ``-> [B, embed_dim]`` (the audio stream alone;
+        a model built with ``audio=True``)."""
+        features = self._encode(None, None, audio)[2]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None, audio: Tensor | None = None) -> Any:
+        """The given streams through one pass: unit-norm features and ``logit_scale.exp()`` (open_clip's CLIP).
+
+        Without ``audio``: ``(image_features, text_features, logit_scale)`` (open_clip's tuple); with ``audio``:
+        ``(image_features, text_features, audio_features, logit_scale)``. ``output_dict=True``: a dict, with
+        ``audio_features`` when audio was given."""
+        features = [None if f is None else F.normalize(f, dim=-1) for f in self._encode(image, text, audio)]
+        image_features, text_features, audio_features = features
         if self.output_dict:
-            return {
-                "image_features": image_features,
-                "text_features": text_features,
-                "logit_scale": self.logit_scale.exp(),
-            }
+            out = {"image_features": image_features, "text_features": text_features}
+            if audio is not None:
+                out["audio_features"] = audio_features
+            return {**out, "logit_scale": self.logit_scale.exp()}
+        if audio is not None:
+            return image_features, text_features, audio_features, self.logit_scale.exp()
         return image_features, text_features, self.logit_scale.exp()
+
+
+def _three_modality_options(options: Mapping[str, Any], moe_type: str, num_experts: int, owner: str) -> dict[str, Any]:
+    """The MoE options of a LIMoE with audio: three modality ids in the sparse layers' statistics and losses
+    (``num_modalities = 3``; another value given is an error), and for ``moe_type="modality_pools"`` three pools
+    (``experts_per_modality``: ``num_experts`` split as evenly as possible, the remainder to the first pools)."""
+    options = dict(options)
+    if moe_type in SOFT_MOE_TYPES:
+        return options  # run per modality: no modality ids
+    given = options.get("num_modalities", len(MODALITY_NAMES))
+    if given != len(MODALITY_NAMES):
+        expected = f"{len(MODALITY_NAMES)} (image, text, audio) for a LIMoE with audio=True"
+        raise InvalidArgumentError("moe_kwargs.num_modalities", expected, given, owner)
+    options["num_modalities"] = len(MODALITY_NAMES)
+    if moe_type == "modality_pools":
+        if "experts_per_modality" not in options:
+            if num_experts < len(MODALITY_NAMES):
+                expected = f"at least {len(MODALITY_NAMES)} experts: one pool per modality (image, text, audio)"
+                raise InvalidArgumentError("num_experts", expected, num_experts, owner)
+            base, extra = divmod(num_experts, len(MODALITY_NAMES))
+            options["experts_per_modality"] = {name: base + (m < extra) for m, name in enumerate(MODALITY_NAMES)}
+        pools = options["experts_per_modality"]
+        if len(pools) != len(MODALITY_NAMES):
+            expected = f"{len(MODALITY_NAMES)} pools (image, text, audio) for a LIMoE with audio=True"
+            raise InvalidArgumentError("moe_kwargs.experts_per_modality", expected, pools, owner)
+    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +594,8 @@ def _create_limoe(arch: str, /, **kwargs: Any) -> LIMoE:
     if options["router"] not in TOP_K_ROUTERS:  # BPR is a top-k router's option: not a default for the others
         defaults = {k: v for k, v in defaults.items() if k not in TOP_K_ROUTER_OPTIONS}
     moe_kwargs = user if moe_type in SOFT_MOE_TYPES else {**defaults, **user}
+    if options.get("audio") is True and moe_type not in SOFT_MOE_TYPES and "num_modalities" not in user:
+        moe_kwargs["num_modalities"] = len(MODALITY_NAMES)  # image, text, audio (LIMoE's default counts two)
     with building(arch):
         return LIMoE(moe_kwargs=moe_kwargs, **options)
 
@@ -502,3 +622,22 @@ def limoe_tiny_patch8_e4(pretrained: bool = False, **kwargs: Any) -> LIMoE:
     """A tiny LIMoE for tests and demos: 32px images, 4 layers of width 64, 4 experts in blocks 1 and 3."""
     args = dict(img_size=32, patch_size=8, width=64, depth=4, num_heads=4, embed_dim=64, num_experts=4)
     return _create_limoe("limoe_tiny_patch8_e4", **{**args, **kwargs})
+
+
+@register_model
+def limoe_audio_tiny_patch8_e4(pretrained: bool = False, **kwargs: Any) -> LIMoE:
+    """:func:`limoe_tiny_patch8_e4` with the audio modality (``audio=True``): 32px images, text and ``[80, 100]``
+    log-mel audio cut into 16 x 20 patches (25 tokens) through one 4-layer tower of width 64, 4 experts in blocks
+    1 and 3 with per-modality losses over the three modalities."""
+    args = dict(
+        img_size=32,
+        patch_size=8,
+        width=64,
+        depth=4,
+        num_heads=4,
+        embed_dim=64,
+        num_experts=4,
+        audio=True,
+        audio_patch_size=(16, 20),
+    )
+    return _create_limoe("limoe_audio_tiny_patch8_e4", **{**args, **kwargs})
