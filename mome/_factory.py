@@ -264,6 +264,27 @@ def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool
     return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
 
 
+def _is_transformers_vlm_folder(folder: Path) -> bool:
+    from .models.hf_moe_vlm import transformers_folder_family
+
+    return transformers_folder_family(folder) is not None
+
+
+def _transformers_vlm_folder(folder: Path, model_name: str, options: dict[str, Any]) -> nn.Module:
+    """A transformers ``save_pretrained`` folder of a MoE VLM family of :mod:`mome.models.hf_moe_vlm` (its
+    ``config.json`` names the family's ``model_type``): the family class's own ``from_pretrained``; mome's loading
+    options do not apply to it and are refused by name."""
+    given = sorted(key for key, value in options.items() if value not in (None, False))
+    if given:
+        why = f"{folder} is a transformers save_pretrained folder, loaded by its model class's from_pretrained"
+        raise UnsupportedOptionError("/".join(given), "create_model", why, {key: options[key] for key in given})
+    from .models.hf_moe_vlm import load_folder
+
+    model = load_folder(folder, model_name)
+    model.mome_model_name = model_name
+    return model
+
+
 def _build(
     arch: str, pretrained: bool, kwargs: dict[str, Any], cfg: PretrainedCfg, source: Any = None, empty: bool = False
 ) -> nn.Module:
@@ -303,7 +324,9 @@ def create_model(
     Args:
         model_name: ``arch``, ``arch.tag``, ``local-dir:/saved/folder`` or ``hf-hub:org/repo``; a saved
             folder is built from its ``config.json`` (``kwargs`` override its ``model_args``) and its
-            ``model.safetensors`` is always loaded (``pretrained`` is not needed).
+            ``model.safetensors`` is always loaded (``pretrained`` is not needed). A ``local-dir:`` folder that
+            transformers' ``save_pretrained`` wrote for one of transformers' MoE VLM families
+            (:mod:`mome.models.hf_moe_vlm`) is loaded by the family class's ``from_pretrained``.
         pretrained: load the card's weights (``file``, ``hf_hub_id`` via ``huggingface_hub``, or ``url``),
             sha256-checked before loading and converted first when the card's format is not mome's.
         pretrained_cfg_overlay: card fields to override, e.g. ``dict(file="w.safetensors")``.
@@ -369,6 +392,16 @@ def create_model(
             raise UnsupportedOptionError("allow_non_finite", "create_model", why, True)
     else:
         folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir, local_files_only)
+        if source == "local-dir" and _is_transformers_vlm_folder(folder):
+            options = dict(
+                pretrained_cfg_overlay=pretrained_cfg_overlay,
+                checkpoint_path=checkpoint_path,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                device_map=device_map,
+                allow_non_finite=allow_non_finite,
+                **kwargs,
+            )
+            return _transformers_vlm_folder(folder, model_name, options)
         config = read_saved_config(folder, model_name)
         arch = split_model_name_tag(config["architecture"])[0]
         if empty and "quantization" in config:

@@ -234,7 +234,11 @@ def build_datamodule(cfg: DictConfig, task: MomeTask) -> MomeDataModule:
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise (cause if isinstance(cause, USER_ERRORS) else ConfigError(f"data: {cause}")) from err
-    datamodule.bind(task.model, task.tokenizer)
+    bind_data = getattr(task, "bind_data", None)  # an evaluation task may bind its own way (raw VQA records)
+    if bind_data is not None:
+        bind_data(datamodule)
+    else:
+        datamodule.bind(task.model, task.tokenizer)
     datamodule.setup("fit")
     return datamodule
 

@@ -61,6 +61,7 @@ __all__ = [
     "collate_conversations",
     "encode_conversation",
     "encode_prompt",
+    "first_question_type",
 ]
 
 IGNORE_INDEX = -100
@@ -222,7 +223,10 @@ class ConversationDataset(Dataset):
 
     Args:
         records: a JSON file (a list of records) or the records themselves.
-        tokenizer: a transformers tokenizer (``bos_token_id``/``eos_token_id`` are used if set).
+        tokenizer: a transformers tokenizer (``bos_token_id``/``eos_token_id`` are used if set); None for a model
+            whose processor tokenises and transforms (transformers' VLMs): the samples are then
+            ``{"id", "images": list of PIL images}`` (``image_token_id``, ``num_image_tokens`` and ``transform``
+            unused).
         image_token_id: the model's placeholder id (``model.config.image_token_id``).
         num_image_tokens: placeholders per image (``model.num_image_tokens``).
         image_root: folder the image paths are relative to (default: the JSON file's folder).
@@ -241,8 +245,8 @@ class ConversationDataset(Dataset):
         records: str | Path | Sequence[Mapping[str, Any]],
         tokenizer: Any,
         *,
-        image_token_id: int,
-        num_image_tokens: int,
+        image_token_id: int | None,
+        num_image_tokens: int | None,
         image_root: str | Path | None = None,
         transform: Callable[[Image.Image], Tensor] | None = None,
         image_size: int = 336,
@@ -267,7 +271,7 @@ class ConversationDataset(Dataset):
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
-        self.transform = transform or _default_transform(image_size)
+        self.transform = transform or (_default_transform(image_size) if tokenizer is not None else _no_transform)
         self.max_length = max_length
         self.system = system
 
@@ -283,6 +287,8 @@ class ConversationDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         record_id = record.get("id", f"#{index}")
+        if self.tokenizer is None:  # raw: the model's processor tokenises and transforms
+            return {"id": record_id, "images": [self._load(image) for image in _image_entries(record)]}
         input_ids, labels, kept = encode_conversation(
             self.turns[index],
             self.tokenizer,
@@ -362,6 +368,7 @@ class ConversationDataModule(MomeDataModule):
         self.image_root, self.max_length, self.system = image_root, max_length, system
         self.image_token_id: int | None = None
         self.num_image_tokens: int | None = None
+        self.raw = False
 
     def bind(self, model: Any, tokenizer: Any = None) -> None:
         super().bind(model, tokenizer)
@@ -371,6 +378,15 @@ class ConversationDataModule(MomeDataModule):
         self.image_token_id = int(model.config.image_token_id)
         self.num_image_tokens = int(model.num_image_tokens)
         self.collate_fn = self._collate
+
+    def bind_raw(self) -> None:
+        """Bind for a model that brings its own processor (transformers' VLMs, :mod:`mome.models.hf_moe_vlm`): the
+        records are validated as usual, but not tokenised and their images not transformed; the datasets yield
+        raw samples (:class:`ConversationDataset` with ``tokenizer=None``) for the processor to encode."""
+        self.raw = True
+        self.hf_tokenizer = None
+        self.data_config = {}
+        self.eval_transform = self.train_transform = _no_transform
 
     def prepare_files(self) -> None:
         """Hook for subclasses that generate their files (:class:`ShapesDataModule`)."""
@@ -394,8 +410,8 @@ class ConversationDataModule(MomeDataModule):
                 image_token_id=self.image_token_id,
                 num_image_tokens=self.num_image_tokens,
                 image_root=self.image_root,
-                transform=transform,
-                image_size=int(self.data_config["input_size"][-1]),
+                transform=None if self.raw else transform,
+                image_size=int(self.data_config["input_size"][-1]) if not self.raw else 0,
                 max_length=self.max_length,
                 system=self.system,
             )
@@ -448,8 +464,18 @@ class PromptedConversations(Dataset):
         images_in_prompt = turns[0]["value"].count(IMAGE_PLACEHOLDER)
         sample["prompt_images"] = sample["images"][:images_in_prompt]
         sample["answers"] = turns[1]["value"]
-        sample["question_types"] = (record.get("meta") or {}).get("question_types", [None])[0]
+        sample["question_types"] = first_question_type(record)
         return sample
+
+
+def first_question_type(record: Mapping[str, Any]) -> str | None:
+    """The type of a record's first question (``meta.question_types[0]``), or None."""
+    return (record.get("meta") or {}).get("question_types", [None])[0]
+
+
+def _no_transform(image: Image.Image) -> Image.Image:
+    """The images of raw samples stay PIL images (the model's processor transforms them)."""
+    return image
 
 
 class ShapesDataModule(ConversationDataModule):

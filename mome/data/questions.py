@@ -4,6 +4,10 @@ Each LLaVA conversation record (:mod:`mome.data.conversation`) becomes one quest
 as a generation prompt (chat template, images expanded) with the images that turn shows, and the first
 answer as the reference, with the record's first question type (``meta.question_types``). Prompts differ
 in length and are generated one at a time, so :func:`collate_questions` keeps per-sample lists.
+
+:class:`ProcessorQuestions` gives the same questions to a model that brings its own processor (transformers'
+VLMs): the first human turn as chat content in transformers' format, with its PIL images, for the processor's
+chat template and image handling.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .base import DataConfigError
-from .conversation import IMAGE_PLACEHOLDER, ConversationDataset, PromptedConversations
+from .conversation import IMAGE_PLACEHOLDER, ConversationDataset, PromptedConversations, first_question_type
 
-__all__ = ["QuestionSamples", "collate_questions"]
+__all__ = ["ProcessorQuestions", "QuestionSamples", "collate_questions"]
 
 
 class QuestionSamples(Dataset):
@@ -44,6 +48,47 @@ class QuestionSamples(Dataset):
             "prompt_images": sample["prompt_images"],
             "answers": sample["answers"],
             "question_types": sample["question_types"],
+        }
+
+
+class ProcessorQuestions(Dataset):
+    """Each conversation record's first question for a model with its own processor: ``{"id", "question" (text
+    without image placeholders), "content" (the turn as transformers' chat content: ``{"type": "image"}`` where
+    each ``<image>`` stands and ``{"type": "text", "text": ...}`` for the text between), "images" (the turn's PIL
+    images, in order), "answers" (the reference), "question_types"}``.
+
+    Raises:
+        DataConfigError: ``dataset`` does not hold raw conversation records (bound with ``bind_raw``).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        if not isinstance(dataset, ConversationDataset) or dataset.tokenizer is not None:
+            raise DataConfigError(
+                f"a processor's questions need raw conversation records (ConversationDataModule.bind_raw), got "
+                f"{type(dataset).__name__}"
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.dataset[index]
+        turns = self.dataset.turns[index]
+        question = turns[0]["value"]
+        content: list[dict[str, str]] = []
+        for position, text in enumerate(question.split(IMAGE_PLACEHOLDER)):
+            if position:
+                content.append({"type": "image"})
+            if text.strip():
+                content.append({"type": "text", "text": text.strip()})
+        return {
+            "id": str(sample["id"]),
+            "question": question.replace(IMAGE_PLACEHOLDER, " ").strip(),
+            "content": content,
+            "images": sample["images"][: question.count(IMAGE_PLACEHOLDER)],
+            "answers": turns[1]["value"],
+            "question_types": first_question_type(self.dataset.records[index]),
         }
 
 

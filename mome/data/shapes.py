@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "SHAPES",
     "draw_shapes",
     "shapes_records",
+    "vocabulary",
     "write_shapes_dataset",
 ]
 
@@ -98,6 +100,15 @@ def _question(kind: str, shape: str, count: int, rng: random.Random) -> str:
     if kind == "colour":
         return templates[0 if count == 1 else 1]
     return rng.choice(templates).format(shape=shape)
+
+
+def vocabulary() -> list[str]:
+    """Every word and punctuation mark of the set's questions (each template with each shape) and answers, split
+    as a word-level tokenizer's whitespace-and-punctuation pre-tokenizer splits text (``\\w+|[^\\w\\s]+``), in
+    first-seen order: the vocabulary of a tiny model's tokenizer (``mome.models.hf_moe_vlm.tiny_processor``)."""
+    texts = [template.format(shape=shape) for kind in _TEMPLATES.values() for template in kind for shape in SHAPES]
+    texts += [answer for answers in ANSWERS.values() for answer in answers]
+    return list(dict.fromkeys(word for text in texts for word in re.findall(r"\w+|[^\w\s]+", text)))
 
 
 def shapes_records(

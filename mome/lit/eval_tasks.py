@@ -260,6 +260,11 @@ class EvaluationTask(L.LightningModule, abc.ABC):
                 "holds question-answer conversations: use eval_task=vqa with a MoE-LLaVA model"
             )
 
+    def bind_data(self, datamodule: MomeDataModule) -> None:
+        """Bind the data module to the model's preprocessing and tokenizer (``mome-eval`` calls this before
+        ``setup``)."""
+        datamodule.bind(self.model, self.tokenizer)
+
     def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
         """Check that the data fit the task and return the loaders of ``Trainer.test``."""
         self.check_data(type(datamodule))

@@ -1,8 +1,9 @@
-"""VQA evaluation of MoE-LLaVA models (``mome-eval eval_task=vqa``): :class:`VQAEvalTask`.
+"""VQA evaluation of MoE-LLaVA models and transformers' MoE VLMs (``mome-eval eval_task=vqa``): :class:`VQAEvalTask`.
 
 Its samples are :class:`mome.data.questions.QuestionSamples` (each conversation record's first question and
-reference answer); the DDP de-duplication, routing report and results record are those of the base class,
-:class:`mome.lit.eval_tasks.EvaluationTask`.
+reference answer), or for a transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`) that brings its own processor
+:class:`mome.data.questions.ProcessorQuestions`; the DDP de-duplication, routing report and results record are
+those of the base class, :class:`mome.lit.eval_tasks.EvaluationTask`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..data.base import DataConfigError, MomeDataModule
 from ..data.conversation import ConversationDataModule
-from ..data.questions import QuestionSamples, collate_questions
+from ..data.questions import ProcessorQuestions, QuestionSamples, collate_questions
 from . import llava
 from .base import TaskConfigError
 from .eval_tasks import EvaluationTask, split_loader
@@ -41,27 +42,65 @@ class VQAEvalTask(EvaluationTask):
     ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
     dataset order and without the samples Lightning's ``DistributedSampler`` repeats.
 
+    A transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`: Qwen3-VL-MoE, ERNIE-4.5-VL, GLM-4.5V, Llama 4, Aria,
+    Qwen3-Omni) answers through its family's processor, the one saved beside its weights
+    (:func:`~mome.models.hf_moe_vlm.folder_processor`: a Hub snapshot, a ``save_pretrained`` folder loaded with
+    ``model=local-dir:FOLDER``): the question as a user turn of its chat template with the generation prompt,
+    the images through its image processor, greedy transformers ``generate``
+    (:func:`~mome.models.hf_moe_vlm.generate_answer`), one question at a time; scored and written as above. The
+    routing report counts its routers (:class:`~mome.lit.routing_report.RoutingRecorder`) with their modality
+    (image, text, ...); it has no patch maps, and no ``cost`` is recorded (``mome._flops`` counts mome's MoE
+    layers, not these models' experts).
+
     Args:
         max_new_tokens: the longest answer generated, in tokens.
+        top_k: a transformers MoE VLM only: route every token to this many experts while evaluating
+            (:func:`~mome.models.hf_moe_vlm.set_top_k`); None: the model's own.
+        disabled_experts: a transformers MoE VLM only: expert indices no token is routed to in any router while
+            evaluating (:func:`~mome.models.hf_moe_vlm.disable_experts`); None: none.
     """
 
     name = "vqa"
     option = "vqa"
 
-    def __init__(self, *args: Any, max_new_tokens: int = 8, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        max_new_tokens: int = 8,
+        top_k: int | None = None,
+        disabled_experts: list[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        from ..models import hf_moe_vlm
         from ..models.moe_llava import MoELLaVA
 
-        if not isinstance(self.model, MoELLaVA):
+        self.processor: Any = None  # a transformers MoE VLM's own processor
+        if hf_moe_vlm.is_hf_moe_vlm(self.model):
+            self.processor = hf_moe_vlm.folder_processor(self.model, self.model_name)
+            if self.processor is None:
+                folder = getattr(self.model.config, "_name_or_path", "")
+                where = f"in {folder}" if folder else "beside its weights: it was built from a config"
+                raise TaskConfigError(
+                    f"eval_task=vqa: {self.model_name} has no processor (no {' or '.join(hf_moe_vlm.PROCESSOR_FILES)} "
+                    f"{where}): its family's processor (chat template, image handling) generates the answers; load "
+                    "a folder or Hub snapshot with its processor saved beside the weights (model=local-dir:FOLDER, "
+                    "hf_moe_vlm.save_tiny for the tiny models)"
+                )
+        elif not isinstance(self.model, MoELLaVA):
             raise TaskConfigError(
-                f"eval_task=vqa generates answers with a MoE-LLaVA model (moe_llava_*); {self.model_name} is a "
-                f"{type(self.model).__name__}: use eval_task=classification, zero_shot, retrieval or linear_probe"
+                f"eval_task=vqa generates answers with a MoE-LLaVA model (moe_llava_*) or a transformers MoE VLM "
+                f"with its processor; {self.model_name} is a {type(self.model).__name__}: use "
+                "eval_task=classification, zero_shot, retrieval or linear_probe"
             )
-        if self.tokenizer is None:
+        elif self.tokenizer is None:
             raise TaskConfigError(f"eval_task=vqa: {self.model_name} has no tokenizer in its pretrained cfg")
         if int(max_new_tokens) < 1:
             raise TaskConfigError(f"eval_task.max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
+        self.top_k, self.disabled_experts = top_k, None if disabled_experts is None else list(disabled_experts)
+        self._routing_controls: list[Any] = []
+        self._check_routing_controls()
         self.predictions: list[dict[str, Any]] = []
         self._answered: list[dict[str, Any]] = []
 
@@ -72,15 +111,87 @@ class VQAEvalTask(EvaluationTask):
                 "conversation data module (data=shapes, or data=conversation with LLaVA-JSON files)"
             )
 
+    def bind_data(self, datamodule: MomeDataModule) -> None:
+        """A model with its own processor gets raw records (``bind_raw``); a MoE-LLaVA the tokenised ones."""
+        if self.processor is not None and isinstance(datamodule, ConversationDataModule):
+            datamodule.bind_raw()
+        else:
+            super().bind_data(datamodule)
+
     def dataloaders(self, datamodule: MomeDataModule, split: str, max_samples: int | None = None) -> list[DataLoader]:
         self.check_data(type(datamodule))
-        return [split_loader(datamodule, split, max_samples, wrap=QuestionSamples, collate_fn=collate_questions)]
+        wrap = ProcessorQuestions if self.processor is not None else QuestionSamples
+        return [split_loader(datamodule, split, max_samples, wrap=wrap, collate_fn=collate_questions)]
+
+    def _check_routing_controls(self) -> None:
+        """``top_k`` and ``disabled_experts`` apply to a transformers MoE VLM; each is tried once here (then undone)
+        so that a bad value fails before the run, with the routers' own one-line error."""
+        given = [name for name in ("top_k", "disabled_experts") if getattr(self, name) is not None]
+        if not given:
+            return
+        if self.processor is None:
+            raise TaskConfigError(
+                f"eval_task.{given[0]} applies to transformers' MoE VLMs (mome.models.hf_moe_vlm); {self.model_name} "
+                f"is a {type(self.model).__name__}"
+            )
+        self._apply_routing_controls()
+        self._undo_routing_controls()
+
+    def _apply_routing_controls(self) -> None:
+        from ..models import hf_moe_vlm
+
+        if self.top_k is not None:
+            previous = hf_moe_vlm.set_top_k(self.model, self.top_k)
+            self._routing_controls.append(lambda: hf_moe_vlm.set_top_k(self.model, previous))
+        if self.disabled_experts is not None:
+            self._routing_controls.append(hf_moe_vlm.disable_experts(self.model, self.disabled_experts).remove)
+
+    def _undo_routing_controls(self) -> None:
+        while self._routing_controls:
+            self._routing_controls.pop()()
+
+    def on_test_start(self) -> None:
+        if self.processor is not None:
+            self.measure_cost = False  # mome._flops would count a transformers model's experts as dense weights
+        super().on_test_start()
+        self._apply_routing_controls()  # here, not in __init__: ddp_spawn cannot pickle the hooks
+
+    def on_test_end(self) -> None:
+        self._undo_routing_controls()
+        super().on_test_end()
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._answered = []
 
     def evaluate_batch(self, batch: dict[str, Any], dataloader_idx: int) -> None:
+        if self.processor is not None:
+            answered = self._answer_with_processor(batch)
+        else:
+            answered = self._answer_llava(batch)
+        for position, (prediction, hit) in enumerate(answered):
+            self._answered.append(
+                {
+                    "id": batch["id"][position],
+                    "question": batch["question"][position],
+                    "question_type": batch["question_types"][position],
+                    "answer": batch["answers"][position],
+                    "prediction": prediction,
+                    "hit": bool(hit),
+                }
+            )
+
+    def _answer_with_processor(self, batch: dict[str, Any]) -> list[tuple[str, bool]]:
+        """A transformers MoE VLM's answers, one question at a time through its processor."""
+        from ..models.hf_moe_vlm import generate_answer
+
+        answered = []
+        for content, images, reference in zip(batch["content"], batch["images"], batch["answers"], strict=True):
+            prediction = generate_answer(self.model, self.processor, content, images, self.max_new_tokens)
+            answered.append((prediction, llava.exact_match(prediction, reference)))
+        return answered
+
+    def _answer_llava(self, batch: dict[str, Any]) -> list[tuple[str, bool]]:
         prompts, images, answers = batch["prompt_ids"], batch["prompt_images"], batch["answers"]
         if not self.routing_report and self.eval_capacity.value == "dropless":
             # the whole batch in one left-padded generate call; dropless, the pad tokens routed with it change no
@@ -104,17 +215,7 @@ class VQAEvalTask(EvaluationTask):
                         self.max_new_tokens,
                     )
             self._batch_indices = indices
-        for position, (prediction, hit) in enumerate(answered):
-            self._answered.append(
-                {
-                    "id": batch["id"][position],
-                    "question": batch["question"][position],
-                    "question_type": batch["question_types"][position],
-                    "answer": batch["answers"][position],
-                    "prediction": prediction,
-                    "hit": bool(hit),
-                }
-            )
+        return answered
 
     def _llava_patch_capture(self, prompt: torch.Tensor, images: torch.Tensor) -> Any:
         """The patch maps of a prompt's images: image ``j``'s patches are the ``j``-th run of ``H_p W_p``
@@ -148,10 +249,14 @@ class VQAEvalTask(EvaluationTask):
         return metrics
 
     def protocol(self) -> dict[str, Any]:
+        prompt = "the family's processor: its chat template with the generation prompt, its image processing"
         return {
             "question": "the first question of each record",
+            "prompt": prompt if self.processor is not None else "MoE-LLaVA's chat template (USER: ... ASSISTANT:)",
             "decoding": "greedy",
             "max_new_tokens": self.max_new_tokens,
+            **({"top_k": self.top_k} if self.top_k is not None else {}),
+            **({"disabled_experts": self.disabled_experts} if self.disabled_experts is not None else {}),
             "normalization": "lower case, punctuation and articles removed, whitespace collapsed",
         }
 

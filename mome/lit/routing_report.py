@@ -19,6 +19,13 @@ The report then gives shares of the whole set, not of the last batch:
     router_entropy[l, m]  = sum_t H(p_t) / tokens[l, m]
     class_share[l, c, e]  = per_class[l, c, e] / sum_e' per_class[l, c, e']
 
+The routers of transformers' MoE VLMs (:mod:`mome.models.hf_moe_vlm`: Qwen3-VL-MoE, ERNIE-4.5-VL, GLM-4.5V,
+Llama 4, Aria, Qwen3-Omni) are counted the same way, one "layer" per router module (named by its module name):
+:meth:`RoutingRecorder.attach` turns on their routing capture (:mod:`mome.layers.hf_routing`, unless it is on
+already) and reads each router call's ``Routing`` record, whose modality ids (0 image, 1 text, 2 video,
+3 audio) come from the processor's token types or the placeholder ids. They drop nothing: ``kept`` equals
+``requested``.
+
 Soft MoE layers (Puigcerver et al. 2023) route no token to one expert: their ``expert_load`` is each
 expert's share of the token outputs (the combine weights summed over its slots, averaged over tokens),
 weighted by the tokens of each forward pass; they have no drop, entropy or per-class counts.
@@ -59,6 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..layers.hf_routing import CHILD_NAME, MODALITY_NAMES, CapturedRouting
 from ..layers.moe import MoE
 from ..layers.routers import Routing
 from ..layers.soft_moe import SoftMoE
@@ -73,8 +81,6 @@ __all__ = [
     "top_assignment",
     "write_routing_report",
 ]
-
-MODALITY_NAMES = ("image", "text")  # modality ids 0 and 1 of LIMoE and VLMo (a model's ``modality_names`` first)
 
 
 class _LayerCounts:
@@ -176,11 +182,15 @@ class RoutingRecorder:
         self._capture: _PatchCapture | None = None
         self.patch_maps: list[PatchMap] = []
         self.enabled = True
+        self._owned_capture: Any = None  # the routing capture attach() turned on (transformers' MoE VLMs)
         self.modality_names: tuple[str, ...] = MODALITY_NAMES
 
     def attach(self, model: nn.Module) -> RoutingRecorder:
-        """Hook every :class:`~mome.layers.MoE` and :class:`~mome.layers.SoftMoE` of ``model``; the modalities are
-        named by the model's ``modality_names`` (LIMoE with audio: image, text, audio), else :data:`MODALITY_NAMES`."""
+        """Hook every :class:`~mome.layers.MoE` and :class:`~mome.layers.SoftMoE` of ``model``, and the routers of a
+        transformers MoE VLM (their routing capture is turned on here unless it is on already, and off again by
+        :meth:`detach`). The modalities are named by the model's ``modality_names`` (LIMoE with audio: image,
+        text, audio), else by mome's ids (:data:`mome.layers.hf_routing.MODALITY_NAMES`: image, text, video,
+        audio)."""
         self.detach()
         self.modality_names = tuple(getattr(model, "modality_names", None) or MODALITY_NAMES)
         for name, module in model.named_modules():
@@ -194,12 +204,40 @@ class RoutingRecorder:
             else:
                 continue
             self.layers[name] = counts
+        self._attach_captured(model)
         return self
+
+    def _attach_captured(self, model: nn.Module) -> None:
+        """Count the routers a :mod:`mome.layers.hf_routing` capture records (a hook after the capture's own)."""
+        if not self._captured_routers(model):
+            from ..models import hf_moe_vlm
+
+            if not hf_moe_vlm.is_hf_moe_vlm(model):
+                return
+            self._owned_capture = hf_moe_vlm.enable_routing_capture(model)
+        for name, (router, record) in self._captured_routers(model).items():
+            num_experts = int(getattr(router, "num_experts", 0) or router.weight.shape[0])
+            counts = _LayerCounts("sparse", num_experts, record.num_modalities, self.num_classes)
+            self._handles.append(router.register_forward_hook(self._captured_hook(counts, name, record)))
+            self.layers[name] = counts
+
+    @staticmethod
+    def _captured_routers(model: nn.Module) -> dict[str, tuple[nn.Module, CapturedRouting]]:
+        """``{router name: (router module, its capture record)}`` of the routers under a routing capture."""
+        found = {}
+        for name, module in model.named_modules():
+            record = module._modules.get(CHILD_NAME)
+            if isinstance(record, CapturedRouting):
+                found[name] = (module, record)
+        return found
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        capture, self._owned_capture = getattr(self, "_owned_capture", None), None
+        if capture is not None:
+            capture.remove()
 
     @contextmanager
     def labels(self, labels: Tensor | None) -> Iterator[None]:
@@ -261,39 +299,61 @@ class RoutingRecorder:
     # -- hooks -------------------------------------------------------------------------------------
     def _router_hook(self, counts: _LayerCounts) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, routing: Routing) -> None:
-            if not self.enabled:
-                return
-            with torch.no_grad():
-                probs = routing.router_probs.float()  # [T, E]
-                modality = _modality_of(routing, probs.shape[0], probs.device).cpu()
-                entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).cpu().double()  # [T]
-                requested = (~routing.dropped).sum(-1).cpu().double()  # [T]
-                counts.tokens.index_add_(0, modality, torch.ones_like(entropy))
-                counts.entropy.index_add_(0, modality, entropy)
-                counts.requested.index_add_(0, modality, requested)
+            if self.enabled:
+                self._count_requested(counts, routing)
 
         return hook
 
     def _experts_hook(self, counts: _LayerCounts, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            routing: Routing = args[1]
-            if self._capture is not None:
-                with torch.no_grad():
-                    image = None if routing.modality_ids is None else routing.modality_ids == 0
-                    self._capture.take(name, top_assignment(routing), image)
-            if not self.enabled:
-                return
-            with torch.no_grad():
-                expert = routing.expert_index.cpu()  # [T, k]
-                kept = (~routing.dropped).cpu().double()  # [T, k]
-                num_tokens, top_k = expert.shape
-                modality = _modality_of(routing, num_tokens, expert.device).cpu()
-                counts.kept.index_put_((modality.repeat_interleave(top_k), expert.reshape(-1)), kept.reshape(-1), True)
-                counts.unrouted.index_add_(0, modality, 1.0 - kept.amax(-1))
-                if self._labels is not None:
-                    self._count_classes(counts, expert, kept, modality == 0)
+            self._count_kept(counts, name, args[1])
 
         return hook
+
+    def _captured_hook(self, counts: _LayerCounts, name: str, record: CapturedRouting) -> Callable[..., None]:
+        """After the capture's hook on the same router: its ``Routing`` of this call, counted once (the capture
+        skips the calls it does not record, e.g. activation recomputation, leaving the last record in place)."""
+        seen: list[Routing | None] = [None]
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            routing = record.last_routing
+            if routing is None or routing is seen[0]:
+                return
+            seen[0] = routing
+            if self.enabled:
+                self._count_requested(counts, routing)
+            self._count_kept(counts, name, routing)
+
+        return hook
+
+    def _count_requested(self, counts: _LayerCounts, routing: Routing) -> None:
+        """The router's side: tokens, requested assignments and router entropy, per modality."""
+        with torch.no_grad():
+            probs = routing.router_probs.float()  # [T, E]
+            modality = _modality_of(routing, probs.shape[0], probs.device).cpu()
+            entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).cpu().double()  # [T]
+            requested = (~routing.dropped).sum(-1).cpu().double()  # [T]
+            counts.tokens.index_add_(0, modality, torch.ones_like(entropy))
+            counts.entropy.index_add_(0, modality, entropy)
+            counts.requested.index_add_(0, modality, requested)
+
+    def _count_kept(self, counts: _LayerCounts, name: str, routing: Routing) -> None:
+        """The experts' side: computed assignments per modality and expert (and class), and the patch maps."""
+        if self._capture is not None:
+            with torch.no_grad():
+                image = None if routing.modality_ids is None else routing.modality_ids == 0
+                self._capture.take(name, top_assignment(routing), image)
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            expert = routing.expert_index.cpu()  # [T, k]
+            kept = (~routing.dropped).cpu().double()  # [T, k]
+            num_tokens, top_k = expert.shape
+            modality = _modality_of(routing, num_tokens, expert.device).cpu()
+            counts.kept.index_put_((modality.repeat_interleave(top_k), expert.reshape(-1)), kept.reshape(-1), True)
+            counts.unrouted.index_add_(0, modality, 1.0 - kept.amax(-1))
+            if self._labels is not None:
+                self._count_classes(counts, expert, kept, modality == 0)
 
     def _count_classes(self, counts: _LayerCounts, expert: Tensor, kept: Tensor, image: Tensor) -> None:
         labels = self._labels.cpu().long()

@@ -45,6 +45,7 @@ import importlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import torch
@@ -62,16 +63,26 @@ from ..layers.hf_routing import RouterTap, RoutingCapture
 
 __all__ = [
     "FAMILIES",
+    "DisabledExperts",
     "HFMoEFamily",
     "check_processor",
+    "disable_experts",
     "enable_routing_capture",
     "example_inputs",
+    "experts_disabled",
     "family_of",
+    "folder_processor",
+    "generate_answer",
+    "is_hf_moe_vlm",
+    "load_folder",
     "load_processor",
     "router_taps",
     "routing_capture",
+    "save_tiny",
     "set_top_k",
     "tiny_config",
+    "tiny_processor",
+    "transformers_folder_family",
 ]
 
 IMAGE, TEXT, VIDEO, AUDIO = range(4)
@@ -206,6 +217,12 @@ def _family(model_type: str, owner: str) -> HFMoEFamily:
             f" known: {sorted(FAMILIES)}"
         )
     return FAMILIES[model_type]
+
+
+def is_hf_moe_vlm(model: nn.Module) -> bool:
+    """Whether ``model`` is one of transformers' MoE VLMs of :data:`FAMILIES` (by its ``config.model_type``)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in FAMILIES or model_type == "qwen3_omni_moe_thinker"
 
 
 def family_of(model: nn.Module) -> HFMoEFamily:
@@ -585,6 +602,144 @@ def set_top_k(model: nn.Module, top_k: int) -> int:
     return previous
 
 
+# -- disabling experts -------------------------------------------------------------------------------------------
+
+
+class DisabledExperts:
+    """The handle :func:`disable_experts` returns: :meth:`remove` enables the experts again (and takes its hooks and
+    changed tensors back). ``experts``: ``{router name: the disabled expert indices}``."""
+
+    def __init__(self, experts: dict[str, list[int]]) -> None:
+        self.experts = experts
+        self._undo: list[Callable[[], None]] = []
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def _reselect_hook(disabled: Tensor) -> Callable[..., Any]:
+    """A forward hook replacing a softmax top-k router's choice (Qwen3-VL-MoE, Qwen3-Omni, Aria: ``p = softmax(z)``,
+    the ``k`` largest ``p_e``, weights ``p_e / sum_top-k p`` (Aria's softmax over the top-k logits is the same)) by
+    the same rule on the logits with the disabled experts at ``-inf``; the logits it returns are the router's own."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        logits, weights, _ = output[:3]
+        probs = logits.float().masked_fill(disabled.to(logits.device), float("-inf")).softmax(-1)  # [T, E]
+        top, index = probs.topk(module.top_k, dim=-1)  # [T, k]
+        if getattr(module, "norm_topk_prob", True):
+            top = top / top.sum(-1, keepdim=True)
+        return (logits, top.to(weights.dtype), index, *output[3:])
+
+    return hook
+
+
+def disable_experts(model: nn.Module, experts: Any) -> DisabledExperts:
+    """Route no token to the given experts at inference, without changing transformers' code: ``experts`` is a list
+    of expert indices (disabled in every router of the family's router class) or ``{router name: indices}``.
+    Returns a :class:`DisabledExperts` handle whose ``remove()`` enables them again; :func:`experts_disabled` is
+    the ``with`` form. Each family's own knob where it has one, else a forward hook on the router:
+
+    - GLM-4.5V: the router's ``e_score_correction_bias`` (it enters the choice only, not the weights) is ``-inf``
+      for the disabled experts while they are disabled;
+    - ERNIE-4.5-VL: a forward hook on the router's ``moe_statics`` (the bias-corrected scores the top-k reads)
+      puts ``-inf`` at the disabled experts;
+    - Llama 4: the router is an ``nn.Linear`` without bias; a bias (a buffer, not saved) of ``-inf`` at the
+      disabled experts and 0 elsewhere is given to it, so its own top-k and sigmoid never pick them;
+    - Qwen3-VL-MoE, Qwen3-Omni, Aria: their routers compute logits, softmax and top-k in one forward with no input
+      or parameter that could exclude an expert, so a forward hook (run before any other) replaces the router's
+      choice by the same rule on the masked logits (:func:`_reselect_hook`; with nothing disabled it gives the
+      router's own output, ``tests/test_hf_moe_vlm_eval.py``).
+
+    Raises:
+        InvalidArgumentError: an unknown router name, an index outside ``[0, E)``, or fewer than ``top_k`` experts
+            left to a router.
+    """
+    taps = router_taps(model)
+    if not taps:
+        raise UnsupportedModelError(f"{type(model).__name__}: no router module found")
+    chosen = dict(experts) if isinstance(experts, dict) else {name: experts for name in taps}
+    unknown = sorted(set(chosen) - set(taps))
+    if unknown:
+        raise InvalidArgumentError(
+            "experts", f"router names of the model ({sorted(taps)[:3]} ...)", unknown, "disable_experts"
+        )
+    family = family_of(model)
+    handle = DisabledExperts({})
+    for name, indices in chosen.items():
+        router = taps[name].module
+        num_experts, top_k = int(router.num_experts), int(router.top_k)
+        if isinstance(indices, (str, bytes)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices
+        ):
+            raise InvalidArgumentError("experts", f"a list of expert indices (ints) of router {name}", indices)
+        indices = sorted(set(indices))
+        if any(not 0 <= i < num_experts for i in indices) or num_experts - len(indices) < top_k:
+            raise InvalidArgumentError(
+                "experts",
+                f"indices in [0, {num_experts}) leaving at least top_k={top_k} experts to router {name}",
+                indices,
+                "disable_experts",
+            )
+        handle.experts[name] = indices
+    try:
+        for name, indices in handle.experts.items():
+            if indices:
+                _disable(family, taps[name].module, indices, handle)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _disable(family: HFMoEFamily, router: nn.Module, indices: list[int], handle: DisabledExperts) -> None:
+    mask = torch.zeros(int(router.num_experts), dtype=torch.bool)
+    mask[indices] = True
+    if family.model_type == "glm4v_moe":
+        bias = router.e_score_correction_bias
+        saved = bias.detach().clone()
+        with torch.no_grad():
+            bias.masked_fill_(mask.to(bias.device), float("-inf"))
+
+        def restore() -> None:
+            with torch.no_grad():
+                bias.copy_(saved)
+
+        handle._undo.append(restore)
+    elif family.model_type == "ernie4_5_vl_moe":
+
+        def statics_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            return output.masked_fill(mask.to(output.device), float("-inf"))  # [T, E]
+
+        handle._undo.append(router.moe_statics.register_forward_hook(statics_hook).remove)
+    elif family.model_type == "llama4":
+        weight = router.weight
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device).masked_fill(
+            mask.to(weight.device), float("-inf")
+        )
+        del router.bias  # nn.Linear(bias=False) holds bias=None as a parameter slot
+        router.register_buffer("bias", bias, persistent=False)
+
+        def restore() -> None:
+            del router.bias
+            router.register_parameter("bias", None)
+
+        handle._undo.append(restore)
+    else:
+        hook = router.register_forward_hook(_reselect_hook(mask), prepend=True)
+        handle._undo.append(hook.remove)
+
+
+@contextmanager
+def experts_disabled(model: nn.Module, experts: Any) -> Iterator[DisabledExperts]:
+    """:func:`disable_experts` for the ``with`` block."""
+    handle = disable_experts(model, experts)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
 # -- registry ----------------------------------------------------------------------------------------------------
 
 #: arch -> (model type, Hub repo of the released model)
@@ -619,7 +774,7 @@ def _build_released(arch: str, pretrained: bool, source: Callable[[bool], Any] |
     card = getattr(source, "card", arch)
     family = _family(model_type, card)
     model_class = _transformers_class(family, family.model_class, card)
-    whole_class = _transformers_class(family, _WHOLE_MODEL.get(model_type, family.model_class), card)
+    _transformers_class(family, _WHOLE_MODEL.get(model_type, family.model_class), card)
     if source is None:  # the entrypoint called directly, or a folder mome.save_pretrained would have refused
         raise InvalidArgumentError(
             "source",
@@ -638,17 +793,72 @@ def _build_released(arch: str, pretrained: bool, source: Callable[[bool], Any] |
         )
     if not pretrained:
         return model_class(getattr(config, "thinker_config", config)).eval()
-    if whole_class is model_class:
+    return _from_pretrained(family, folder, card, dtype)
+
+
+def _from_pretrained(
+    family: HFMoEFamily, folder: Any, owner: str, dtype: str | None = None, whole: bool = True
+) -> nn.Module:
+    """The family's model class's ``from_pretrained(folder)``, in eval mode (Qwen3-Omni: the whole model's
+    Thinker, unless ``whole`` is False: a folder of the Thinker alone)."""
+    model_class = _transformers_class(family, family.model_class, owner)
+    whole_class = _transformers_class(family, _WHOLE_MODEL.get(family.model_type, family.model_class), owner)
+    if whole_class is model_class or not whole:
         return model_class.from_pretrained(folder, dtype=dtype or "auto").eval()
     # Qwen3-Omni: the repo is the whole model (thinker.* + talker.* + code2wav.*); only the Thinker is built
-    whole = whole_class.from_pretrained(folder, dtype=dtype or "auto", enable_audio_output=False)
-    return whole.thinker.eval()
+    whole_model = whole_class.from_pretrained(folder, dtype=dtype or "auto", enable_audio_output=False)
+    return whole_model.thinker.eval()
+
+
+def _folder_model_type(folder: Any) -> str | None:
+    """The ``model_type`` of a transformers ``config.json`` in ``folder`` (None: none, or a mome saved folder's)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "architecture" in config:  # mome's own saved folders name an architecture
+        return None
+    model_type = config.get("model_type")
+    return model_type if isinstance(model_type, str) else None
+
+
+def transformers_folder_family(folder: Any) -> str | None:
+    """The family (``model_type``) of a transformers ``save_pretrained`` folder (or Hub snapshot) of one of
+    :data:`FAMILIES`, read from its ``config.json``; None for any other folder (e.g. a mome saved folder)."""
+    model_type = _folder_model_type(folder)
+    if model_type == "qwen3_omni_moe_thinker":  # a Qwen3-Omni Thinker saved alone
+        return "qwen3_omni_moe"
+    return model_type if model_type in FAMILIES else None
+
+
+def load_folder(folder: Any, name: str, dtype: str | None = None) -> nn.Module:
+    """The model of a transformers ``save_pretrained`` folder of one of :data:`FAMILIES` (the class's own
+    ``from_pretrained``; what ``create_model("local-dir:FOLDER")`` builds for such a folder). Its processor, when
+    saved beside it, is :func:`folder_processor`'s.
+
+    Raises:
+        UnsupportedModelError: the folder is not one of these families, or the installed transformers lacks it.
+    """
+    model_type = transformers_folder_family(folder)
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{name}: {folder} is not a transformers save_pretrained folder of a MoE VLM family of mome"
+            f" (config.json model_type one of {sorted(FAMILIES)})"
+        )
+    whole = _folder_model_type(folder) != "qwen3_omni_moe_thinker"  # the whole Qwen3-Omni, or its Thinker alone
+    return _from_pretrained(_family(model_type, name), folder, name, dtype, whole)
 
 
 #: families whose release is a larger model holding the registered one (Qwen3-Omni: the Thinker of the whole model)
 _WHOLE_MODEL = {"qwen3_omni_moe": "Qwen3OmniMoeForConditionalGeneration"}
 
 _MODALITY_WORDS = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+#: processors whose placeholder token (the one the config's id names) is not ``<modality>_token``: Llama 4's
+#: ``image_token`` (``<|image|>``) marks an image's global tile, its patches are ``img_patch_token`` (``<|patch|>``)
+_PLACEHOLDER_ATTRIBUTES = {("llama4", IMAGE): "img_patch_token"}
 
 
 def check_processor(processor: Any, config: Any, name: str) -> None:
@@ -665,7 +875,8 @@ def check_processor(processor: Any, config: Any, name: str) -> None:
     problems = []
     for modality, field in family.token_ids:
         expected = getattr(config, field, None)
-        token = getattr(processor, f"{_MODALITY_WORDS[modality]}_token", None)
+        attribute = _PLACEHOLDER_ATTRIBUTES.get((family.model_type, modality), f"{_MODALITY_WORDS[modality]}_token")
+        token = getattr(processor, attribute, None)
         if expected is None or token is None:
             continue
         found, word = tokenizer.convert_tokens_to_ids(token), _MODALITY_WORDS[modality]
@@ -710,6 +921,252 @@ def load_processor(
     processor = AutoProcessor.from_pretrained(folder)
     check_processor(processor, AutoConfig.from_pretrained(folder), source.card)
     return processor
+
+
+# -- processors and answers -----------------------------------------------------------------------------------
+
+#: files a processor's ``save_pretrained`` writes (beside the tokenizer's): their presence marks a processor
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def folder_processor(model: nn.Module, name: str) -> Any:
+    """The processor saved beside ``model``'s weights (the folder its ``from_pretrained`` read,
+    ``config._name_or_path``: a Hub snapshot, a ``save_pretrained`` folder), checked against the model's config
+    by :func:`check_processor`; None when that folder holds no processor (a tiny random model, a card built
+    from its ``config.json`` alone).
+
+    Raises:
+        ProcessorMismatchError: the saved processor does not fit the model.
+    """
+    from pathlib import Path
+
+    folder = str(getattr(model.config, "_name_or_path", "") or "")
+    if not folder or not any((Path(folder) / file).is_file() for file in PROCESSOR_FILES):
+        return None
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(folder)
+    check_processor(processor, model.config, name)
+    return processor
+
+
+def _chatml_template(image: str) -> str:
+    """A Jinja chat template in the ChatML turn format of the Qwen models (``<|im_start|>{role}\n...<|im_end|>``),
+    each image item of a turn written as ``image`` (the processor expands its placeholder per patch group)."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image + "{% elif item['type'] == "
+        "'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+@dataclass(frozen=True)
+class _TinyProcessor:
+    """How :func:`tiny_processor` builds a family's processor: transformers' processor, image and video processor
+    classes, the placeholder tokens at the tiny config's ids (:data:`_IDS`), how the chat template writes one image,
+    the frames of an image's temporal patch, and the tokenizer attributes naming the tokens (ERNIE's processor
+    reads them from the tokenizer)."""
+
+    processor: str
+    image_processor: str
+    video_processor: str | None
+    tokens: dict[str, int]
+    image_item: str
+    temporal_patch_size: int = 2
+    tokenizer_tokens: dict[str, str] = dataclass_field(default_factory=dict)
+    video_options: dict[str, Any] = dataclass_field(default_factory=dict)
+    feature_extractor: str | None = None  # the audio features' (Qwen3-Omni: Whisper's log-mel)
+    #: the image processor's options when they are not the patch / merge sizes (Llama 4: one 32 px tile)
+    image_options: dict[str, Any] | None = None
+    processor_options: dict[str, Any] = dataclass_field(default_factory=dict)
+
+
+_ERNIE_TOKENS = {
+    "image_token": "<|IMAGE_PLACEHOLDER|>",
+    "video_token": "<|VIDEO_PLACEHOLDER|>",
+    "image_start_token": "<|IMAGE_START|>",
+    "image_end_token": "<|IMAGE_END|>",
+    "video_start_token": "<|VIDEO_START|>",
+    "video_end_token": "<|VIDEO_END|>",
+}
+_OMNI_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+    "audio_token": "<|audio_pad|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
+_TINY_PROCESSORS: dict[str, _TinyProcessor] = {
+    "qwen3_vl_moe": _TinyProcessor(
+        "Qwen3VLProcessor",
+        "Qwen2VLImageProcessor",
+        "Qwen3VLVideoProcessor",
+        {"<|image_pad|>": 100, "<|video_pad|>": 101, "<|vision_start|>": 102, "<|vision_end|>": 103},
+        "<|vision_start|><|image_pad|><|vision_end|>",
+    ),
+    "glm4v_moe": _TinyProcessor(
+        "Glm4vProcessor",
+        "Glm4vImageProcessor",
+        "Glm4vVideoProcessor",
+        {
+            "<|image|>": 100,
+            "<|video|>": 101,
+            "<|begin_of_image|>": 102,
+            "<|end_of_image|>": 103,
+            "<|begin_of_video|>": 104,
+            "<|end_of_video|>": 105,
+        },
+        "<|begin_of_image|><|image|><|end_of_image|>",
+    ),
+    "ernie4_5_vl_moe": _TinyProcessor(
+        "Ernie4_5_VLMoeProcessor",
+        "Ernie4_5_VLMoeImageProcessor",
+        "Ernie4_5_VLMoeVideoProcessor",
+        {token: 100 + i for i, token in enumerate(_ERNIE_TOKENS.values())},  # the tiny config's 100 ... 105
+        "<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>",
+        temporal_patch_size=1,  # ERNIE's vision tower merges frames later; an image is one frame
+        tokenizer_tokens=_ERNIE_TOKENS,
+        video_options={"draw_on_frames": False},  # no timestamp font to ship
+    ),
+    "qwen3_omni_moe": _TinyProcessor(
+        "Qwen3OmniMoeProcessor",
+        "Qwen2VLImageProcessor",
+        "Qwen2VLVideoProcessor",
+        {token: 100 + i for i, token in enumerate(_OMNI_TOKENS.values())},  # the tiny config's 100 ... 106
+        "<|vision_bos|><|image_pad|><|vision_eos|>",
+        tokenizer_tokens=_OMNI_TOKENS,
+        feature_extractor="WhisperFeatureExtractor",
+    ),
+    "llama4": _TinyProcessor(
+        "Llama4Processor",
+        "Llama4ImageProcessor",
+        None,
+        {  # the config's image_token_index is the patch placeholder; <|image|> marks the image's global tile
+            "<|patch|>": 100,
+            "<|image|>": 101,
+            "<|image_start|>": 102,
+            "<|image_end|>": 103,
+            "<|tile_x_separator|>": 104,
+            "<|tile_y_separator|>": 105,
+        },
+        "<|image|>",  # the processor expands it into start, patches and end
+        image_options={"size": {"height": 32, "width": 32}, "max_patches": 1},
+        processor_options={"patch_size": 8, "pixel_shuffle_ratio": 0.5},
+    ),
+}
+_CHAT_TOKENS = {"<|im_start|>": 107, "<|im_end|>": 108, "<|endoftext|>": 109, "<unk>": 110}
+
+
+def tiny_processor(model_type: str, words: list[str]) -> Any:
+    """A processor for the tiny config of ``model_type`` (:func:`tiny_config`), built in code, no download: the
+    family's processor class over a word-level tokenizer (``tokenizers``' ``WordLevel`` on a whitespace and
+    punctuation split, in ``PreTrainedTokenizerFast``) whose vocabulary is ``words`` (e.g. the shapes VQA set's,
+    ``mome.data.shapes.vocabulary()``) plus the chat roles, the family's placeholder tokens at the tiny
+    config's ids and unused tokens up to the tiny vocabulary (128); a ChatML chat template; the image and video
+    processors sized for 32 px images (a 4 x 4 grid of 8 px patches, 4 placeholders after the 2 x 2 merge).
+    Families: ``qwen3_vl_moe``, ``glm4v_moe``, ``ernie4_5_vl_moe``, ``qwen3_omni_moe`` (with Whisper's audio
+    features at the tiny audio tower's mel bins), ``llama4`` (one 32 px tile: 16 patches, 4 placeholders after
+    the pixel shuffle).
+
+    Raises:
+        UnsupportedModelError: a family without a tiny processor.
+    """
+    if model_type not in _TINY_PROCESSORS:
+        raise UnsupportedModelError(
+            f"tiny_processor({model_type!r}): a tiny processor is built for {sorted(_TINY_PROCESSORS)} only"
+        )
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    spec = _TINY_PROCESSORS[model_type]
+    specials = {**spec.tokens, **_CHAT_TOKENS}
+    plain = list(dict.fromkeys(["system", "user", "assistant", *words]))
+    free = [i for i in range(_VOCAB) if i not in specials.values()]
+    if len(plain) > len(free):
+        raise InvalidArgumentError("words", f"at most {len(free)} distinct words", len(plain), "tiny_processor")
+    vocab = {word: free[i] for i, word in enumerate(plain)}
+    vocab |= {f"<unused{i}>": i for i in free[len(plain) :]} | specials  # every id of the embedding decodes
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(list(specials))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        **({"extra_special_tokens": spec.tokenizer_tokens} if spec.tokenizer_tokens else {}),
+    )
+    config = tiny_config(model_type)
+    parts: dict[str, Any] = {"tokenizer": tokenizer, **spec.processor_options}
+    if spec.image_options is not None:  # Llama 4: tiles of the tiny tower's image size
+        parts["image_processor"] = getattr(transformers, spec.image_processor)(**spec.image_options)
+    else:  # Qwen2-VL-style patches merged 2 x 2
+        vision = config.vision_config
+        sizes = dict(
+            patch_size=vision.patch_size,
+            temporal_patch_size=spec.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+            # the pixels of a 32 px image; GLM's budget counts the temporal patch's frames of a still image too
+            size={"shortest_edge": 32 * 32, "longest_edge": spec.temporal_patch_size * 32 * 32},
+        )
+        frames = getattr(vision, "temporal_patch_size", None) or vision.temporal_merge_size  # a video's patch
+        parts["image_processor"] = getattr(transformers, spec.image_processor)(**sizes)
+        video_class = getattr(transformers, spec.video_processor)
+        parts["video_processor"] = video_class(**sizes | {"temporal_patch_size": frames}, **spec.video_options)
+    if spec.feature_extractor is not None:
+        mel_bins = config.audio_config.num_mel_bins
+        parts["feature_extractor"] = getattr(transformers, spec.feature_extractor)(feature_size=mel_bins)
+    return getattr(transformers, spec.processor)(**parts, chat_template=_chatml_template(spec.image_item))
+
+
+def save_tiny(folder: Any, model_type: str, words: list[str], seed: int = 0) -> Any:
+    """Write the tiny random model of ``model_type`` (weights from ``seed``) and its :func:`tiny_processor` over
+    ``words`` into ``folder`` with transformers' ``save_pretrained``, laid out like a Hub snapshot:
+    ``create_model("local-dir:FOLDER")`` loads it and ``mome-eval model=local-dir:FOLDER eval_task=vqa`` runs it.
+    Returns the folder (a ``Path``)."""
+    from pathlib import Path
+
+    processor = tiny_processor(model_type, words)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _build_tiny(model_type, False, {})
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@torch.no_grad()
+def generate_answer(
+    model: nn.Module, processor: Any, content: list[dict[str, Any]], images: list[Any], max_new_tokens: int
+) -> str:
+    """The greedy answer of ``model`` to one user turn through its family's ``processor``: ``content`` is the turn
+    in transformers' chat format (``{"type": "image"}`` and ``{"type": "text", "text": ...}`` items, in order) and
+    ``images`` the PIL images of its image items, in order. The processor's chat template (with the generation
+    prompt) gives the text, its image handling the pixel values, placeholders and token types; transformers'
+    ``generate`` decodes greedily at most ``max_new_tokens`` tokens (stopping at the tokenizer's ``eos``), and
+    the new tokens are decoded without special tokens."""
+    messages = [{"role": "user", "content": content}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    weight = next(model.parameters())
+    inputs = {  # the pixel values (and audio features) in the model's dtype (Llama 4's processor gives bfloat16)
+        key: value.to(weight.device, weight.dtype if value.is_floating_point() else None)
+        if isinstance(value, Tensor)
+        else value
+        for key, value in inputs.items()
+    }
+    tokenizer = processor.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+    )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]  # [1, <= max_new_tokens]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
 
 def _register_tiny(model_type: str) -> None:
