@@ -27,6 +27,7 @@ TINY = {
     "vlmo": "vlmo_tiny_patch8_32",
     "vl_moe": "vl_moe_tiny_patch8_32",
     "moe_llava": "moe_llava_tiny_e4",
+    "uni_moe": "uni_moe_tiny_e4",
 }
 HF_TINY = sorted(mome.list_models("*_tiny"))  # transformers' MoE VLMs (aria_tiny, llama4_tiny, ...)
 
@@ -34,7 +35,7 @@ HF_TINY = sorted(mome.list_models("*_tiny"))  # transformers' MoE VLMs (aria_tin
 def family_forward(name):
     """The outputs of a model of ``name`` on fixed inputs."""
     torch.manual_seed(1)
-    if name.startswith("moe_llava") or name in HF_TINY:
+    if name.startswith(("moe_llava", "uni_moe")) or name in HF_TINY:
         ids = torch.randint(3, 90, (2, 10))
         return lambda m: m(input_ids=ids).logits
     images = torch.randn(2, 3, 32, 32)

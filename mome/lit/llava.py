@@ -151,8 +151,10 @@ class LLaVATask(MomeTask):
     ) -> None:
         super().__init__(*args, **kwargs)
         from ..models.moe_llava import MoELLaVA, configure_stage
+        from ..models.uni_moe import UniMoE
 
-        if not isinstance(self.model, MoELLaVA):
+        if not isinstance(self.model, MoELLaVA) or isinstance(self.model, UniMoE):
+            # Uni-MoE subclasses MoE-LLaVA, but its stages and its audio input are not this task's
             raise TaskConfigError(f"LLaVATask needs a MoE-LLaVA model, got {type(self.model).__name__}")
         self.stage, self.init_from = stage, init_from
         self.train_dense_ffn, self.max_new_tokens = train_dense_ffn, max_new_tokens

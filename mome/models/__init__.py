@@ -1,8 +1,8 @@
 """mome's model families, one per file.
 
 Importing this package registers the families that need only torch and timm (V-MoE, Soft-MoE ViT,
-LIMoE, VLMo, VL-MoE) and declares MoE-LLaVA, which needs transformers, as a lazy family: its module is imported
-the first time a ``moe_llava_*`` name is looked up or the models are listed
+LIMoE, VLMo, VL-MoE) and declares MoE-LLaVA and Uni-MoE, which need transformers, as lazy families: a module is
+imported the first time one of its names (``moe_llava_*``, ``uni_moe_*``) is looked up or the models are listed
 (:func:`mome.register_lazy_family`), so ``import mome`` does not import transformers.
 """
 
@@ -16,6 +16,7 @@ from ._moe_vit import MoEVisionTransformer as MoEVisionTransformer
 from ._moe_vit import resolve_moe_layers as resolve_moe_layers
 
 _registry.register_lazy_family(f"{__name__}.moe_llava", "moe_llava_*")
+_registry.register_lazy_family(f"{__name__}.uni_moe", "uni_moe_*")  # built on MoE-LLaVA: transformers too
 #: transformers' multimodal MoE models (:mod:`mome.models.hf_moe_vlm`), lazy for the same reason
 HF_MOE_VLM_ARCHS = (
     "qwen3_vl_moe_*",
@@ -31,7 +32,7 @@ _registry.register_lazy_family(f"{__name__}.hf_moe_vlm", HF_MOE_VLM_ARCHS)
 
 def __getattr__(name: str):
     """``mome.models.moe_llava`` on attribute access imports the lazy family (as ``import`` would)."""
-    if name in ("moe_llava", "hf_moe_vlm"):
+    if name in ("moe_llava", "uni_moe", "hf_moe_vlm"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

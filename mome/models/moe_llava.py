@@ -67,6 +67,7 @@ from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's norm
 from torch import Tensor, nn
 from transformers import (
     CLIPVisionConfig,
+    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PhiConfig,
@@ -287,7 +288,7 @@ class MoELLaVA(LlavaForConditionalGeneration):
         self.loss_type = "ForCausalLM"
         for index in config.moe_layers or []:
             layer = self.model.language_model.layers[index]
-            layer.mlp = _moe_from_dense(layer.mlp, config)
+            layer.mlp = self._sparse_ffn(layer.mlp)
         vision = config.vision_config
         self.pretrained_cfg = PretrainedCfg(
             input_size=(vision.num_channels, vision.image_size, vision.image_size),
@@ -298,6 +299,11 @@ class MoELLaVA(LlavaForConditionalGeneration):
             context_length=config.text_config.max_position_embeddings,
             **PAPER,
         )
+
+    def _sparse_ffn(self, mlp: nn.Module) -> MoE:
+        """The MoE FFN replacing the dense ``mlp`` of an LLM layer (at build and in :meth:`upcycle`): MoE-LLaVA's
+        upcycled layer (:func:`_moe_from_dense`); a family built on this class (Uni-MoE) overrides it."""
+        return _moe_from_dense(mlp, self.config)
 
     # -- parts ---------------------------------------------------------------------------------------
     @property
@@ -378,7 +384,7 @@ class MoELLaVA(LlavaForConditionalGeneration):
         for name, value in moe_options.items():
             setattr(config, name, value)
         for index in indices:
-            layers[index].mlp = _moe_from_dense(layers[index].mlp, config)
+            layers[index].mlp = self._sparse_ffn(layers[index].mlp)
         config.moe_layers = self.moe_layers
         if isinstance(getattr(self, "mome_model_args", None), dict):  # so mome.save_pretrained rebuilds the MoE
             args = dict(moe_layers=list(config.moe_layers), num_experts=config.num_experts)
@@ -387,25 +393,17 @@ class MoELLaVA(LlavaForConditionalGeneration):
         return self
 
     # -- transformers interface ----------------------------------------------------------------------
-    def forward(
+    def _check_inputs(
         self,
-        input_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        past_key_values: Any = None,
-        inputs_embeds: Tensor | None = None,
-        labels: Tensor | None = None,
-        images: Tensor | None = None,
-        **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Causal LM pass over text with images spliced in at the placeholder ids (see the class doc).
-
-        Checked first (:class:`~mome.InvalidInputError` naming the input): ``input_ids`` integer ``[B, L]`` ids
-        within the LLM's vocabulary; ``attention_mask`` ``[B, >= L]`` (the cache's past positions and these);
-        ``labels`` ``[B, L]``; ``pixel_values`` (or ``images``) a floating ``[N_img, C, H, W]`` batch of the vision
-        tower's channels and size (an empty tensor means no image), one image per ``image_seq_length`` placeholder
-        ids in ``input_ids`` (counted outside ``torch.compile``)."""
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        labels: Tensor | None,
+        pixel_values: Tensor | None,
+        images: Tensor | None,
+    ) -> Tensor | None:
+        """The checks of :meth:`forward` (see its doc), each an :class:`~mome.InvalidInputError` naming the input;
+        returns the images to encode (``pixel_values``, else ``images``) in the vision tower's dtype, or None for
+        no images (None or an empty tensor)."""
         owner = owner_name(self)
         if input_ids is not None:
             check_ids_in_range(
@@ -445,6 +443,28 @@ class MoELLaVA(LlavaForConditionalGeneration):
                         got = f"{pixel_values.shape[0]} images"
                         raise InvalidInputError(name, expected, got, owner)
             pixel_values = pixel_values.to(self.vision_tower.dtype) if pixel_values.numel() else None
+        return pixel_values
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        images: Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Causal LM pass over text with images spliced in at the placeholder ids (see the class doc).
+
+        Checked first (:class:`~mome.InvalidInputError` naming the input): ``input_ids`` integer ``[B, L]`` ids
+        within the LLM's vocabulary; ``attention_mask`` ``[B, >= L]`` (the cache's past positions and these);
+        ``labels`` ``[B, L]``; ``pixel_values`` (or ``images``) a floating ``[N_img, C, H, W]`` batch of the vision
+        tower's channels and size (an empty tensor means no image), one image per ``image_seq_length`` placeholder
+        ids in ``input_ids`` (counted outside ``torch.compile``)."""
+        pixel_values = self._check_inputs(input_ids, attention_mask, labels, pixel_values, images)
         out = super().forward(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -776,7 +796,7 @@ TINY_IMAGE_TOKEN_ID = TINY_SPECIAL_TOKENS.index("<image>")
 # ---------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------
-def _clip_vit_l14_336() -> dict[str, Any]:
+def clip_vit_l14_336() -> dict[str, Any]:
     """openai/clip-vit-large-patch14-336's vision tower (24 layers, width 1024, 576 patches)."""
     return dict(
         hidden_size=1024,
@@ -791,7 +811,7 @@ def _clip_vit_l14_336() -> dict[str, Any]:
     )
 
 
-def _create_moe_llava(
+def create_moe_llava(
     text_config: PhiConfig | StableLmConfig | Qwen2Config,
     vision_config: Mapping[str, Any],
     *,
@@ -808,11 +828,14 @@ def _create_moe_llava(
     vision_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
     owner: str = "MoELLaVA",
+    model_class: type[MoELLaVA] | None = None,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> MoELLaVA:
-    """Build a variant. ``capacity_factor="dropless"`` (or None) is dropless: ``mome.create_model`` drops
-    None-valued kwargs, so configs and the command line say ``dropless``. Every option is checked before anything
-    is built (:func:`_check_moe_options`, ``moe_layers``, the overrides: keys the configs have, an image size that
-    is a multiple of the patch size), each error naming ``owner``."""
+    """Build a variant of ``model_class`` (default :class:`MoELLaVA`; a subclass such as Uni-MoE's passes its
+    config's own fields in ``extra_config``). ``capacity_factor="dropless"`` (or None) is dropless:
+    ``mome.create_model`` drops None-valued kwargs, so configs and the command line say ``dropless``. Every option
+    is checked before anything is built (:func:`_check_moe_options`, ``moe_layers``, the overrides: keys the configs
+    have, an image size that is a multiple of the patch size), each error naming ``owner``."""
     capacity_factor = None if capacity_factor == "dropless" else capacity_factor
     eval_capacity_factor = None if eval_capacity_factor == "dropless" else eval_capacity_factor
     _check_moe_options(
@@ -838,7 +861,8 @@ def _create_moe_llava(
     layer_indices = _moe_layer_indices(moe_layers, text_config.num_hidden_layers, owner)
     vision = CLIPVisionConfig(**vision)
     num_patches = (vision.image_size // vision.patch_size) ** 2
-    config = MoELLaVAConfig(
+    model_class = model_class or MoELLaVA
+    config = model_class.config_class(
         vision_config=vision,
         text_config=text_config,
         image_token_index=image_token_index,
@@ -855,23 +879,28 @@ def _create_moe_llava(
         min_capacity=min_capacity,
         router_aux_loss_coef=router_aux_loss_coef,
         top2_2nd_expert_sampling=top2_2nd_expert_sampling,
+        **dict(extra_config or {}),
     )
     with building(owner):
-        model = MoELLaVA(config)
+        model = model_class(config)
     model.pretrained_cfg = model.pretrained_cfg.replace(tokenizer=tokenizer)
     return model
 
 
 _CLIP_VISION_FIELDS = tuple(CLIPVisionConfig().to_dict())
 #: What an entrypoint's ``**kwargs`` may hold (the variant's text and vision configs are its own).
-_VARIANT_ARGS = [name for name in parameter_names(_create_moe_llava) if name not in ("text_config", "vision_config")]
+VARIANT_ARGS = [
+    name
+    for name in parameter_names(create_moe_llava)
+    if name not in ("text_config", "vision_config", "model_class", "extra_config")
+]
 
 
 def _create_variant(arch: str, /, text_config: Any, vision_config: Mapping[str, Any], **kwargs: Any) -> MoELLaVA:
-    """:func:`_create_moe_llava` for the registered ``arch``; a keyword it does not take is an
+    """:func:`create_moe_llava` for the registered ``arch``; a keyword it does not take is an
     :class:`~mome.UnsupportedOptionError` naming ``arch``."""
-    reject_unknown_options(arch, kwargs, _VARIANT_ARGS, "not an argument of the MoE-LLaVA variants")
-    return _create_moe_llava(text_config, vision_config, owner=arch, **kwargs)
+    reject_unknown_options(arch, kwargs, VARIANT_ARGS, "not an argument of the MoE-LLaVA variants")
+    return create_moe_llava(text_config, vision_config, owner=arch, **kwargs)
 
 
 @register_model
@@ -895,7 +924,7 @@ def moe_llava_stablelm_1_6b_e4(pretrained: bool = False, **kwargs: Any) -> MoELL
         eos_token_id=100257,
     )
     args = dict(image_token_index=100352 - 1, tokenizer="hf-hub:stabilityai/stablelm-2-1_6b")
-    return _create_variant("moe_llava_stablelm_1_6b_e4", text, _clip_vit_l14_336(), **{**args, **kwargs})
+    return _create_variant("moe_llava_stablelm_1_6b_e4", text, clip_vit_l14_336(), **{**args, **kwargs})
 
 
 @register_model
@@ -917,7 +946,7 @@ def moe_llava_qwen_1_8b_e4(pretrained: bool = False, **kwargs: Any) -> MoELLaVA:
         eos_token_id=151643,
     )
     args = dict(image_token_index=151936 - 1, tokenizer="hf-hub:Qwen/Qwen-1_8B")
-    return _create_variant("moe_llava_qwen_1_8b_e4", text, _clip_vit_l14_336(), **{**args, **kwargs})
+    return _create_variant("moe_llava_qwen_1_8b_e4", text, clip_vit_l14_336(), **{**args, **kwargs})
 
 
 @register_model
@@ -942,10 +971,14 @@ def moe_llava_phi2_2_7b_e4(pretrained: bool = False, **kwargs: Any) -> MoELLaVA:
         eos_token_id=50256,
     )
     args = dict(image_token_index=51200 - 1, tokenizer="hf-hub:microsoft/phi-2")
-    return _create_variant("moe_llava_phi2_2_7b_e4", text, _clip_vit_l14_336(), **{**args, **kwargs})
+    return _create_variant("moe_llava_phi2_2_7b_e4", text, clip_vit_l14_336(), **{**args, **kwargs})
 
 
-def _tiny_text_config(llm: str) -> PhiConfig | StableLmConfig | Qwen2Config:
+def tiny_text_config(
+    llm: str, owner: str = "moe_llava_tiny_e4"
+) -> PhiConfig | StableLmConfig | Qwen2Config | LlamaConfig:
+    """The tiny variants' 4-layer LLM of width 64 (FFN 128, 4 heads, 128 positions) over the tiny tokenizer's
+    vocabulary, as ``llm`` (``"phi"``, ``"stablelm"``, ``"qwen2"``, ``"llama"``); a bad ``llm`` names ``owner``."""
     common = dict(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=64,
@@ -963,17 +996,19 @@ def _tiny_text_config(llm: str) -> PhiConfig | StableLmConfig | Qwen2Config:
         return PhiConfig(**common, hidden_act="gelu_new", partial_rotary_factor=0.5, resid_pdrop=0.0)
     if llm == "stablelm":
         return StableLmConfig(**common, use_qkv_bias=True, partial_rotary_factor=0.25)
-    check_choice("llm", llm, ("phi", "stablelm", "qwen2"), owner="moe_llava_tiny_e4")
+    if llm == "llama":
+        return LlamaConfig(**common)
+    check_choice("llm", llm, ("phi", "stablelm", "qwen2", "llama"), owner=owner)
     return Qwen2Config(**common)
 
 
 @register_model
 def moe_llava_tiny_e4(pretrained: bool = False, llm: str = "phi", **kwargs: Any) -> MoELLaVA:
     """A tiny MoE-LLaVA for tests and demos: 32 px CLIP (patch 8, 16 image tokens, 3 layers of width 32),
-    a 4-layer LLM of width 64 (``llm="phi"``, ``"stablelm"`` or ``"qwen2"``), 4 experts in layers 0 and 2,
+    a 4-layer LLM of width 64 (``llm="phi"``, ``"stablelm"``, ``"qwen2"`` or ``"llama"``), 4 experts in layers 0 and 2,
     and the word-level :func:`moe_llava_tiny_tokenizer` (pretrained cfg ``tokenizer="mome:moe_llava_tiny"``)."""
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=8
     )
     args = dict(image_token_index=TINY_IMAGE_TOKEN_ID, tokenizer="mome:moe_llava_tiny")
-    return _create_variant("moe_llava_tiny_e4", _tiny_text_config(llm), vision, **{**args, **kwargs})
+    return _create_variant("moe_llava_tiny_e4", tiny_text_config(llm), vision, **{**args, **kwargs})

@@ -1,0 +1,262 @@
+"""Uni-MoE: variants, audio path, bad input, generation with the KV cache, the three training stages."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+import mome
+from mome.data.digits_audio import AudioFeatures, digit_waveform
+from mome.layers import MoE
+from mome.models.uni_moe import UniMoE, add_expert_lora, configure_stage
+
+TINY = "uni_moe_tiny_e4"
+
+
+def tiny(**kwargs):
+    torch.manual_seed(0)
+    return mome.create_model(TINY, **kwargs)
+
+
+def prompt(model, before=(1, 5, 8), images=0, audios=0, after=(17, 18, 9, 6, 8)):
+    """``[bos USER :] + images x (placeholders, 2 words) + audios x (placeholders, 2 words) + [... ASSISTANT :]``."""
+    ids = list(before)
+    for _ in range(images):
+        ids += [model.config.image_token_id] * model.num_image_tokens + [20, 22]
+    for _ in range(audios):
+        ids += [model.config.audio_token_id] * model.num_audio_tokens + [21, 23]
+    return ids + list(after)
+
+
+def digit_features(*digits):
+    """The embedded digits' DTMF tones as Whisper log-mel features ``[N, 80, 100]``."""
+    return AudioFeatures()([digit_waveform(d, index=i) for i, d in enumerate(digits)])
+
+
+# -- variants ---------------------------------------------------------------------------------------------------
+def test_paper_size_variant_on_meta():
+    with torch.device("meta"):
+        model = mome.create_model("uni_moe_llama_7b_e4")
+    assert isinstance(model, UniMoE) and model.moe_layers == list(range(32))
+    assert model.num_image_tokens == 576 and model.num_audio_tokens == 50 and model.audio_input_shape == (80, 3000)
+    assert isinstance(model.audio_tower, WhisperEncoder) and len(model.audio_tower.layers) == 12
+    moe = model.language_model.layers[0].mlp
+    assert moe.experts.num_experts == 4 and moe.router.top_k == 2 and moe.capacity_factor is None
+    assert tuple(moe.experts.w_in.shape) == (4, 2 * 11008, 4096)  # SwiGLU: gate rows then up rows
+    assert model.pretrained_cfg.paper_ids == "arXiv:2405.11273"
+
+
+def test_tiny_variant_parts_and_registry():
+    assert {"uni_moe_tiny_e4", "uni_moe_llama_7b_e4"} <= set(mome.list_models("uni_moe_*"))
+    model = tiny()
+    assert model.moe_layers == [0, 1, 2, 3] and model.num_audio_tokens == 10 and model.audio_input_shape == (80, 100)
+    assert model.config.audio_token_id == model.config.text_config.vocab_size - 1
+    with pytest.raises(mome.UnsupportedOptionError, match="WhisperConfig"):
+        tiny(audio_overrides={"not_a_field": 1})
+    with pytest.raises(
+        mome.InvalidArgumentError, match="audio_pool_stride must be a divisor of audio_config.max_source"
+    ):
+        tiny(audio_overrides={"max_source_positions": 51})  # 51 frames cannot be pooled 5 at a time
+
+
+# -- audio path -------------------------------------------------------------------------------------------------
+def test_audio_features_are_pooled_whisper_frames_through_the_connector():
+    model = tiny().eval()
+    features = digit_features(1, 7)
+    with torch.no_grad():
+        frames = model.audio_tower(features).last_hidden_state  # [2, 50, 32]
+        pooled = F.avg_pool1d(frames.transpose(1, 2), kernel_size=5).transpose(1, 2)  # [2, 10, 32]
+        torch.testing.assert_close(model.get_audio_features(features), model.audio_projector(pooled))
+
+
+def test_audio_and_images_enter_at_their_placeholders():
+    model = tiny().eval()
+    ids = torch.tensor([prompt(model, images=1, audios=2)])
+    images, audio = torch.randn(1, 3, 32, 32), digit_features(3, 9)
+    with torch.no_grad():
+        out = model(input_ids=ids, images=images, input_features=audio)
+        embeds = model.get_input_embeddings()(ids).clone()
+        embeds[ids == model.config.audio_token_id] = model.get_audio_features(audio).reshape(-1, 64)
+        image_features = model.model.get_image_features(pixel_values=images).pooler_output[0]
+        embeds[ids == model.config.image_token_id] = image_features.reshape(-1, 64)
+        by_hand = model.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)
+    torch.testing.assert_close(out.logits, by_hand)
+    first_audio = prompt(model, images=1).index(17)  # the position the first clip starts at
+    with torch.no_grad():
+        swapped = model(input_ids=ids, images=images, audios=digit_features(9, 3)).logits
+    torch.testing.assert_close(swapped[:, :first_audio], out.logits[:, :first_audio])  # causal: before the audio
+    assert not torch.allclose(swapped[:, -1], out.logits[:, -1])
+    empty = torch.zeros(0, 80, 100)
+    text = torch.tensor([prompt(model)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=text, input_features=empty).logits, model(input_ids=text).logits)
+
+
+def test_bad_audio_is_a_typed_error_naming_the_expected_shape():
+    model = tiny().eval()
+    ids = torch.tensor([prompt(model, audios=1)])
+    with pytest.raises(mome.InvalidInputError, match=r"input_features must be log-mel features \[N_audio, 80, 100\]"):
+        model(input_ids=ids, input_features=torch.randn(1, 80, 3000))  # Whisper's 30 s window, not the tiny one
+    with pytest.raises(mome.InvalidInputError, match=r"audios must be log-mel features \[N_audio, 80, 100\]"):
+        model(input_ids=ids, audios=torch.randn(80, 100))
+    with pytest.raises(mome.InvalidInputError, match="floating"):
+        model(input_ids=ids, input_features=torch.zeros(1, 80, 100, dtype=torch.long))
+    with pytest.raises(mome.InvalidInputError, match="10 audio placeholder ids, 10 per clip"):
+        model(input_ids=ids, input_features=torch.randn(2, 80, 100))
+    with pytest.raises(mome.InvalidInputError, match="input_ids"):
+        model(inputs_embeds=torch.randn(1, ids.shape[1], 64), input_features=torch.randn(1, 80, 100))
+
+
+# -- generation -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("images, audios", [(1, 0), (0, 1), (1, 2)])
+def test_generate_with_cache_equals_without(images, audios):
+    model = tiny().eval()
+    first, second = prompt(model, images=images, audios=audios), prompt(model, (1, 5), images=images, audios=audios)
+    pad = len(first) - len(second)
+    input_ids = torch.tensor([first, [0] * pad + second])
+    attention_mask = torch.tensor([[1] * len(first), [0] * pad + [1] * len(second)])
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    kwargs["min_new_tokens"] = 6  # a random model may emit eos early: generate all 6 in both runs
+    if images:
+        kwargs["images"] = torch.randn(2 * images, 3, 32, 32)
+    if audios:  # both names of the audio input
+        kwargs["audios" if images else "input_features"] = digit_features(*range(2 * audios))
+    cached = model.generate(**kwargs, use_cache=True)
+    uncached = model.generate(**kwargs, use_cache=False)
+    assert cached.shape == (2, input_ids.shape[1] + 6)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=0)
+
+
+# -- stages -----------------------------------------------------------------------------------------------------
+def trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_step(model, seed=0):
+    """One AdamW step (weight decay on) over *all* parameters on a batch with an image and a clip in each sample;
+    returns the parameters before the step."""
+    torch.manual_seed(seed)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ids = torch.tensor([prompt(model, images=1, audios=1)] * 2)
+    labels = ids.masked_fill((ids == model.config.image_token_id) | (ids == model.config.audio_token_id), -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    optimizer.zero_grad(set_to_none=True)  # a new stage's run starts without the last stage's gradients
+    model.train()
+    loss = model(input_ids=ids, labels=labels, images=torch.randn(2, 3, 32, 32), audios=digit_features(4, 2)).loss
+    loss.backward()
+    optimizer.step()
+    return before
+
+
+def assert_only_trained_changed(model, before, expected):
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == expected  # every trainable tensor moved, every other one is bitwise unchanged
+
+
+def test_stage1_trains_only_the_connectors():
+    model = tiny(moe_layers="none")
+    connectors = {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("model.multi_modal_projector.", "model.audio_projector."))
+    }
+    assert trainable(configure_stage(model, 1)) == connectors and len(connectors) == 8
+    assert_only_trained_changed(model, train_step(model), connectors)
+    image_only = trainable(configure_stage(model, 1, modality="image"))
+    assert image_only == {n for n in connectors if "multi_modal_projector" in n}
+    assert_only_trained_changed(model, train_step(model, seed=1), image_only)
+    with pytest.raises(ValueError, match="modality"):
+        configure_stage(model, 1, modality="video")
+
+
+def test_stage2_trains_only_the_llm_ffns():
+    model = tiny(moe_layers="none")
+    ffns = {n for n, _ in model.named_parameters() if ".mlp." in n and n.startswith("model.language_model.layers.")}
+    assert trainable(configure_stage(model, 2)) == ffns and len(ffns) == 4 * 3  # gate, up, down per layer
+    assert_only_trained_changed(model, train_step(model), ffns)
+    with pytest.raises(ValueError, match="upcycle"):
+        configure_stage(model, 3)
+
+
+def test_stage3_trains_expert_loras_routers_and_connectors():
+    dense = tiny(moe_layers="none")
+    model = copy.deepcopy(dense).upcycle("all", capacity_factor=None, eval_capacity_factor=None)
+    with pytest.raises(ValueError, match="add_expert_lora"):
+        configure_stage(model, 3)
+    with pytest.raises(ValueError, match="dense model"):
+        configure_stage(model, 2)
+    adapted = add_expert_lora(model, init_lora_weights=False)  # B != 0: A gets a gradient at the first step
+    assert adapted == [f"model.language_model.layers.{i}.mlp.experts" for i in range(4)]
+    expected = {
+        f"model.language_model.layers.{i}.mlp.{part}"
+        for i in range(4)
+        for part in (
+            "router.proj.weight",
+            "experts.lora_A.w_in",
+            "experts.lora_B.w_in",
+            "experts.lora_A.w_out",
+            "experts.lora_B.w_out",
+        )
+    } | {
+        n
+        for n, _ in model.named_parameters()
+        if n.startswith(("model.multi_modal_projector.", "model.audio_projector."))
+    }
+    assert trainable(configure_stage(model, 3)) == expected
+    assert_only_trained_changed(model, train_step(model), expected)
+
+
+def test_modality_experts_come_from_the_stage2_models():
+    base = tiny(moe_layers="none").eval()
+    dense = [copy.deepcopy(base) for _ in range(4)]
+    for e, model in enumerate(dense):
+        with torch.no_grad():
+            for layer in model.language_model.layers:
+                layer.mlp.down_proj.weight.mul_(1 + e)  # four different "modality-specific" FFNs
+    sparse = copy.deepcopy(base).upcycle("all", capacity_factor=None, eval_capacity_factor=None)
+    sparse.load_modality_experts(dense)
+    for index in range(4):
+        experts = sparse.language_model.layers[index].mlp.experts
+        for e in range(4):
+            down = dense[e].language_model.layers[index].mlp.down_proj.weight
+            torch.testing.assert_close(experts.w_out[e], down, rtol=0, atol=0)
+    same = copy.deepcopy(base).upcycle("all", capacity_factor=None, eval_capacity_factor=None).eval()
+    same.load_modality_experts([base] * 4)  # four equal experts with renormalised gates: the dense model
+    add_expert_lora(same)  # B = 0: the LoRA starts as no change
+    ids = torch.tensor([prompt(base, images=1, audios=1)])
+    inputs = dict(input_ids=ids, images=torch.randn(1, 3, 32, 32), audios=digit_features(5))
+    with torch.no_grad():
+        torch.testing.assert_close(same(**inputs).logits, base(**inputs).logits, rtol=0, atol=1e-5)
+    assert isinstance(same.language_model.layers[0].mlp, MoE)
+    add_expert_lora(sparse, init_lora_weights=False)  # after the LoRAs, the experts' own weights are loaded
+    sparse.load_modality_experts(dense[::-1])
+    base_w_out = sparse.language_model.layers[1].mlp.experts.base_layer.w_out
+    torch.testing.assert_close(base_w_out[0], dense[3].language_model.layers[1].mlp.down_proj.weight, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="4 dense models"):
+        sparse.load_modality_experts(dense[:2])
+    with pytest.raises(ValueError, match="dense UniMoE"):
+        sparse.load_modality_experts([sparse] * 4)
+
+
+# -- saving -----------------------------------------------------------------------------------------------------
+def test_save_pretrained_round_trip(tmp_path):
+    model = tiny(llm="phi").eval()
+    mome.save_pretrained(model, tmp_path / "mome")
+    model.save_pretrained(tmp_path / "hf")
+    ids = torch.tensor([prompt(model, images=1, audios=1)])
+    inputs = dict(input_ids=ids, images=torch.randn(1, 3, 32, 32), audios=digit_features(8))
+    for loaded in (mome.create_model(f"local-dir:{tmp_path / 'mome'}"), UniMoE.from_pretrained(tmp_path / "hf")):
+        assert isinstance(loaded, UniMoE) and loaded.config.audio_pool_stride == 5
+        assert loaded.generation_config.suppress_tokens == [model.config.image_token_id, model.config.audio_token_id]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+
+
+def test_the_moe_llava_task_refuses_uni_moe():
+    from mome.lit import TaskConfigError
+    from mome.lit.llava import LLaVATask
+
+    with pytest.raises(TaskConfigError, match="needs a MoE-LLaVA model, got UniMoE"):
+        LLaVATask(model={"model_name": TINY, "moe_layers": "none"}, stage=1)
