@@ -107,7 +107,7 @@ def test_stubbed_generation_scores(tmp_path, shapes, monkeypatch, reply, expecte
     references = iter(_references(shapes))
     calls = []
 
-    def stub(model, tokenizer, prompt_ids, images, max_new_tokens):
+    def stub(model, tokenizer, prompt_ids, images, max_new_tokens, audios=None):
         calls.append(len(prompt_ids))
         return [f"  The {next(references).upper()}. " if reply == "reference" else "zzz qqq" for _ in prompt_ids]
 

@@ -4,7 +4,8 @@
   ``task="image_text_audio"`` each digit's DTMF tone as log-mel features: :mod:`mome.data.digits_audio`);
 - :class:`ImageFolderDataModule`, :class:`CsvImageTextDataModule`, :class:`WebDatasetDataModule`: real data;
 - :mod:`mome.data.conversation` and :mod:`mome.data.shapes`: LLaVA-style conversations and the synthetic
-  shapes VQA set of the MoE-LLaVA demo.
+  shapes VQA set of the MoE-LLaVA demo; :mod:`mome.data.digits_conversation`: the digits as image / audio
+  questions (Uni-MoE's demo).
 - :mod:`mome.data.questions`: each conversation's first question and its reference answer (VQA evaluation).
 """
 
@@ -12,6 +13,7 @@ from .base import BadSampleError, DataConfigError, MomeDataModule, ResumableData
 from .conversation import ConversationDataModule, ShapesDataModule
 from .digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, DigitsAudioDataset, DigitsDataModule
 from .digits_audio import DTMF_FREQUENCIES, AudioFeatures
+from .digits_conversation import DigitsConversationDataModule
 from .folders import CsvImageTextDataModule, ImageFolderDataModule
 from .webdataset import WebDatasetDataModule
 
@@ -25,6 +27,7 @@ __all__ = [
     "CsvImageTextDataModule",
     "DataConfigError",
     "DigitsAudioDataset",
+    "DigitsConversationDataModule",
     "DigitsDataModule",
     "ImageFolderDataModule",
     "MomeDataModule",

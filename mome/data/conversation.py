@@ -4,6 +4,7 @@ Record format (LLaVA's instruction-tuning JSON, e.g. ``llava_v1_5_mix665k.json``
 
     [{"id": "0001",
       "image": "rel/path.png",                       # optional; a list of paths for several images
+      "audio": "rel/clip.wav",                       # optional (audio models); a list of paths for several clips
       "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the shape?"},
                         {"from": "gpt",   "value": "red"}, ...]}]
 
@@ -11,6 +12,10 @@ Turns alternate ``human``, ``gpt``, ``human``, ... and end with ``gpt``. Each ``
 turn is one image, in order; a record with one image and no ``<image>`` gets ``"<image>\\n"`` prepended
 to its first human turn (as LLaVA). Paths are relative to ``image_root`` (default: the JSON's folder);
 in-memory records may hold PIL images instead of paths (:func:`mome.data.shapes.shapes_records`).
+Each ``<audio>`` in a human turn is one clip of ``audio``, in order (no implicit placeholder): a 16 kHz mono
+16-bit PCM WAV file (:func:`mome.data.digits_audio.read_wav`), turned into ``[mel, frames]`` log-mel features by
+:class:`mome.data.digits_audio.AudioFeatures`; a missing file or another sample rate, channel count or sample
+width raises :class:`ConversationFormatError` when the dataset is built.
 
 Chat template (LLaVA v1 / Vicuna style, the separator of the assistant turns being the tokenizer's
 end-of-sequence token)::
@@ -21,22 +26,28 @@ end-of-sequence token)::
 ``num_image_tokens`` copies of ``image_token_id`` (one per patch token of the vision tower; the model
 puts the projected patch features there). Labels (next-token targets, shifted inside the model) equal
 the input ids on the answer tokens and their ``eos`` and are -100 everywhere else (template, questions,
-images, padding), so the loss is on the answers only.
+images, padding), so the loss is on the answers only. Each ``<audio>`` likewise becomes ``num_audio_tokens``
+copies of ``audio_token_id`` (Uni-MoE: :mod:`mome.models.uni_moe`); the id need not be in the tokenizer's
+vocabulary, the placeholder is expanded before tokenising.
 
-Truncation to ``max_length`` never cuts an image: whole rounds (question + answer) are kept while they
-fit; in the first round that does not fit, the text is cut only if the cut falls after the round's
-last image token, otherwise that round and all later ones are dropped (with their images). A record
+Truncation to ``max_length`` never cuts an image (nor an audio clip, counted like images): whole rounds
+(question + answer) are kept while they fit; in the first round that does not fit, the text is cut only if the
+cut falls after the round's last image token, otherwise that round and all later ones are dropped (with their
+images). A record
 whose first round cannot keep its images, or that keeps no answer token, raises
 :class:`ConversationFormatError`.
 
-:class:`ConversationDataset` yields ``{"id", "input_ids" [L], "labels" [L], "images" [n, 3, H, W]}``;
-:func:`collate_conversations` pads a list of them into ``{"images" [N_img, 3, H, W], "input_ids" [B, L],
-"attention_mask" [B, L], "labels" [B, L]}`` (right padding), which ``MoELLaVA`` takes as keyword arguments.
+:class:`ConversationDataset` yields ``{"id", "input_ids" [L], "labels" [L], "images" [n, 3, H, W]}`` (and
+``"audios" [n_a, mel, frames]`` when bound to an audio model); :func:`collate_conversations` pads a list of them
+into ``{"images" [N_img, 3, H, W], "input_ids" [B, L], "attention_mask" [B, L], "labels" [B, L]}`` (right padding;
+``"audios" [N_aud, mel, frames]`` when the samples have them), which ``MoELLaVA`` (``UniMoE``: ``audios``) takes
+as keyword arguments.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +63,7 @@ from .folders import load_image
 
 __all__ = [
     "IGNORE_INDEX",
+    "AUDIO_PLACEHOLDER",
     "IMAGE_PLACEHOLDER",
     "LLAVA_SYSTEM_PROMPT",
     "ConversationDataModule",
@@ -66,6 +78,8 @@ __all__ = [
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
+AUDIO_PLACEHOLDER = "<audio>"
+_PLACEHOLDERS = re.compile(f"({IMAGE_PLACEHOLDER}|{AUDIO_PLACEHOLDER})")
 USER, ASSISTANT = "USER:", "ASSISTANT:"
 #: The system prompt of LLaVA v1 / MoE-LLaVA's conversation templates.
 LLAVA_SYSTEM_PROMPT = (
@@ -83,11 +97,31 @@ class ConversationFormatError(DataConfigError):
 
 
 # -- validation -----------------------------------------------------------------------------------
-def _image_entries(record: Mapping[str, Any]) -> list[Any]:
-    image = record.get("image")
+def _image_entries(record: Mapping[str, Any], field: str = "image") -> list[Any]:
+    image = record.get(field)
     if image is None:
         return []
     return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _validate_audio(record_id: Any, turns: list[dict[str, str]], clips: list[Any], root: Path | None) -> None:
+    """As many ``<audio>`` placeholders as clips, each clip a readable 16 kHz mono 16-bit WAV file."""
+    from .digits_audio import read_wav
+
+    placeholders = sum(turn["value"].count(AUDIO_PLACEHOLDER) for turn in turns)
+    if placeholders != len(clips):
+        raise ConversationFormatError(
+            record_id, "audio", f"{len(clips)} audio clip(s) but {placeholders} {AUDIO_PLACEHOLDER} placeholder(s)"
+        )
+    for position, clip in enumerate(clips):
+        field = "audio" if len(clips) == 1 else f"audio[{position}]"
+        if not isinstance(clip, str) or not clip:
+            raise ConversationFormatError(record_id, field, f"expected a relative path, got {clip!r}")
+        path = Path(clip) if root is None else root / clip
+        try:
+            read_wav(path, header_only=True)
+        except (OSError, ValueError) as err:
+            raise ConversationFormatError(record_id, field, str(err)) from err
 
 
 def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str, str]]:
@@ -113,8 +147,11 @@ def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str
         value = turn.get("value")
         if not isinstance(value, str):
             raise ConversationFormatError(record_id, f"conversations[{position}].value", "missing or not a string")
-        if expected == "gpt" and IMAGE_PLACEHOLDER in value:
-            raise ConversationFormatError(record_id, f"conversations[{position}].value", "an answer holds <image>")
+        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER):
+            if expected == "gpt" and placeholder in value:
+                raise ConversationFormatError(
+                    record_id, f"conversations[{position}].value", f"an answer holds {placeholder}"
+                )
         checked.append({"from": expected, "value": value})
     images = _image_entries(record)
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in checked)
@@ -133,6 +170,7 @@ def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str
         path = Path(image) if image_root is None else image_root / image
         if not path.is_file():
             raise ConversationFormatError(record_id, field, f"image file {path} does not exist")
+    _validate_audio(record_id, checked, _image_entries(record, "audio"), image_root)
     return checked
 
 
@@ -142,15 +180,28 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def _human_chunks(
-    tokenizer: Any, text: str, image_token_id: int, num_image_tokens: int
-) -> list[tuple[list[int], bool]]:
-    """``[(ids, is_image)]`` of ``USER: {text} ASSISTANT:`` with each ``<image>`` expanded."""
-    pieces = f"{USER} {text} {ASSISTANT}".split(IMAGE_PLACEHOLDER)
-    chunks: list[tuple[list[int], bool]] = []
-    for position, piece in enumerate(pieces):
-        if position:
-            chunks.append(([image_token_id] * num_image_tokens, True))
-        chunks.append((_text_ids(tokenizer, piece.strip()), False))
+    tokenizer: Any,
+    text: str,
+    image_token_id: int,
+    num_image_tokens: int,
+    audio_token_id: int | None = None,
+    num_audio_tokens: int = 0,
+) -> list[tuple[list[int], str | None]]:
+    """``[(ids, kind)]`` of ``USER: {text} ASSISTANT:``, each ``<image>`` / ``<audio>`` expanded into its
+    placeholder ids (kind ``"image"`` / ``"audio"``; text chunks have kind None)."""
+    expanded = {
+        IMAGE_PLACEHOLDER: ("image", [image_token_id] * num_image_tokens),
+        AUDIO_PLACEHOLDER: ("audio", [audio_token_id] * num_audio_tokens),
+    }
+    chunks: list[tuple[list[int], str | None]] = []
+    for piece in _PLACEHOLDERS.split(f"{USER} {text} {ASSISTANT}"):  # text, placeholder, text, ...
+        if piece in expanded:
+            if piece == AUDIO_PLACEHOLDER and audio_token_id is None:
+                raise ConversationFormatError("?", "conversations", "an <audio> placeholder for a model without audio")
+            kind, ids = expanded[piece]
+            chunks.append((ids, kind))
+        else:
+            chunks.append((_text_ids(tokenizer, piece.strip()), None))
     return chunks
 
 
@@ -163,45 +214,58 @@ def encode_conversation(
     system: str = "",
     max_length: int | None = None,
     record_id: Any = "?",
-) -> tuple[list[int], list[int], int]:
-    """Render, tokenise and truncate validated turns: ``(input_ids, labels, number of images kept)``.
+    audio_token_id: int | None = None,
+    num_audio_tokens: int = 0,
+) -> tuple[list[int], list[int], int, int]:
+    """Render, tokenise and truncate validated turns: ``(input_ids, labels, images kept, audio clips kept)``.
 
     See the module docstring for the template, the labels and the truncation rule.
     """
     prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _text_ids(tokenizer, system)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    input_ids, labels, kept_images = list(prefix), [IGNORE_INDEX] * len(prefix), 0
+    input_ids, labels, kept_images, kept_audios = list(prefix), [IGNORE_INDEX] * len(prefix), 0, 0
     for start in range(0, len(turns), 2):
-        chunks = _human_chunks(tokenizer, turns[start]["value"], image_token_id, num_image_tokens)
+        chunks = _human_chunks(
+            tokenizer, turns[start]["value"], image_token_id, num_image_tokens, audio_token_id, num_audio_tokens
+        )
         question = [i for chunk, _ in chunks for i in chunk]
         answer = _text_ids(tokenizer, turns[start + 1]["value"]) + eos
         ids, round_labels = question + answer, [IGNORE_INDEX] * len(question) + answer
-        images = sum(is_image for _, is_image in chunks)
+        images = sum(kind == "image" for _, kind in chunks)
+        audios = sum(kind == "audio" for _, kind in chunks)
         room = len(ids) if max_length is None else max_length - len(input_ids)
         if room < len(ids):
             offsets = torch.tensor([len(chunk) for chunk, _ in chunks]).cumsum(0).tolist()
-            last_image_end = max((end for end, (_, is_image) in zip(offsets, chunks) if is_image), default=0)
-            if room > 0 and room >= last_image_end:  # the cut falls in text after the last image: keep the head
+            last_media_end = max((end for end, (_, kind) in zip(offsets, chunks) if kind), default=0)
+            if room > 0 and room >= last_media_end:  # the cut falls in text after the last image/clip: keep the head
                 input_ids, labels = input_ids + ids[:room], labels + round_labels[:room]
-                kept_images += images
-            break  # otherwise this round (and every later one) is dropped with its images
+                kept_images, kept_audios = kept_images + images, kept_audios + audios
+            break  # otherwise this round (and every later one) is dropped with its images and clips
         input_ids, labels = input_ids + ids, labels + round_labels
-        kept_images += images
+        kept_images, kept_audios = kept_images + images, kept_audios + audios
     if len(input_ids) == len(prefix):
         raise ConversationFormatError(
             record_id, "conversations", f"max_length={max_length} cannot hold the first round with its images"
         )
     if all(label == IGNORE_INDEX for label in labels):
         raise ConversationFormatError(record_id, "conversations", f"no answer token fits in max_length={max_length}")
-    return input_ids, labels, kept_images
+    return input_ids, labels, kept_images, kept_audios
 
 
 def encode_prompt(
-    tokenizer: Any, question: str, *, image_token_id: int, num_image_tokens: int, system: str = ""
+    tokenizer: Any,
+    question: str,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    system: str = "",
+    audio_token_id: int | None = None,
+    num_audio_tokens: int = 0,
 ) -> Tensor:
-    """The generation prompt ``{bos}{system }USER: {question} ASSISTANT:`` as ids ``[1, L]`` (images expanded)."""
+    """The generation prompt ``{bos}{system }USER: {question} ASSISTANT:`` as ids ``[1, L]`` (images and audio
+    clips expanded)."""
     prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _text_ids(tokenizer, system)
-    chunks = _human_chunks(tokenizer, question, image_token_id, num_image_tokens)
+    chunks = _human_chunks(tokenizer, question, image_token_id, num_image_tokens, audio_token_id, num_audio_tokens)
     return torch.tensor([prefix + [i for chunk, _ in chunks for i in chunk]], dtype=torch.long)
 
 
@@ -235,6 +299,10 @@ class ConversationDataset(Dataset):
         image_size: image side of the default transform (and of the empty image tensor of text-only samples).
         max_length: truncate to this many tokens (images never cut; see the module docstring).
         system: system prompt put after ``bos`` (default none).
+        audio_token_id / num_audio_tokens: the audio placeholder id and ids per clip of an audio model
+            (``model.config.audio_token_id``, ``model.num_audio_tokens``); None for a model without audio, whose
+            records may not hold ``audio``.
+        num_mel_bins: mel bins of the clips' features (:class:`~mome.data.digits_audio.AudioFeatures`).
 
     Every record is validated at construction: malformed ones raise :class:`ConversationFormatError`
     naming the record id and the field (missing turns, wrong roles, missing image file, ...).
@@ -252,6 +320,9 @@ class ConversationDataset(Dataset):
         image_size: int = 336,
         max_length: int | None = None,
         system: str = "",
+        audio_token_id: int | None = None,
+        num_audio_tokens: int = 0,
+        num_mel_bins: int = 80,
     ) -> None:
         if isinstance(records, (str, Path)):
             path = Path(records)
@@ -267,6 +338,17 @@ class ConversationDataset(Dataset):
         self.image_root = None if image_root is None else Path(image_root)
         self.records = list(records)
         self.turns = [_validate(record, index, self.image_root) for index, record in enumerate(self.records)]
+        if audio_token_id is None:
+            for index, record in enumerate(self.records):
+                if _image_entries(record, "audio"):
+                    problem = "audio clips for a model without an audio input (no audio_token_id)"
+                    raise ConversationFormatError(record.get("id", f"#{index}"), "audio", problem)
+        self.audio_token_id, self.num_audio_tokens = audio_token_id, num_audio_tokens
+        self.audio_features = None
+        if audio_token_id is not None:
+            from .digits_audio import AudioFeatures
+
+            self.audio_features = AudioFeatures(num_mel_bins)
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
@@ -289,7 +371,7 @@ class ConversationDataset(Dataset):
         record_id = record.get("id", f"#{index}")
         if self.tokenizer is None:  # raw: the model's processor tokenises and transforms
             return {"id": record_id, "images": [self._load(image) for image in _image_entries(record)]}
-        input_ids, labels, kept = encode_conversation(
+        input_ids, labels, kept, kept_audios = encode_conversation(
             self.turns[index],
             self.tokenizer,
             image_token_id=self.image_token_id,
@@ -297,15 +379,30 @@ class ConversationDataset(Dataset):
             system=self.system,
             max_length=self.max_length,
             record_id=record_id,
+            audio_token_id=self.audio_token_id,
+            num_audio_tokens=self.num_audio_tokens,
         )
         images = [self.transform(self._load(image)) for image in _image_entries(record)[:kept]]
         stacked = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
-        return {
+        sample = {
             "id": record_id,
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "images": stacked,  # [n, 3, H, W]
         }
+        if self.audio_features is not None:
+            sample["audios"] = self.load_audio(_image_entries(record, "audio")[:kept_audios])  # [n_a, mel, frames]
+        return sample
+
+    def load_audio(self, clips: Sequence[str]) -> Tensor:
+        """WAV files (relative to ``image_root``) -> log-mel features ``[n, mel, frames]`` (``n`` may be 0)."""
+        from .digits_audio import SAMPLE_RATE, read_wav
+
+        features = self.audio_features
+        if not clips:
+            return torch.zeros(0, features.num_mel_bins, features.num_frames)
+        paths = [Path(clip) if self.image_root is None else self.image_root / clip for clip in clips]
+        return features([read_wav(path) for path in paths], sampling_rate=SAMPLE_RATE)
 
 
 def collate_conversations(samples: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, Tensor]:
@@ -327,7 +424,10 @@ def collate_conversations(samples: Sequence[Mapping[str, Any]], pad_token_id: in
         labels[row, :size] = sample["labels"]
         attention_mask[row, :size] = 1
     images = torch.cat([sample["images"] for sample in samples])  # [N_img, 3, H, W]
-    return {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "audios" in samples[0]:
+        batch["audios"] = torch.cat([sample["audios"] for sample in samples])  # [N_aud, mel, frames]
+    return batch
 
 
 # -- Lightning data modules -----------------------------------------------------------------------------
@@ -368,6 +468,8 @@ class ConversationDataModule(MomeDataModule):
         self.image_root, self.max_length, self.system = image_root, max_length, system
         self.image_token_id: int | None = None
         self.num_image_tokens: int | None = None
+        self.audio_token_id: int | None = None
+        self.num_audio_tokens, self.num_mel_bins = 0, 80
         self.raw = False
 
     def bind(self, model: Any, tokenizer: Any = None) -> None:
@@ -377,6 +479,18 @@ class ConversationDataModule(MomeDataModule):
         self.hf_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         self.image_token_id = int(model.config.image_token_id)
         self.num_image_tokens = int(model.num_image_tokens)
+        audio_shape = getattr(model, "audio_input_shape", None)  # Uni-MoE: (mel bins, frames)
+        if audio_shape is not None:
+            from .digits_audio import SAMPLE_RATE, AudioFeatures
+
+            frames = AudioFeatures(audio_shape[0]).num_frames
+            if audio_shape[1] != frames:
+                raise DataConfigError(
+                    f"the model reads audio features of {audio_shape[1]} frames, the conversation data's clips give "
+                    f"{frames} (1 s at {SAMPLE_RATE} Hz, 10 ms hop)"
+                )
+            self.audio_token_id, self.num_audio_tokens = int(model.config.audio_token_id), int(model.num_audio_tokens)
+            self.num_mel_bins = int(audio_shape[0])
         self.collate_fn = self._collate
 
     def bind_raw(self) -> None:
@@ -414,13 +528,17 @@ class ConversationDataModule(MomeDataModule):
                 image_size=int(self.data_config["input_size"][-1]) if not self.raw else 0,
                 max_length=self.max_length,
                 system=self.system,
+                audio_token_id=self.audio_token_id,
+                num_audio_tokens=self.num_audio_tokens,
+                num_mel_bins=self.num_mel_bins,
             )
 
     def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = collate_conversations(samples, pad_token_id=self.hf_tokenizer.pad_token_id or 0)
         if "prompt_ids" in samples[0]:
-            for key in ("prompt_ids", "prompt_images", "answers", "question_types"):
-                batch[key] = [sample[key] for sample in samples]
+            for key in ("prompt_ids", "prompt_images", "prompt_audios", "answers", "question_types"):
+                if key in samples[0]:
+                    batch[key] = [sample[key] for sample in samples]
         return batch
 
     def missing_split(self, split: str) -> str:
@@ -460,9 +578,13 @@ class PromptedConversations(Dataset):
             image_token_id=data.image_token_id,
             num_image_tokens=data.num_image_tokens,
             system=data.system,
+            audio_token_id=data.audio_token_id,
+            num_audio_tokens=data.num_audio_tokens,
         )
         images_in_prompt = turns[0]["value"].count(IMAGE_PLACEHOLDER)
         sample["prompt_images"] = sample["images"][:images_in_prompt]
+        if "audios" in sample:
+            sample["prompt_audios"] = sample["audios"][: turns[0]["value"].count(AUDIO_PLACEHOLDER)]
         sample["answers"] = turns[1]["value"]
         sample["question_types"] = first_question_type(record)
         return sample
@@ -508,9 +630,15 @@ class ShapesDataModule(ConversationDataModule):
         from .shapes import write_shapes_dataset
 
         spec = {"sizes": self.sizes, "seed": self.generation_seed}
-        spec_file = self.root / "spec.json"
-        if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_shapes_dataset(self.root, self.sizes, seed=self.generation_seed)
-        spec_file.write_text(json.dumps(spec) + "\n")  # written last: a half-written set is regenerated
+        write_once(self.root, spec, lambda: write_shapes_dataset(self.root, self.sizes, seed=self.generation_seed))
+
+
+def write_once(root: Path, spec: Mapping[str, Any], write: Callable[[], Any]) -> None:
+    """Run ``write`` (which fills ``root``) unless ``root/spec.json`` already holds ``spec``; the spec is written
+    last, so a half-written folder is written again."""
+    spec_file = root / "spec.json"
+    if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    write()
+    spec_file.write_text(json.dumps(spec) + "\n")

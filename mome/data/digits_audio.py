@@ -17,13 +17,18 @@ download; numpy only, no torchaudio): an STFT of 400 samples (25 ms) every 160 (
 rather than the AST one because it is the numpy one (AST's computes Kaldi fbanks with torchaudio, which this
 project does not depend on) and it is the front end of the audio encoders (Whisper, Uni-MoE's) this feeds.
 
+Files: :func:`write_wav` / :func:`read_wav` store clips as 16 kHz mono 16-bit PCM WAV files (the standard library's
+``wave``; samples scaled by 32767 and rounded, so a clip reads back within 1/32767 of what was written).
+
 Bad input is an :class:`~mome.InvalidInputError` naming what was expected: a sample rate other than 16 kHz, a
 clip shorter than 40 ms or longer than 1 s (Whisper's extractor would silently cut it), or more than one channel.
 """
 
 from __future__ import annotations
 
+import wave
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +44,8 @@ __all__ = [
     "AudioFeatures",
     "digit_waveform",
     "dtmf_tone",
+    "read_wav",
+    "write_wav",
 ]
 
 SAMPLE_RATE = 16_000  # Hz
@@ -90,6 +97,53 @@ def digit_waveform(digit: int, index: int, seed: int = 0) -> np.ndarray:
     amplitudes = tuple(rng.uniform(0.2, 0.6, size=2))
     phases = tuple(rng.uniform(0.0, 2 * np.pi, size=2))
     return dtmf_tone(digit, duration, amplitudes=amplitudes, phases=phases, noise_std=rng.uniform(0.0, 0.05), rng=rng)
+
+
+PCM_SCALE = 32767  # 16-bit PCM full scale
+
+
+def write_wav(path: str | Path, waveform: np.ndarray) -> Path:
+    """Write a mono float clip (samples in [-1, 1]) as a 16 kHz 16-bit PCM WAV file; returns the path."""
+    samples = np.asarray(waveform, dtype=np.float64)
+    if samples.ndim != 1:
+        raise InvalidArgumentError("waveform", "a mono [N] clip", f"shape {samples.shape}", "write_wav")
+    peak = float(np.abs(samples).max(initial=0.0))
+    if peak > 1.0:
+        raise InvalidArgumentError(
+            "waveform", "samples in [-1, 1] (scale the clip down)", f"peak {peak:.3f}", "write_wav"
+        )
+    pcm = np.round(samples * PCM_SCALE).astype("<i2")
+    path = Path(path)
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(SAMPLE_RATE)
+        file.writeframes(pcm.tobytes())
+    return path
+
+
+def read_wav(path: str | Path, header_only: bool = False) -> np.ndarray | None:
+    """A clip written by :func:`write_wav`: float32 ``[N]`` samples in [-1, 1] (None with ``header_only``, which
+    checks the file's format only). ``FileNotFoundError`` for a missing file, ``ValueError`` naming the file for
+    one that is not a 16 kHz mono 16-bit PCM WAV file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {path} does not exist")
+    try:
+        with wave.open(str(path), "rb") as file:
+            layout = (file.getframerate(), file.getnchannels(), file.getsampwidth())
+            frames = None if header_only else file.readframes(file.getnframes())
+    except (wave.Error, EOFError) as err:
+        raise ValueError(f"audio file {path} is not a WAV file: {err}") from err
+    if layout != (SAMPLE_RATE, 1, 2):
+        rate, channels, width = layout
+        raise ValueError(
+            f"audio file {path}: {rate} Hz, {channels} channel(s), {8 * width}-bit; expected {SAMPLE_RATE} Hz mono "
+            "16-bit PCM (resample first)"
+        )
+    if frames is None:
+        return None
+    return (np.frombuffer(frames, dtype="<i2") / PCM_SCALE).astype(np.float32)
 
 
 class AudioFeatures:

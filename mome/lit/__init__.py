@@ -16,7 +16,7 @@ from .eval_tasks import (
 )
 from .eval_vqa import VQAEvalTask
 from .expert_parallel import ExpertParallelDDPStrategy, ExpertParallelFSDPStrategy
-from .llava import LLaVATask
+from .llava import LLaVATask, UniMoETask
 from .routing_report import RoutingRecorder
 from .vlmo import VLMoTask
 
@@ -28,6 +28,7 @@ __all__ = [
     "ExpertParallelDDPStrategy",
     "ExpertParallelFSDPStrategy",
     "LLaVATask",
+    "UniMoETask",
     "LinearProbeTask",
     "MoEModelSummary",
     "MomeTask",

@@ -16,6 +16,19 @@ The loss is the answer-token LM loss plus the MoE load-balancing term ``0.01 * s
 ``max_new_tokens``) an answer to each record's first question and scores exact match after
 :func:`normalize_answer`, overall and per question type (:func:`answer_questions`, shared with
 ``mome-eval eval_task=vqa``: :class:`mome.lit.VQAEvalTask`).
+
+:class:`UniMoETask` runs Uni-MoE's three stages (Li et al. 2024, arXiv:2405.11273; :mod:`mome.models.uni_moe`)
+the same way, with audio clips fed next to the images:
+
+1. ``stage=1`` — a dense Uni-MoE (``moe_layers: none``); the image and audio connectors train
+   (``task.modality``: one of them only);
+2. ``stage=2`` — dense, ``init_from`` stage 1; the LLM's FFNs train, one run per modality's data (the data's
+   ``modality`` field), giving that modality's expert;
+3. ``stage=3`` — the MoE model; ``init_from`` lists the stage-2 models, one per expert: the first is upcycled
+   (its FFN copied into every expert, routers random), then expert ``e`` takes the FFNs of the ``e``-th model
+   (:meth:`mome.models.uni_moe.UniMoE.load_modality_experts`); each expert gets a LoRA (rank ``lora_r``, scaling
+   ``lora_alpha / r``, ``B = 0`` so training starts from the stage-2 experts) and only the LoRAs, the routers and
+   both connectors train. The loss is the answer-token LM loss (Uni-MoE adds no balancing term).
 """
 
 from __future__ import annotations
@@ -35,7 +48,15 @@ from .._factory import create_model
 from .base import MomeTask, TaskConfigError, model_from_checkpoint
 from .expert_parallel import forward_is_collective
 
-__all__ = ["LLaVATask", "answer_questions", "exact_match", "generate_answer", "generate_answers", "normalize_answer"]
+__all__ = [
+    "LLaVATask",
+    "UniMoETask",
+    "answer_questions",
+    "exact_match",
+    "generate_answer",
+    "generate_answers",
+    "normalize_answer",
+]
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -70,13 +91,19 @@ def left_pad(prompt_ids: Sequence[Tensor], pad_token_id: int) -> tuple[Tensor, T
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, prompt_ids: Sequence[Tensor], images: Sequence[Tensor], max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[Tensor],
+    images: Sequence[Tensor],
+    max_new_tokens: int,
+    audios: Sequence[Tensor] | None = None,
 ) -> list[str]:
     """Greedy answers of a MoE-LLaVA ``model`` to a batch of prompts ``[1, L_i]``, each with its images
     ``[n_i, 3, H, W]``, in one transformers ``generate`` call: the prompts left-padded (:func:`left_pad`, the
     attention mask zero on the pads), the images concatenated in prompt order (LLaVA fills the image placeholders
     row by row). At most ``max_new_tokens`` new tokens each (a row stops at ``eos`` and is padded after it),
-    decoded without special tokens by the transformers ``tokenizer``.
+    decoded without special tokens by the transformers ``tokenizer``. ``audios`` (a Uni-MoE ``model``): each
+    prompt's clips ``[n_a, mel, frames]``, concatenated in prompt order as the images.
 
     The answers are those of one prompt at a time (``tests/test_eval_vqa.py``) as long as no MoE layer drops a
     token: the pads are routed like any token, so under a capacity limit they take expert slots, and a batch's
@@ -86,6 +113,7 @@ def generate_answers(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = left_pad(prompt_ids, pad)
+    extra = {} if audios is None else {"input_features": torch.cat([audio.to(device) for audio in audios])}
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -95,6 +123,7 @@ def generate_answers(
         pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
         synced_gpus=forward_is_collective(model),  # every rank decodes as many steps
+        **extra,
     )
     return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
 
@@ -113,12 +142,14 @@ def answer_questions(
     images: Sequence[Tensor],
     references: Sequence[str],
     max_new_tokens: int,
+    audios: Sequence[Tensor] | None = None,
 ) -> list[tuple[str, bool]]:
     """``(predicted answer, exact match)`` of each question of a batch: the greedy answers, generated together
-    (:func:`generate_answers`), scored against their references with :func:`exact_match`."""
+    (:func:`generate_answers`, with the prompts' ``audios`` for Uni-MoE), scored against their references with
+    :func:`exact_match`."""
     if len(references) != len(prompt_ids):
         raise ValueError(f"answer_questions: {len(prompt_ids)} prompts but {len(references)} references")
-    predictions = generate_answers(model, tokenizer, prompt_ids, images, max_new_tokens)
+    predictions = generate_answers(model, tokenizer, prompt_ids, images, max_new_tokens, audios=audios)
     return [(prediction, exact_match(prediction, reference)) for prediction, reference in zip(predictions, references)]
 
 
@@ -150,20 +181,40 @@ class LLaVATask(MomeTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        from ..models.moe_llava import MoELLaVA, configure_stage
+        self._check_model()
+        self.stage, self.init_from = stage, init_from
+        self.train_dense_ffn, self.max_new_tokens = train_dense_ffn, max_new_tokens
+        self._prepare_stage()
+        self._configure_stage()
+        self._answers: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------------------- family hooks
+    def _check_model(self) -> None:
+        from ..models.moe_llava import MoELLaVA
         from ..models.uni_moe import UniMoE
 
         if not isinstance(self.model, MoELLaVA) or isinstance(self.model, UniMoE):
-            # Uni-MoE subclasses MoE-LLaVA, but its stages and its audio input are not this task's
+            # Uni-MoE subclasses MoE-LLaVA, but its stages and its audio input are UniMoETask's
             raise TaskConfigError(f"LLaVATask needs a MoE-LLaVA model, got {type(self.model).__name__}")
-        self.stage, self.init_from = stage, init_from
-        self.train_dense_ffn, self.max_new_tokens = train_dense_ffn, max_new_tokens
+
+    def _prepare_stage(self) -> None:
+        """Change the model's structure for ``self.stage`` before its parameters are chosen (Uni-MoE: LoRA)."""
+
+    def _configure_stage(self) -> None:
+        """Choose the trainable parameters of ``self.stage`` (then ``task.peft`` restricts them to its adapters)."""
+        from ..models.moe_llava import configure_stage
+
         try:
-            configure_stage(self.model, stage, train_dense_ffn=train_dense_ffn)
+            configure_stage(self.model, self.stage, train_dense_ffn=self.train_dense_ffn)
         except ValueError as err:
-            raise TaskConfigError(f"task.stage={stage}: {err} (model.moe_layers must be 'none' in stages 1-2)") from err
+            raise TaskConfigError(
+                f"task.stage={self.stage}: {err} (model.moe_layers must be 'none' in stages 1-2)"
+            ) from err
         self.restrict_to_adapters()  # task.peft: only the LoRA experts train, in any stage
-        self._answers: dict[str, list[float]] = defaultdict(list)
+
+    def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's media keyword arguments of a batch."""
+        return {"images": batch["images"]}
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.init_from and self.trainer.ckpt_path is None:
@@ -171,8 +222,6 @@ class LLaVATask(MomeTask):
 
     def _initialise_from(self, path: str) -> None:
         """Load the previous stage's weights; upcycle them when this stage's model has MoE layers."""
-        from ..models.moe_llava import configure_stage
-
         previous = _load_init(path)
         if self.model.moe_layers and not previous.moe_layers:
             config = self.model.config
@@ -185,16 +234,15 @@ class LLaVATask(MomeTask):
             from ..peft import load_base_state_dict
 
             load_base_state_dict(self.model, previous.state_dict(), f"task.init_from={path}")
-        configure_stage(self.model, self.stage, train_dense_ffn=self.train_dense_ffn)
-        self.restrict_to_adapters()
+        self._configure_stage()
 
     # ------------------------------------------------------------------------------- steps
     def _lm_loss(self, batch: dict[str, Any], split: str) -> Tensor:
         output = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            images=batch["images"],
             labels=batch["labels"],
+            **self._model_inputs(batch),
         )
         return self.total_loss({"lm_loss": output.loss}, split)
 
@@ -216,6 +264,7 @@ class LLaVATask(MomeTask):
             batch["prompt_images"],
             batch["answers"],
             self.max_new_tokens,
+            batch.get("prompt_audios"),
         )
         for (_, matched), kind in zip(answered, batch["question_types"], strict=True):
             hit = float(matched)
@@ -237,3 +286,105 @@ class LLaVATask(MomeTask):
         for kind, (hits, count) in sorted(totals.items()):
             name = "test/exact_match" if kind == "all" else f"test/exact_match/{kind}"
             self.log(name, hits / count, rank_zero_only=True)
+
+
+class UniMoETask(LLaVATask):
+    """Uni-MoE's progressive training (see the module docstring): :class:`LLaVATask` with audio clips
+    (``batch["audios"]``) and :func:`mome.models.uni_moe.configure_stage`'s stages.
+
+    Args:
+        stage: 1, 2 or 3.
+        init_from: the previous stage's model (mome folder or ``mome-train`` checkpoint); in stage 3 a list of the
+            stage-2 models, one per expert (``model.num_experts`` of them).
+        modality: stage 1 only: ``"image"`` or ``"audio"`` trains that connector alone (None: both).
+        lora_r / lora_alpha: stage 3's expert LoRA (:func:`mome.models.uni_moe.add_expert_lora`; upstream 8 / 16).
+        max_new_tokens: answer length generated at test.
+        **kwargs: :class:`~mome.lit.base.MomeTask` arguments (``peft`` must stay null: stage 3 adds its LoRA).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        stage: int = 1,
+        init_from: str | Sequence[str] | None = None,
+        modality: str | None = None,
+        lora_r: int = 8,
+        lora_alpha: float = 16.0,
+        max_new_tokens: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        self.modality, self.lora_r, self.lora_alpha = modality, lora_r, lora_alpha
+        if init_from is not None and not isinstance(init_from, str):
+            init_from = [str(path) for path in init_from]  # a Hydra ListConfig
+        super().__init__(*args, stage=stage, init_from=init_from, max_new_tokens=max_new_tokens, **kwargs)
+
+    def _check_model(self) -> None:
+        from ..models.uni_moe import UniMoE
+
+        if not isinstance(self.model, UniMoE):
+            raise TaskConfigError(f"UniMoETask needs a Uni-MoE model, got {type(self.model).__name__}")
+        if self.peft_cfg is not None:
+            raise TaskConfigError("task.peft must be null: UniMoETask's stage 3 adds its own expert LoRA (task.lora_r)")
+
+    def _prepare_stage(self) -> None:
+        from ..models.uni_moe import add_expert_lora
+
+        if self.stage == 3:
+            if not self.model.moe_layers:
+                raise TaskConfigError(
+                    "task.stage=3 needs a model with MoE layers (model.moe_layers must not be 'none')"
+                )
+            add_expert_lora(self.model, r=self.lora_r, lora_alpha=self.lora_alpha)
+
+    def _configure_stage(self) -> None:
+        from ..models.uni_moe import configure_stage
+
+        try:
+            configure_stage(self.model, self.stage, modality=self.modality)
+        except ValueError as err:
+            raise TaskConfigError(
+                f"task.stage={self.stage}, task.modality={self.modality}: {err} "
+                "(model.moe_layers must be 'none' in stages 1-2; task.modality is for stage 1)"
+            ) from err
+
+    def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {"images": batch["images"], "audios": batch.get("audios")}
+
+    def _initialise_from(self, path: str | Sequence[str]) -> None:
+        """Stages 1-2: load the previous stage's model. Stage 3: upcycle the first stage-2 model, then put the
+        ``e``-th one's FFNs into expert ``e`` (the stage-2 models must share every other weight)."""
+        from ..peft import load_base_state_dict
+
+        paths = [path] if isinstance(path, str) else list(path)
+        source = f"task.init_from={paths}"
+        if self.stage != 3 and len(paths) != 1:
+            raise TaskConfigError(f"{source}: stage {self.stage} starts from one model, got {len(paths)}")
+        previous = [_load_init(one) for one in paths]
+        if self.stage != 3:
+            load_state_exactly(self.model, previous[0].state_dict(), source)
+            self._configure_stage()
+            return
+        config = self.model.config
+        if len(previous) != config.num_experts:
+            raise TaskConfigError(f"{source}: one stage-2 model per expert, model.num_experts={config.num_experts}")
+        llm = "model.language_model.layers."  # keys of the LLM's FFNs: f"{llm}{i}.mlp.*"
+        state = previous[0].state_dict()
+        shared = {key: value for key, value in state.items() if not (key.startswith(llm) and ".mlp." in key)}
+        for position, other in enumerate(previous[1:], start=1):
+            state = other.state_dict()
+            differing = [key for key, value in shared.items() if key not in state or not torch.equal(state[key], value)]
+            if differing:
+                raise TaskConfigError(
+                    f"{source}: model {paths[position]} differs from {paths[0]} outside the FFNs "
+                    f"({differing[0]}, ...): the stage-2 models must come from the same stage-1 model"
+                )
+        if previous[0].moe_layers:
+            raise TaskConfigError(f"{source}: {paths[0]} has MoE layers; stage 3 starts from dense stage-2 models")
+        base = _load_init(paths[0])  # upcycled in place: the dense models stay the experts' sources
+        base.upcycle(moe_layers=self.model.moe_layers, num_experts=config.num_experts, top_k=config.num_experts_per_tok)
+        load_base_state_dict(self.model, base.state_dict(), source)
+        try:
+            self.model.load_modality_experts(previous)
+        except ValueError as err:
+            raise TaskConfigError(f"{source}: {err}") from err
+        self._configure_stage()
