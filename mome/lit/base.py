@@ -468,8 +468,19 @@ def _set_rng_states(states: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+#: keys of one row per sample, looked at first: a conversation batch's ``images`` / ``audios`` hold one row per
+#: image or clip (none at all in an audio-only or image-only batch), not per sample
+SAMPLE_KEYS = ("input_ids", "labels")
+
+
 def _infer_batch_size(batch: Any) -> int | None:
+    """The number of samples of ``batch`` (the weight of its logged means): the rows of ``input_ids`` (or
+    ``labels``) where the batch has them, else of its first tensor."""
     if isinstance(batch, Mapping):
+        for key in SAMPLE_KEYS:
+            value = batch.get(key)
+            if isinstance(value, Tensor) and value.ndim > 0:
+                return int(value.shape[0])
         for value in batch.values():
             if isinstance(value, Tensor) and value.ndim > 0:
                 return int(value.shape[0])
