@@ -116,6 +116,30 @@ def test_routing_stats_per_modality_match_a_direct_count(models, model_type):
     )
 
 
+def test_captured_statistics_are_computed_when_read_and_follow_the_last_call(models):
+    """The capture keeps each call's routing and computes its statistics on the first read: a read returns the
+    statistics of the last call, the same as an eager ``routing_statistics`` of that call's routing."""
+    from mome.layers.moe import routing_statistics
+
+    model = models["qwen3_vl_moe"]
+    first, second = H.example_inputs(model, batch_size=1), H.example_inputs(model, batch_size=2)
+    with torch.no_grad(), H.routing_capture(model) as capture:
+        model(**first)
+        model(**second)
+        records = list(capture.records.values())
+        assert all(record._pending is not None for record in records)  # nothing computed yet
+        stats = mome.routing_stats(model)
+        for record, values in zip(records, stats.values(), strict=True):
+            routing = record.last_routing
+            assert routing.expert_index.shape[0] == second["input_ids"].numel()  # the last call's tokens
+            requested = torch.tensor(float(routing.expert_index.numel()))
+            eager = routing_statistics(routing, requested, record.num_modalities)
+            assert values.keys() == eager.keys()
+            assert all(torch.equal(values[key], eager[key]) for key in eager)
+        assert mome.routing_stats(model).keys() == stats.keys()  # a second read: the same record, no recompute
+        assert all(record._pending is None for record in records)
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "ernie4_5_vl_moe"])
 def test_the_processor_token_types_give_the_modality(models, model_type):
     """``mm_token_type_ids`` (the processor's 0 text / 1 image) decide; marking the image as text moves its

@@ -62,9 +62,31 @@ class CapturedRouting(RoutedLayer):
     the model computes its own). ``last_routing`` is the :class:`~mome.layers.Routing` of the last call."""
 
     def __init__(self, num_modalities: int) -> None:
+        self._pending: tuple[Routing, Tensor] | None = None
         super().__init__()
         self.num_modalities = num_modalities
         self.last_routing: Routing | None = None
+
+    def record(self, routing: Routing, requested: Tensor) -> None:
+        """Keep one router call's routing; its statistics are computed when first read (the capture itself
+        stays a few tensor conversions per call)."""
+        self.last_routing = routing
+        self._pending = (routing, requested)
+
+    @property
+    def last_routing_stats(self) -> dict[str, Tensor]:
+        """The statistics of the last recorded call (:func:`~mome.layers.moe.routing_statistics`), as a mome
+        :class:`~mome.layers.MoE` keeps them."""
+        if self._pending is not None:
+            routing, requested = self._pending
+            self._pending = None
+            self._stats = routing_statistics(routing, requested, self.num_modalities)
+        return self._stats
+
+    @last_routing_stats.setter
+    def last_routing_stats(self, stats: dict[str, Tensor]) -> None:
+        self._pending = None
+        self._stats = stats
 
     def forward(self, *args: Any) -> None:  # pragma: no cover - a record, never called
         raise RuntimeError("CapturedRouting is a record of a hooked router, not a layer to call")
@@ -127,9 +149,7 @@ class RoutingCapture:
                     router_logits=logits.float(),
                     modality_ids=None if modality is None else modality.to(index.device),
                 )
-                requested = index.new_tensor(index.numel(), dtype=torch.float32)
-                record.last_routing = routing
-                record.last_routing_stats = routing_statistics(routing, requested, self.num_modalities)
+                record.record(routing, index.new_tensor(index.numel(), dtype=torch.float32))
 
         return hook
 
