@@ -23,11 +23,12 @@ TEXT_ONLY = {"upcycled_causal_lm"}  # a causal LM takes no images: its pretraine
 
 def test_every_registered_model_has_a_config():
     """Every model mome-train can train has its conf/model config; transformers' MoE VLMs
-    (:mod:`mome.models.hf_moe_vlm`) and Uni-MoE have no training task yet (docs/hf_moe_vlms.md, docs/uni_moe.md)."""
+    (:mod:`mome.models.hf_moe_vlm`) have no training task yet (docs/hf_moe_vlms.md); of Uni-MoE only the tiny
+    variant trains (``experiment=uni_moe_digits_stage*``), the paper-sized one is an architecture (docs/uni_moe.md)."""
     from mome.models import hf_moe_vlm
 
     untrainable = set(hf_moe_vlm.RELEASED) | {f"{model_type}_tiny" for model_type in hf_moe_vlm.FAMILIES}
-    untrainable |= set(mome.list_models("uni_moe_*"))
+    untrainable |= set(mome.list_models("uni_moe_*")) - {"uni_moe_tiny_e4"}
     assert set(MODEL_CONFIGS) == set(mome.list_models(exclude_filters="_*")) - untrainable  # tests register _*
 
 
