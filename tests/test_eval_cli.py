@@ -265,9 +265,16 @@ def test_a_bad_quantize_option_is_named(tmp_path, capsys, overrides, expected):
 
 
 def test_quantize_refuses_a_folder_that_is_already_quantized(tmp_path, capsys):
+    """conf/eval.yaml's ``mome-eval model=local-dir:<run>/model quantize=int8`` quantizes a saved float folder;
+    a folder saved quantized is evaluated as saved, and quantizing it again is refused."""
     pytest.importorskip("torchao")
     import mome
 
+    float_folder = tmp_path / "float"
+    mome.save_pretrained(mome.create_model("limoe_tiny_patch8_e4"), float_folder)
+    overrides = [f"model=local-dir:{float_folder}", "quantize=int8", "max_samples=20", "routing_maps=0", *FAST]
+    record, _ = evaluate(compose_eval(tmp_path / "eval", overrides))
+    assert record["quantization"]["mode"] == "int8" and record["n_samples"] == 20
     folder = tmp_path / "int8"
     mome.save_pretrained(mome.quantize(mome.create_model("limoe_tiny_patch8_e4"), "int8"), folder)
     line = _fails_early(tmp_path, capsys, [f"model=local-dir:{folder}", "quantize=int4"], "already quantized (int8)")
