@@ -223,3 +223,168 @@ def test_expert_weight_gradients_come_in_the_parameter_layout(dispatch):
     for name, grad in captured.items():
         assert grad.is_contiguous(), f"{dispatch}: dL/d{name} has strides {grad.stride()}"
     assert set(captured) == {"w_in", "w_out"}
+
+
+# ------------------------------------------------------------------ the per-expert loop (CPU, many rows per expert)
+LOOP_CASES = [
+    # experts, k, capacity, gated, bias, frozen experts
+    (4, 2, None, False, True, False),
+    (4, 1, None, True, False, False),
+    (4, 2, 3, True, True, False),  # capacity: dropped rows computed by the last expert and weighted 0
+    (16, 1, None, False, True, False),  # 13 tokens over 16 experts: some get no row
+    (4, 2, None, True, True, True),  # frozen experts: only the tokens and the router get gradients
+]
+
+
+@pytest.mark.parametrize("num_experts,k,capacity,gated,bias,frozen", LOOP_CASES)
+def test_per_expert_loop_matches_grouped_matmul_and_naive_reference(
+    num_experts, k, capacity, gated, bias, frozen, monkeypatch
+):
+    from mome.layers import experts as experts_module
+
+    torch.manual_seed(3)
+    act = torch.nn.SiLU if gated else torch.nn.GELU
+    experts = Experts(num_experts, 16, 32, gated=gated, bias=bias, act_layer=act).requires_grad_(not frozen)
+    router = TopKRouter(16, num_experts, k)
+    tokens = torch.randn(13, 16, requires_grad=True)
+    params = [tokens, router.proj.weight] + ([] if frozen else list(experts.parameters()))
+    upstream = torch.randn(13, 16, generator=torch.Generator().manual_seed(7))
+
+    taken = []
+    loop = experts_module._PerExpertFFN.apply
+    monkeypatch.setattr(experts_module._PerExpertFFN, "apply", lambda *a: taken.append(1) or loop(*a))
+    results = {}
+    for name, min_rows in (("grouped", 10**9), ("loop", 0)):
+        monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", min_rows)
+        out, routing = run_path(experts, router, tokens, capacity, "sorted")
+        results[name] = (out, grads((out * upstream).sum(), params))
+        assert bool(taken) == (name == "loop"), f"{name}: per-expert loop taken={bool(taken)}"
+
+    routing, _ = plan_dispatch(router(tokens), capacity)  # a fresh graph for the reference
+    reference = naive_moe(experts, tokens, routing.expert_index, routing.combine_weights, routing.dropped)
+    reference_grads = grads((reference * upstream).sum(), params)
+    if num_experts == 16:
+        assert (torch.bincount(routing.expert_index.flatten(), minlength=16) == 0).any(), "test setup: an idle expert"
+    names = ["tokens", "router", "w_in", "w_out", "b_in", "b_out"]
+    for path, (out, path_grads) in results.items():
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5, msg=f"{path} forward")
+        for name, got, want in zip(names, path_grads, reference_grads):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"{path}: grad of {name}")
+    # The two computations run the same matmuls per expert: equal, not only close.
+    assert torch.equal(results["loop"][0], results["grouped"][0])
+
+
+def test_per_expert_loop_gradients_come_in_the_parameter_layout(monkeypatch):
+    from mome.layers import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", 0)
+    torch.manual_seed(0)
+    experts, router = Experts(4, 16, 32), TopKRouter(16, 4, 2)
+    out, _ = run_path(experts, router, torch.randn(24, 16), None, "sorted")
+    out.sum().backward()
+    for name in ("w_in", "w_out", "b_in", "b_out"):
+        grad = getattr(experts, name).grad
+        assert grad is not None and grad.is_contiguous(), name
+
+
+def test_the_per_expert_loop_is_chosen_by_shape_and_device_only():
+    from mome.layers.experts import PER_EXPERT_MIN_ROWS, use_per_expert_loop
+
+    weight = torch.zeros(8, 32, 16)
+    many, few = torch.zeros(PER_EXPERT_MIN_ROWS * 8, 16), torch.zeros(PER_EXPERT_MIN_ROWS * 8 - 1, 16)
+    assert use_per_expert_loop(many, 8, weight)
+    assert not use_per_expert_loop(few, 8, weight)
+    assert not use_per_expert_loop(many.to("meta"), 8, weight.to("meta"))  # an accelerator: grouped matmul
+    assert not use_per_expert_loop(many.bfloat16(), 8, weight)  # mixed dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not use_per_expert_loop(many, 8, weight)
+
+
+# ------------------------------------------------------------------ the few-token path (CPU inference, decoding)
+FEW_CASES = [
+    # experts, k, tokens, gated, bias, dispatch dtype
+    (4, 2, 1, False, True, None),
+    (4, 2, 4, True, False, None),
+    (8, 1, 3, False, True, None),
+    (4, 2, 2, True, True, "bfloat16"),
+    (4, 2, 1, False, False, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("num_experts,k,num_tokens,gated,bias,dispatch_dtype", FEW_CASES)
+def test_few_token_path_matches_the_sorted_path_and_naive_reference(
+    num_experts, k, num_tokens, gated, bias, dispatch_dtype, monkeypatch
+):
+    from mome.layers import SparseMoE
+    from mome.layers import experts as experts_module
+
+    torch.manual_seed(4)
+    act = torch.nn.SiLU if gated else torch.nn.GELU
+    layer = SparseMoE(
+        16, 32, num_experts, k, gated=gated, bias=bias, act_layer=act, renormalize=gated, dispatch_dtype=dispatch_dtype
+    ).eval()
+    x = torch.randn(1, num_tokens, 16)
+    taken = []
+    few = experts_module.Experts.forward_few
+    monkeypatch.setattr(experts_module.Experts, "forward_few", lambda *a: taken.append(1) or few(*a))
+    with torch.no_grad():
+        out_few = layer(x)
+        assert taken, "the few-token path was not taken"
+        monkeypatch.setattr(experts_module, "FEW_TOKEN_ROWS", 0)
+        out_sorted = layer(x)
+        assert len(taken) == 1
+        routing = layer.router(x.reshape(-1, 16))
+    torch.testing.assert_close(out_few, out_sorted, atol=1e-6, rtol=1e-5)
+    if dispatch_dtype is None:
+        reference = naive_moe(layer.experts, x[0], routing.expert_index, routing.combine_weights, routing.dropped)
+        torch.testing.assert_close(out_few[0], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_few_token_path_weighs_declined_assignments_zero():
+    """An assignment the routing declines is computed but weighted 0, as the sorted path does."""
+    from dataclasses import replace
+
+    from mome.layers import weigh_kept
+
+    torch.manual_seed(0)
+    experts, router = Experts(4, 16, 32), TopKRouter(16, 4, 2, renormalize=True)
+    tokens = torch.randn(3, 16)
+    with torch.no_grad():
+        routing = replace(router(tokens), dropped=torch.tensor([[False, True], [False, False], [True, False]]))
+        few = experts.forward_few(tokens, weigh_kept(routing, routing.dropped))
+        planned, plan = plan_dispatch(routing, None)
+        torch.testing.assert_close(few, experts(tokens, planned, plan, "sorted"), atol=1e-6, rtol=1e-5)
+        assert planned.combine_weights[0, 1] == 0 and planned.combine_weights[2, 0] == 0
+
+
+def test_the_few_token_path_is_chosen_by_shape_device_and_grad_mode():
+    from mome.layers.experts import FEW_TOKEN_ROWS, use_few_token_path
+    from mome.layers.routers import Routing
+
+    def routing(rows, device="cpu"):
+        index = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        return Routing(index, index.float(), index.bool(), torch.ones(rows, 4, device=device))
+
+    tokens = torch.zeros(FEW_TOKEN_ROWS, 16)
+    with torch.no_grad():
+        assert use_few_token_path(tokens, routing(FEW_TOKEN_ROWS))
+        assert not use_few_token_path(tokens, routing(FEW_TOKEN_ROWS + 1))
+        assert not use_few_token_path(tokens.to("meta"), routing(1, "meta"))
+    assert not use_few_token_path(tokens, routing(1)), "with autograd on, the sorted path trains"
+
+
+def test_few_token_path_keeps_capacity_semantics(monkeypatch):
+    """With a capacity that one token cannot exceed the few-token path serves the layer; with more tokens than the
+    capacity (drops possible) the sorted path does."""
+    from mome.layers import SparseMoE
+    from mome.layers import experts as experts_module
+
+    taken = []
+    few = experts_module.Experts.forward_few
+    monkeypatch.setattr(experts_module.Experts, "forward_few", lambda *a: taken.append(1) or few(*a))
+    layer = SparseMoE(16, 32, 4, 2, capacity_factor=0.5, eval_capacity_factor="train").eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 16))  # capacity ceil(2 * 0.5 / 4) = 1 >= 1 token
+        assert taken == [1]
+        layer(torch.randn(1, 4, 16))  # capacity 1 < 4 tokens: drops are possible
+        assert taken == [1]

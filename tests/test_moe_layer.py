@@ -79,3 +79,30 @@ def test_default_modality_applies_when_no_ids_are_given():
     assert load[0].sum() == 0 and load[1, 2:].sum() > 0.99
     with pytest.raises(ValueError, match="default_modality"):
         SparseMoE(8, 16, 4, 1, default_modality=3)
+
+
+def test_routing_statistics_are_computed_when_read_and_follow_the_last_forward(monkeypatch):
+    """A forward defers its statistics (decoding and unlogged steps do not pay for them); reading them gives
+    what an eager computation of the last forward's routing gives."""
+    from mome.layers import moe as moe_module
+
+    torch.manual_seed(0)
+    layer = SparseMoE(16, 32, 4, 2, num_modalities=2).train()
+    calls = []
+    compute = moe_module.routing_statistics
+    monkeypatch.setattr(moe_module, "routing_statistics", lambda *a: calls.append(1) or compute(*a))
+    routings = []
+    layer.router.register_forward_hook(lambda module, args, out: routings.append(out))
+    modality = torch.tensor([[0, 1, 1, 0, 1, 0]])
+    for _ in range(2):
+        layer(torch.randn(1, 6, 16), modality_ids=modality)
+    assert calls == [], "statistics computed in the forward pass"
+    stats = layer.last_routing_stats
+    assert calls == [1]
+    last = routings[-1]
+    expected = compute(last, (~last.dropped).sum(), 2)
+    assert set(stats) >= set(expected) and stats["expert_load_per_modality"].shape == (2, 4)
+    for name, value in expected.items():
+        torch.testing.assert_close(stats[name], value, msg=name)
+    assert layer.last_routing_stats is stats and calls == [1], "computed once"
+    assert not stats["expert_load"].requires_grad

@@ -8,6 +8,7 @@ from . import losses as losses
 from .dispatch import DispatchPlan as DispatchPlan
 from .dispatch import compute_capacity as compute_capacity
 from .dispatch import plan_dispatch as plan_dispatch
+from .dispatch import weigh_kept as weigh_kept
 from .expert_parallel import ShardedExperts as ShardedExperts
 from .expert_parallel import expert_parameter_names as expert_parameter_names
 from .expert_parallel import gather_expert_state_dict as gather_expert_state_dict

@@ -37,7 +37,7 @@ from .._checks import check_finite_positive, check_int
 from .._errors import InvalidArgumentError
 from .routers import Routing
 
-__all__ = ["DispatchPlan", "compute_capacity", "plan_dispatch"]
+__all__ = ["DispatchPlan", "compute_capacity", "plan_dispatch", "weigh_kept"]
 
 
 def compute_capacity(
@@ -89,6 +89,16 @@ class DispatchPlan:
     num_groups: int
     num_rows: int
     slot: Tensor | None
+
+
+def weigh_kept(routing: Routing, dropped: Tensor) -> Routing:
+    """The routing record with ``dropped [T, k]`` assignments weighted 0, and each token's kept weights renormalised to
+    sum to 1 when ``routing.renormalize_kept`` (GShard / DeepSpeed top-2: ``w_j kept_j / max(sum_i w_i kept_i, eps)``).
+    """
+    weights = routing.combine_weights.masked_fill(dropped, 0.0)
+    if routing.renormalize_kept:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    return replace(routing, dropped=dropped, combine_weights=weights)
 
 
 def plan_dispatch(routing: Routing, capacity: int | None, num_groups: int = 1) -> tuple[Routing, DispatchPlan]:
@@ -156,11 +166,7 @@ def plan_dispatch(routing: Routing, capacity: int | None, num_groups: int = 1) -
     group_sizes = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
     group_sizes.scatter_add_(0, sorted_key // num_groups, kept_long)
 
-    dropped = ~kept.view(num_tokens, top_k)
-    weights = routing.combine_weights.masked_fill(dropped, 0.0)
-    if routing.renormalize_kept:  # GShard / DeepSpeed top-2: w_j kept_j / max(sum_i w_i kept_i, eps)
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    routing = replace(routing, dropped=dropped, combine_weights=weights)
+    routing = weigh_kept(routing, ~kept.view(num_tokens, top_k))
     plan = DispatchPlan(
         order=order,
         group_sizes=group_sizes[:num_experts],

@@ -120,6 +120,8 @@ class ShardedExperts(Experts):
         )
 
     # ------------------------------------------------------------------------------- dispatch
+    serves_few_tokens = False  # every rank takes part in the exchange, however few its tokens
+
     def forward(self, tokens: Tensor, routing: Routing, plan: DispatchPlan, dispatch: Dispatch | None = None) -> Tensor:
         """``out[t] = sum_j w[t, j] FFN_{e[t, j]}(x[t])`` with the experts spread over the group: ``[T, D]``."""
         dispatch = dispatch or self.dispatch

@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .._checks import check_choice, check_int
 from .._errors import InvalidArgumentError
@@ -183,6 +184,120 @@ def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     return torch.cat(chunks)
 
 
+#: Rows per expert, on average, from which :meth:`Experts.forward_grouped` runs :class:`_PerExpertFFN` on CPU.
+PER_EXPERT_MIN_ROWS = 256
+
+
+def use_per_expert_loop(rows: Tensor, num_experts: int, *weights: Tensor) -> bool:
+    """Whether :meth:`Experts.forward_grouped` computes expert by expert (:class:`_PerExpertFFN`) rather than by
+    grouped matmul: on CPU, eager (not compiling, no autocast), float weights of the rows' dtype, and at least
+    :data:`PER_EXPERT_MIN_ROWS` rows per expert on average (``R >= 256 E``, a rule on the shape alone: deciding
+    reads no device value).
+
+    Each expert's FFN then runs whole while its hidden rows are in cache; the grouped matmul finishes every expert's
+    first projection before any activation. ``python tools/bench.py --only layers --shapes 4096:8:2`` compares the two
+    (docs/performance.md); below the threshold the grouped matmul's single call wins.
+    """
+    if rows.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(weight.dtype != rows.dtype or is_quantized(weight) for weight in weights):
+        return False
+    return rows.shape[0] >= PER_EXPERT_MIN_ROWS * num_experts
+
+
+#: At most this many assignments (tokens x k) take :meth:`Experts.forward_few` (decoding a few sequences).
+FEW_TOKEN_ROWS = 8
+
+
+def use_few_token_path(tokens: Tensor, routing: Routing) -> bool:
+    """Whether :meth:`Experts.forward_few` computes the assignments one by one: on CPU, eager, without autograd
+    (inference) and for at most :data:`FEW_TOKEN_ROWS` assignments ``T k``, a rule on the shape alone.
+
+    At batch 1 a decoding step routes one token per layer; there the sorted path's sort, group sizes and grouped
+    matmul over all ``E`` experts are fixed costs next to the two matrix-vector products of each of the ``k`` experts.
+    """
+    if tokens.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    return routing.expert_index.numel() <= FEW_TOKEN_ROWS
+
+
+class _PerExpertFFN(torch.autograd.Function):
+    """``out[r] = act(rows[r] W_in[e]^T + b_in[e]) W_out[e]^T + b_out[e]`` for the rows ``r`` of each expert ``e``,
+    one expert at a time, forward and backward.
+
+    A CPU path (see :func:`use_per_expert_loop`): the host knows the group sizes at no cost there, and running
+    each expert's two projections and activation back to back keeps its ``[n_e, H]`` hidden rows in cache, where
+    the grouped matmul writes the whole ``[R, H]`` hidden tensor before activating it. The backward writes each
+    expert's weight gradient straight into its slice of one ``[E, out, in]`` tensor, in the parameter's layout, and
+    recomputes the activation from the saved pre-activation (so it saves ``[R, D]`` and ``[R, H']`` only).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, w_in, b_in, w_out, b_out, sizes: list[int], activate):
+        hidden = rows.new_empty(rows.shape[0], w_in.shape[1])  # [R, H'] pre-activation
+        out = rows.new_empty(rows.shape[0], w_out.shape[1])  # [R, D]
+        start = 0
+        for expert, count in enumerate(sizes):
+            if count == 0:
+                continue
+            stop = start + count
+            pre = hidden[start:stop]
+            _linear_into(pre, rows[start:stop], w_in[expert], None if b_in is None else b_in[expert])
+            _linear_into(out[start:stop], activate(pre), w_out[expert], None if b_out is None else b_out[expert])
+            start = stop
+        ctx.save_for_backward(rows, w_in, w_out, hidden)
+        ctx.sizes, ctx.activate = sizes, activate
+        ctx.has_bias = (b_in is not None, b_out is not None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        rows, w_in, w_out, hidden = ctx.saved_tensors
+        need_rows, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
+        grad = grad.contiguous()
+        missing = any(count == 0 for count in ctx.sizes)  # an expert without rows gets a zero gradient
+        new = torch.zeros_like if missing else torch.empty_like
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_w_in = new(w_in) if need_w_in else None
+        grad_w_out = new(w_out) if need_w_out else None
+        grad_b_in = rows.new_zeros(w_in.shape[:2]) if need_b_in else None  # [E, H']
+        grad_b_out = rows.new_zeros(w_out.shape[:2]) if need_b_out else None  # [E, D]
+        start = 0
+        for expert, count in enumerate(ctx.sizes):
+            if count == 0:
+                continue
+            stop = start + count
+            grad_out = grad[start:stop]  # [n, D]
+            with torch.enable_grad():
+                pre = hidden[start:stop].detach().requires_grad_(True)
+                activated = ctx.activate(pre)  # [n, H]
+            if need_w_out:
+                torch.mm(grad_out.t(), activated.detach(), out=grad_w_out[expert])  # [D, n] x [n, H]
+            if need_b_out:
+                torch.sum(grad_out, 0, out=grad_b_out[expert])
+            if not (need_rows or need_w_in or need_b_in):
+                start = stop
+                continue
+            (grad_pre,) = torch.autograd.grad(activated, pre, grad_out @ w_out[expert])  # [n, H']
+            if need_w_in:
+                torch.mm(grad_pre.t(), rows[start:stop], out=grad_w_in[expert])  # [H', n] x [n, D]
+            if need_b_in:
+                torch.sum(grad_pre, 0, out=grad_b_in[expert])
+            if need_rows:
+                torch.mm(grad_pre, w_in[expert], out=grad_rows[start:stop])  # [n, H'] x [H', D]
+            start = stop
+        return grad_rows, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    """``out = x @ weight^T (+ bias)``, written into ``out`` (``F.linear`` without the new tensor)."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
 class _BatchedLinear(torch.autograd.Function):
     """``out[e] = x[e] @ weight[e]^T + bias[e]``, with the weight gradient made in the weight's layout.
 
@@ -313,12 +428,18 @@ class Experts(nn.Module):
     def forward_grouped(self, rows: Tensor, group_sizes: Tensor) -> Tensor:
         """FFNs on rows sorted by expert: ``rows [R, D]`` -> ``[R, D]``.
 
-        ``group_sizes [E]`` counts the rows of each expert (``group_sizes.sum() == R``).
+        ``group_sizes [E]`` counts the rows of each expert (``group_sizes.sum() == R``). Two computations give
+        the same result: one grouped matmul per projection, or on CPU with many rows per expert
+        (:func:`use_per_expert_loop`) each expert's FFN in turn.
         """
         num_rows = rows.shape[0]
-        group_ends = group_sizes.cumsum(0)
         rows = round_through(rows, self.dispatch_dtype)
         w_in, w_out = self.dense_weights()
+        if use_per_expert_loop(rows, self.num_experts, w_in, w_out):
+            sizes = group_sizes.tolist()  # on CPU: no device to wait for
+            out = _PerExpertFFN.apply(rows, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
+            return round_through(out, self.dispatch_dtype)
+        group_ends = group_sizes.cumsum(0)
         hidden = grouped_matmul(rows, w_in, group_ends)  # [R, H or 2H]
         if self.b_in is not None:  # in place: the matmul output is not saved for its backward
             hidden += self.b_in.repeat_interleave(group_sizes, dim=0, output_size=num_rows)
@@ -328,9 +449,16 @@ class Experts(nn.Module):
         return round_through(out, self.dispatch_dtype)
 
     def forward_batched(self, buffers: Tensor) -> Tensor:
-        """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection)."""
+        """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection, or on CPU with
+        many rows per expert each expert's FFN in turn, :func:`use_per_expert_loop`)."""
         buffers = round_through(buffers, self.dispatch_dtype)
         w_in, w_out = self.dense_weights()
+        num_experts, capacity, dim = buffers.shape
+        rows = buffers.reshape(num_experts * capacity, dim)  # [E*C, D]
+        if use_per_expert_loop(rows, num_experts, w_in, w_out):
+            sizes = [capacity] * num_experts  # known from the shape: no device value read
+            out = _PerExpertFFN.apply(rows, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
+            return round_through(out.view(num_experts, capacity, -1), self.dispatch_dtype)  # [E, C, D]
         hidden = self.activate(batched_linear(buffers, w_in, self.b_in))  # [E, C, H']
         return round_through(batched_linear(hidden, w_out, self.b_out), self.dispatch_dtype)  # [E, C, D]
 
@@ -343,6 +471,44 @@ class Experts(nn.Module):
         return self.forward_batched(buffers)
 
     # ---------------------------------------------------------------- dispatch + combine
+    #: Whether :meth:`forward_few` may serve this module (sharded experts hold only some experts).
+    serves_few_tokens = True
+
+    def forward_few(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """``out[t] = sum_j w[t, j] * FFN_{e[t, j]}(x[t])``, token by token (a few tokens on CPU, see
+        :func:`use_few_token_path`): ``[T, D]``. Every assignment is computed; a dropped one has weight 0.
+
+        For each token the ``k`` first projections are matrix-vector products (``addmv``), the activation runs once
+        on their ``[k, H']`` stack, and each second projection is added to the output already weighted
+        (``addmv(acc, W_out[e], h, alpha=w)``): a few ops per expert, where the sorted path's plan and grouped
+        matmuls cost the same at one token as at hundreds.
+        """
+        w_in, w_out = self.dense_weights()
+        choices = routing.expert_index.tolist()  # [T][k]: read on the CPU, nothing to wait for
+        weights = routing.combine_weights.to(tokens.dtype)  # [T, k]
+        weight_values = weights.tolist()
+        rows = []
+        for token, experts in enumerate(choices):
+            x = round_through(tokens[token], self.dispatch_dtype)  # [D]
+            pre = [
+                torch.mv(w_in[e], x) if self.b_in is None else torch.addmv(self.b_in[e], w_in[e], x) for e in experts
+            ]
+            hidden = self.activate(torch.stack(pre))  # [k, H]
+            if self.dispatch_dtype is not None:  # each expert's output crosses the dispatch rounded: weigh it after
+                out = x.new_zeros(self.dim)
+                for choice, expert in enumerate(experts):
+                    y = F.linear(hidden[choice], w_out[expert], None if self.b_out is None else self.b_out[expert])
+                    out = out + round_through(y, self.dispatch_dtype) * weights[token, choice]
+            else:
+                if self.b_out is None:
+                    out = x.new_zeros(self.dim)
+                else:  # sum_j w_j b_out[e_j]
+                    out = torch.mv(self.b_out.index_select(0, routing.expert_index[token]).t(), weights[token])  # [D]
+                for choice, expert in enumerate(experts):
+                    out = torch.addmv(out, w_out[expert], hidden[choice], alpha=weight_values[token][choice])
+            rows.append(out)
+        return torch.stack(rows)  # [T, D]
+
     def forward(self, tokens: Tensor, routing: Routing, plan: DispatchPlan, dispatch: Dispatch | None = None) -> Tensor:
         """``out[t] = sum_j w[t, j] * FFN_{e[t, j]}(x[t])`` over the kept assignments: ``[T, D]``."""
         dispatch = dispatch or self.dispatch

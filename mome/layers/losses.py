@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_finite
@@ -48,7 +47,9 @@ def load_balance_loss(router_probs: Tensor, top1_index: Tensor) -> Tensor:
         top1_index: ``[..., T]`` index of each token's first-choice expert.
     """
     num_experts = router_probs.shape[-1]
-    fraction_dispatched = F.one_hot(top1_index, num_experts).to(router_probs.dtype).mean(dim=-2)  # [..., E]
+    experts = torch.arange(num_experts, device=top1_index.device)
+    # One-hot by comparison: F.one_hot reads the index range on the host (a sync on an accelerator).
+    fraction_dispatched = (top1_index.unsqueeze(-1) == experts).to(router_probs.dtype).mean(dim=-2)  # [..., E]
     mean_prob = router_probs.mean(dim=-2)  # [..., E]
     return num_experts * (fraction_dispatched * mean_prob).sum(dim=-1).mean()
 

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_finite, check_finite_positive, check_int, check_token_batch, check_top_k
 from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
 from . import losses as L
-from .dispatch import compute_capacity, plan_dispatch
-from .experts import Dispatch, Experts
+from .dispatch import compute_capacity, plan_dispatch, weigh_kept
+from .experts import Dispatch, Experts, use_few_token_path
 from .routers import (
     BaseLayerRouter,
     ExpertChoiceRouter,
@@ -68,12 +68,57 @@ def recomputing() -> bool:
 
 
 class RoutedLayer(nn.Module):
-    """Base of every layer that routes tokens: holds the per-forward aux losses and statistics."""
+    """Base of every layer that routes tokens: holds the per-forward aux losses and statistics.
+
+    ``last_routing_stats`` (and, for a forward without autograd, ``last_aux_losses``) may be computed when first
+    read: a layer hands :meth:`defer_routing_stats` (:meth:`defer_aux_losses`) the function that computes them from
+    its last forward, so a forward whose statistics nobody reads (decoding, most training steps between logging)
+    does not pay for them.
+    """
 
     def __init__(self) -> None:
+        self._pending_stats: Callable[[], dict[str, Tensor]] | None = None
+        self._routing_stats: dict[str, Tensor] = {}
+        self._pending_losses: Callable[[], dict[str, Tensor]] | None = None
+        self._aux_losses: dict[str, Tensor] = {}
         super().__init__()
-        self.last_aux_losses: dict[str, Tensor] = {}
-        self.last_routing_stats: dict[str, Tensor] = {}
+
+    def defer_routing_stats(self, compute: Callable[[], dict[str, Tensor]]) -> None:
+        """The statistics of this forward are ``compute()``, called (without grad) when they are first read."""
+        self._pending_stats = compute
+
+    def defer_aux_losses(self, compute: Callable[[], dict[str, Tensor]]) -> None:
+        """The aux losses of this forward are ``compute()``, called when first read (for a forward without autograd,
+        whose losses are values only)."""
+        self._pending_losses = compute
+
+    @property
+    def last_aux_losses(self) -> dict[str, Tensor]:
+        """Weighted aux losses of the last forward (:func:`aux_losses` gathers them for a model)."""
+        if self._pending_losses is not None:
+            compute, self._pending_losses = self._pending_losses, None
+            with torch.no_grad():
+                self._aux_losses = compute()
+        return self._aux_losses
+
+    @last_aux_losses.setter
+    def last_aux_losses(self, losses: dict[str, Tensor]) -> None:
+        self._pending_losses = None
+        self._aux_losses = losses
+
+    @property
+    def last_routing_stats(self) -> dict[str, Tensor]:
+        """Routing statistics of the last forward (:func:`routing_statistics`), computed on first read."""
+        if self._pending_stats is not None:
+            compute, self._pending_stats = self._pending_stats, None
+            with torch.no_grad():
+                self._routing_stats = compute()
+        return self._routing_stats
+
+    @last_routing_stats.setter
+    def last_routing_stats(self, stats: dict[str, Tensor]) -> None:
+        self._pending_stats = None
+        self._routing_stats = stats
 
 
 def layer_dtype(x: Tensor, parameter: Tensor) -> torch.dtype | None:
@@ -237,8 +282,17 @@ class MoE(RoutedLayer):
         num_groups = self._num_groups(tokens.shape[0])
         routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
         requested = (~routing.dropped).sum()
-        routing, plan = plan_dispatch(routing, self.capacity(tokens.shape[0] // num_groups), num_groups)
-        out = self.experts(tokens, routing, plan, self.dispatch)
+        group_length = tokens.shape[0] // num_groups
+        capacity = self.capacity(group_length)
+        # A token picks k distinct experts, so no expert gets more than group_length assignments of a group: a
+        # capacity of at least that drops nothing.
+        no_drops = routing.capacity is None and (capacity is None or capacity >= group_length)
+        if no_drops and self.experts.serves_few_tokens and use_few_token_path(tokens, routing):
+            routing = weigh_kept(routing, routing.dropped)
+            out = self.experts.forward_few(tokens, routing)
+        else:
+            routing, plan = plan_dispatch(routing, capacity, num_groups)
+            out = self.experts(tokens, routing, plan, self.dispatch)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         self._record(routing, requested, num_groups, x.shape[-2] if x.dim() >= 3 else None)
@@ -294,45 +348,77 @@ def record_routing(
     forward during backward (:func:`recomputing`). The losses are computed in a re-run too: their backward needs
     the tensors the re-run saves again. ``sequence_length``: tokens per sequence (``sequence_balance``).
 
+    The statistics are computed when first read (:meth:`RoutedLayer.defer_routing_stats`); without autograd
+    (evaluation, decoding) the losses are values only, and they too are computed when first read.
+
     ``layer`` names its losses in ``aux_loss_weights`` and has ``num_modalities``, ``global_entropy_threshold`` and
     ``router`` (:class:`MoE`, :class:`mome.peft.LoRAExpertsLinear`): every token-choice layer records alike.
     """
     probs, modality = routing.router_probs, routing.modality_ids
-    grouped_probs = probs.view(num_groups, probs.shape[0] // num_groups, probs.shape[-1])  # [G, T/G, E]
     num_modalities = layer.num_modalities
-    raw: dict[str, Tensor] = {}
-    for name in layer.aux_loss_weights:
-        if name == "load" and routing.selection_probs is None:
-            continue  # the load loss only exists with router noise (training), as in V-MoE
-        if probs.shape[0] == 0:  # no tokens (an empty batch): every mean is undefined; the layer adds 0
-            raw[name] = probs.sum()  # a zero that stays in the graph, so backward still reaches the router
-        elif name == "load_balance":
-            raw[name] = L.load_balance_loss(grouped_probs, routing.expert_index[:, 0].view(num_groups, -1))
-        elif name == "importance":
-            raw[name] = L.importance_loss(grouped_probs)
-        elif name == "load":
-            raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
-        elif name == "z_loss":
-            raw[name] = L.router_z_loss(routing.router_logits)
-        elif name == "local_entropy":
-            raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
-        elif name == "global_entropy":
-            raw[name] = L.global_entropy_loss(probs, modality, num_modalities, layer.global_entropy_threshold).sum()
-        elif name == "sequence_balance":
-            sequences = (-1, sequence_length)  # [B, T, ...]: the loss is per sequence
-            raw[name] = L.sequence_balance_loss(
-                probs.view(*sequences, probs.shape[-1]), routing.expert_index.view(*sequences, routing.top_k)
-            )
-    weighted = {name: layer.aux_loss_weights[name] * value for name, value in raw.items()}
-    if recomputing():
-        return
-    layer.last_aux_losses = weighted
-    with torch.no_grad():
-        if layer.training and isinstance(layer.router, TopKRouter):
+
+    def raw_losses() -> dict[str, Tensor]:
+        grouped_probs = probs.view(num_groups, probs.shape[0] // num_groups, probs.shape[-1])  # [G, T/G, E]
+        raw: dict[str, Tensor] = {}
+        for name in layer.aux_loss_weights:
+            if name == "load" and routing.selection_probs is None:
+                continue  # the load loss only exists with router noise (training), as in V-MoE
+            if probs.shape[0] == 0:  # no tokens (an empty batch): every mean is undefined; the layer adds 0
+                raw[name] = probs.sum()  # a zero that stays in the graph, so backward still reaches the router
+            elif name == "load_balance":
+                raw[name] = L.load_balance_loss(grouped_probs, routing.expert_index[:, 0].view(num_groups, -1))
+            elif name == "importance":
+                raw[name] = L.importance_loss(grouped_probs)
+            elif name == "load":
+                raw[name] = L.load_loss(routing.selection_probs.view_as(grouped_probs))
+            elif name == "z_loss":
+                raw[name] = L.router_z_loss(routing.router_logits)
+            elif name == "local_entropy":
+                raw[name] = L.local_entropy_loss(probs, modality, num_modalities).sum()
+            elif name == "global_entropy":
+                raw[name] = L.global_entropy_loss(probs, modality, num_modalities, layer.global_entropy_threshold).sum()
+            elif name == "sequence_balance":
+                sequences = (-1, sequence_length)  # [B, T, ...]: the loss is per sequence
+                raw[name] = L.sequence_balance_loss(
+                    probs.view(*sequences, probs.shape[-1]), routing.expert_index.view(*sequences, routing.top_k)
+                )
+        return raw
+
+    def weigh(raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: layer.aux_loss_weights[name] * value for name, value in raw.items()}
+
+    if torch.is_grad_enabled():
+        raw = raw_losses()  # in the forward's graph
+        if recomputing():
+            return
+        layer.last_aux_losses = weigh(raw)
+        detached = {name: value.detach() for name, value in raw.items()}
+
+        def read_raw() -> dict[str, Tensor]:
+            return detached
+    else:
+        computed: list[dict[str, Tensor]] = []
+
+        def read_raw() -> dict[str, Tensor]:
+            if not computed:
+                computed.append(raw_losses())
+            return computed[0]
+
+        layer.defer_aux_losses(lambda: weigh(read_raw()))
+    if layer.training and isinstance(layer.router, TopKRouter):
+        with torch.no_grad():
             layer.router.record_load(routing.expert_index)
-        stats = routing_statistics(routing, requested, num_modalities)
-        stats.update({f"loss/{name}": value.detach() for name, value in raw.items()})
-    layer.last_routing_stats = stats
+    # What the statistics read, without the autograd graph (kept until the next forward, not computed until read).
+    kept = Routing(
+        routing.expert_index, routing.combine_weights.detach(), routing.dropped, probs.detach(), modality_ids=modality
+    )
+
+    def statistics() -> dict[str, Tensor]:
+        stats = routing_statistics(kept, requested, num_modalities)
+        stats.update({f"loss/{name}": value for name, value in read_raw().items()})
+        return stats
+
+    layer.defer_routing_stats(statistics)
 
 
 def routing_statistics(routing: Routing, requested: Tensor, num_modalities: int) -> dict[str, Tensor]:
