@@ -92,7 +92,9 @@ def test_vqa_writes_results_and_predictions(tmp_path, shapes):
     for kind in {p["question_type"] for p in predictions}:
         kind_hits = [p["hit"] for p in predictions if p["question_type"] == kind]
         assert record["metrics"][f"exact_match/{kind}"] == pytest.approx(sum(kind_hits) / len(kind_hits))
-    assert json.loads((out / "routing.json").read_text())["layers"]  # the LLM's MoE layers were counted
+    layers = json.loads((out / "routing.json").read_text())["layers"]  # the LLM's MoE layers were counted
+    for entry in layers.values():  # the prompts' image placeholders are image tokens (16 per image), the rest text
+        assert list(entry["per_modality"]) == ["image", "text"] and entry["per_modality"]["image"]["tokens"] == 6 * 16
     patches = json.loads((out / "routing_patches.json").read_text())  # the prompts' image patches, per MoE layer
     assert [image["index"] for image in patches["images"]] == list(range(6))  # one image per shapes question
     assert all(image["patch_grid"] == [4, 4] and len(image["layers"]) == 2 for image in patches["images"])

@@ -438,7 +438,9 @@ def test_an_infinite_or_nan_capacity_factor_is_rejected_by_name(value):
 def test_a_modality_id_outside_the_modalities_is_a_typed_error_naming_modality_ids():
     from mome import InvalidInputError
 
-    with pytest.raises(InvalidInputError, match=r"modality_ids must be in \[0, 2\), got values in \[0, 5\]"):
+    with pytest.raises(
+        InvalidInputError, match=r"modality_ids must be ids in \[0, 2\) .*, got ids \[5\] \(values in \[0, 5\]\)"
+    ):
         MultiwayFFN(DIM, 16)(torch.randn(1, 3, DIM), torch.tensor([[0, 5, 1]]))
 
 

@@ -17,14 +17,22 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from .base import DataConfigError
-from .conversation import IMAGE_PLACEHOLDER, ConversationDataset, PromptedConversations, first_question_type
+from .conversation import (
+    AUDIO_PLACEHOLDER,
+    IMAGE_PLACEHOLDER,
+    ConversationDataset,
+    PromptedConversations,
+    first_question_type,
+)
 
 __all__ = ["ProcessorQuestions", "QuestionSamples", "collate_questions"]
 
 
 class QuestionSamples(Dataset):
-    """Each conversation record's first question: ``{"id", "question" (text without image placeholders),
-    "prompt_ids" [1, L], "prompt_images" [n, 3, H, W], "answers" (the reference), "question_types"}``.
+    """Each conversation record's first question: ``{"id", "question" (text without image and audio placeholders),
+    "prompt_ids" [1, L], "prompt_images" [n, 3, H, W], "answers" (the reference), "question_types"}``, and
+    ``"prompt_audios" [n_a, mel, frames]`` (the clips of the question's ``<audio>`` placeholders) when the data is
+    bound to an audio model (Uni-MoE).
 
     Raises:
         DataConfigError: ``dataset`` does not hold conversation records.
@@ -41,11 +49,13 @@ class QuestionSamples(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.prompts[index]
         question = self.prompts.dataset.turns[index][0]["value"]
+        text = question.replace(IMAGE_PLACEHOLDER, " ").replace(AUDIO_PLACEHOLDER, " ")
         return {
             "id": str(sample["id"]),
-            "question": question.replace(IMAGE_PLACEHOLDER, " ").strip(),
+            "question": " ".join(text.split()),
             "prompt_ids": sample["prompt_ids"],
             "prompt_images": sample["prompt_images"],
+            **({"prompt_audios": sample["prompt_audios"]} if "prompt_audios" in sample else {}),
             "answers": sample["answers"],
             "question_types": sample["question_types"],
         }

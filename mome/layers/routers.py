@@ -130,8 +130,9 @@ def check_modality_ids(
         if not torch.compiler.is_compiling():
             low, high = int(modality_ids.min()), int(modality_ids.max())
             if low < 0 or high >= num_modalities:
-                expected = f"in [0, {num_modalities})"
-                raise InvalidInputError("modality_ids", expected, f"values in [{low}, {high}]", owner)
+                outside = modality_ids[(modality_ids < 0) | (modality_ids >= num_modalities)].unique().tolist()
+                expected = f"ids in [0, {num_modalities}) (the layer's {num_modalities} modalities)"
+                raise InvalidInputError("modality_ids", expected, f"ids {outside} (values in [{low}, {high}])", owner)
     return modality_ids.reshape(-1).long()
 
 

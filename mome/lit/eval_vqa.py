@@ -1,4 +1,5 @@
-"""VQA evaluation of MoE-LLaVA models and transformers' MoE VLMs (``mome-eval eval_task=vqa``): :class:`VQAEvalTask`.
+"""VQA evaluation of MoE-LLaVA and Uni-MoE models and transformers' MoE VLMs (``mome-eval eval_task=vqa``):
+:class:`VQAEvalTask`.
 
 Its samples are :class:`mome.data.questions.QuestionSamples` (each conversation record's first question and
 reference answer), or for a transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`) that brings its own processor
@@ -27,20 +28,26 @@ __all__ = ["VQAEvalTask"]
 
 
 class VQAEvalTask(EvaluationTask):
-    """VQA exact match of a MoE-LLaVA model on question-answer conversations (e.g. ``data=shapes``).
+    """VQA exact match of a MoE-LLaVA model on question-answer conversations (e.g. ``data=shapes``), or of a Uni-MoE
+    model (:mod:`mome.models.uni_moe`, a MoE-LLaVA with audio) on questions about images, audio clips or both
+    (``data=digits_conversation``: per kind ``exact_match/image``, ``exact_match/audio``, ``exact_match/both``).
 
     For each record the first question is put in the chat template (``encode_prompt``, with its images),
     a greedy answer of at most ``max_new_tokens`` tokens is generated and compared with the reference after
     :func:`mome.lit.llava.normalize_answer` (lower case, punctuation and articles removed, whitespace
     collapsed): ``exact_match = hits / samples``, also per question type (``exact_match/<type>``, from the
-    records' ``meta.question_types``). Generation and scoring are :func:`mome.lit.llava.answer_questions`,
-    the code of ``LLaVATask.test_step``: with ``routing_report=false`` and the default dropless evaluation
+    records' ``meta.question_types``). A Uni-MoE prompt's clips (``prompt_audios``) go to ``generate`` with its
+    images. Generation and scoring are :func:`mome.lit.llava.answer_questions`, the code of ``LLaVATask.test_step``:
+    with ``routing_report=false`` and the default dropless evaluation
     (``eval_capacity``), the questions of a batch (``data.eval_batch_size``) are answered by one left-padded
     ``generate`` call (:func:`mome.lit.llava.generate_answers`), whose routing is not counted (its pad tokens are
     routed too); otherwise one at a time (a capacity limit would make a batch's answers depend on its other
     prompts). Every answer is written to ``predictions.jsonl`` beside
     ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
-    dataset order and without the samples Lightning's ``DistributedSampler`` repeats.
+    dataset order and without the samples Lightning's ``DistributedSampler`` repeats. The routing report names
+    the modality of every routed token (:meth:`~mome.lit.routing_report.RoutingRecorder.token_modalities`): a
+    prompt's image placeholders are image tokens, a Uni-MoE prompt's audio placeholders audio tokens, its other
+    ids and the generated tokens text.
 
     A transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`: Qwen3-VL-MoE, ERNIE-4.5-VL, GLM-4.5V, Llama 4, Aria,
     Qwen3-Omni) answers through its family's processor, the one saved beside its weights
@@ -193,19 +200,20 @@ class VQAEvalTask(EvaluationTask):
 
     def _answer_llava(self, batch: dict[str, Any]) -> list[tuple[str, bool]]:
         prompts, images, answers = batch["prompt_ids"], batch["prompt_images"], batch["answers"]
+        audios = batch.get("prompt_audios")  # a Uni-MoE's clips [n_a, mel, frames] per prompt
         if not self.routing_report and self.eval_capacity.value == "dropless":
             # the whole batch in one left-padded generate call; dropless, the pad tokens routed with it change no
             # other token's experts, and its routing is not counted (the pads would be)
             with self._routing_paused():
                 answered = llava.answer_questions(
-                    self.model, self.tokenizer.tokenizer, prompts, images, answers, self.max_new_tokens
+                    self.model, self.tokenizer.tokenizer, prompts, images, answers, self.max_new_tokens, audios
                 )
         else:  # one prompt at a time: a batch's pad tokens would be routed and counted in the report
             answered = []
             indices = self._batch_indices
             for position, (prompt, prompt_images) in enumerate(zip(prompts, images, strict=True)):
                 self._batch_indices = None if indices is None else indices[position].repeat(prompt_images.shape[0])
-                with self._llava_patch_capture(prompt, prompt_images):
+                with self._llava_patch_capture(prompt, prompt_images), self._prompt_modalities(prompt):
                     answered += llava.answer_questions(
                         self.model,
                         self.tokenizer.tokenizer,
@@ -213,9 +221,20 @@ class VQAEvalTask(EvaluationTask):
                         [prompt_images],
                         [answers[position]],
                         self.max_new_tokens,
+                        None if audios is None else [audios[position]],
                     )
             self._batch_indices = indices
         return answered
+
+    def _prompt_modalities(self, prompt: torch.Tensor) -> Any:
+        """The routing report's modality of each token routed while answering ``prompt [1, L]``: the prompt's
+        tokens by their placeholder ids (:meth:`~mome.models.moe_llava.MoELLaVA.token_modality_ids`: image, text,
+        and audio for Uni-MoE), the generated ones text."""
+        if self._recorder is None:
+            return nullcontext()
+        modality_ids = self.model.token_modality_ids(prompt).reshape(-1)  # [1, L] -> [L]
+        text = self.model.modality_names.index("text")
+        return self._recorder.token_modalities(modality_ids, otherwise=text)
 
     def _llava_patch_capture(self, prompt: torch.Tensor, images: torch.Tensor) -> Any:
         """The patch maps of a prompt's images: image ``j``'s patches are the ``j``-th run of ``H_p W_p``
@@ -231,6 +250,7 @@ class VQAEvalTask(EvaluationTask):
             token_id is None
             or getattr(config, "vision_feature_select_strategy", "default") != "default"
             or images.ndim != 4
+            or not images.shape[0]  # an audio-only question (Uni-MoE) has no image
             or positions.numel() != images.shape[0] * side * side
         ):
             return nullcontext()

@@ -26,6 +26,11 @@ already) and reads each router call's ``Routing`` record, whose modality ids (0 
 3 audio) come from the processor's token types or the placeholder ids. They drop nothing: ``kept`` equals
 ``requested``.
 
+The MoE layers of MoE-LLaVA and Uni-MoE get no modality ids; inside :meth:`RoutingRecorder.token_modalities`
+(``eval_task=vqa``, one prompt at a time) the call over the whole prompt takes the prompt's ids (the model's
+``token_modality_ids``: image and audio placeholders, text) and the decoding steps are text, in rows named by the
+model's ``modality_names``.
+
 Soft MoE layers (Puigcerver et al. 2023) route no token to one expert: their ``expert_load`` is each
 expert's share of the token outputs (the combine weights summed over its slots, averaged over tokens),
 weighted by the tokens of each forward pass; they have no drop, entropy or per-class counts.
@@ -161,12 +166,6 @@ def top_assignment(routing: Routing) -> Tensor:
     return torch.where(kept.any(dim=-1), expert, torch.full_like(expert, -1))
 
 
-def _modality_of(routing: Routing, num_tokens: int, device: torch.device) -> Tensor:
-    if routing.modality_ids is not None:
-        return routing.modality_ids.long()
-    return torch.zeros(num_tokens, dtype=torch.long, device=device)
-
-
 class RoutingRecorder:
     """Count the routing of every MoE layer of a model over many forward passes (see the module docstring).
 
@@ -184,6 +183,7 @@ class RoutingRecorder:
         self.enabled = True
         self._owned_capture: Any = None  # the routing capture attach() turned on (transformers' MoE VLMs)
         self.modality_names: tuple[str, ...] = MODALITY_NAMES
+        self._token_modalities: tuple[Tensor, int] | None = None
 
     def attach(self, model: nn.Module) -> RoutingRecorder:
         """Hook every :class:`~mome.layers.MoE` and :class:`~mome.layers.SoftMoE` of ``model``, and the routers of a
@@ -193,9 +193,13 @@ class RoutingRecorder:
         audio)."""
         self.detach()
         self.modality_names = tuple(getattr(model, "modality_names", None) or MODALITY_NAMES)
+        # a model whose MoE layers are not given modality ids (MoE-LLaVA, Uni-MoE) names its modalities for
+        # token_modalities(): a row for each
+        named = len(getattr(model, "modality_names", None) or ())
         for name, module in model.named_modules():
             if isinstance(module, MoE):
-                counts = _LayerCounts("sparse", module.num_experts, module.num_modalities, self.num_classes)
+                num_modalities = max(module.num_modalities, named)
+                counts = _LayerCounts("sparse", module.num_experts, num_modalities, self.num_classes)
                 self._handles.append(module.router.register_forward_hook(self._router_hook(counts)))
                 self._handles.append(module.experts.register_forward_pre_hook(self._experts_hook(counts, name)))
             elif isinstance(module, SoftMoE):
@@ -282,6 +286,28 @@ class RoutingRecorder:
                 )
 
     @contextmanager
+    def token_modalities(self, modality_ids: Tensor, otherwise: int) -> Iterator[None]:
+        """Router calls inside this context that carry no modality ids of their own take them from here: a call
+        that routes ``modality_ids.numel()`` tokens (the pass over a whole prompt, e.g. MoE-LLaVA's and Uni-MoE's
+        ``[L]`` prompt with its image and audio placeholders) those ids, any other call (a decoding step of
+        ``generate`` with the KV cache) modality ``otherwise`` for every token (the generated text)."""
+        previous, self._token_modalities = self._token_modalities, (modality_ids.reshape(-1).long().cpu(), otherwise)
+        try:
+            yield
+        finally:
+            self._token_modalities = previous
+
+    def _modality_of(self, routing: Routing, num_tokens: int) -> Tensor:
+        """``[T]`` modality ids of a router call's tokens: its own, else those of :meth:`token_modalities`, else
+        0 for every token (a model without modalities)."""
+        if routing.modality_ids is not None:
+            return routing.modality_ids.long().cpu()
+        if self._token_modalities is not None:
+            ids, otherwise = self._token_modalities
+            return ids if ids.numel() == num_tokens else torch.full((num_tokens,), otherwise, dtype=torch.long)
+        return torch.zeros(num_tokens, dtype=torch.long)
+
+    @contextmanager
     def paused(self, pause: bool = True) -> Iterator[None]:
         """Forward passes inside this context are not counted (when ``pause``)."""
         enabled, self.enabled = self.enabled, self.enabled and not pause
@@ -330,7 +356,7 @@ class RoutingRecorder:
         """The router's side: tokens, requested assignments and router entropy, per modality."""
         with torch.no_grad():
             probs = routing.router_probs.float()  # [T, E]
-            modality = _modality_of(routing, probs.shape[0], probs.device).cpu()
+            modality = self._modality_of(routing, probs.shape[0])
             entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).cpu().double()  # [T]
             requested = (~routing.dropped).sum(-1).cpu().double()  # [T]
             counts.tokens.index_add_(0, modality, torch.ones_like(entropy))
@@ -349,7 +375,7 @@ class RoutingRecorder:
             expert = routing.expert_index.cpu()  # [T, k]
             kept = (~routing.dropped).cpu().double()  # [T, k]
             num_tokens, top_k = expert.shape
-            modality = _modality_of(routing, num_tokens, expert.device).cpu()
+            modality = self._modality_of(routing, num_tokens)
             counts.kept.index_put_((modality.repeat_interleave(top_k), expert.reshape(-1)), kept.reshape(-1), True)
             counts.unrouted.index_add_(0, modality, 1.0 - kept.amax(-1))
             if self._labels is not None:

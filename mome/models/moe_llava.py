@@ -268,6 +268,8 @@ class MoELLaVA(LlavaForConditionalGeneration):
     """
 
     config_class = MoELLaVAConfig
+    #: The modalities of the LLM's tokens, in the order of :meth:`token_modality_ids`.
+    modality_names: tuple[str, ...] = ("image", "text")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling (e.g. into a ``ddp_spawn`` process) skips ``__init__``, where transformers registers
@@ -333,6 +335,13 @@ class MoELLaVA(LlavaForConditionalGeneration):
         """Placeholder ids per image: the vision tower's patch count (576 for ViT-L/14 at 336 px)."""
         vision = self.config.vision_config
         return (vision.image_size // vision.patch_size) ** 2
+
+    def token_modality_ids(self, input_ids: Tensor) -> Tensor:
+        """``[B, L]`` token ids -> ``[B, L]`` modality ids (indices into :attr:`modality_names`): the image
+        placeholder ids ``config.image_token_id`` are image tokens, every other id text."""
+        names = self.modality_names
+        image = input_ids == self.config.image_token_id
+        return torch.where(image, names.index("image"), names.index("text"))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """timm's switch (what ``task.grad_checkpointing`` calls) over transformers' own:

@@ -159,6 +159,7 @@ class UniMoE(MoELLaVA):
     """
 
     config_class = UniMoEConfig
+    modality_names: tuple[str, ...] = ("image", "text", "audio")
 
     def __init__(self, config: UniMoEConfig) -> None:
         owner = owner_name(self)
@@ -211,6 +212,12 @@ class UniMoE(MoELLaVA):
         ``max_source_positions``, and its encoder accepts exactly that length."""
         audio = self.config.audio_config
         return int(audio["num_mel_bins"]), 2 * int(audio["max_source_positions"])
+
+    def token_modality_ids(self, input_ids: Tensor) -> Tensor:
+        """MoE-LLaVA's modality ids (image placeholders image, other ids text) with the audio placeholder ids
+        ``config.audio_token_id`` audio: ``[B, L]`` -> ``[B, L]``, indices into :attr:`modality_names`."""
+        audio = input_ids == self.config.audio_token_id
+        return super().token_modality_ids(input_ids).masked_fill(audio, self.modality_names.index("audio"))
 
     def get_audio_features(self, input_features: Tensor) -> Tensor:
         """``[N_aud, mel, 2F]`` log-mel features -> ``[N_aud, F / s, D]`` LLM embeddings (see the module doc)."""
