@@ -1,6 +1,7 @@
 """``mome-eval`` on transformers' MoE VLMs (:mod:`mome.models.hf_moe_vlm`): the routing report counts their
 captured routers per modality as a direct count from the model's own router logits does; ``eval_task=vqa``
-answers through the family's processor (the tiny Qwen3-VL-MoE saved with a tiny processor)."""
+answers through the family's processor (the tiny models saved with a tiny processor), one question at a time or a
+batch in one left-padded ``generate`` call; ``eval_task=zero_shot`` ranks the class names by likelihood."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from test_eval_cli import FAST, _fails_early, compose_eval  # noqa: E402
 from test_hf_moe_vlms import TEXT, _direct_loads, _independent_modality  # noqa: E402
 
 from mome.cli.eval import evaluate  # noqa: E402
+from mome.data.digits import DIGIT_CLASSNAMES, digits_splits  # noqa: E402
 from mome.data.shapes import vocabulary  # noqa: E402
 from mome.lit.llava import exact_match  # noqa: E402
 from mome.lit.metrics import RESULT_SCHEMA  # noqa: E402
@@ -25,6 +27,8 @@ from mome.models import hf_moe_vlm as H  # noqa: E402
 
 FAMILIES = sorted(H.FAMILIES)
 MODALITY = ("image", "text", "video", "audio")
+#: the tiny processors' words: the shapes questions' and the digits' class names (docs/hf_moe_vlms.md)
+WORDS = vocabulary() + list(DIGIT_CLASSNAMES)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +110,7 @@ def tiny_folders(tmp_path_factory):
 
     def folder(model_type):
         if model_type not in made:
-            made[model_type] = H.save_tiny(tmp_path_factory.mktemp("tiny") / model_type, model_type, vocabulary())
+            made[model_type] = H.save_tiny(tmp_path_factory.mktemp("tiny") / model_type, model_type, WORDS)
         return made[model_type]
 
     return folder
@@ -336,10 +340,197 @@ def test_routing_controls_are_for_transformers_models(tmp_path, capsys, shapes):
 
 def test_tiny_processors_fit_their_tiny_configs_and_aria_has_none():
     for model_type in WITH_PROCESSOR:
-        H.check_processor(H.tiny_processor(model_type, vocabulary()), H.tiny_config(model_type), f"{model_type}_tiny")
+        H.check_processor(H.tiny_processor(model_type, WORDS), H.tiny_config(model_type), f"{model_type}_tiny")
     config = H.tiny_config("llama4")
     config.image_token_index = 101  # <|image|>, not the patch placeholder <|patch|> (100)
     with pytest.raises(mome.ProcessorMismatchError, match=r"image token '<\|patch\|>' is id 100, config.image_token_"):
         H.check_processor(H.tiny_processor("llama4", vocabulary()), config, "llama4_tiny")
     with pytest.raises(mome.UnsupportedModelError, match=r"tiny_processor\('aria'\): a tiny processor is built for"):
         H.tiny_processor("aria", vocabulary())
+
+
+# ------------------------------------------------------------------------------- batched generation (eval_task=vqa)
+def _questions(count):
+    """The first ``count`` shapes questions (different lengths: the batch is padded) as chat content, with images."""
+    from mome.data.shapes import shapes_records
+
+    records = list(shapes_records(count, seed=0))
+    contents, images = [], []
+    for record in records:
+        question = record["conversations"][0]["value"].replace("<image>", "").strip()
+        contents.append([{"type": "image"}, {"type": "text", "text": question}])
+        images.append([record["image"]])
+    return contents, images
+
+
+@pytest.mark.parametrize("model_type", WITH_PROCESSOR)
+def test_batched_generation_equals_one_question_at_a_time(tiny_folders, model_type):
+    """``generate_answers``: one left-padded ``generate`` call gives each question the answer it gets alone; the
+    padded batch's next-token logits are each prompt's own (the tiny ERNIE answers every question alike)."""
+    model = mome.create_model(f"local-dir:{tiny_folders(model_type)}")
+    processor = H.folder_processor(model, model_type)
+    contents, images = _questions(4)
+    prompts = [H.chat_prompt(processor, content) for content in contents]
+    batch = H.processor_inputs(model, processor, prompts, [image for turn in images for image in turn], "left")
+    assert not batch["attention_mask"].all()  # prompts of different lengths: the batch has pads
+    with torch.no_grad():
+        padded = model(**batch).logits[:, -1]  # [4, V]
+        alone = [model(**H.processor_inputs(model, processor, [p], i)).logits[0, -1] for p, i in zip(prompts, images)]
+    assert torch.allclose(padded, torch.stack(alone), atol=1e-4)
+    batched = H.generate_answers(model, processor, contents, images, max_new_tokens=5)
+    single = [
+        H.generate_answer(model, processor, c, i, max_new_tokens=5) for c, i in zip(contents, images, strict=True)
+    ]
+    assert batched == single and all(single)
+
+
+def test_vqa_batches_the_questions_without_the_routing_report(tmp_path, tiny_folder, shapes, monkeypatch):
+    """``routing_report=false data.eval_batch_size=3``: the questions of a batch go through one ``generate_answers``
+    call, and the predictions are those of the run that answers one question at a time (with the routing report)."""
+    calls = []
+    batched_generation = H.generate_answers
+
+    def spy(model, processor, contents, images, max_new_tokens):
+        calls.append(len(contents))
+        return batched_generation(model, processor, contents, images, max_new_tokens)
+
+    monkeypatch.setattr(H, "generate_answers", spy)
+    overrides = [f"model=local-dir:{tiny_folder}", "eval_task=vqa", *shapes, *FAST, "eval_task.max_new_tokens=3"]
+    overrides += ["max_samples=5", "data.eval_batch_size=3"]
+    predictions = {}
+    for report in ("true", "false"):
+        calls.clear()
+        out = tmp_path / report
+        evaluate(compose_eval(out, [*overrides, f"routing_report={report}"]))
+        predictions[report] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert calls == ([1] * 5 if report == "true" else [3, 2])
+    assert predictions["false"] == predictions["true"] and len(predictions["true"]) == 5
+
+
+# --------------------------------------------------------------------------------------- eval_task=zero_shot
+def _direct_log_likelihood(model, processor, content, image, answer):
+    """``log p(answer | prompt)``: one unpadded forward of the prompt and the answer, summed over the answer's
+    tokens (the prompt's length from the processor run on the prompt alone)."""
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    num_prompt = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
+    inputs = processor(text=[prompt + answer], images=[image], return_tensors="pt")
+    inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}  # Llama 4: bf16
+    with torch.no_grad():
+        log_probs = model(**inputs).logits[0].float().log_softmax(-1)  # [L, V]
+    ids = inputs["input_ids"][0]
+    return sum(log_probs[t - 1, ids[t]].item() for t in range(num_prompt, ids.shape[0]))
+
+
+@pytest.mark.parametrize("model_type", WITH_PROCESSOR)
+def test_answer_log_likelihoods_equal_one_forward_per_answer(tiny_folders, model_type):
+    """All the answers in one right-padded forward score as each answer alone (answers of 1 to 3 tokens)."""
+    from PIL import Image
+
+    model = mome.create_model(f"local-dir:{tiny_folders(model_type)}")
+    processor = H.folder_processor(model, model_type)
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]
+    image = Image.new("RGB", (8, 8), (40, 200, 90))
+    answers = ["seven", "two red circles", "the digit nine"]
+    scores = H.answer_log_likelihoods(model, processor, content, [image], answers)
+    direct = [_direct_log_likelihood(model, processor, content, image, answer) for answer in answers]
+    assert scores.shape == (3,) and torch.allclose(
+        scores.double(), torch.tensor(direct, dtype=torch.float64), atol=1e-4
+    )
+    with pytest.raises(mome.InvalidArgumentError, match="answers of at least one token"):
+        H.answer_log_likelihoods(model, processor, content, [image], ["seven", ""])
+
+
+def _zero_shot(tmp_path, folder, extra):
+    out = tmp_path / "zero_shot"
+    overrides = [f"model=local-dir:{folder}", "eval_task=zero_shot", "data=digits", *FAST, *extra]
+    record, objects = evaluate(compose_eval(out, overrides))
+    return record, out
+
+
+def test_zero_shot_ranks_the_classes_by_a_direct_log_likelihood(tmp_path, tiny_folders):
+    """``mome-eval model=local-dir:FOLDER eval_task=zero_shot data=digits`` (tiny Qwen3-VL-MoE): the metrics are those
+    of the class scores computed here with transformers alone (each template filled with each class name scored
+    in its own forward, the mean over the templates), and the routing report counts each image's prompt once, per
+    modality and class."""
+    import torchmetrics.functional as M
+    from PIL import Image
+
+    jsonschema = pytest.importorskip("jsonschema")
+    folder = tiny_folders("qwen3_vl_moe")
+    templates = ["{}", "the digit {}."]
+    record, out = _zero_shot(
+        tmp_path, folder, ["max_samples=8", f"eval_task.templates=[{','.join(map(repr, templates))}]"]
+    )
+    jsonschema.validate(record, RESULT_SCHEMA)
+    assert record["task"] == "zeroshot_classification" and record["n_samples"] == 8 and "cost" not in record
+    assert (
+        record["protocol"]["question"] == "What is in the image?" and "log-likelihood" in record["protocol"]["scoring"]
+    )
+
+    import transformers
+
+    model = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    images, labels = digits_splits()["test"]
+    images = [Image.fromarray(array, mode="L").convert("RGB") for array in images[:8]]
+    labels = torch.as_tensor(labels[:8])
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]
+    scores = torch.tensor(
+        [
+            [
+                sum(_direct_log_likelihood(model, processor, content, image, t.format(name)) for t in templates) / 2
+                for name in DIGIT_CLASSNAMES
+            ]
+            for image in images
+        ]
+    )  # [8, 10]
+    top5 = scores.topk(5, dim=1).indices
+    assert record["metrics"]["acc1"] == pytest.approx((scores.argmax(1) == labels).float().mean().item(), abs=1e-6)
+    assert record["metrics"]["acc5"] == pytest.approx((top5 == labels[:, None]).any(1).float().mean().item(), abs=1e-6)
+    recall = M.classification.multiclass_recall(scores, labels, num_classes=10, average="macro").item()
+    assert record["metrics"]["mean_per_class_recall"] == pytest.approx(recall, abs=1e-6)
+    assert all(len(set(row.tolist())) == 10 for row in scores)  # the class names are tiny-vocabulary words: no ties
+    assert 0 < record["metrics"]["acc5"] < 1  # the random model ranks some labels in its top 5, not all
+
+    report = json.loads((out / "routing.json").read_text())
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    ids = processor(text=[prompt], images=[images[0]], return_tensors="pt")["input_ids"][0]
+    num_image = int((ids == 100).sum())  # the digits (8 px) go in at 32 px: 4 placeholders
+    for entry in report["layers"].values():  # the prompts only: the answers' forwards are not counted
+        assert entry["per_modality"]["image"]["tokens"] == 8 * num_image
+        assert entry["per_modality"]["text"]["tokens"] == 8 * (ids.shape[0] - num_image)
+        assert entry["per_class"]["classnames"] == list(DIGIT_CLASSNAMES)
+    assert (out / "routing_per_class.png").is_file()
+
+
+@pytest.mark.parametrize("model_type", [t for t in WITH_PROCESSOR if t != "qwen3_vl_moe"])
+def test_zero_shot_on_every_family_with_a_processor(tmp_path, tiny_folders, model_type):
+    """The same command on the other families: the scores of ``answer_log_likelihoods`` (checked against one
+    forward per answer above) ranked by torchmetrics as for a CLIP model."""
+    record, out = _zero_shot(tmp_path, tiny_folders(model_type), ["max_samples=3"])  # the digits' 6 templates
+    assert (
+        record["n_samples"] == 3
+        and record["protocol"]["num_templates"] == 6
+        and set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    )
+    assert all(0.0 <= value <= 1.0 for value in record["metrics"].values())
+    report = json.loads((out / "routing.json").read_text())
+    assert {m for entry in report["layers"].values() for m in entry["per_modality"]} == {"image", "text"}
+
+
+def test_zero_shot_on_a_transformers_moe_vlm_without_a_processor_fails_early(tmp_path, capsys):
+    overrides = ["model=qwen3_vl_moe_tiny", "eval_task=zero_shot", "data=digits"]
+    line = _fails_early(tmp_path, capsys, overrides, "eval_task=zero_shot: qwen3_vl_moe_tiny has no processor")
+    assert "TaskConfigError" in line and "processor_config.json" in line
+
+
+def test_the_zero_shot_question_is_for_transformers_models(tmp_path, capsys):
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "eval_task=zero_shot", "eval_task.question=what"]
+    line = _fails_early(tmp_path, capsys, overrides, "eval_task.question applies to transformers' MoE VLMs")
+    assert "TaskConfigError" in line and "limoe_tiny_patch8_e4" in line
+
+
+def test_an_empty_zero_shot_question_fails_early(tmp_path, capsys, tiny_folder):
+    overrides = [f"model=local-dir:{tiny_folder}", "eval_task=zero_shot", "data=digits", "eval_task.question=' '"]
+    line = _fails_early(tmp_path, capsys, overrides, "eval_task.question must be a non-empty string")
+    assert "TaskConfigError" in line

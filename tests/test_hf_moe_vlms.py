@@ -4,6 +4,9 @@ independently from the model's own ``output_router_logits``, per modality."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +14,9 @@ import mome
 
 pytest.importorskip("transformers")
 from mome.models import hf_moe_vlm as H  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import hf_routing_overhead as overhead  # noqa: E402
 
 FAMILIES = sorted(H.FAMILIES)
 IMAGE, TEXT = 0, 1
@@ -202,3 +208,33 @@ def test_a_released_model_offline_and_not_cached_names_its_card_repo_and_revisio
             match=f"^glm4_5v_106b_a12b.chat: its {what} .* zai-org/GLM-4.5V at revision main",
         ):
             mome.create_model("glm4_5v_106b_a12b", pretrained=pretrained, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_capture_runs_no_tensor_operation_in_the_forward(models, model_type):
+    """The hooks keep references only: a forward with the capture on dispatches exactly the aten operations of one
+    without it; decoding the routing happens at the read (and gives the statistics the direct count checks)."""
+    model = models[model_type]
+    inputs = H.example_inputs(model, batch_size=2)
+    with torch.no_grad():
+        with overhead.AtenOpCount() as off:
+            model(**inputs)
+        with H.routing_capture(model) as capture:
+            with overhead.AtenOpCount() as on:
+                model(**inputs)
+            assert all(record._pending is not None for record in capture.records.values())  # every router called
+            with overhead.AtenOpCount() as read:
+                stats = mome.routing_stats(model)
+    assert off.count > 0 and on.count == off.count
+    assert read.count > 0 and len(stats) == len(capture.records)
+
+
+def test_the_overhead_tool_counts_and_times(capsys):
+    """``python tools/hf_routing_overhead.py --count-ops`` and its timing mode (one short round here)."""
+    assert overhead.main(["--count-ops", "--families", "llama4"]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    counts = overhead.count_ops("llama4")
+    assert row == ["llama4", *(str(counts[key]) for key in ("routers", "off", "on", "read"))]
+    assert counts["routers"] == 2 and counts["on"] == counts["off"] > 0 and counts["read"] > 0
+    assert overhead.main(["--rounds", "1", "--calls", "1", "--families", "llama4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("llama4 ")

@@ -36,6 +36,7 @@ __all__ = [
     "MomeDataModule",
     "ResumableDataLoader",
     "SeededSamples",
+    "raw_image",
 ]
 
 
@@ -130,6 +131,11 @@ class ResumableDataLoader(DataLoader):
         self.epoch_sampler.skip = int(state["batches"]) * int(self.batch_size or 1)
 
 
+def raw_image(image: Any) -> Any:
+    """The transform of :meth:`MomeDataModule.bind_raw`: the image as it is (a PIL image for the model's processor)."""
+    return image
+
+
 class MomeDataModule(L.LightningDataModule):
     """Splits ``train``/``val``/``test`` as datasets of dict samples; transforms bound from the model.
 
@@ -188,6 +194,13 @@ class MomeDataModule(L.LightningDataModule):
         else:
             self.train_transform = self.eval_transform
         self.tokenizer = tokenizer
+
+    def bind_raw(self) -> None:
+        """Bind for a model that brings its own processor (transformers' VLMs, :mod:`mome.models.hf_moe_vlm`): no
+        transform and no tokenizer, the samples' images stay PIL images (:func:`raw_image`) for the processor."""
+        self.data_config = {}
+        self.eval_transform = self.train_transform = raw_image
+        self.tokenizer = None
 
     def _require_bound(self) -> None:
         if self.eval_transform is None:

@@ -58,7 +58,7 @@ from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # CLIP's norm
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import DataConfigError, MomeDataModule
+from .base import DataConfigError, MomeDataModule, raw_image
 from .folders import load_image
 
 __all__ = [
@@ -353,7 +353,7 @@ class ConversationDataset(Dataset):
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
-        self.transform = transform or (_default_transform(image_size) if tokenizer is not None else _no_transform)
+        self.transform = transform or (_default_transform(image_size) if tokenizer is not None else raw_image)
         self.max_length = max_length
         self.system = system
 
@@ -497,10 +497,9 @@ class ConversationDataModule(MomeDataModule):
         """Bind for a model that brings its own processor (transformers' VLMs, :mod:`mome.models.hf_moe_vlm`): the
         records are validated as usual, but not tokenised and their images not transformed; the datasets yield
         raw samples (:class:`ConversationDataset` with ``tokenizer=None``) for the processor to encode."""
+        super().bind_raw()
         self.raw = True
         self.hf_tokenizer = None
-        self.data_config = {}
-        self.eval_transform = self.train_transform = _no_transform
 
     def prepare_files(self) -> None:
         """Hook for subclasses that generate their files (:class:`ShapesDataModule`)."""
@@ -593,11 +592,6 @@ class PromptedConversations(Dataset):
 def first_question_type(record: Mapping[str, Any]) -> str | None:
     """The type of a record's first question (``meta.question_types[0]``), or None."""
     return (record.get("meta") or {}).get("question_types", [None])[0]
-
-
-def _no_transform(image: Image.Image) -> Image.Image:
-    """The images of raw samples stay PIL images (the model's processor transforms them)."""
-    return image
 
 
 class ShapesDataModule(ConversationDataModule):

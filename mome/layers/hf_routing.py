@@ -10,15 +10,21 @@ each call into the record a mome :class:`~mome.layers.MoE` keeps, through the sa
 as for mome's layers, with ``expert_load_per_modality [M, E]`` when the forward's tokens have modality ids.
 
 Modality ids (mome's convention, :data:`MODALITY_NAMES`): 0 image, 1 text, 2 video, 3 audio. The ids of a
-forward pass are taken by a forward pre-hook on the top model (``modality_ids_of(args, kwargs) -> [B, T]``);
-a router sees its tokens flattened ``[B * T, D]`` in that order, or a subset of them (``token_subset``: e.g.
-ERNIE-4.5-VL's text and vision experts, each routing only its own tokens).
+forward pass come from a forward pre-hook on the top model (``modality_ids_of(args, kwargs)``, which returns the
+function computing them, ``() -> [B, T]``); a router sees its tokens flattened ``[B * T, D]`` in that order, or a
+subset of them (``token_subset``: e.g. ERNIE-4.5-VL's text and vision experts, each routing only its own tokens).
 
-Capture is off unless asked for: without it no hook is installed and nothing runs (zero cost).
+Cost: capture is off unless asked for: without it no hook is installed and nothing runs. With it on, a router call
+runs no tensor operation: the hook keeps references to the router's outputs, the forward's token ids and the
+token subset; decoding them into a :class:`~mome.layers.Routing` (top-k, probabilities, dtype conversions,
+modality lookup) and the statistics happen when :attr:`CapturedRouting.last_routing` or
+:attr:`CapturedRouting.last_routing_stats` is read, for the last call only
+(``tests/test_hf_moe_vlms.py::test_capture_runs_no_tensor_operation_in_the_forward``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ from .routers import Routing
 __all__ = [
     "MODALITY_NAMES",
     "CapturedRouting",
+    "RouterCall",
     "RouterTap",
     "RoutingCapture",
     "capture_routing",
@@ -43,42 +50,89 @@ __all__ = [
 MODALITY_NAMES = ("image", "text", "video", "audio")
 CHILD_NAME = "routing"
 
-#: ``decode(module, output) -> (router_logits [T, E], router_probs [T, E], expert_index [T, k], weights [T, k])``
-Decoder = Callable[[nn.Module, Any], tuple[Tensor, Tensor, Tensor, Tensor]]
+#: ``decode(output, top_k) -> (router_logits [T, E], router_probs [T, E], expert_index [T, k], weights [T, k])``:
+#: a router's output (and its ``top_k`` at the call) read back when the statistics are read
+Decoder = Callable[[Any, "int | None"], tuple[Tensor, Tensor, Tensor, Tensor]]
+#: a function evaluated when the statistics are read, giving a tensor or None
+Deferred = Callable[[], "Tensor | None"]
 
 
 @dataclass
 class RouterTap:
-    """One router to hook: its module, how to read its output, and which of the forward's tokens it routes
-    (``token_subset() -> bool [B * T]`` or None: all of them, in order)."""
+    """One router to hook: its module, how to read its output, and which of the forward's tokens it routes.
+
+    ``token_subset`` (None: all of the forward's tokens, in order) is called at each router call and must run no
+    tensor operation: it returns the :data:`Deferred` function giving the routed tokens (bool ``[B * T]``, or None
+    for all of them) when the statistics are read."""
 
     module: nn.Module
     decode: Decoder
-    token_subset: Callable[[], Tensor | None] | None = None
+    token_subset: Callable[[], Deferred] | None = None
+
+
+@dataclass
+class RouterCall:
+    """What one router call left: references to its output, its ``top_k`` at the call, the forward's modality
+    ids and the routed token subset (both :data:`Deferred`). :meth:`routing` decodes them."""
+
+    decode: Decoder
+    output: Any
+    top_k: int | None
+    modality_ids: Deferred | None
+    token_subset: Deferred | None
+
+    def routing(self) -> Routing:
+        """The call's :class:`~mome.layers.Routing` (detached, fp32 probabilities and logits, int64 indices) with
+        each token's modality, None when the forward's inputs do not describe the routed tokens (e.g. the model
+        was given embeddings)."""
+        with torch.no_grad():
+            logits, probs, index, weights = self.decode(self.output, self.top_k)
+            index = index.detach().long()
+            modality = None if self.modality_ids is None else self.modality_ids()
+            if modality is not None and self.token_subset is not None:
+                subset = self.token_subset()
+                modality = modality[subset.reshape(-1).to(modality.device)] if subset is not None else modality
+            if modality is not None and modality.numel() != index.shape[0]:
+                modality = None
+            return Routing(
+                expert_index=index,
+                combine_weights=weights.detach().float(),
+                dropped=torch.zeros(index.shape, dtype=torch.bool, device=index.device),
+                router_probs=probs.detach().float(),
+                router_logits=logits.detach().float(),
+                modality_ids=None if modality is None else modality.to(index.device),
+            )
 
 
 class CapturedRouting(RoutedLayer):
     """The record of one hooked router: ``last_routing_stats`` as a mome MoE layer keeps it (no aux losses:
-    the model computes its own). ``last_routing`` is the :class:`~mome.layers.Routing` of the last call."""
+    the model computes its own). ``last_routing`` is the :class:`~mome.layers.Routing` of the last call. Both are
+    computed from the last :class:`RouterCall` when first read (and kept until the next call)."""
 
     def __init__(self, num_modalities: int) -> None:
-        self._pending: tuple[Routing, Tensor] | None = None
+        self._pending: RouterCall | None = None  # the last call, until its statistics are computed
+        self._routing: Routing | None = None
         super().__init__()
         self.num_modalities = num_modalities
-        self.last_routing: Routing | None = None
 
-    def record(self, routing: Routing, requested: Tensor) -> None:
-        """Keep one router call's routing; its statistics are computed when first read (the capture itself
-        stays a few tensor conversions per call)."""
-        self.last_routing = routing
-        self._pending = (routing, requested)
+    def record(self, call: RouterCall) -> None:
+        """Keep one router call (references only: nothing is computed until a read)."""
+        self._pending, self._routing = call, None
+
+    @property
+    def last_routing(self) -> Routing | None:
+        """The :class:`~mome.layers.Routing` of the last recorded call (the same object on every read)."""
+        if self._routing is None and self._pending is not None:
+            self._routing = self._pending.routing()
+        return self._routing
 
     @property
     def last_routing_stats(self) -> dict[str, Tensor]:
         """The statistics of the last recorded call (:func:`~mome.layers.moe.routing_statistics`), as a mome
         :class:`~mome.layers.MoE` keeps them."""
         if self._pending is not None:
-            routing, requested = self._pending
+            routing = self.last_routing
+            requested = torch.tensor(float(routing.expert_index.numel()), device=routing.expert_index.device)
             self._pending = None
             self._stats = routing_statistics(routing, requested, self.num_modalities)
         return self._stats
@@ -99,13 +153,13 @@ class RoutingCapture:
         self,
         model: nn.Module,
         taps: Mapping[str, RouterTap],
-        modality_ids_of: Callable[[tuple, dict], Tensor | None],
+        modality_ids_of: Callable[[tuple, dict], Deferred | None],
         num_modalities: int,
     ) -> None:
         if not taps:
             raise InvalidArgumentError("taps", "at least one router module to hook", dict(taps), "capture_routing")
         self.model, self.num_modalities = model, num_modalities
-        self.modality_ids: Tensor | None = None  # [B * T] of the current forward
+        self.modality_ids: Deferred | None = None  # () -> [B * T] of the current forward
         self.records: dict[str, CapturedRouting] = {}
         self._handles = [model.register_forward_pre_hook(self._top_hook(modality_ids_of), with_kwargs=True)]
         for name, tap in taps.items():
@@ -122,34 +176,21 @@ class RoutingCapture:
             self._handles.append(tap.module.register_forward_hook(self._router_hook(tap, record)))
         self._taps = dict(taps)
 
-    def _top_hook(self, modality_ids_of: Callable[[tuple, dict], Tensor | None]) -> Callable[..., None]:
+    def _top_hook(self, modality_ids_of: Callable[[tuple, dict], Deferred | None]) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ids = modality_ids_of(args, kwargs)
-            self.modality_ids = None if ids is None else ids.reshape(-1).long()
+            ids_of = modality_ids_of(args, kwargs)
+            self.modality_ids = None if ids_of is None else functools.cache(functools.partial(_flat_ids, ids_of))
 
         return hook
 
     def _router_hook(self, tap: RouterTap, record: CapturedRouting) -> Callable[..., None]:
+        decode, token_subset = tap.decode, tap.token_subset
+
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if recomputing():
                 return
-            with torch.no_grad():
-                logits, probs, index, weights = tap.decode(module, output)
-                modality = self.modality_ids
-                if modality is not None and tap.token_subset is not None:
-                    subset = tap.token_subset()
-                    modality = modality[subset.reshape(-1).to(modality.device)] if subset is not None else modality
-                if modality is not None and modality.numel() != index.shape[0]:
-                    modality = None  # tokens the top model's inputs do not describe (e.g. given as embeddings)
-                routing = Routing(
-                    expert_index=index.long(),
-                    combine_weights=weights.float(),
-                    dropped=torch.zeros(index.shape, dtype=torch.bool, device=index.device),
-                    router_probs=probs.float(),
-                    router_logits=logits.float(),
-                    modality_ids=None if modality is None else modality.to(index.device),
-                )
-                record.record(routing, index.new_tensor(index.numel(), dtype=torch.float32))
+            subset = None if token_subset is None else token_subset()
+            record.record(RouterCall(decode, output, getattr(module, "top_k", None), self.modality_ids, subset))
 
         return hook
 
@@ -168,12 +209,19 @@ class RoutingCapture:
 def capture_routing(
     model: nn.Module,
     taps: Mapping[str, RouterTap],
-    modality_ids_of: Callable[[tuple, dict], Tensor | None],
+    modality_ids_of: Callable[[tuple, dict], Deferred | None],
     num_modalities: int = len(MODALITY_NAMES),
 ) -> Iterator[RoutingCapture]:
-    """Hook the routers of ``taps`` (``{name: RouterTap}``) for the ``with`` block; the hooks go after it."""
+    """Hook the routers of ``taps`` (``{name: RouterTap}``) for the ``with`` block; the hooks go after it.
+    ``modality_ids_of(args, kwargs)`` is given the top model's inputs at each forward and returns, without tensor
+    work, the :data:`Deferred` function giving their modality ids ``[B, T]`` (or None: no modality)."""
     capture = RoutingCapture(model, taps, modality_ids_of, num_modalities)
     try:
         yield capture
     finally:
         capture.remove()
+
+
+def _flat_ids(ids_of: Deferred) -> Tensor | None:
+    ids = ids_of()
+    return None if ids is None else ids.reshape(-1).long()  # [B, T] -> [B * T]

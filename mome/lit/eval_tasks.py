@@ -7,6 +7,8 @@ metrics named as CLIP_benchmark names them, as fractions in ``[0, 1]`` (:mod:`mo
   L2-normalised text embeddings of its prompts, renormalised (open_clip's ``build_zero_shot_classifier``,
   CLIP, Radford et al. 2021, sec. 3.1.4); logits ``100 * u @ W`` for the unit image embedding ``u``;
   ``acc1``, ``acc5`` and ``mean_per_class_recall`` (torchmetrics; ``acc5`` only with more than 5 classes).
+  A transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`) is scored by likelihood instead: each class's templates
+  as the answer to a question about the image, through the family's processor (see the class).
 - :class:`RetrievalTask` (``retrieval``): image->text and text->image recall@k counted as in the CLIP
   paper (a query scores 1 when *any* of its positives is among its top k; :func:`retrieval_recall_at_k`).
 
@@ -70,6 +72,7 @@ __all__ = [
     "ZeroShotClassificationTask",
     "has_audio",
     "patch_grid",
+    "processor_of",
     "split_loader",
 ]
 
@@ -171,6 +174,28 @@ def _input_modalities(
             "use data=digits data.task=image_text_audio"
         )
     return chosen
+
+
+def processor_of(model: nn.Module, model_name: str, option: str) -> Any:
+    """The processor of a transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`), the one saved beside its weights
+    (:func:`~mome.models.hf_moe_vlm.folder_processor`), which ``eval_task=<option>`` runs it through.
+
+    Raises:
+        TaskConfigError: the model's folder holds no processor (e.g. a tiny model built from its config).
+    """
+    from ..models import hf_moe_vlm
+
+    processor = hf_moe_vlm.folder_processor(model, model_name)
+    if processor is None:
+        folder = getattr(model.config, "_name_or_path", "")
+        where = f"in {folder}" if folder else "beside its weights: it was built from a config"
+        raise TaskConfigError(
+            f"eval_task={option}: {model_name} has no processor (no {' or '.join(hf_moe_vlm.PROCESSOR_FILES)} "
+            f"{where}): its family's processor (chat template, image handling) reads the inputs; load a folder or Hub "
+            "snapshot with its processor saved beside the weights (model=local-dir:FOLDER, hf_moe_vlm.save_tiny for "
+            "the tiny models)"
+        )
+    return processor
 
 
 def patch_grid(model: nn.Module, images: Tensor | None = None) -> tuple[int, int] | None:
@@ -451,6 +476,15 @@ class EvaluationTask(L.LightningModule, abc.ABC):
 class ZeroShotClassificationTask(EvaluationTask):
     """Zero-shot classification with class names x prompt templates (CLIP; see the module docstring).
 
+    A transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`), a generative model, classifies by likelihood through
+    its family's processor (the one saved beside its weights, :func:`processor_of`): each image and ``question``
+    make one user turn of the processor's chat template with the generation prompt, and every template filled with
+    every class name is scored as the assistant's answer, ``log p(answer | image, question)``
+    (:func:`~mome.models.hf_moe_vlm.answer_log_likelihoods`, one forward per image over all the answers); a class's
+    score is the mean over its templates (``eval_task.templates=['{}']``: the class name alone), ranked for
+    ``acc1``, ``acc5`` and ``mean_per_class_recall`` as above. The routing report counts one forward of each image's
+    prompt (the answers' forward, with its pads, is not counted), per modality and class; no ``cost`` is recorded.
+
     Args:
         classnames: class names (default: the data module's ``classnames``).
         templates: prompt templates with ``{}`` or ``{c}`` (default: the data module's ``templates``).
@@ -458,7 +492,11 @@ class ZeroShotClassificationTask(EvaluationTask):
         modalities: the inputs classified against the one text classifier, among ``image`` and ``audio``; the
             image metrics keep CLIP_benchmark's names (``acc1``, ...), the audio ones are prefixed (``audio_acc1``).
             None: the image, and the audio when the model has it and the data carry it.
+        question: a transformers MoE VLM only: the user's text after the image (None: :attr:`QUESTION`).
     """
+
+    #: the question a transformers MoE VLM answers with each class's templates
+    QUESTION: ClassVar[str] = "What is in the image?"
 
     name = "zeroshot_classification"
     option = "zero_shot"
@@ -472,10 +510,25 @@ class ZeroShotClassificationTask(EvaluationTask):
         templates: Sequence[str] | None = None,
         logit_scale: float = 100.0,
         modalities: Sequence[str] | None = None,
+        question: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._require_clip()
+        from ..models import hf_moe_vlm
+
+        self.processor: Any = None  # a transformers MoE VLM's own processor
+        if hf_moe_vlm.is_hf_moe_vlm(self.model):
+            self.processor = processor_of(self.model, self.model_name, "zero_shot")
+        else:
+            self._require_clip()
+            if question is not None:
+                raise TaskConfigError(
+                    f"eval_task.question applies to transformers' MoE VLMs (mome.models.hf_moe_vlm); {self.model_name} "
+                    f"is a {type(self.model).__name__}"
+                )
+        if question is not None and (not isinstance(question, str) or not question.strip()):
+            raise TaskConfigError(f"eval_task.question must be a non-empty string, got {question!r}")
+        self.question = self.QUESTION if question is None else question
         self.classnames_override = classnames
         self.templates_override = templates
         self.templates: list[str] = []
@@ -492,13 +545,32 @@ class ZeroShotClassificationTask(EvaluationTask):
             raise DataConfigError(f"eval_task=zero_shot needs at least 2 classes, got {self.classnames}")
         known = self.input_modalities
         self.modalities = _input_modalities(self.model, datamodule, self.modalities_override, known, "zero_shot")
+        if self.processor is not None:  # the PIL images, one list entry per sample, for the processor
+            from ..data.questions import collate_questions
+
+            self.check_data(type(datamodule))
+            return [split_loader(datamodule, split, max_samples, collate_fn=collate_questions)]
         return super().dataloaders(datamodule, split, max_samples)
+
+    def bind_data(self, datamodule: MomeDataModule) -> None:
+        """A model with its own processor gets the raw images (``bind_raw``); a CLIP model its transforms."""
+        if self.processor is not None:
+            datamodule.bind_raw()
+        else:
+            super().bind_data(datamodule)
+
+    def on_test_start(self) -> None:
+        if self.processor is not None:
+            self.measure_cost = False  # mome._flops would count a transformers model's experts as dense weights
+        super().on_test_start()
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
+        self.metrics = {m: classification_metrics(len(self.classnames), "").to(self.device) for m in self.modalities}
+        if self.processor is not None:
+            return
         from open_clip import build_zero_shot_classifier
 
-        self.metrics = {m: classification_metrics(len(self.classnames), "").to(self.device) for m in self.modalities}
         with self._routing_paused(self.global_rank != 0):  # the prompts' routing is counted once
             self.classifier = build_zero_shot_classifier(
                 self.model,
@@ -510,12 +582,36 @@ class ZeroShotClassificationTask(EvaluationTask):
             )  # [embed_dim, num_classes]
 
     def evaluate_batch(self, batch: dict[str, Tensor], dataloader_idx: int) -> None:
+        if self.processor is not None:
+            labels = torch.as_tensor(batch["label"], device=self.device)
+            self.metrics["image"].update(self._answer_scores(batch["image"], labels), labels)
+            return
         for modality, metrics in self.metrics.items():
             if modality == "image":
                 features = self.image_features(batch["image"], batch["label"])
             else:
                 features = self.audio_features(batch["audio"])
             metrics.update(self.logit_scale * features @ self.classifier, batch["label"])
+
+    def _answer_scores(self, images: list[Any], labels: Tensor) -> Tensor:
+        """``[B, C]``: each class's mean log-likelihood over its templates, as the answer to each image's question
+        (a transformers MoE VLM); with the routing report, one counted forward of each image's prompt."""
+        from ..models import hf_moe_vlm
+
+        content = [{"type": "image"}, {"type": "text", "text": self.question}]
+        answers = [template.format(name) for name in self.classnames for template in self.templates]  # class-major
+        scores = []
+        for image, label in zip(images, labels, strict=True):
+            with self._routing_paused():  # the answers' pads would be routed and counted
+                log_likelihoods = hf_moe_vlm.answer_log_likelihoods(
+                    self.model, self.processor, content, [image], answers
+                )
+            if self.routing_report:
+                prompt = hf_moe_vlm.chat_prompt(self.processor, content)
+                with torch.no_grad(), self._routing_labels(label[None]):
+                    self.model(**hf_moe_vlm.processor_inputs(self.model, self.processor, [prompt], [image]))
+            scores.append(log_likelihoods.view(len(self.classnames), len(self.templates)).mean(1))  # [C * T] -> [C]
+        return torch.stack(scores)
 
     def compute(self) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -525,12 +621,19 @@ class ZeroShotClassificationTask(EvaluationTask):
         return dict(sorted(results.items()))
 
     def protocol(self) -> dict[str, Any]:
-        return {
+        protocol = {
             "classnames": self.classnames,
             "templates": self.templates,
             "num_templates": len(self.templates),
             "modalities": self.modalities,
         }
+        if self.processor is not None:
+            protocol["scoring"] = (
+                "log-likelihood of each template filled with the class name as the answer to the question, through "
+                "the family's processor (its chat template with the generation prompt); mean over the templates"
+            )
+            protocol["question"] = self.question
+        return protocol
 
 
 class RetrievalTask(EvaluationTask):

@@ -22,7 +22,7 @@ from ..data.conversation import ConversationDataModule
 from ..data.questions import ProcessorQuestions, QuestionSamples, collate_questions
 from . import llava
 from .base import TaskConfigError
-from .eval_tasks import EvaluationTask, split_loader
+from .eval_tasks import EvaluationTask, processor_of, split_loader
 
 __all__ = ["VQAEvalTask"]
 
@@ -53,8 +53,11 @@ class VQAEvalTask(EvaluationTask):
     Qwen3-Omni) answers through its family's processor, the one saved beside its weights
     (:func:`~mome.models.hf_moe_vlm.folder_processor`: a Hub snapshot, a ``save_pretrained`` folder loaded with
     ``model=local-dir:FOLDER``): the question as a user turn of its chat template with the generation prompt,
-    the images through its image processor, greedy transformers ``generate``
-    (:func:`~mome.models.hf_moe_vlm.generate_answer`), one question at a time; scored and written as above. The
+    the images through its image processor, greedy transformers ``generate``; with ``routing_report=false`` the
+    questions of a batch (``data.eval_batch_size``) in one left-padded call
+    (:func:`~mome.models.hf_moe_vlm.generate_answers`, the answers those of one question at a time), otherwise one
+    question at a time (:func:`~mome.models.hf_moe_vlm.generate_answer`; the pads would be routed and counted); scored
+    and written as above. The
     routing report counts its routers (:class:`~mome.lit.routing_report.RoutingRecorder`) with their modality
     (image, text, ...); it has no patch maps, and no ``cost`` is recorded (``mome._flops`` counts mome's MoE
     layers, not these models' experts).
@@ -84,16 +87,7 @@ class VQAEvalTask(EvaluationTask):
 
         self.processor: Any = None  # a transformers MoE VLM's own processor
         if hf_moe_vlm.is_hf_moe_vlm(self.model):
-            self.processor = hf_moe_vlm.folder_processor(self.model, self.model_name)
-            if self.processor is None:
-                folder = getattr(self.model.config, "_name_or_path", "")
-                where = f"in {folder}" if folder else "beside its weights: it was built from a config"
-                raise TaskConfigError(
-                    f"eval_task=vqa: {self.model_name} has no processor (no {' or '.join(hf_moe_vlm.PROCESSOR_FILES)} "
-                    f"{where}): its family's processor (chat template, image handling) generates the answers; load "
-                    "a folder or Hub snapshot with its processor saved beside the weights (model=local-dir:FOLDER, "
-                    "hf_moe_vlm.save_tiny for the tiny models)"
-                )
+            self.processor = processor_of(self.model, self.model_name, "vqa")
         elif not isinstance(self.model, MoELLaVA):
             raise TaskConfigError(
                 f"eval_task=vqa generates answers with a MoE-LLaVA model (moe_llava_*) or a transformers MoE VLM "
@@ -189,14 +183,20 @@ class VQAEvalTask(EvaluationTask):
             )
 
     def _answer_with_processor(self, batch: dict[str, Any]) -> list[tuple[str, bool]]:
-        """A transformers MoE VLM's answers, one question at a time through its processor."""
-        from ..models.hf_moe_vlm import generate_answer
+        """A transformers MoE VLM's answers through its processor: with ``routing_report=false`` the batch's questions
+        in one left-padded ``generate`` call (its routing, pads included, not counted), else one at a time."""
+        from ..models.hf_moe_vlm import generate_answer, generate_answers
 
-        answered = []
-        for content, images, reference in zip(batch["content"], batch["images"], batch["answers"], strict=True):
-            prediction = generate_answer(self.model, self.processor, content, images, self.max_new_tokens)
-            answered.append((prediction, llava.exact_match(prediction, reference)))
-        return answered
+        contents, images, references = batch["content"], batch["images"], batch["answers"]
+        if not self.routing_report:
+            with self._routing_paused():
+                predictions = generate_answers(self.model, self.processor, contents, images, self.max_new_tokens)
+        else:
+            predictions = [
+                generate_answer(self.model, self.processor, content, turn_images, self.max_new_tokens)
+                for content, turn_images in zip(contents, images, strict=True)
+            ]
+        return [(p, llava.exact_match(p, r)) for p, r in zip(predictions, references, strict=True)]
 
     def _answer_llava(self, batch: dict[str, Any]) -> list[tuple[str, bool]]:
         prompts, images, answers = batch["prompt_ids"], batch["prompt_images"], batch["answers"]

@@ -37,11 +37,17 @@ per router call, mome's routing statistics (:mod:`mome.layers.hf_routing`), read
 Modality ids (0 image, 1 text, 2 video, 3 audio) come from the processor's token types
 (``mm_token_type_ids``: 0 text, 1 image, 2 video, 3 audio) when the forward is given them, else from
 ``input_ids`` and the config's image / video / audio token ids (the rule the processors apply).
+
+Evaluation through the family's processor (``mome-eval``, docs/hf_moe_vlms.md): :func:`generate_answers` (greedy
+answers to a batch of chat turns, left-padded) and :func:`answer_log_likelihoods` (``log p(answer | prompt)`` of
+candidate answers, for zero-shot classification by likelihood).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,6 +71,8 @@ __all__ = [
     "FAMILIES",
     "DisabledExperts",
     "HFMoEFamily",
+    "answer_log_likelihoods",
+    "chat_prompt",
     "check_processor",
     "disable_experts",
     "enable_routing_capture",
@@ -73,9 +81,11 @@ __all__ = [
     "family_of",
     "folder_processor",
     "generate_answer",
+    "generate_answers",
     "is_hf_moe_vlm",
     "load_folder",
     "load_processor",
+    "processor_inputs",
     "router_taps",
     "routing_capture",
     "save_tiny",
@@ -460,7 +470,11 @@ def example_inputs(model: nn.Module, batch_size: int = 1, seed: int = 0) -> dict
 # -- routing capture ---------------------------------------------------------------------------------------------
 
 
-def _decoder(family: HFMoEFamily) -> Callable[[nn.Module, Any], tuple[Tensor, Tensor, Tensor, Tensor]]:
+def _decoder(family: HFMoEFamily) -> Callable[[Any, int | None], tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """How the family's router output reads back (when the statistics are read, not in the forward):
+    ``(logits [T, E], probabilities [T, E], chosen experts [T, k], their weights [T, k])``, the probabilities being
+    the router's scores normalised to sum 1."""
+
     def scores_of(logits: Tensor) -> Tensor:
         logits = logits.float()
         if family.score == "softmax":
@@ -470,14 +484,14 @@ def _decoder(family: HFMoEFamily) -> Callable[[nn.Module, Any], tuple[Tensor, Te
 
     if family.router_output == "scores_logits":
 
-        def decode(module: nn.Module, output: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        def decode(output: Any, top_k: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             scores, logits = output
-            index = torch.topk(logits, module.top_k, dim=-1).indices  # the router's own choice (same call)
+            index = torch.topk(logits, top_k, dim=-1).indices  # the router's own choice (its top_k at the call)
             return logits, scores_of(logits), index, scores.gather(-1, index)
 
         return decode
 
-    def decode(module: nn.Module, output: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def decode(output: Any, top_k: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         logits, weights, index = output[:3]
         return logits, scores_of(logits), index, weights
 
@@ -519,15 +533,22 @@ def router_taps(model: nn.Module, block_masks: dict[str, Tensor | None] | None =
     return taps
 
 
-def _ernie_subset(masks: dict[str, Tensor | None], block: str, vision: bool) -> Callable[[], Tensor | None]:
-    def subset() -> Tensor | None:
-        mask = masks.get(block)
-        if mask is None or not bool(mask.any()):
-            return None if not vision else torch.zeros(0, dtype=torch.bool)  # all tokens go to the text experts
-        mask = mask.reshape(-1).bool()
-        return mask if vision else ~mask
+def _ernie_subset(
+    masks: dict[str, Tensor | None], block: str, vision: bool
+) -> Callable[[], Callable[[], Tensor | None]]:
+    def subset() -> Callable[[], Tensor | None]:  # at the router call: the block's mask of this forward, no tensor op
+        return functools.partial(_ernie_rows, masks.get(block), vision)
 
     return subset
+
+
+def _ernie_rows(mask: Tensor | None, vision: bool) -> Tensor | None:
+    """The tokens ``[B * T]`` one of ERNIE's expert sets routes (``mask``: the block's ``moe_mm_token_type_ids``,
+    1 for the vision experts' tokens); None: all of them."""
+    if mask is None or not bool(mask.any()):
+        return None if not vision else torch.zeros(0, dtype=torch.bool)  # all tokens go to the text experts
+    mask = mask.reshape(-1).bool()
+    return mask if vision else ~mask
 
 
 class _Capture:
@@ -549,11 +570,11 @@ class _Capture:
                 block = model.get_submodule(name)
                 self._handles.append(block.register_forward_pre_hook(_mask_hook(masks, name), with_kwargs=True))
 
-        def of(args: tuple, kwargs: dict) -> Tensor | None:
+        def of(args: tuple, kwargs: dict) -> Callable[[], Tensor] | None:  # computed when the statistics are read
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 return None
-            return modality_ids(model, input_ids, kwargs.get("mm_token_type_ids"))
+            return functools.partial(modality_ids, model, input_ids, kwargs.get("mm_token_type_ids"))
 
         self.capture = RoutingCapture(model, taps, of, family.num_modalities)
 
@@ -1140,33 +1161,113 @@ def save_tiny(folder: Any, model_type: str, words: list[str], seed: int = 0) -> 
     return folder
 
 
-@torch.no_grad()
-def generate_answer(
-    model: nn.Module, processor: Any, content: list[dict[str, Any]], images: list[Any], max_new_tokens: int
-) -> str:
-    """The greedy answer of ``model`` to one user turn through its family's ``processor``: ``content`` is the turn
-    in transformers' chat format (``{"type": "image"}`` and ``{"type": "text", "text": ...}`` items, in order) and
-    ``images`` the PIL images of its image items, in order. The processor's chat template (with the generation
-    prompt) gives the text, its image handling the pixel values, placeholders and token types; transformers'
-    ``generate`` decodes greedily at most ``max_new_tokens`` tokens (stopping at the tokenizer's ``eos``), and
-    the new tokens are decoded without special tokens."""
+def chat_prompt(processor: Any, content: list[dict[str, Any]]) -> str:
+    """The text of one user turn through ``processor``'s chat template, with the generation prompt (the assistant's
+    turn opened): ``content`` is the turn in transformers' chat format (``{"type": "image"}`` and
+    ``{"type": "text", "text": ...}`` items, in order)."""
     messages = [{"role": "user", "content": content}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=list(images) or None, return_tensors="pt")
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def processor_inputs(
+    model: nn.Module, processor: Any, texts: list[str], images: list[Any], padding_side: str = "left"
+) -> dict[str, Any]:
+    """The model inputs of ``texts`` (each with its image placeholders) and ``images`` (the PIL images of all texts'
+    image items, in order) through ``processor``: token ids padded on ``padding_side`` with the attention mask zero on
+    the pads, the processor's pixel values, placeholders and token types; tensors on the model's device, floating
+    ones in its dtype (Llama 4's processor gives bfloat16 pixels)."""
+    batch = processor(
+        text=list(texts), images=list(images) or None, padding=True, padding_side=padding_side, return_tensors="pt"
+    )
     weight = next(model.parameters())
-    inputs = {  # the pixel values (and audio features) in the model's dtype (Llama 4's processor gives bfloat16)
+    return {
         key: value.to(weight.device, weight.dtype if value.is_floating_point() else None)
         if isinstance(value, Tensor)
         else value
-        for key, value in inputs.items()
+        for key, value in batch.items()
     }
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    processor: Any,
+    contents: list[list[dict[str, Any]]],
+    images: list[list[Any]],
+    max_new_tokens: int,
+) -> list[str]:
+    """The greedy answers of ``model`` to a batch of user turns through its family's ``processor``, in one
+    transformers ``generate`` call: each turn (``contents[i]``, transformers' chat format) through the processor's
+    chat template with the generation prompt (:func:`chat_prompt`), its PIL images ``images[i]`` through its image
+    handling, the prompts left-padded with the attention mask zero on the pads (:func:`processor_inputs`). At most
+    ``max_new_tokens`` new tokens each (a row stops at the tokenizer's ``eos`` and is padded after it), decoded
+    without special tokens.
+
+    The answers equal those of one turn at a time (``tests/test_hf_moe_vlm_eval.py``): these models route each
+    token alone (no capacity), so a pad changes no other token's experts; the pads are routed too, which a routing
+    count of the batch would include."""
+    if len(contents) != len(images):
+        raise InvalidArgumentError("images", f"one list per turn ({len(contents)})", len(images), "generate_answers")
+    if not contents:
+        return []
+    texts = [chat_prompt(processor, content) for content in contents]
+    inputs = processor_inputs(model, processor, texts, [image for turn in images for image in turn], "left")
     tokenizer = processor.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
     )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]  # [1, <= max_new_tokens]
-    return processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]  # [B, <= max_new_tokens]
+    return [answer.strip() for answer in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate_answer(
+    model: nn.Module, processor: Any, content: list[dict[str, Any]], images: list[Any], max_new_tokens: int
+) -> str:
+    """The greedy answer of ``model`` to one user turn through its family's ``processor`` (:func:`generate_answers`
+    of a batch of one: no padding): ``content`` is the turn in transformers' chat format and ``images`` the PIL
+    images of its image items, in order."""
+    return generate_answers(model, processor, [content], [list(images)], max_new_tokens)[0]
+
+
+@torch.no_grad()
+def answer_log_likelihoods(
+    model: nn.Module, processor: Any, content: list[dict[str, Any]], images: list[Any], answers: list[str]
+) -> Tensor:
+    """``[A]``: the log-likelihood of each of ``answers`` as the assistant's reply to one user turn,
+    ``log p(a | prompt) = sum_t log p(a_t | prompt, a_<t)`` over the answer's tokens, the prompt being the turn
+    through the family's ``processor`` (:func:`chat_prompt`, with its images). The answers are scored in one
+    forward (the prompt followed by each answer, right-padded, the attention mask zero on the pads); a generative
+    VLM classifies an image by the class whose answer is the most likely.
+
+    Raises:
+        InvalidArgumentError: an answer with no token, or one whose tokens do not follow the prompt's (a tokenizer
+            that merges the prompt's last token with the answer's first).
+    """
+    if not answers:
+        raise InvalidArgumentError("answers", "at least one answer to score", answers, "answer_log_likelihoods")
+    images = list(images)
+    prompt = chat_prompt(processor, content)
+    prompt_ids = processor_inputs(model, processor, [prompt], images)["input_ids"][0]  # [P]
+    inputs = processor_inputs(model, processor, [prompt + answer for answer in answers], images * len(answers), "right")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]  # [A, L]
+    num_prompt = prompt_ids.shape[0]
+    lengths = mask.sum(1)  # [A]
+    broken = [a for a, row in zip(answers, ids, strict=True) if not torch.equal(row[:num_prompt], prompt_ids)]
+    empty = [a for a, length in zip(answers, lengths.tolist(), strict=True) if length <= num_prompt]
+    if broken or empty:
+        what = "answers whose tokens follow the prompt's" if broken else "answers of at least one token"
+        raise InvalidArgumentError("answers", what, broken or empty, "answer_log_likelihoods")
+    keep = ids.shape[1] - num_prompt + 1  # the logits predicting the answers' tokens: positions P - 1 ... L - 1
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(**inputs, logits_to_keep=keep).logits  # [A, keep, V]
+    else:  # Qwen3-Omni's Thinker computes them all
+        logits = model(**inputs).logits[:, -keep:]  # [A, L, V] -> [A, keep, V]
+    log_probs = logits[:, :-1].float().log_softmax(-1)  # [A, L - P, V]: predicting tokens P ... L - 1
+    targets = ids[:, num_prompt:]  # [A, L - P]
+    token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1)  # [A, L - P]
+    positions = torch.arange(num_prompt, ids.shape[1], device=ids.device)  # [L - P]
+    return (token_log_probs * (positions[None, :] < lengths[:, None])).sum(1)  # the answers' tokens, not the pads
 
 
 def _register_tiny(model_type: str) -> None:
