@@ -388,3 +388,4 @@ def test_few_token_path_keeps_capacity_semantics(monkeypatch):
         assert taken == [1]
         layer(torch.randn(1, 4, 16))  # capacity 1 < 4 tokens: drops are possible
         assert taken == [1]
+

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -36,7 +37,7 @@ def test_bench_quick_layers_and_peers(tmp_path):
     assert rows["soft", "mome SoftMoE"]["forward_backward_s"] > 0
     assert all("note" in row for row in results["layers"] if not row.get("forward_s"))  # skipped: says why
     statuses = {check["status"] for check in results["targets"]}
-    assert results["targets"] and statuses <= {"PASS", "MISS", "n/a"}
+    assert results["targets"] and statuses <= {"PASS", "PASS (spread)", "MISS", "n/a"}
     saved = json.loads(out_json.read_text())
     assert saved["environment"]["torch"] and len(saved["layers"]) == len(results["layers"])
     text = out_md.read_text()
@@ -161,6 +162,35 @@ def test_bench_profile_names_where_the_time_goes():
         bench.main(["--profile", "64:4"])
 
 
+def test_bench_profile_model_profiles_a_warm_training_step_of_the_model_and_its_twin(capsys):
+    bench = load("bench")
+    name = "vmoe_tiny_patch8_e4"
+    tables = bench.main(["--profile-model", name, "--batch-size", "2", "--threads", "1"])
+    assert set(tables) == {name, f"{name} dense twin"}
+    assert all(0 < share <= 1 for _, _, share in tables[name])
+    assert "one warm training step" in capsys.readouterr().out
+
+
+def test_bench_grouped_only_candidate_turns_the_per_expert_loop_off(monkeypatch):
+    """The benchmark's grouped-matmul-only row computes the same layer without the CPU per-expert loop."""
+    bench = load("bench")
+    from mome.layers import experts as experts_module
+
+    shape = bench.LayerShape.parse("64:2:2:16", dim=16)
+    monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", 16)  # 64 * 2 / 2 = 64 rows per expert: the loop
+    candidates = bench.layer_candidates(shape, peers=False)
+    torch.manual_seed(0)
+    grouped = candidates[bench.GROUPED_ONLY]()
+    taken = []
+    loop = experts_module._PerExpertFFN.apply
+    monkeypatch.setattr(experts_module._PerExpertFFN, "apply", lambda *a: taken.append(1) or loop(*a))
+    x = torch.randn(1, 64, 16)
+    grouped(x)
+    assert taken == [] and experts_module.PER_EXPERT_MIN_ROWS == 16
+    torch.testing.assert_close(grouped(x), grouped.module(x), atol=1e-5, rtol=1e-5)
+    assert taken == [1]  # the plain module takes the loop
+
+
 def test_bench_markdown_is_generated_whole_and_a_hand_written_file_is_never_overwritten(tmp_path):
     bench = load("bench")
     analysis = tmp_path / "performance.md"
@@ -260,6 +290,9 @@ def test_bench_ratio_range_compares_round_by_round():
     assert bench.ratio_range({"step_s_rounds": [1.0]}, {"step_s_rounds": [1.0]}, "step_s") is None
     check = bench._check("x", out, "ratio", 1.5)
     assert check["status"] == "MISS" and check["value_range"] == [1.0, 2.0]
+    # against a peer, a median above the limit whose spread reaches it passes "within the spread"
+    assert bench._check("x", out, "ratio", 1.5, within_spread=True)["status"] == "PASS (spread)"
+    assert bench._check("x", out, "ratio", 0.9, within_spread=True)["status"] == "MISS"
 
 
 def test_compress_study_tests_every_compressed_model_and_writes_the_table(tmp_path, capsys):
@@ -344,3 +377,12 @@ def test_bench_quantize_reports_each_mode_and_the_zero_shot_accuracy(tmp_path, c
     assert "| model | mode | batch 1 tokens/s | batch 8 tokens/s |" in text
     assert text in capsys.readouterr().out
     assert json.loads(out_json.read_text())["zero_shot"]["steps"] == 2
+
+
+def test_weight_traffic_prints_the_bound_and_the_measured_layer(capsys):
+    tool = load("weight_traffic")
+    rows = tool.main(["--shapes", "16:4:2", "--dim", "32", "--repeats", "1", "--threads", "1"])
+    (row,) = rows
+    assert row["weights_mb"] == 4 * 4 * 3 * 32 * 64 / 1e6  # E * (2H*D + D*H) fp32 weights, H = 4D/k
+    assert row["bound_s"] > 0 and row["measured_s"] > 0
+    assert "GB/s" in capsys.readouterr().out

@@ -67,6 +67,28 @@ def recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_CAPACITIES: dict[tuple[int, int, float, int, int], int] = {}
+
+
+def _cached_capacity(num_assignments: int, num_experts: int, factor: float, multiple_of: int, min_capacity: int) -> int:
+    """:func:`compute_capacity`, remembered (its argument checks cost more than a decoding step's router): a layer
+    asks for the same few shapes every forward pass."""
+    if torch.compiler.is_compiling():
+        return compute_capacity(
+            num_assignments, num_experts, factor, multiple_of=multiple_of, min_capacity=min_capacity
+        )
+    key = (num_assignments, num_experts, factor, multiple_of, min_capacity)
+    capacity = _CAPACITIES.get(key)
+    if capacity is None:
+        capacity = compute_capacity(
+            num_assignments, num_experts, factor, multiple_of=multiple_of, min_capacity=min_capacity
+        )
+        if len(_CAPACITIES) >= 4096:
+            _CAPACITIES.clear()
+        _CAPACITIES[key] = capacity
+    return capacity
+
+
 class RoutedLayer(nn.Module):
     """Base of every layer that routes tokens: holds the per-forward aux losses and statistics.
 
@@ -85,12 +107,12 @@ class RoutedLayer(nn.Module):
 
     def defer_routing_stats(self, compute: Callable[[], dict[str, Tensor]]) -> None:
         """The statistics of this forward are ``compute()``, called (without grad) when they are first read."""
-        self._pending_stats = compute
+        self.__dict__["_pending_stats"] = compute  # a plain attribute: skip nn.Module.__setattr__'s checks
 
     def defer_aux_losses(self, compute: Callable[[], dict[str, Tensor]]) -> None:
         """The aux losses of this forward are ``compute()``, called when first read (for a forward without autograd,
         whose losses are values only)."""
-        self._pending_losses = compute
+        self.__dict__["_pending_losses"] = compute
 
     @property
     def last_aux_losses(self) -> dict[str, Tensor]:
@@ -242,13 +264,8 @@ class MoE(RoutedLayer):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is None:
             return None
-        return compute_capacity(
-            num_tokens * self.router.top_k,
-            self.num_experts,
-            factor,
-            multiple_of=self.capacity_multiple,
-            min_capacity=self.min_capacity,
-        )
+        num_assignments = num_tokens * self.router.top_k
+        return _cached_capacity(num_assignments, self.num_experts, factor, self.capacity_multiple, self.min_capacity)
 
     def forward(self, x: Tensor, modality_ids: Tensor | None = None, token_ids: Tensor | None = None) -> Tensor:
         """``x [..., D] -> [..., D]``; ``modality_ids`` and ``token_ids`` are ``x.shape[:-1]``.
@@ -257,21 +274,22 @@ class MoE(RoutedLayer):
         integer dtype, values in ``[0, num_modalities)``); the router checks what it indexes with.
         """
         owner = type(self).__name__
-        check_token_batch("x", x, self.experts.dim, dtype=layer_dtype(x, self.experts.w_in), owner=owner)
+        experts, router = self.experts, self.router  # one module lookup each
+        check_token_batch("x", x, experts.dim, dtype=layer_dtype(x, experts.w_in), owner=owner)
         if "sequence_balance" in self.aux_loss_weights and x.dim() < 3:
-            expected = f"a [B, T, {self.experts.dim}] tensor (the sequence_balance loss is computed per sequence)"
+            expected = f"a [B, T, {experts.dim}] tensor (the sequence_balance loss is computed per sequence)"
             raise InvalidInputError("x", expected, f"shape {tuple(x.shape)}", owner)
         tokens = x.reshape(-1, x.shape[-1])  # [T, D]
         # The router re-checks the range of the ids it indexes with: read the values once when its bound is as tight.
-        router_modalities = getattr(self.router, "num_modalities", None)
+        router_modalities = getattr(router, "num_modalities", None)
         check_range = router_modalities is None or router_modalities > self.num_modalities
         modality = check_modality_ids(modality_ids, x.shape[:-1], self.num_modalities, owner, check_range=check_range)
         if modality is None and self.default_modality is not None:
             modality = torch.full(tokens.shape[:1], self.default_modality, dtype=torch.long, device=x.device)
-        if token_ids is None and isinstance(self.router, HashRouter):
+        if token_ids is None and isinstance(router, HashRouter):
             # Without vocabulary ids, hash the position within the sequence.
             if x.dim() < 2:
-                expected = f"a [..., N, {self.experts.dim}] tensor (hash routing of positions; or give token_ids)"
+                expected = f"a [..., N, {experts.dim}] tensor (hash routing of positions; or give token_ids)"
                 raise InvalidInputError("x", expected, f"shape {tuple(x.shape)}", owner)
             token_ids = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1])  # [..., N]
         elif token_ids is not None and isinstance(token_ids, Tensor) and tuple(token_ids.shape) != x.shape[:-1]:
@@ -280,19 +298,20 @@ class MoE(RoutedLayer):
         if isinstance(token_ids, Tensor):
             token_ids = token_ids.reshape(-1)  # [T]
         num_groups = self._num_groups(tokens.shape[0])
-        routing = self.router(tokens, modality_ids=modality, token_ids=token_ids)
+        routing = router(tokens, modality_ids=modality, token_ids=token_ids)
         requested = (~routing.dropped).sum()
         group_length = tokens.shape[0] // num_groups
         capacity = self.capacity(group_length)
         # A token picks k distinct experts, so no expert gets more than group_length assignments of a group: a
         # capacity of at least that drops nothing.
         no_drops = routing.capacity is None and (capacity is None or capacity >= group_length)
-        if no_drops and self.experts.serves_few_tokens and use_few_token_path(tokens, routing):
-            routing = weigh_kept(routing, routing.dropped)
-            out = self.experts.forward_few(tokens, routing)
+        if no_drops and experts.serves_few_tokens and use_few_token_path(tokens, routing):
+            if routing.dropped.any():  # on CPU: nothing to wait for. Without drops the weights are as routed.
+                routing = weigh_kept(routing, routing.dropped)
+            out = experts.forward_few(tokens, routing)
         else:
             routing, plan = plan_dispatch(routing, capacity, num_groups)
-            out = self.experts(tokens, routing, plan, self.dispatch)
+            out = experts(tokens, routing, plan, self.dispatch)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         self._record(routing, requested, num_groups, x.shape[-2] if x.dim() >= 3 else None)
@@ -409,9 +428,15 @@ def record_routing(
         with torch.no_grad():
             layer.router.record_load(routing.expert_index)
     # What the statistics read, without the autograd graph (kept until the next forward, not computed until read).
-    kept = Routing(
-        routing.expert_index, routing.combine_weights.detach(), routing.dropped, probs.detach(), modality_ids=modality
-    )
+    kept = routing
+    if probs.requires_grad:
+        kept = Routing(
+            routing.expert_index,
+            routing.combine_weights.detach(),
+            routing.dropped,
+            probs.detach(),
+            modality_ids=modality,
+        )
 
     def statistics() -> dict[str, Tensor]:
         stats = routing_statistics(kept, requested, num_modalities)

@@ -405,8 +405,9 @@ class GShardTop2Router(TopKRouter):
         if self.sample_second:
             zero, one = torch.zeros((), device=logits.device), torch.ones((), device=logits.device)
             second_scores = logits + torch.distributions.Gumbel(zero, one).rsample(logits.shape)
-        taken = first.unsqueeze(-1) == torch.arange(self.num_experts, device=first.device)  # [T, E] one-hot, no sync
-        second = second_scores.masked_fill(taken, float("-inf")).argmax(dim=-1)  # [T]
+        # the first choice's score at -inf: [T, E]
+        second_scores = second_scores.scatter(-1, first.unsqueeze(-1), float("-inf"))
+        second = second_scores.argmax(dim=-1)  # [T]
         index = torch.stack([first, second], dim=-1)  # [T, 2]
         chosen = probs.gather(-1, index)  # [T, 2]
         return Routing(
