@@ -4,7 +4,7 @@ import pytest
 import torch
 from reference import naive_moe
 
-from mome.layers import Experts, TopKRouter, plan_dispatch
+from mome.layers import Experts, SparseMoE, TopKRouter, plan_dispatch
 
 
 def naive_capacity_drops(expert_index, priority, capacity, num_experts):
@@ -292,12 +292,12 @@ def test_the_per_expert_loop_is_chosen_by_shape_and_device_only():
 
     weight = torch.zeros(8, 32, 16)
     many, few = torch.zeros(PER_EXPERT_MIN_ROWS * 8, 16), torch.zeros(PER_EXPERT_MIN_ROWS * 8 - 1, 16)
-    assert use_per_expert_loop(many, 8, weight)
-    assert not use_per_expert_loop(few, 8, weight)
-    assert not use_per_expert_loop(many.to("meta"), 8, weight.to("meta"))  # an accelerator: grouped matmul
-    assert not use_per_expert_loop(many.bfloat16(), 8, weight)  # mixed dtypes
+    assert use_per_expert_loop(len(many), 8, many, weight)
+    assert not use_per_expert_loop(len(few), 8, few, weight)
+    assert not use_per_expert_loop(len(many), 8, many.to("meta"), weight.to("meta"))  # an accelerator: grouped matmul
+    assert not use_per_expert_loop(len(many), 8, many.bfloat16(), weight)  # mixed dtypes
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not use_per_expert_loop(many, 8, weight)
+        assert not use_per_expert_loop(len(many), 8, many, weight)
 
 
 # ------------------------------------------------------------------ the few-token path (CPU inference, decoding)
@@ -389,3 +389,42 @@ def test_few_token_path_keeps_capacity_semantics(monkeypatch):
         layer(torch.randn(1, 4, 16))  # capacity 1 < 4 tokens: drops are possible
         assert taken == [1]
 
+
+@pytest.mark.parametrize("gated,bias", [(False, True), (True, False)])
+def test_per_expert_loop_on_sorted_rows_matches_the_grouped_matmul(gated, bias, monkeypatch):
+    """``forward_grouped`` (rows already sorted by expert: the expert-parallel exchange and the bf16 dispatch take it)
+    computes the same with the per-expert loop, forward and backward, empty experts included."""
+    from mome.layers import experts as experts_module
+
+    torch.manual_seed(6)
+    act = torch.nn.SiLU if gated else torch.nn.GELU
+    experts = Experts(4, 16, 32, gated=gated, bias=bias, act_layer=act)
+    group_sizes = torch.tensor([5, 0, 7, 3])
+    rows = torch.randn(15, 16)
+    upstream = torch.randn(15, 16)
+    results = {}
+    for path, min_rows in (("grouped", 10**9), ("loop", 0)):
+        monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", min_rows)
+        inputs = rows.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        (experts.forward_grouped(inputs, group_sizes) * upstream).sum().backward()
+        results[path] = [inputs.grad] + [p.grad for p in experts.parameters()]
+        results[path].append(experts.forward_grouped(rows, group_sizes).detach())
+    for got, want in zip(results["loop"], results["grouped"]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert results["loop"][1][1].abs().sum() == 0, "an expert without rows gets a zero weight gradient"
+
+
+def test_bf16_dispatch_takes_the_per_expert_loop_on_sorted_rows(monkeypatch):
+    """With ``dispatch_dtype`` the rows are rounded before the experts: the loop then runs on the sorted rows, and the
+    layer equals its grouped-matmul computation."""
+    from mome.layers import experts as experts_module
+
+    torch.manual_seed(7)
+    layer = SparseMoE(16, 32, 4, 2, dispatch_dtype="bfloat16")
+    x = torch.randn(2, 8, 16)
+    outputs = {}
+    for path, min_rows in (("grouped", 10**9), ("loop", 0)):
+        monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", min_rows)
+        outputs[path] = layer(x)
+    torch.testing.assert_close(outputs["loop"], outputs["grouped"], atol=1e-5, rtol=1e-5)

@@ -184,25 +184,26 @@ def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     return torch.cat(chunks)
 
 
-#: Rows per expert, on average, from which :meth:`Experts.forward_grouped` runs :class:`_PerExpertFFN` on CPU.
+#: Rows per expert, on average, from which the sorted dispatch runs :class:`_PerExpertFFN` on CPU.
 PER_EXPERT_MIN_ROWS = 256
 
 
-def use_per_expert_loop(rows: Tensor, num_experts: int, *weights: Tensor) -> bool:
-    """Whether :meth:`Experts.forward_grouped` computes expert by expert (:class:`_PerExpertFFN`) rather than by
-    grouped matmul: on CPU, eager (not compiling, no autocast), float weights of the rows' dtype, and at least
-    :data:`PER_EXPERT_MIN_ROWS` rows per expert on average (``R >= 256 E``, a rule on the shape alone: deciding
-    reads no device value).
+def use_per_expert_loop(num_rows: int, num_experts: int, x: Tensor, *weights: Tensor) -> bool:
+    """Whether the sorted dispatch computes expert by expert (:class:`_PerExpertFFN`) rather than by grouped
+    matmul: for inputs ``x`` on CPU, eager (not compiling, no autocast), float weights of ``x``'s dtype, and at least
+    :data:`PER_EXPERT_MIN_ROWS` rows per expert on average (``R >= 256 E``, a rule on the shape alone: deciding reads
+    no device value).
 
-    Each expert's FFN then runs whole while its hidden rows are in cache; the grouped matmul finishes every expert's
-    first projection before any activation. ``python tools/bench.py --only layers --shapes 4096:8:2`` compares the two
-    (docs/performance.md); below the threshold the grouped matmul's single call wins.
+    Each expert's gather, FFN and weighted scatter then run back to back while its rows are in cache; the grouped
+    matmul finishes every expert's first projection before any activation. ``python tools/bench.py --only layers
+    --shapes 4096:8:2`` compares the two (its "grouped matmul only" row, docs/performance.md); below the threshold the
+    grouped matmul's single call wins.
     """
-    if rows.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if any(weight.dtype != rows.dtype or is_quantized(weight) for weight in weights):
+    if any(weight.dtype != x.dtype or is_quantized(weight) for weight in weights):
         return False
-    return rows.shape[0] >= PER_EXPERT_MIN_ROWS * num_experts
+    return num_rows >= PER_EXPERT_MIN_ROWS * num_experts
 
 
 #: At most this many assignments (tokens x k) take :meth:`Experts.forward_few` (decoding a few sequences).
@@ -222,30 +223,42 @@ def use_few_token_path(tokens: Tensor, routing: Routing) -> bool:
 
 
 class _PerExpertFFN(torch.autograd.Function):
-    """``out[r] = act(rows[r] W_in[e]^T + b_in[e]) W_out[e]^T + b_out[e]`` for the rows ``r`` of each expert ``e``,
-    one expert at a time, forward and backward.
+    """The experts one at a time, forward and backward: for the rows ``r`` of each expert ``e``,
+    ``y[r] = act(x[r] W_in[e]^T + b_in[e]) W_out[e]^T + b_out[e]``.
 
-    A CPU path (see :func:`use_per_expert_loop`): the host knows the group sizes at no cost there, and running
-    each expert's two projections and activation back to back keeps its ``[n_e, H]`` hidden rows in cache, where
-    the grouped matmul writes the whole ``[R, H]`` hidden tensor before activating it. The backward writes each
-    expert's weight gradient straight into its slice of one ``[E, out, in]`` tensor, in the parameter's layout, and
-    recomputes the activation from the saved pre-activation (so it saves ``[R, D]`` and ``[R, H']`` only).
+    Two forms: ``row_token is None``, where ``x`` is ``tokens`` (rows already sorted by expert) and ``y`` is the
+    output; or the whole dispatch, where row ``r`` is token ``row_token[r]`` gathered per expert and the output is
+    ``out[t] = sum_{r: row_token[r] = t} row_weight[r] y[r]``, so the ``[R, D]`` gathered rows and weighted outputs
+    are never materialised for the whole layer.
+
+    A CPU path (see :func:`use_per_expert_loop`): the host knows the group sizes at no cost there, and running each
+    expert's gather, projections, activation and weighted scatter back to back keeps its rows in cache, where the
+    grouped matmul writes the whole ``[R, H]`` hidden tensor before activating it. The backward writes each
+    expert's weight gradient straight into its slice of one ``[E, out, in]`` tensor, in the parameter's layout,
+    and recomputes the activation from the saved pre-activation (it saves the ``[R, H']`` pre-activation, and the
+    ``[R, D]`` unweighted outputs for the weights' gradient).
     """
 
     @staticmethod
-    def forward(ctx, rows, w_in, b_in, w_out, b_out, sizes: list[int], activate):
-        hidden = rows.new_empty(rows.shape[0], w_in.shape[1])  # [R, H'] pre-activation
-        out = rows.new_empty(rows.shape[0], w_out.shape[1])  # [R, D]
+    def forward(ctx, tokens, row_token, row_weight, w_in, b_in, w_out, b_out, sizes: list[int], activate):
+        num_rows = tokens.shape[0] if row_token is None else row_token.shape[0]
+        hidden = tokens.new_empty(num_rows, w_in.shape[1])  # [R, H'] pre-activation
+        expert_out = tokens.new_empty(num_rows, w_out.shape[1])  # [R, D] unweighted
+        out = expert_out if row_token is None else torch.zeros_like(tokens)  # [R, D] or [T, D]
         start = 0
         for expert, count in enumerate(sizes):
             if count == 0:
                 continue
             stop = start + count
+            rows = tokens[start:stop] if row_token is None else tokens.index_select(0, row_token[start:stop])
             pre = hidden[start:stop]
-            _linear_into(pre, rows[start:stop], w_in[expert], None if b_in is None else b_in[expert])
-            _linear_into(out[start:stop], activate(pre), w_out[expert], None if b_out is None else b_out[expert])
+            _linear_into(pre, rows, w_in[expert], None if b_in is None else b_in[expert])
+            y = expert_out[start:stop]
+            _linear_into(y, activate(pre), w_out[expert], None if b_out is None else b_out[expert])
+            if row_token is not None:
+                out.index_add_(0, row_token[start:stop], y * row_weight[start:stop, None])
             start = stop
-        ctx.save_for_backward(rows, w_in, w_out, hidden)
+        ctx.save_for_backward(tokens, row_token, row_weight, w_in, w_out, hidden, expert_out)
         ctx.sizes, ctx.activate = sizes, activate
         ctx.has_bias = (b_in is not None, b_out is not None)
         return out
@@ -253,41 +266,52 @@ class _PerExpertFFN(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        rows, w_in, w_out, hidden = ctx.saved_tensors
-        need_rows, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
+        tokens, row_token, row_weight, w_in, w_out, hidden, expert_out = ctx.saved_tensors
+        need_tokens, _, need_weight, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:7]
         grad = grad.contiguous()
         missing = any(count == 0 for count in ctx.sizes)  # an expert without rows gets a zero gradient
         new = torch.zeros_like if missing else torch.empty_like
-        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_tokens = None
+        if need_tokens:
+            grad_tokens = torch.empty_like(tokens) if row_token is None else torch.zeros_like(tokens)
+        grad_weight = torch.empty_like(row_weight) if need_weight else None
         grad_w_in = new(w_in) if need_w_in else None
         grad_w_out = new(w_out) if need_w_out else None
-        grad_b_in = rows.new_zeros(w_in.shape[:2]) if need_b_in else None  # [E, H']
-        grad_b_out = rows.new_zeros(w_out.shape[:2]) if need_b_out else None  # [E, D]
+        grad_b_in = tokens.new_zeros(w_in.shape[:2]) if need_b_in else None  # [E, H']
+        grad_b_out = tokens.new_zeros(w_out.shape[:2]) if need_b_out else None  # [E, D]
         start = 0
         for expert, count in enumerate(ctx.sizes):
             if count == 0:
                 continue
             stop = start + count
-            grad_out = grad[start:stop]  # [n, D]
+            if row_token is None:
+                grad_y = grad[start:stop]  # [n, D]
+            else:
+                index = row_token[start:stop]
+                grad_y = grad.index_select(0, index)  # dL/d(w y) of the expert's rows
+                if need_weight:
+                    torch.sum(grad_y * expert_out[start:stop], -1, out=grad_weight[start:stop])
+                grad_y.mul_(row_weight[start:stop, None])  # dL/dy
             with torch.enable_grad():
                 pre = hidden[start:stop].detach().requires_grad_(True)
                 activated = ctx.activate(pre)  # [n, H]
             if need_w_out:
-                torch.mm(grad_out.t(), activated.detach(), out=grad_w_out[expert])  # [D, n] x [n, H]
+                torch.mm(grad_y.t(), activated.detach(), out=grad_w_out[expert])  # [D, n] x [n, H]
             if need_b_out:
-                torch.sum(grad_out, 0, out=grad_b_out[expert])
-            if not (need_rows or need_w_in or need_b_in):
-                start = stop
-                continue
-            (grad_pre,) = torch.autograd.grad(activated, pre, grad_out @ w_out[expert])  # [n, H']
-            if need_w_in:
-                torch.mm(grad_pre.t(), rows[start:stop], out=grad_w_in[expert])  # [H', n] x [n, D]
-            if need_b_in:
-                torch.sum(grad_pre, 0, out=grad_b_in[expert])
-            if need_rows:
-                torch.mm(grad_pre, w_in[expert], out=grad_rows[start:stop])  # [n, H'] x [H', D]
+                torch.sum(grad_y, 0, out=grad_b_out[expert])
+            if need_tokens or need_w_in or need_b_in:
+                (grad_pre,) = torch.autograd.grad(activated, pre, grad_y @ w_out[expert])  # [n, H']
+                if need_w_in:
+                    rows = tokens[start:stop] if row_token is None else tokens.index_select(0, index)
+                    torch.mm(grad_pre.t(), rows, out=grad_w_in[expert])  # [H', n] x [n, D]
+                if need_b_in:
+                    torch.sum(grad_pre, 0, out=grad_b_in[expert])
+                if need_tokens and row_token is None:
+                    torch.mm(grad_pre, w_in[expert], out=grad_tokens[start:stop])  # [n, H'] x [H', D]
+                elif need_tokens:
+                    grad_tokens.index_add_(0, index, grad_pre @ w_in[expert])
             start = stop
-        return grad_rows, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None
+        return grad_tokens, None, grad_weight, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None
 
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -435,9 +459,9 @@ class Experts(nn.Module):
         num_rows = rows.shape[0]
         rows = round_through(rows, self.dispatch_dtype)
         w_in, w_out = self.dense_weights()
-        if use_per_expert_loop(rows, self.num_experts, w_in, w_out):
+        if use_per_expert_loop(num_rows, self.num_experts, rows, w_in, w_out):
             sizes = group_sizes.tolist()  # on CPU: no device to wait for
-            out = _PerExpertFFN.apply(rows, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
+            out = _PerExpertFFN.apply(rows, None, None, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
             return round_through(out, self.dispatch_dtype)
         group_ends = group_sizes.cumsum(0)
         hidden = grouped_matmul(rows, w_in, group_ends)  # [R, H or 2H]
@@ -522,6 +546,11 @@ class Experts(nn.Module):
         group_sizes[-1] += plan.num_rows - group_sizes.sum()
         row_token = rows // top_k  # [R]
         row_weight = routing.combine_weights.reshape(-1)[rows].to(tokens.dtype)  # [R]
+        w_in, w_out = self.dense_weights()
+        if self.dispatch_dtype is None and use_per_expert_loop(plan.num_rows, self.num_experts, tokens, w_in, w_out):
+            sizes = group_sizes.tolist()  # on CPU: no device to wait for
+            args = (tokens, row_token, row_weight, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
+            return _PerExpertFFN.apply(*args)  # gather, experts and weighted scatter, expert by expert
         expert_out = self.forward_grouped(tokens.index_select(0, row_token), group_sizes)  # [R, D]
         out = torch.zeros_like(tokens)
         return out.index_add_(0, row_token, expert_out * row_weight.unsqueeze(-1))
