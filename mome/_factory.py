@@ -38,7 +38,14 @@ from ._errors import (
     UnsupportedOptionError,
 )
 from ._formats import DEFAULT_CONVERTERS, FORMAT_DESCRIPTIONS, FORMATS, detect_format
-from ._hub import CHECKPOINT_HINT, fetch_checkpoint, hub_download, hub_snapshot, transformers_source
+from ._hub import (
+    CHECKPOINT_HINT,
+    TRANSFORMERS_PATTERNS,
+    fetch_checkpoint,
+    hub_download,
+    hub_snapshot,
+    transformers_source,
+)
 from ._loading import DevicePlacement, build_empty, load_into_empty, resolve_device_map
 from ._pretrained import CFG_FIELDS, PretrainedCfg
 from ._quantize import quantize_from_config
@@ -259,15 +266,45 @@ def load_empty_from_file(
     _load_empty(model, path, source_format, converter, dict(converter_options or {}), allow_non_finite, placement)
 
 
-def _snapshot(repo_id: str, cache_dir: str | Path | None, local_files_only: bool = False) -> Path:
-    """The ``config.json`` + safetensors of a saved-folder Hub repo."""
-    return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
+def _snapshot(repo_id: str, model_name: str, cache_dir: str | Path | None, local_files_only: bool = False) -> Path:
+    """The ``config.json`` + safetensors of a saved-folder Hub repo (errors name ``model_name``)."""
+    try:
+        return hub_snapshot(repo_id, [CONFIG_NAME, "*.safetensors"], cache_dir, local_files_only=local_files_only)
+    except PretrainedUnavailableError as err:
+        raise PretrainedUnavailableError(f"{model_name}: {err}") from err
 
 
 def _is_transformers_vlm_folder(folder: Path) -> bool:
     from .models.hf_moe_vlm import transformers_folder_family
 
     return transformers_folder_family(folder) is not None
+
+
+def _transformers_vlm_snapshot(
+    repo_id: str, model_name: str, cache_dir: str | Path | None, local_files_only: bool
+) -> Path:
+    """The snapshot of a Hub repo of a transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`), whole: its config,
+    safetensors weights, processor and tokenizer files (:data:`~mome._hub.TRANSFORMERS_PATTERNS`), through
+    huggingface_hub's cache, offline-aware. Every weights file the folder needs
+    (:func:`~mome.models.hf_moe_vlm.weights_files`) must be there; one that is not (a cache that lost it, with no
+    listing of the repo to tell) is fetched alone, which offline raises the one-line error naming the repo and the
+    file.
+
+    Raises:
+        PretrainedUnavailableError: the repo, or one of its files, is not cached and cannot be fetched; the message
+            names ``model_name``, the repo and the file, and the ``hf download`` command that pre-fetches it.
+    """
+    from .models.hf_moe_vlm import weights_files
+
+    options = {"local_files_only": local_files_only}
+    try:
+        folder = hub_snapshot(repo_id, TRANSFORMERS_PATTERNS, cache_dir, **options)
+        for file in weights_files(folder):
+            if not (folder / file).is_file():
+                hub_download(repo_id, file, cache_dir, **options)
+    except PretrainedUnavailableError as err:
+        raise PretrainedUnavailableError(f"{model_name}: {err}") from err
+    return folder
 
 
 def _transformers_vlm_folder(folder: Path, model_name: str, options: dict[str, Any]) -> nn.Module:
@@ -324,9 +361,11 @@ def create_model(
     Args:
         model_name: ``arch``, ``arch.tag``, ``local-dir:/saved/folder`` or ``hf-hub:org/repo``; a saved
             folder is built from its ``config.json`` (``kwargs`` override its ``model_args``) and its
-            ``model.safetensors`` is always loaded (``pretrained`` is not needed). A ``local-dir:`` folder that
-            transformers' ``save_pretrained`` wrote for one of transformers' MoE VLM families
-            (:mod:`mome.models.hf_moe_vlm`) is loaded by the family class's ``from_pretrained``.
+            ``model.safetensors`` is always loaded (``pretrained`` is not needed). A ``local-dir:`` folder or an
+            ``hf-hub:`` repo that transformers' ``save_pretrained`` wrote for one of transformers' MoE VLM families
+            (:mod:`mome.models.hf_moe_vlm`) is loaded by the family class's ``from_pretrained``; of such a repo the
+            whole snapshot is fetched (config, weights, processor and tokenizer files), so that its processor is
+            found beside the weights.
         pretrained: load the card's weights (``file``, ``hf_hub_id`` via ``huggingface_hub``, or ``url``),
             sha256-checked before loading and converted first when the card's format is not mome's.
         pretrained_cfg_overlay: card fields to override, e.g. ``dict(file="w.safetensors")``.
@@ -391,8 +430,14 @@ def create_model(
             why = "no weights are loaded (no pretrained=True or checkpoint_path=)"
             raise UnsupportedOptionError("allow_non_finite", "create_model", why, True)
     else:
-        folder = Path(name).expanduser() if source == "local-dir" else _snapshot(name, cache_dir, local_files_only)
-        if source == "local-dir" and _is_transformers_vlm_folder(folder):
+        folder = (
+            Path(name).expanduser()
+            if source == "local-dir"
+            else _snapshot(name, model_name, cache_dir, local_files_only)
+        )
+        if _is_transformers_vlm_folder(folder):
+            if source == "hf-hub":  # the rest of the repo: its processor and tokenizer, read from the same snapshot
+                folder = _transformers_vlm_snapshot(name, model_name, cache_dir, local_files_only)
             options = dict(
                 pretrained_cfg_overlay=pretrained_cfg_overlay,
                 checkpoint_path=checkpoint_path,

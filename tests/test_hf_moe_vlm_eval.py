@@ -534,3 +534,77 @@ def test_an_empty_zero_shot_question_fails_early(tmp_path, capsys, tiny_folder):
     overrides = [f"model=local-dir:{tiny_folder}", "eval_task=zero_shot", "data=digits", "eval_task.question=' '"]
     line = _fails_early(tmp_path, capsys, overrides, "eval_task.question must be a non-empty string")
     assert "TaskConfigError" in line
+
+
+def _scoring_choices(monkeypatch):
+    """The experts every router call of the zero-shot scoring (``answer_log_likelihoods``) chose, ``[T, k]`` each:
+    a forward hook on each router, run after any other (so after the disabling hook that re-selects)."""
+    chosen = []
+    scoring = H.answer_log_likelihoods
+
+    def spy(model, processor, content, images, answers):
+        def record(module, args, output):
+            chosen.append(output[2].clone())
+
+        handles = [tap.module.register_forward_hook(record) for tap in H.router_taps(model).values()]
+        try:
+            return scoring(model, processor, content, images, answers)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    monkeypatch.setattr(H, "answer_log_likelihoods", spy)
+    return chosen
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl_moe", "glm4v_moe"])  # a re-selecting hook; a bias at -inf
+def test_zero_shot_with_a_disabled_expert_and_fewer_experts_per_token(tmp_path, tiny_folders, monkeypatch, model_type):
+    """``mome-eval ... eval_task=zero_shot data=digits eval_task.disabled_experts=[1] eval_task.top_k=1``: every
+    router call of the answers' scoring sends each token to one expert, never expert 1, and so does the routing
+    report of the prompts; the results record the settings; after the run the model is its own again (routers,
+    state and logits as loaded) and routes tokens to expert 1."""
+    folder = tiny_folders(model_type)
+    chosen = _scoring_choices(monkeypatch)
+    overrides = [f"model=local-dir:{folder}", "eval_task=zero_shot", "data=digits", *FAST, "max_samples=2"]
+    overrides += ["eval_task.templates=['{}']", "eval_task.disabled_experts=[1]", "eval_task.top_k=1"]
+    out = tmp_path / "zero_shot"
+    record, objects = evaluate(compose_eval(out, overrides))
+    assert record["protocol"]["disabled_experts"] == [1] and record["protocol"]["top_k"] == 1
+    assert len(chosen) == 2 * len(H.router_taps(objects["task"].model))  # 2 images, one scoring forward each
+    assert all(index.shape[-1] == 1 and not (index == 1).any() for index in chosen)
+    report = json.loads((out / "routing.json").read_text())["layers"]
+    assert report
+    for name, entry in report.items():
+        counts = objects["task"]._recorder.layers[name]
+        assert float(counts.kept.sum()) == float(counts.tokens.sum()) == entry["tokens"], name  # top-1
+        for values in [entry, *entry["per_modality"].values()]:
+            assert values["expert_load"][1] == 0.0 and sum(values["expert_load"]) == pytest.approx(1.0), name
+
+    model, loaded = objects["task"].model, mome.create_model(f"local-dir:{folder}")
+    assert all(tap.module.top_k == 2 and not tap.module._forward_hooks for tap in H.router_taps(model).values())
+    state = model.state_dict()
+    assert list(state) == list(loaded.state_dict())
+    assert all(torch.equal(state[key], value) for key, value in loaded.state_dict().items())
+    inputs = H.example_inputs(model, batch_size=2)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    chosen.clear()
+    images = digits_splits()["test"][0][:2]
+    processor = H.folder_processor(model, model_type)
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]
+    from PIL import Image
+
+    for array in images:
+        H.answer_log_likelihoods(model, processor, content, [Image.fromarray(array, mode="L").convert("RGB")], ["two"])
+    assert any((index == 1).any() for index in chosen)  # enabled again: expert 1 gets tokens (the check above can fail)
+
+
+def test_bad_zero_shot_routing_controls_fail_early(tmp_path, capsys, tiny_folder):
+    overrides = [f"model=local-dir:{tiny_folder}", "eval_task=zero_shot", "data=digits", "eval_task.top_k=9"]
+    assert "InvalidArgumentError" in _fails_early(tmp_path, capsys, overrides, "top_k must be an int in [1, 4]")
+
+
+def test_zero_shot_routing_controls_are_for_transformers_models(tmp_path, capsys):
+    overrides = ["model.model_name=limoe_tiny_patch8_e4", "eval_task=zero_shot", "eval_task.disabled_experts=[1]"]
+    line = _fails_early(tmp_path, capsys, overrides, "eval_task.disabled_experts applies to transformers' MoE VLMs")
+    assert "TaskConfigError" in line and "limoe_tiny_patch8_e4" in line

@@ -192,8 +192,8 @@ def processor_of(model: nn.Module, model_name: str, option: str) -> Any:
         raise TaskConfigError(
             f"eval_task={option}: {model_name} has no processor (no {' or '.join(hf_moe_vlm.PROCESSOR_FILES)} "
             f"{where}): its family's processor (chat template, image handling) reads the inputs; load a folder or Hub "
-            "snapshot with its processor saved beside the weights (model=local-dir:FOLDER, hf_moe_vlm.save_tiny for "
-            "the tiny models)"
+            "repo with its processor saved beside the weights (model=local-dir:FOLDER or model=hf-hub:ORG/REPO, "
+            "hf_moe_vlm.save_tiny for the tiny models)"
         )
     return processor
 
@@ -265,6 +265,9 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         self._indices: list[list[Tensor]] = []  # per loader: indices of the samples evaluated here
         self._batch_indices: Tensor | None = None  # dataset indices of the batch being evaluated (maps only)
         self._start = 0.0
+        self.top_k: int | None = None  # routing controls of a transformers MoE VLM (set_routing_controls)
+        self.disabled_experts: list[int] | None = None
+        self._routing_undo: list[Callable[[], Any]] = []
 
     # -- what a task defines ------------------------------------------------------------------------
     @property
@@ -306,6 +309,48 @@ class EvaluationTask(L.LightningModule, abc.ABC):
     def protocol(self) -> dict[str, Any]:
         """What a reader needs to reproduce the numbers (templates, k, probe settings)."""
         return {}
+
+    # -- routing controls of transformers' MoE VLMs ---------------------------------------------------
+    def set_routing_controls(self, top_k: int | None, disabled_experts: Sequence[int] | None) -> None:
+        """Route every token of a transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`) to ``top_k`` experts
+        (:func:`~mome.models.hf_moe_vlm.set_top_k`; None: the model's own) and none to ``disabled_experts``
+        (:func:`~mome.models.hf_moe_vlm.disable_experts`, in every router; None: none) while the test runs: they are
+        applied when it starts and undone when it ends, the model restored exactly. Each is tried once here (then
+        undone), so that a bad value fails before the run with the routers' own one-line
+        :class:`~mome.InvalidArgumentError`.
+
+        Raises:
+            TaskConfigError: a control given for a model that is not a transformers MoE VLM.
+        """
+        from ..models import hf_moe_vlm
+
+        self.top_k, self.disabled_experts = top_k, None if disabled_experts is None else list(disabled_experts)
+        given = [name for name in ("top_k", "disabled_experts") if getattr(self, name) is not None]
+        if given and not hf_moe_vlm.is_hf_moe_vlm(self.model):
+            raise TaskConfigError(
+                f"eval_task.{given[0]} applies to transformers' MoE VLMs (mome.models.hf_moe_vlm); {self.model_name} "
+                f"is a {type(self.model).__name__}"
+            )
+        self._apply_routing_controls()
+        self._undo_routing_controls()
+
+    def routing_controls(self) -> dict[str, Any]:
+        """The routing controls given (``top_k``, ``disabled_experts``), for the results' protocol."""
+        controls = {"top_k": self.top_k, "disabled_experts": self.disabled_experts}
+        return {name: value for name, value in controls.items() if value is not None}
+
+    def _apply_routing_controls(self) -> None:
+        from ..models import hf_moe_vlm
+
+        if self.top_k is not None:
+            previous = hf_moe_vlm.set_top_k(self.model, self.top_k)
+            self._routing_undo.append(lambda: hf_moe_vlm.set_top_k(self.model, previous))
+        if self.disabled_experts is not None:
+            self._routing_undo.append(hf_moe_vlm.disable_experts(self.model, self.disabled_experts).remove)
+
+    def _undo_routing_controls(self) -> None:
+        while self._routing_undo:
+            self._routing_undo.pop()()
 
     # -- helpers --------------------------------------------------------------------------------------
     def _require_clip(self) -> None:
@@ -391,6 +436,7 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         self._start = time.perf_counter()
         self.eval_capacity.enter(self.model)
         self._recorder = RoutingRecorder(num_classes=len(self.classnames)).attach(self.model)
+        self._apply_routing_controls()  # here, not in __init__: ddp_spawn cannot pickle the hooks
 
     def on_test_epoch_start(self) -> None:
         loaders = self.trainer.test_dataloaders
@@ -437,6 +483,7 @@ class EvaluationTask(L.LightningModule, abc.ABC):
         self.log("n_samples", float(self.num_samples), sync_dist=False)
 
     def on_test_end(self) -> None:
+        self._undo_routing_controls()
         self.eval_capacity.exit()
         if self._recorder is not None:
             self._recorder.detach()
@@ -493,6 +540,9 @@ class ZeroShotClassificationTask(EvaluationTask):
             image metrics keep CLIP_benchmark's names (``acc1``, ...), the audio ones are prefixed (``audio_acc1``).
             None: the image, and the audio when the model has it and the data carry it.
         question: a transformers MoE VLM only: the user's text after the image (None: :attr:`QUESTION`).
+        top_k, disabled_experts: a transformers MoE VLM only: the routing controls while evaluating, as for VQA
+            (:meth:`~EvaluationTask.set_routing_controls`): the answers are scored and the prompts' routing counted
+            with them.
     """
 
     #: the question a transformers MoE VLM answers with each class's templates
@@ -511,6 +561,8 @@ class ZeroShotClassificationTask(EvaluationTask):
         logit_scale: float = 100.0,
         modalities: Sequence[str] | None = None,
         question: str | None = None,
+        top_k: int | None = None,
+        disabled_experts: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -529,6 +581,7 @@ class ZeroShotClassificationTask(EvaluationTask):
         if question is not None and (not isinstance(question, str) or not question.strip()):
             raise TaskConfigError(f"eval_task.question must be a non-empty string, got {question!r}")
         self.question = self.QUESTION if question is None else question
+        self.set_routing_controls(top_k, disabled_experts)
         self.classnames_override = classnames
         self.templates_override = templates
         self.templates: list[str] = []
@@ -633,7 +686,7 @@ class ZeroShotClassificationTask(EvaluationTask):
                 "the family's processor (its chat template with the generation prompt); mean over the templates"
             )
             protocol["question"] = self.question
-        return protocol
+        return {**protocol, **self.routing_controls()}
 
 
 class RetrievalTask(EvaluationTask):

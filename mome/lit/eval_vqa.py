@@ -51,10 +51,10 @@ class VQAEvalTask(EvaluationTask):
 
     A transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`: Qwen3-VL-MoE, ERNIE-4.5-VL, GLM-4.5V, Llama 4, Aria,
     Qwen3-Omni) answers through its family's processor, the one saved beside its weights
-    (:func:`~mome.models.hf_moe_vlm.folder_processor`: a Hub snapshot, a ``save_pretrained`` folder loaded with
-    ``model=local-dir:FOLDER``): the question as a user turn of its chat template with the generation prompt,
-    the images through its image processor, greedy transformers ``generate``; with ``routing_report=false`` the
-    questions of a batch (``data.eval_batch_size``) in one left-padded call
+    (:func:`~mome.models.hf_moe_vlm.folder_processor`: a Hub snapshot loaded with ``model=hf-hub:ORG/REPO``, a
+    ``save_pretrained`` folder loaded with ``model=local-dir:FOLDER``): the question as a user turn of its chat
+    template with the generation prompt, the images through its image processor, greedy transformers ``generate``;
+    with ``routing_report=false`` the questions of a batch (``data.eval_batch_size``) in one left-padded call
     (:func:`~mome.models.hf_moe_vlm.generate_answers`, the answers those of one question at a time), otherwise one
     question at a time (:func:`~mome.models.hf_moe_vlm.generate_answer`; the pads would be routed and counted); scored
     and written as above. The
@@ -64,10 +64,8 @@ class VQAEvalTask(EvaluationTask):
 
     Args:
         max_new_tokens: the longest answer generated, in tokens.
-        top_k: a transformers MoE VLM only: route every token to this many experts while evaluating
-            (:func:`~mome.models.hf_moe_vlm.set_top_k`); None: the model's own.
-        disabled_experts: a transformers MoE VLM only: expert indices no token is routed to in any router while
-            evaluating (:func:`~mome.models.hf_moe_vlm.disable_experts`); None: none.
+        top_k, disabled_experts: a transformers MoE VLM only: the routing controls while evaluating
+            (:meth:`~mome.lit.eval_tasks.EvaluationTask.set_routing_controls`).
     """
 
     name = "vqa"
@@ -99,9 +97,7 @@ class VQAEvalTask(EvaluationTask):
         if int(max_new_tokens) < 1:
             raise TaskConfigError(f"eval_task.max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
-        self.top_k, self.disabled_experts = top_k, None if disabled_experts is None else list(disabled_experts)
-        self._routing_controls: list[Any] = []
-        self._check_routing_controls()
+        self.set_routing_controls(top_k, disabled_experts)
         self.predictions: list[dict[str, Any]] = []
         self._answered: list[dict[str, Any]] = []
 
@@ -124,42 +120,10 @@ class VQAEvalTask(EvaluationTask):
         wrap = ProcessorQuestions if self.processor is not None else QuestionSamples
         return [split_loader(datamodule, split, max_samples, wrap=wrap, collate_fn=collate_questions)]
 
-    def _check_routing_controls(self) -> None:
-        """``top_k`` and ``disabled_experts`` apply to a transformers MoE VLM; each is tried once here (then undone)
-        so that a bad value fails before the run, with the routers' own one-line error."""
-        given = [name for name in ("top_k", "disabled_experts") if getattr(self, name) is not None]
-        if not given:
-            return
-        if self.processor is None:
-            raise TaskConfigError(
-                f"eval_task.{given[0]} applies to transformers' MoE VLMs (mome.models.hf_moe_vlm); {self.model_name} "
-                f"is a {type(self.model).__name__}"
-            )
-        self._apply_routing_controls()
-        self._undo_routing_controls()
-
-    def _apply_routing_controls(self) -> None:
-        from ..models import hf_moe_vlm
-
-        if self.top_k is not None:
-            previous = hf_moe_vlm.set_top_k(self.model, self.top_k)
-            self._routing_controls.append(lambda: hf_moe_vlm.set_top_k(self.model, previous))
-        if self.disabled_experts is not None:
-            self._routing_controls.append(hf_moe_vlm.disable_experts(self.model, self.disabled_experts).remove)
-
-    def _undo_routing_controls(self) -> None:
-        while self._routing_controls:
-            self._routing_controls.pop()()
-
     def on_test_start(self) -> None:
         if self.processor is not None:
             self.measure_cost = False  # mome._flops would count a transformers model's experts as dense weights
         super().on_test_start()
-        self._apply_routing_controls()  # here, not in __init__: ddp_spawn cannot pickle the hooks
-
-    def on_test_end(self) -> None:
-        self._undo_routing_controls()
-        super().on_test_end()
 
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
@@ -275,8 +239,7 @@ class VQAEvalTask(EvaluationTask):
             "prompt": prompt if self.processor is not None else "MoE-LLaVA's chat template (USER: ... ASSISTANT:)",
             "decoding": "greedy",
             "max_new_tokens": self.max_new_tokens,
-            **({"top_k": self.top_k} if self.top_k is not None else {}),
-            **({"disabled_experts": self.disabled_experts} if self.disabled_experts is not None else {}),
+            **self.routing_controls(),
             "normalization": "lower case, punctuation and articles removed, whitespace collapsed",
         }
 

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from .._errors import (
     CheckpointMismatchError,
+    CorruptCheckpointError,
     InvalidArgumentError,
     PretrainedUnavailableError,
     ProcessorMismatchError,
@@ -93,6 +94,7 @@ __all__ = [
     "tiny_config",
     "tiny_processor",
     "transformers_folder_family",
+    "weights_files",
 ]
 
 IMAGE, TEXT, VIDEO, AUDIO = range(4)
@@ -855,9 +857,32 @@ def transformers_folder_family(folder: Any) -> str | None:
     return model_type if model_type in FAMILIES else None
 
 
+def weights_files(folder: Any) -> list[str]:
+    """The safetensors files the ``from_pretrained`` of a transformers ``save_pretrained`` folder (or Hub snapshot)
+    reads: the shards its ``model.safetensors.index.json`` maps the weights to, else ``model.safetensors``.
+
+    Raises:
+        CorruptCheckpointError: the index is not JSON with a ``weight_map`` of file names.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    index = Path(folder) / SAFE_WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return [SAFE_WEIGHTS_NAME]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted({str(file) for file in weight_map.values()})
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptCheckpointError(f"{index}: not a safetensors index with a weight_map ({err})") from None
+
+
 def load_folder(folder: Any, name: str, dtype: str | None = None) -> nn.Module:
     """The model of a transformers ``save_pretrained`` folder of one of :data:`FAMILIES` (the class's own
-    ``from_pretrained``; what ``create_model("local-dir:FOLDER")`` builds for such a folder). Its processor, when
+    ``from_pretrained``; what ``create_model("local-dir:FOLDER")`` builds for such a folder, and
+    ``create_model("hf-hub:ORG/REPO")`` for the snapshot of such a repo). Its processor, when
     saved beside it, is :func:`folder_processor`'s.
 
     Raises:
