@@ -78,7 +78,7 @@ from ._errors import (
 from .layers.experts import Experts, dense, is_quantized
 from .layers.moe import AUX_LOSSES, RoutedLayer, recomputing, record_routing
 from .layers.routers import Routing, TopKRouter
-from .layers.soft_moe import soft_routing_weights
+from .layers.soft_moe import soft_routing_statistics, soft_routing_weights
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -373,14 +373,10 @@ class LoRAExpertsLinear(RoutedLayer):
         with torch.no_grad():
             share = combine.float().view(batch, tokens, num_experts, slots_per_expert).sum(-1)  # [B, M, E]
             self.last_gates = share.mean(dim=1)  # [B, E]
-            if not recomputing():
-                self.last_aux_losses = {}
-                load = share.mean(dim=(0, 1)) if tokens else share.new_zeros(num_experts)
-                self.last_routing_stats = {
-                    "expert_load": load,
-                    "combine_weights_max_mean": combine.float().amax(dim=2).mean() if tokens else load.sum() * 0,
-                    "dispatch_weights_max_mean": dispatch.float().amax(dim=1).mean() if tokens else load.sum() * 0,
-                }
+        if not recomputing():
+            self.last_aux_losses = {}
+            weights = dispatch.detach(), combine.detach()
+            self.defer_routing_stats(lambda: soft_routing_statistics(*weights, num_experts))
         return delta.view(*x.shape[:-1], -1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -37,9 +37,33 @@ def _l2_normalize(x: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
 
 def soft_routing_weights(tokens: Tensor, mu: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """Soft MoE's ``(dispatch, combine)``, each ``[B, M, S]``, for tokens ``[B, M, D]`` and slot keys ``mu [D, S]``:
-    ``logits = scale * <x_hat, mu_hat>`` (fp32), dispatch = softmax over the tokens, combine = over the slots."""
-    logits = torch.einsum("bmd,ds->bms", _l2_normalize(tokens, -1), _l2_normalize(mu, 0) * scale).float()  # [B, M, S]
+    ``logits = scale * <x_hat, mu_hat>`` (fp32), dispatch = softmax over the tokens, combine = over the slots.
+
+    The token's norm is divided out of the ``[B, M, S]`` products, ``<x, scale mu_hat> / sqrt(|x|^2 + eps)``, rather
+    than out of the ``[B, M, D]`` tokens before them: the same logits with ``S < D`` multiplications per token."""
+    inverse_norm = torch.rsqrt(tokens.square().sum(dim=-1, keepdim=True) + 1e-6)  # [B, M, 1]
+    logits = (torch.einsum("bmd,ds->bms", tokens, _l2_normalize(mu, 0) * scale) * inverse_norm).float()  # [B, M, S]
     return logits.softmax(dim=1).to(tokens.dtype), logits.softmax(dim=2).to(tokens.dtype)
+
+
+def soft_routing_statistics(dispatch: Tensor, combine: Tensor, num_experts: int) -> dict[str, Tensor]:
+    """Statistics of one Soft MoE forward from its ``dispatch`` and ``combine`` weights ``[B, M, E*P]``: the mean
+    largest combine and dispatch weight, and ``expert_load [E]``, the share of each token's output that comes from
+    each expert, averaged over tokens (0 where there are no tokens, not NaN)."""
+    if combine.numel() == 0:
+        zero = combine.new_zeros((), dtype=torch.float32)
+        return {
+            "combine_weights_max_mean": zero,
+            "dispatch_weights_max_mean": zero,
+            "expert_load": combine.new_zeros(num_experts, dtype=torch.float32),
+        }
+    batch, tokens, num_slots = combine.shape
+    per_expert = combine.float().view(batch, tokens, num_experts, num_slots // num_experts).sum(dim=-1)  # [B, M, E]
+    return {
+        "combine_weights_max_mean": combine.amax(dim=2).mean().float(),
+        "dispatch_weights_max_mean": dispatch.amax(dim=1).mean().float(),
+        "expert_load": per_expert.mean(dim=(0, 1)),
+    }
 
 
 class SoftMoE(RoutedLayer):
@@ -113,22 +137,6 @@ class SoftMoE(RoutedLayer):
         )
         slot_outputs = round_through(slot_outputs, self.dispatch_dtype)
         out = torch.einsum("bms,bsd->bmd", combine, slot_outputs)  # [B, M, D]
-        if recomputing():  # a gradient checkpoint's re-run in backward: the forward pass recorded these
-            return out.squeeze(0) if squeeze else out
-        with torch.no_grad():
-            if combine.numel() == 0:  # no tokens: no weights to average; the statistics are 0, not NaN
-                zero = combine.new_zeros((), dtype=torch.float32)
-                load = combine.new_zeros(num_experts, dtype=torch.float32)
-                self.last_routing_stats = {
-                    "combine_weights_max_mean": zero,
-                    "dispatch_weights_max_mean": zero,
-                    "expert_load": load,
-                }
-            else:
-                self.last_routing_stats = {
-                    "combine_weights_max_mean": combine.amax(dim=2).mean().float(),
-                    "dispatch_weights_max_mean": dispatch.amax(dim=1).mean().float(),
-                    # Share of each token's output that comes from each expert, averaged over tokens.
-                    "expert_load": combine.float().view(batch, -1, num_experts, slots).sum(dim=-1).mean(dim=(0, 1)),
-                }
+        if not recomputing():  # a gradient checkpoint's re-run in backward: the forward pass recorded these
+            self.defer_routing_stats(lambda: soft_routing_statistics(dispatch.detach(), combine.detach(), num_experts))
         return out.squeeze(0) if squeeze else out
