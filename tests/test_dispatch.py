@@ -428,3 +428,22 @@ def test_bf16_dispatch_takes_the_per_expert_loop_on_sorted_rows(monkeypatch):
         monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", min_rows)
         outputs[path] = layer(x)
     torch.testing.assert_close(outputs["loop"], outputs["grouped"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_per_expert_loop_in_inference_matches_the_grouped_matmul(gated, monkeypatch):
+    """Without autograd the per-expert loop keeps no buffers (temporaries per expert): the same outputs."""
+    from mome.layers import experts as experts_module
+
+    torch.manual_seed(8)
+    act = torch.nn.SiLU if gated else torch.nn.GELU
+    layer = SparseMoE(16, 32, 4, 2, gated=gated, act_layer=act).eval()
+    x = torch.randn(2, 12, 16)
+    outputs = {}
+    with torch.no_grad():
+        for path, min_rows in (("grouped", 10**9), ("loop", 0)):
+            monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", min_rows)
+            outputs[path] = layer(x)
+            outputs[path + " rows"] = layer.experts.forward_grouped(x[0, :10], torch.tensor([4, 0, 3, 3]))
+    torch.testing.assert_close(outputs["loop"], outputs["grouped"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs["loop rows"], outputs["grouped rows"], atol=1e-5, rtol=1e-5)

@@ -242,8 +242,10 @@ class _PerExpertFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, row_token, row_weight, w_in, b_in, w_out, b_out, sizes: list[int], activate):
         num_rows = tokens.shape[0] if row_token is None else row_token.shape[0]
-        hidden = tokens.new_empty(num_rows, w_in.shape[1])  # [R, H'] pre-activation
-        expert_out = tokens.new_empty(num_rows, w_out.shape[1])  # [R, D] unweighted
+        keep = any(ctx.needs_input_grad)  # inference keeps nothing: each expert's buffers are temporaries
+        hidden = tokens.new_empty(num_rows, w_in.shape[1]) if keep else None  # [R, H'] pre-activation
+        # [R, D] unweighted outputs: saved for the weights' gradient, or the output itself in the rows form
+        expert_out = tokens.new_empty(num_rows, w_out.shape[1]) if keep or row_token is None else None
         out = expert_out if row_token is None else torch.zeros_like(tokens)  # [R, D] or [T, D]
         start = 0
         for expert, count in enumerate(sizes):
@@ -251,13 +253,16 @@ class _PerExpertFFN(torch.autograd.Function):
                 continue
             stop = start + count
             rows = tokens[start:stop] if row_token is None else tokens.index_select(0, row_token[start:stop])
-            pre = hidden[start:stop]
+            pre = rows.new_empty(count, w_in.shape[1]) if hidden is None else hidden[start:stop]
             _linear_into(pre, rows, w_in[expert], None if b_in is None else b_in[expert])
-            y = expert_out[start:stop]
+            y = rows.new_empty(count, w_out.shape[1]) if expert_out is None else expert_out[start:stop]
             _linear_into(y, activate(pre), w_out[expert], None if b_out is None else b_out[expert])
             if row_token is not None:
-                out.index_add_(0, row_token[start:stop], y * row_weight[start:stop, None])
+                weight = row_weight[start:stop, None]
+                out.index_add_(0, row_token[start:stop], y * weight if keep else y.mul_(weight))
             start = stop
+        if not keep:
+            return out
         ctx.save_for_backward(tokens, row_token, row_weight, w_in, w_out, hidden, expert_out)
         ctx.sizes, ctx.activate = sizes, activate
         ctx.has_bias = (b_in is not None, b_out is not None)
