@@ -386,3 +386,12 @@ def test_weight_traffic_prints_the_bound_and_the_measured_layer(capsys):
     assert row["weights_mb"] == 4 * 4 * 3 * 32 * 64 / 1e6  # E * (2H*D + D*H) fp32 weights, H = 4D/k
     assert row["bound_s"] > 0 and row["measured_s"] > 0
     assert "GB/s" in capsys.readouterr().out
+
+
+def test_bench_shape_selection_flags():
+    bench = load("bench")
+    args = bench.parse_args(["--tokens", "512", "--experts", "8", "64", "--top-k", "2", "--no-sparse"])
+    shapes = bench.layer_shapes(args)
+    assert [(s.family, s.tokens, s.experts) for s in shapes] == [("soft", 512, 8), ("soft", 512, 64)]
+    args = bench.parse_args(["--shapes", "64:8:2", "--no-soft"])
+    assert [s.family for s in bench.layer_shapes(args)] == ["sparse"]

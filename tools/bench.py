@@ -534,7 +534,7 @@ def layer_shapes(args) -> list[LayerShape]:
         for t in tokens
         for e in experts
     ]
-    return sparse + ([] if args.no_soft else soft)
+    return ([] if args.no_sparse else sparse) + ([] if args.no_soft else soft)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,9 +692,13 @@ def model_bench(name: str, batch_size: int | None, device: torch.device) -> Mode
     return bench
 
 
-def train_step_fn(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
-    """One training step: forward, task loss + ``mome.aux_losses``, backward, AdamW step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def train_step_fn(
+    model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], fused: bool = False
+) -> Callable[[], None]:
+    """One training step: forward, task loss + ``mome.aux_losses``, backward, AdamW step (torch's fused AdamW
+    kernel with ``fused``; ``mome-train ... +task.optimizer.fused=true`` builds the same)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {}))
     model.train()
 
     def step():
@@ -710,7 +714,10 @@ def bench_model(name: str, args, device: torch.device, budget: Budget) -> list[d
     if budget.spent():
         return [{"section": "models", "model": name, "note": "skipped: --max-seconds spent"}]
     bench = model_bench(name, args.batch_size, device)
-    calls = {label: {"step_s": train_step_fn(m, bench.loss_fn)} for label, m in bench.candidates.items()}
+    calls = {
+        label: {"step_s": train_step_fn(m, bench.loss_fn, fused=args.fused_adamw)}
+        for label, m in bench.candidates.items()
+    }
     results = measure_interleaved(calls, args.repeats, args.warmup, device, args.max_call_seconds)
     if bench.decode is not None:
         for model in bench.candidates.values():
@@ -741,7 +748,7 @@ def profile_model(name: str, args, device: torch.device, row_limit: int = 12) ->
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tables = {}
     for label, model in bench.candidates.items():
-        step = train_step_fn(model, bench.loss_fn)
+        step = train_step_fn(model, bench.loss_fn, fused=args.fused_adamw)
         step()  # warm-up: AdamW's state, allocations
         with profile(activities=activities) as prof:
             wall = timed(step, device)
@@ -1180,8 +1187,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--act", choices=["swiglu", "gelu"], default="swiglu")
     parser.add_argument("--shapes", nargs="+", default=None, help="T:E:k[:H] sparse shapes instead of the sweep")
     parser.add_argument("--no-soft", action="store_true", help="no Soft MoE shapes")
+    parser.add_argument("--no-sparse", action="store_true", help="only the Soft MoE shapes (of --tokens x --experts)")
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="training batch of every model")
+    parser.add_argument("--fused-adamw", action="store_true", help="models: torch's fused AdamW kernel")
     parser.add_argument("--max-call-seconds", type=float, default=3.0, help="time slower implementations once")
     parser.add_argument("--max-seconds", type=float, default=math.inf, help="skip what is left after this long")
     parser.add_argument("--json", type=Path, default=None, help="write every row and the environment here")

@@ -240,9 +240,10 @@ class _PerExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, tokens, row_token, row_weight, w_in, b_in, w_out, b_out, sizes: list[int], activate):
+    def forward(ctx, tokens, row_token, row_weight, w_in, b_in, w_out, b_out, sizes: list[int], activate, keep: bool):
         num_rows = tokens.shape[0] if row_token is None else row_token.shape[0]
-        keep = any(ctx.needs_input_grad)  # inference keeps nothing: each expert's buffers are temporaries
+        # keep: whether a backward will run (autograd on and an input that needs a gradient); inference keeps
+        # nothing, each expert's buffers are temporaries
         hidden = tokens.new_empty(num_rows, w_in.shape[1]) if keep else None  # [R, H'] pre-activation
         # [R, D] unweighted outputs: saved for the weights' gradient, or the output itself in the rows form
         expert_out = tokens.new_empty(num_rows, w_out.shape[1]) if keep or row_token is None else None
@@ -316,7 +317,12 @@ class _PerExpertFFN(torch.autograd.Function):
                 elif need_tokens:
                     grad_tokens.index_add_(0, index, grad_pre @ w_in[expert])
             start = stop
-        return grad_tokens, None, grad_weight, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None
+        return grad_tokens, None, grad_weight, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None
+
+
+def _needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of one of ``tensors`` (grad mode on and one requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
@@ -466,7 +472,8 @@ class Experts(nn.Module):
         w_in, w_out = self.dense_weights()
         if use_per_expert_loop(num_rows, self.num_experts, rows, w_in, w_out):
             sizes = group_sizes.tolist()  # on CPU: no device to wait for
-            out = _PerExpertFFN.apply(rows, None, None, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
+            keep = _needs_backward(rows, w_in, w_out, self.b_in, self.b_out)
+            out = _PerExpertFFN.apply(rows, None, None, w_in, self.b_in, w_out, self.b_out, sizes, self.activate, keep)
             return round_through(out, self.dispatch_dtype)
         group_ends = group_sizes.cumsum(0)
         hidden = grouped_matmul(rows, w_in, group_ends)  # [R, H or 2H]
@@ -554,7 +561,8 @@ class Experts(nn.Module):
         w_in, w_out = self.dense_weights()
         if self.dispatch_dtype is None and use_per_expert_loop(plan.num_rows, self.num_experts, tokens, w_in, w_out):
             sizes = group_sizes.tolist()  # on CPU: no device to wait for
-            args = (tokens, row_token, row_weight, w_in, self.b_in, w_out, self.b_out, sizes, self.activate)
+            keep = _needs_backward(tokens, row_weight, w_in, w_out, self.b_in, self.b_out)
+            args = (tokens, row_token, row_weight, w_in, self.b_in, w_out, self.b_out, sizes, self.activate, keep)
             return _PerExpertFFN.apply(*args)  # gather, experts and weighted scatter, expert by expert
         expert_out = self.forward_grouped(tokens.index_select(0, row_token), group_sizes)  # [R, D]
         out = torch.zeros_like(tokens)
