@@ -369,6 +369,7 @@ def test_the_few_token_path_is_chosen_by_shape_device_and_grad_mode():
     with torch.no_grad():
         assert use_few_token_path(tokens, routing(FEW_TOKEN_ROWS))
         assert not use_few_token_path(tokens, routing(FEW_TOKEN_ROWS + 1))
+        assert not use_few_token_path(tokens[:0], routing(0)), "no tokens: the sorted path's empty output"
         assert not use_few_token_path(tokens.to("meta"), routing(1, "meta"))
     assert not use_few_token_path(tokens, routing(1)), "with autograd on, the sorted path trains"
 

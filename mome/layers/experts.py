@@ -212,14 +212,14 @@ FEW_TOKEN_ROWS = 8
 
 def use_few_token_path(tokens: Tensor, routing: Routing) -> bool:
     """Whether :meth:`Experts.forward_few` computes the assignments one by one: on CPU, eager, without autograd
-    (inference) and for at most :data:`FEW_TOKEN_ROWS` assignments ``T k``, a rule on the shape alone.
+    (inference) and for 1 to :data:`FEW_TOKEN_ROWS` assignments ``T k``, a rule on the shape alone.
 
     At batch 1 a decoding step routes one token per layer; there the sorted path's sort, group sizes and grouped
     matmul over all ``E`` experts are fixed costs next to the two matrix-vector products of each of the ``k`` experts.
     """
     if tokens.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled():
         return False
-    return routing.expert_index.numel() <= FEW_TOKEN_ROWS
+    return 0 < routing.expert_index.numel() <= FEW_TOKEN_ROWS  # no tokens: the sorted path's empty output
 
 
 class _PerExpertFFN(torch.autograd.Function):
