@@ -106,6 +106,65 @@ def test_upstream_layout_of_the_base_model():
     assert base.token_type_embeddings.weight.shape == (2, 768)
 
 
+# ------------------------------------------------------------------------------------------- init
+def _relative_spread(features: torch.Tensor) -> float:
+    """``mean_i |f_i - mean(f)| / mean_i |f_i|``: how much the features of a batch differ, relative to their size."""
+    return ((features - features.mean(0)).norm(dim=-1).mean() / features.norm(dim=-1).mean()).item()
+
+
+def _one_digit_per_class() -> torch.Tensor:
+    """The first test digit of each class, ``[10, 3, 32, 32]`` in [-1, 1] (8x8 upsampled, grey to RGB)."""
+    from mome.data.digits import digits_splits
+
+    images, labels = digits_splits(0)["test"]
+    first = [int((labels == c).nonzero()[0][0]) for c in range(10)]
+    x = torch.from_numpy(images[first]).float().div(127.5).sub(1.0)  # [10, 8, 8]
+    return torch.nn.functional.interpolate(x[:, None], size=32, mode="nearest").expand(-1, 3, -1, -1)
+
+
+@pytest.mark.parametrize("name", [TINY, "vl_moe_tiny_patch8_32"])
+def test_tiny_init_makes_the_dual_encoder_features_depend_on_the_input(name):
+    """At init the ITC features of ten digits and of the ten captions "the digit {class}." must differ: with
+    upstream's init at width 64 (std 0.02, layer scale 0.1) the text features spread 0.05% of their norm and
+    the image features 1-2%, and ITC collapses them (docstring of ``vlmo_tiny_patch8_32``); the tiny init gives
+    4-8% and 17-24% (seeds 0-2)."""
+    from mome.data.digits import DIGIT_CLASSNAMES
+
+    images = _one_digit_per_class()
+    captions = mome.get_tokenizer(name)([f"the digit {c}." for c in DIGIT_CLASSNAMES])
+    spreads = {}
+    for label, kwargs in (("tiny", {}), ("upstream", dict(init_std=0.02, layer_scale_init_values=0.1))):
+        torch.manual_seed(0)
+        model = mome.create_model(name, **kwargs).eval()
+        with torch.no_grad():
+            image_features, text_features = model.encode_image(images), model.encode_text(captions)
+        spreads[label] = (_relative_spread(image_features), _relative_spread(text_features))
+    assert spreads["tiny"][0] > 0.1 and spreads["tiny"][1] > 0.02, spreads
+    # the property fails with upstream's values, which the upstream-sized variants keep
+    assert spreads["upstream"][0] < 0.05 and spreads["upstream"][1] < 0.005, spreads
+
+
+def test_tiny_init_std_scales_every_initialised_weight():
+    """``init_std`` is the std of every linear, expert and embedding init (upstream's 0.02 by default; the
+    tiny variant's ``0.02 * sqrt(768 / 64)``); layer scale starts at ``layer_scale_init_values``."""
+    with torch.device("meta"):
+        base = mome.create_model("vlmo_base_patch16_224")
+    assert base.init_std == 0.02
+    torch.manual_seed(0)
+    model = tiny()
+    assert model.init_std == pytest.approx(0.02 * math.sqrt(12))
+    for weight in (model.blocks[0].attn.qkv.weight, model.blocks[0].mlp.moe.experts.w_in, model.itc_text_proj.weight):
+        # a truncated normal at +-2 (absolute) barely truncates a std of 0.069: its std is within 5%
+        assert weight.std().item() == pytest.approx(model.init_std, rel=0.05)
+    assert model.text_embeddings.word_embeddings.weight.std().item() == pytest.approx(model.init_std, rel=0.05)
+    assert torch.equal(model.blocks[0].gamma_1, torch.ones(64)) and torch.equal(model.blocks[3].gamma_2, torch.ones(64))
+    upstream = tiny(init_std=0.02, layer_scale_init_values=0.1)
+    assert upstream.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.allclose(upstream.blocks[0].gamma_1, torch.full((64,), 0.1))
+    with pytest.raises(ValueError, match="init_std"):
+        tiny(init_std=0.0)
+
+
 # ------------------------------------------------------------------------------------------- paths
 def test_tiny_paths_forward_backward_and_expert_gradients():
     model = tiny()

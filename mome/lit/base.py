@@ -25,7 +25,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from numbers import Real
 from pathlib import Path
@@ -439,14 +439,23 @@ class MomeTask(L.LightningModule):
         sched = dict(self.scheduler_cfg)
         if sched.get("name", "cosine") == "constant":
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(sched.get("warmup_steps", round(sched.get("warmup_fraction", 0.0) * total)))
-        warmup = max(1, min(warmup, total))
-        ratio = float(sched.get("min_lr_ratio", 0.0))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_with_warmup(step, total, warmup, ratio)
-        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_multiplier(sched))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_multiplier(self, sched: Mapping[str, Any]) -> Callable[[int], float]:
+        """``task.scheduler``'s learning-rate multiplier of the optimizer step: linear warm-up over ``warmup_steps``
+        (else ``warmup_fraction`` of the run's steps), then cosine decay to ``min_lr_ratio`` at the last step."""
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = warmup_steps(sched, total)
+        ratio = float(sched.get("min_lr_ratio", 0.0))
+        return lambda step: cosine_with_warmup(step, total, warmup, ratio)
+
+
+def warmup_steps(sched: Mapping[str, Any], total: int) -> int:
+    """The warm-up of a schedule of ``total`` steps: ``warmup_steps``, else ``warmup_fraction * total``, in
+    ``[1, total]``."""
+    warmup = int(sched.get("warmup_steps", round(sched.get("warmup_fraction", 0.0) * total)))
+    return max(1, min(warmup, total))
 
 
 def _rng_states() -> dict[str, Any]:

@@ -17,6 +17,8 @@ Mixture-of-Modality-Experts", sec. 2.3) as one Lightning run whose ``schedule`` 
    text an image, sampled from the in-batch contrastive similarities, ``p ~ softmax(s)`` with the
    positives and same-class pairs excluded, VLMo's ITM recipe), and MLM on the fusion path.
 
+Each stage has its own learning-rate schedule, ``task.scheduler``'s warm-up then cosine decay over the stage's steps
+(:meth:`VLMoTask.lr_multiplier`), as upstream runs each stage as a pre-training of its own.
 Text masking uses transformers' ``DataCollatorForLanguageModeling`` (15%, BERT's 80/10/10 rule).
 A stage runs the model several times per step (image, text, fusion paths); each pass's MoE aux losses
 (a VL-MoE's sparse experts) are read after it and summed over the passes, ``L_aux = sum_pass sum_l aux_l``,
@@ -26,7 +28,9 @@ Validation and test report the losses of the current stage and zero-shot top-1 o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import bisect
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +41,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ..layers.expert_parallel import ShardedExperts
 from ..layers.moe import aux_losses
-from .base import TaskConfigError
+from .base import TaskConfigError, cosine_with_warmup, warmup_steps
 from .contrastive import ContrastiveTask
 
 __all__ = ["VLMO_STAGES", "VLMoTask"]
@@ -106,6 +110,33 @@ class VLMoTask(ContrastiveTask):
         optimizer.add_param_group({"params": [self.mim_head.weight], "weight_decay": decay})
         optimizer.add_param_group({"params": [self.mim_head.bias, self.mask_embedding], "weight_decay": 0.0})
         return optimizer
+
+    def lr_multiplier(self, sched: Mapping[str, Any]) -> Callable[[int], float]:
+        """Each stage its own schedule, as upstream runs each stage as a pre-training of its own (its config's
+        ``warmup_steps = 0.1`` of that run): for a step ``t`` in stage ``s``, which spans ``[a_s, b_s)``,
+        ``lr(t) = lr * cosine_with_warmup(t - a_s, b_s - a_s, warmup_s, min_lr_ratio)``. With one schedule over the
+        whole run the image-text stage would start near the peak rate with ITC heads no earlier stage trained and
+        decay while ITC is still on its plateau at ln(batch) (docs/vl_moe.md).
+        ``warmup_steps``/``warmup_fraction`` and ``min_lr_ratio`` apply to every stage; a run whose epoch length is
+        unknown (an iterable without a length) keeps the one schedule."""
+        total = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            return super().lr_multiplier(sched)
+        per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        starts = [0]
+        for entry in self.schedule[:-1]:
+            starts.append(min(total, starts[-1] + int(entry["epochs"]) * per_epoch))
+        spans = [(start, end) for start, end in zip(starts, [*starts[1:], total]) if end > start]
+        ratio = float(sched.get("min_lr_ratio", 0.0))
+        warmups = [warmup_steps(sched, end - start) for start, end in spans]
+
+        def multiplier(step: int) -> float:
+            index = max(0, bisect.bisect_right([start for start, _ in spans], step) - 1)
+            start, end = spans[index]
+            return cosine_with_warmup(step - start, end - start, warmups[index], ratio)
+
+        return multiplier
 
     def compile_targets(self) -> list[nn.Module]:
         """``task.compile`` compiles every block: the stages train through ``encode_image``, ``encode_text``,

@@ -111,6 +111,8 @@ def vl_moe_large_patch16_224_e32(pretrained: bool = False, **kwargs: Any) -> VLM
 @register_model
 def vl_moe_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> VLMo:
     """A tiny VL-MoE for tests and demos: ``vlmo_tiny_patch8_32`` (32px, patch 8, 4 layers of width 64, 4 heads,
-    VL-FFN in blocks 2-3, vocabulary 1000, 16 text tokens) with E=4, k=1 sparse V-FFN and L-FFN in blocks 1 and 3."""
+    VL-FFN in blocks 2-3, vocabulary 1000, 16 text tokens) with E=4, k=1 sparse V-FFN and L-FFN in blocks 1 and 3;
+    its init is vlmo_tiny_patch8_32's, scaled to the width (std ``0.02 * sqrt(768 / 64)``, layer scale 1.0), without
+    which the dual encoder's features barely depend on the input at init and ITC collapses them."""
     args = {**VLMO_SIZES["tiny"], "num_experts": 4, "top_k": 1}
     return create_vl_moe("vl_moe_tiny_patch8_32", **{**args, **kwargs})
