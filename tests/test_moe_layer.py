@@ -106,3 +106,17 @@ def test_routing_statistics_are_computed_when_read_and_follow_the_last_forward(m
         torch.testing.assert_close(stats[name], value, msg=name)
     assert layer.last_routing_stats is stats and calls == [1], "computed once"
     assert not stats["expert_load"].requires_grad
+
+
+def test_a_layer_with_pending_statistics_pickles_with_them_computed():
+    import pickle
+
+    torch.manual_seed(0)
+    layer = SparseMoE(16, 32, 4, 2, aux_loss_weights={"load_balance": 0.01}).eval()
+    with torch.no_grad():
+        layer(torch.randn(1, 6, 16))
+    copy = pickle.loads(pickle.dumps(layer))
+    assert set(copy.last_routing_stats) == set(layer.last_routing_stats) and copy.last_aux_losses
+    for name, value in layer.last_routing_stats.items():
+        torch.testing.assert_close(copy.last_routing_stats[name], value, msg=name)
+    torch.testing.assert_close(copy.last_aux_losses["load_balance"], layer.last_aux_losses["load_balance"])

@@ -89,6 +89,31 @@ def _cached_capacity(num_assignments: int, num_experts: int, factor: float, mult
     return capacity
 
 
+class ReadLazily:
+    """A per-forward record of a :class:`RoutedLayer` (a ``{name: tensor}`` dict, ``{}`` before any forward) that may
+    be computed when first read: :meth:`defer` stores the function that computes it, the first read calls it once
+    (without grad) and keeps the result; assigning a dict replaces both."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.pending, self.value = f"_pending_{name}", f"_{name}"
+
+    def defer(self, layer: nn.Module, compute: Callable[[], dict[str, Tensor]]) -> None:
+        layer.__dict__[self.pending] = compute  # a plain attribute: skip nn.Module.__setattr__'s checks
+
+    def __get__(self, layer: nn.Module | None, owner: type | None = None) -> Any:
+        if layer is None:
+            return self
+        compute = layer.__dict__.pop(self.pending, None)
+        if compute is not None:
+            with torch.no_grad():
+                layer.__dict__[self.value] = compute()
+        return layer.__dict__.get(self.value, {})
+
+    def __set__(self, layer: nn.Module, value: dict[str, Tensor]) -> None:
+        layer.__dict__.pop(self.pending, None)
+        layer.__dict__[self.value] = value
+
+
 class RoutedLayer(nn.Module):
     """Base of every layer that routes tokens: holds the per-forward aux losses and statistics.
 
@@ -98,49 +123,23 @@ class RoutedLayer(nn.Module):
     does not pay for them.
     """
 
-    def __init__(self) -> None:
-        self._pending_stats: Callable[[], dict[str, Tensor]] | None = None
-        self._routing_stats: dict[str, Tensor] = {}
-        self._pending_losses: Callable[[], dict[str, Tensor]] | None = None
-        self._aux_losses: dict[str, Tensor] = {}
-        super().__init__()
+    last_aux_losses = ReadLazily()
+    last_routing_stats = ReadLazily()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save`` of a whole model, ``ddp_spawn``) computes what a forward left pending: a
+        function is not picklable, its result is."""
+        self.last_aux_losses, self.last_routing_stats = self.last_aux_losses, self.last_routing_stats
+        return super().__getstate__()
 
     def defer_routing_stats(self, compute: Callable[[], dict[str, Tensor]]) -> None:
         """The statistics of this forward are ``compute()``, called (without grad) when they are first read."""
-        self.__dict__["_pending_stats"] = compute  # a plain attribute: skip nn.Module.__setattr__'s checks
+        RoutedLayer.last_routing_stats.defer(self, compute)
 
     def defer_aux_losses(self, compute: Callable[[], dict[str, Tensor]]) -> None:
         """The aux losses of this forward are ``compute()``, called when first read (for a forward without autograd,
         whose losses are values only)."""
-        self.__dict__["_pending_losses"] = compute
-
-    @property
-    def last_aux_losses(self) -> dict[str, Tensor]:
-        """Weighted aux losses of the last forward (:func:`aux_losses` gathers them for a model)."""
-        if self._pending_losses is not None:
-            compute, self._pending_losses = self._pending_losses, None
-            with torch.no_grad():
-                self._aux_losses = compute()
-        return self._aux_losses
-
-    @last_aux_losses.setter
-    def last_aux_losses(self, losses: dict[str, Tensor]) -> None:
-        self._pending_losses = None
-        self._aux_losses = losses
-
-    @property
-    def last_routing_stats(self) -> dict[str, Tensor]:
-        """Routing statistics of the last forward (:func:`routing_statistics`), computed on first read."""
-        if self._pending_stats is not None:
-            compute, self._pending_stats = self._pending_stats, None
-            with torch.no_grad():
-                self._routing_stats = compute()
-        return self._routing_stats
-
-    @last_routing_stats.setter
-    def last_routing_stats(self, stats: dict[str, Tensor]) -> None:
-        self._pending_stats = None
-        self._routing_stats = stats
+        RoutedLayer.last_aux_losses.defer(self, compute)
 
 
 def layer_dtype(x: Tensor, parameter: Tensor) -> torch.dtype | None:
