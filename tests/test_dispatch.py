@@ -290,14 +290,29 @@ def test_per_expert_loop_gradients_come_in_the_parameter_layout(monkeypatch):
 def test_the_per_expert_loop_is_chosen_by_shape_and_device_only():
     from mome.layers.experts import PER_EXPERT_MIN_ROWS, use_per_expert_loop
 
-    weight = torch.zeros(8, 32, 16)
-    many, few = torch.zeros(PER_EXPERT_MIN_ROWS * 8, 16), torch.zeros(PER_EXPERT_MIN_ROWS * 8 - 1, 16)
-    assert use_per_expert_loop(len(many), 8, many, weight)
-    assert not use_per_expert_loop(len(few), 8, few, weight)
-    assert not use_per_expert_loop(len(many), 8, many.to("meta"), weight.to("meta"))  # an accelerator: grouped matmul
-    assert not use_per_expert_loop(len(many), 8, many.bfloat16(), weight)  # mixed dtypes
+    many = torch.zeros(PER_EXPERT_MIN_ROWS * 8, 16)
+    assert use_per_expert_loop(len(many), 8, many)
+    assert not use_per_expert_loop(len(many) - 1, 8, many)
+    assert not use_per_expert_loop(len(many), 8, many.to("meta"))  # an accelerator: grouped matmul
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not use_per_expert_loop(len(many), 8, many, weight)
+        assert not use_per_expert_loop(len(many), 8, many)
+
+
+def test_the_dispatch_reads_the_expert_weights_once(monkeypatch):
+    """A LoRA-adapted or quantized layer builds its weights per call (``dense_weights``): the sorted dispatch asks once,
+    whichever computation it takes."""
+    from mome.layers import experts as experts_module
+
+    torch.manual_seed(0)
+    experts, router = Experts(4, 16, 32), TopKRouter(16, 4, 2)
+    calls = []
+    build = Experts.dense_weights
+    monkeypatch.setattr(Experts, "dense_weights", lambda self: calls.append(1) or build(self))
+    for min_rows in (0, 10**9):
+        monkeypatch.setattr(experts_module, "PER_EXPERT_MIN_ROWS", min_rows)
+        calls.clear()
+        run_path(experts, router, torch.randn(24, 16), None, "sorted")
+        assert calls == [1], f"PER_EXPERT_MIN_ROWS={min_rows}: dense_weights called {len(calls)} times"
 
 
 # ------------------------------------------------------------------ the few-token path (CPU inference, decoding)

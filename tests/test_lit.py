@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,20 @@ def test_routing_telemetry_scalars_and_heatmap(tmp_path):
     figure.savefig(tmp_path / "heat.png")
     assert (tmp_path / "heat.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(figure.axes) == 4  # two modality panels, each with its colour bar
+
+
+def test_fused_adamw_is_one_override_away():
+    """docs/performance.md: ``mome-train ... +task.optimizer.fused=true`` builds torch's fused AdamW (through timm's
+    ``create_optimizer_v2``), which takes one kernel for every parameter's update."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import mome.cli.train  # noqa: F401 - registers the model source of conf/train.yaml's search path
+    from mome.cli._common import build_task
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["+task.optimizer.fused=true", "task.scheduler.name=constant"])
+    optimizer = build_task(cfg).configure_optimizers()  # what mome-train builds from the composed config
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True

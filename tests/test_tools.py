@@ -162,11 +162,15 @@ def test_bench_profile_names_where_the_time_goes():
         bench.main(["--profile", "64:4"])
 
 
-def test_bench_profile_model_profiles_a_warm_training_step_of_the_model_and_its_twin(capsys):
+def test_bench_profile_model_profiles_a_warm_training_step_of_the_model_and_its_twin(capsys, monkeypatch):
     bench = load("bench")
+    fused = []
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: fused.append(kw.get("fused")) or adamw(*a, **kw))
     name = "vmoe_tiny_patch8_e4"
-    tables = bench.main(["--profile-model", name, "--batch-size", "2", "--threads", "1"])
+    tables = bench.main(["--profile-model", name, "--batch-size", "2", "--threads", "1", "--fused-adamw"])
     assert set(tables) == {name, f"{name} dense twin"}
+    assert fused == [True, True]  # --fused-adamw: torch's fused kernel for the model and its twin
     assert all(0 < share <= 1 for _, _, share in tables[name])
     assert "one warm training step" in capsys.readouterr().out
 

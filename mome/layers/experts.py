@@ -188,11 +188,11 @@ def grouped_matmul(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
 PER_EXPERT_MIN_ROWS = 256
 
 
-def use_per_expert_loop(num_rows: int, num_experts: int, x: Tensor, *weights: Tensor) -> bool:
+def use_per_expert_loop(num_rows: int, num_experts: int, x: Tensor) -> bool:
     """Whether the sorted dispatch computes expert by expert (:class:`_PerExpertFFN`) rather than by grouped
-    matmul: for inputs ``x`` on CPU, eager (not compiling, no autocast), float weights of ``x``'s dtype, and at least
-    :data:`PER_EXPERT_MIN_ROWS` rows per expert on average (``R >= 256 E``, a rule on the shape alone: deciding reads
-    no device value).
+    matmul: for inputs ``x`` on CPU, eager (not compiling, no autocast), and at least :data:`PER_EXPERT_MIN_ROWS` rows
+    per expert on average (``R >= 256 E``, a rule on the shape alone: deciding reads no device value). The caller
+    also needs float weights of ``x``'s dtype (:func:`_same_dtype`).
 
     Each expert's gather, FFN and weighted scatter then run back to back while its rows are in cache; the grouped
     matmul finishes every expert's first projection before any activation. ``python tools/bench.py --only layers
@@ -201,9 +201,11 @@ def use_per_expert_loop(num_rows: int, num_experts: int, x: Tensor, *weights: Te
     """
     if x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    if any(weight.dtype != x.dtype or is_quantized(weight) for weight in weights):
-        return False
     return num_rows >= PER_EXPERT_MIN_ROWS * num_experts
+
+
+def _same_dtype(x: Tensor, *weights: Tensor) -> bool:
+    return all(weight.dtype == x.dtype for weight in weights)
 
 
 #: At most this many assignments (tokens x k) take :meth:`Experts.forward_few` (decoding a few sequences).
@@ -470,7 +472,7 @@ class Experts(nn.Module):
         num_rows = rows.shape[0]
         rows = round_through(rows, self.dispatch_dtype)
         w_in, w_out = self.dense_weights()
-        if use_per_expert_loop(num_rows, self.num_experts, rows, w_in, w_out):
+        if use_per_expert_loop(num_rows, self.num_experts, rows) and _same_dtype(rows, w_in, w_out):
             sizes = group_sizes.tolist()  # on CPU: no device to wait for
             keep = _needs_backward(rows, w_in, w_out, self.b_in, self.b_out)
             out = _PerExpertFFN.apply(rows, None, None, w_in, self.b_in, w_out, self.b_out, sizes, self.activate, keep)
@@ -487,8 +489,8 @@ class Experts(nn.Module):
     def forward_batched(self, buffers: Tensor) -> Tensor:
         """FFNs on per-expert buffers: ``[E, C, D]`` -> ``[E, C, D]`` (one ``bmm`` per projection).
 
-        The per-expert loop of :meth:`forward_grouped` is not used here: on Soft MoE's buffers (T=4096, E=8, 256
-        slots per expert) it measured 1.03x [0.97-1.10] the ``bmm`` (docs/performance.md)."""
+        The per-expert loop of :meth:`forward_grouped` is not used here: the ``bmm`` already runs expert by
+        expert."""
         buffers = round_through(buffers, self.dispatch_dtype)
         w_in, w_out = self.dense_weights()
         hidden = self.activate(batched_linear(buffers, w_in, self.b_in))  # [E, C, H']
@@ -558,12 +560,13 @@ class Experts(nn.Module):
         group_sizes[-1] += plan.num_rows - group_sizes.sum()
         row_token = rows // top_k  # [R]
         row_weight = routing.combine_weights.reshape(-1)[rows].to(tokens.dtype)  # [R]
-        w_in, w_out = self.dense_weights()
-        if self.dispatch_dtype is None and use_per_expert_loop(plan.num_rows, self.num_experts, tokens, w_in, w_out):
-            sizes = group_sizes.tolist()  # on CPU: no device to wait for
-            keep = _needs_backward(tokens, row_weight, w_in, w_out, self.b_in, self.b_out)
-            args = (tokens, row_token, row_weight, w_in, self.b_in, w_out, self.b_out, sizes, self.activate, keep)
-            return _PerExpertFFN.apply(*args)  # gather, experts and weighted scatter, expert by expert
+        if self.dispatch_dtype is None and use_per_expert_loop(plan.num_rows, self.num_experts, tokens):
+            w_in, w_out = self.dense_weights()  # built here only: forward_grouped builds its own
+            if _same_dtype(tokens, w_in, w_out):
+                sizes = group_sizes.tolist()  # on CPU: no device to wait for
+                keep = _needs_backward(tokens, row_weight, w_in, w_out, self.b_in, self.b_out)
+                args = (tokens, row_token, row_weight, w_in, self.b_in, w_out, self.b_out, sizes, self.activate, keep)
+                return _PerExpertFFN.apply(*args)  # gather, experts and weighted scatter, expert by expert
         expert_out = self.forward_grouped(tokens.index_select(0, row_token), group_sizes)  # [R, D]
         out = torch.zeros_like(tokens)
         return out.index_add_(0, row_token, expert_out * row_weight.unsqueeze(-1))
