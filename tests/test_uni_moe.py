@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 import mome
 from mome.data.digits_audio import AudioFeatures, digit_waveform
@@ -42,6 +42,11 @@ def test_paper_size_variant_on_meta():
     assert isinstance(model, UniMoE) and model.moe_layers == list(range(32))
     assert model.num_image_tokens == 576 and model.num_audio_tokens == 50 and model.audio_input_shape == (80, 3000)
     assert isinstance(model.audio_tower, WhisperEncoder) and len(model.audio_tower.layers) == 12
+    # upstream's aligner: 50 queries through Whisper-small's 12-layer decoder (no token table), a linear projector
+    assert isinstance(model.model.audio_aligner, WhisperDecoder) and len(model.model.audio_aligner.layers) == 12
+    assert model.model.audio_aligner.embed_tokens is None
+    assert tuple(model.model.audio_query_tokens.shape) == (1, 50, 768)
+    assert isinstance(model.audio_projector, torch.nn.Linear) and model.audio_projector.out_features == 4096
     moe = model.language_model.layers[0].mlp
     assert moe.experts.num_experts == 4 and moe.router.top_k == 2 and moe.capacity_factor is None
     assert tuple(moe.experts.w_in.shape) == (4, 2 * 11008, 4096)  # SwiGLU: gate rows then up rows
@@ -69,6 +74,59 @@ def test_audio_features_are_pooled_whisper_frames_through_the_connector():
         frames = model.audio_tower(features).last_hidden_state  # [2, 50, 32]
         pooled = F.avg_pool1d(frames.transpose(1, 2), kernel_size=5).transpose(1, 2)  # [2, 10, 32]
         torch.testing.assert_close(model.get_audio_features(features), model.audio_projector(pooled))
+
+
+def aligned(**kwargs):
+    """The tiny model with upstream's audio connector: 6 queries through a 2-layer Whisper decoder."""
+    return tiny(audio_connector="whisper_decoder", audio_num_queries=6, **kwargs)
+
+
+def test_whisper_decoder_connector_reads_the_encoder_with_causal_queries():
+    model = aligned().eval()
+    assert model.num_audio_tokens == 6 and isinstance(model.audio_projector[0], torch.nn.Linear)
+    features = digit_features(1, 7)
+    queries = model.model.audio_query_tokens
+    with torch.no_grad():
+        queries.copy_(torch.randn_like(queries))
+        for param in model.model.audio_aligner.parameters():  # past the small init, so cross-attention matters
+            param.normal_(0, 0.3)
+        out = model.get_audio_features(features)  # [2, 6, 64]
+        assert tuple(out.shape) == (2, 6, 64)
+        assert not torch.allclose(out[0], out[1], atol=1e-4)  # each clip's own encoder output is read
+        queries[0, 3] += torch.randn_like(
+            queries[0, 3]
+        )  # the decoder's self-attention is causal: queries 0-2 do not see query 3
+        moved = model.get_audio_features(features)
+    torch.testing.assert_close(moved[:, :3], out[:, :3], rtol=0, atol=0)
+    assert not torch.allclose(moved[:, 3:], out[:, 3:], atol=1e-4)
+    ids = torch.tensor([prompt(model, audios=2)])
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, input_features=features, max_new_tokens=3, do_sample=False)
+        plain = model.generate(
+            input_ids=ids, input_features=features, max_new_tokens=3, do_sample=False, use_cache=False
+        )
+    assert torch.equal(cached, plain)
+    with pytest.raises(mome.InvalidArgumentError, match="audio_num_queries must be at most audio_config.max_target"):
+        tiny(audio_connector="whisper_decoder", audio_num_queries=17)
+    with pytest.raises(mome.InvalidArgumentError, match="audio_connector"):
+        tiny(audio_connector="qformer")
+    linear = tiny(audio_connector="whisper_decoder", audio_num_queries=4, audio_projector_type="linear")
+    assert isinstance(linear.audio_projector, torch.nn.Linear)
+
+
+def test_whisper_decoder_connector_trains_as_upstream_per_stage():
+    """Upstream's stage 1 tunes the whole aligner (``tune_mm_audio_aligner``: decoder, queries, projector); its
+    stage 3 only the aligner's projector (``tune_mm_audio_projector``)."""
+    model = aligned(moe_layers="none")
+    aligner = {n for n, _ in model.named_parameters() if n.startswith(("model.audio_aligner.", "model.audio_query"))}
+    projector = {n for n, _ in model.named_parameters() if n.startswith("model.audio_projector.")}
+    image = {n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")}
+    assert len(aligner) > 20 and trainable(configure_stage(model, 1, modality="audio")) == aligner | projector
+    assert_only_trained_changed(model, train_step(model), aligner | projector)
+    sparse = copy.deepcopy(model).upcycle("all", capacity_factor=None, eval_capacity_factor=None)
+    add_expert_lora(sparse)
+    stage3 = trainable(configure_stage(sparse, 3))
+    assert projector | image <= stage3 and not stage3 & aligner
 
 
 def test_audio_and_images_enter_at_their_placeholders():
@@ -252,6 +310,18 @@ def test_save_pretrained_round_trip(tmp_path):
         assert loaded.generation_config.suppress_tokens == [model.config.image_token_id, model.config.audio_token_id]
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    decoder = aligned().eval()
+    mome.save_pretrained(decoder, tmp_path / "aligned")
+    loaded = mome.create_model(f"local-dir:{tmp_path / 'aligned'}").eval()
+    assert loaded.config.audio_connector == "whisper_decoder" and loaded.num_audio_tokens == 6
+    ids = torch.tensor([prompt(decoder, audios=1)])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(input_ids=ids, audios=digit_features(2)).logits,
+            decoder(input_ids=ids, audios=digit_features(2)).logits,
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_the_moe_llava_task_refuses_uni_moe():

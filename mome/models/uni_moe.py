@@ -67,7 +67,7 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import LlamaConfig, WhisperConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from .._checks import check_choice, check_int
 from .._errors import InvalidArgumentError, InvalidInputError, UnsupportedOptionError
@@ -94,6 +94,7 @@ PAPER = dict(
     license="other",  # upstream: research use only, under the LLaMA and Vicuna licences (README)
 )
 MODALITIES = ("image", "audio")
+AUDIO_CONNECTORS = ("pool_mlp", "whisper_decoder")
 
 
 @strict
@@ -104,8 +105,15 @@ class UniMoEConfig(MoELLaVAConfig):
         audio_config: the ``WhisperConfig`` fields of the audio encoder (``d_model``, ``encoder_layers``,
             ``encoder_attention_heads``, ``encoder_ffn_dim``, ``num_mel_bins``, ``max_source_positions``, ...).
         audio_token_id: the audio placeholder id (within the LLM's vocabulary).
-        audio_pool_stride: ``s``: the encoder's ``max_source_positions`` frames are averaged ``s`` at a time,
-            giving ``audio_seq_length = max_source_positions / s`` tokens per clip.
+        audio_pool_stride: ``s`` (``audio_connector="pool_mlp"``): the encoder's ``max_source_positions`` frames are
+            averaged ``s`` at a time, giving ``audio_seq_length = max_source_positions / s`` tokens per clip.
+        audio_connector: ``"pool_mlp"`` (mean pooling, then the projector) or ``"whisper_decoder"`` (upstream's
+            aligner: ``audio_num_queries`` learned queries read the encoder output through a transformers
+            ``WhisperDecoder`` with the ``decoder_*`` fields of ``audio_config``, then the projector; one clip gives
+            ``audio_num_queries`` tokens).
+        audio_num_queries: the aligner's query tokens (upstream ``query_tokens_size``, 50).
+        audio_projector_type: ``"mlp2x_gelu"`` or ``"linear"`` (upstream's ``audio_projector_type``, whose default is
+            ``"linear"``).
     """
 
     model_type = "mome_uni_moe"
@@ -113,10 +121,15 @@ class UniMoEConfig(MoELLaVAConfig):
     audio_config: dict | None = None
     audio_token_id: int = 0
     audio_pool_stride: int = 1
+    audio_connector: str = "pool_mlp"
+    audio_num_queries: int = 0
+    audio_projector_type: str = "mlp2x_gelu"
 
     @property
     def audio_seq_length(self) -> int:
-        """Placeholder ids per audio clip."""
+        """Placeholder ids per audio clip (a 30 s chunk for Whisper-small)."""
+        if self.audio_connector == "whisper_decoder":
+            return self.audio_num_queries
         return int(self.audio_config["max_source_positions"]) // self.audio_pool_stride
 
 
@@ -131,6 +144,17 @@ def _whisper_config(config: UniMoEConfig, owner: str) -> WhisperConfig:
     audio = WhisperConfig(**config.audio_config)
     for name in ("d_model", "encoder_layers", "encoder_attention_heads", "num_mel_bins", "max_source_positions"):
         check_int(f"audio_config.{name}", getattr(audio, name), owner=owner)
+    check_choice("audio_connector", config.audio_connector, AUDIO_CONNECTORS, owner=owner)
+    check_choice("audio_projector_type", config.audio_projector_type, ("mlp2x_gelu", "linear"), owner=owner)
+    if config.audio_connector == "whisper_decoder":
+        check_int("audio_num_queries", config.audio_num_queries, owner=owner)
+        for name in ("decoder_layers", "decoder_attention_heads", "decoder_ffn_dim", "max_target_positions"):
+            check_int(f"audio_config.{name}", getattr(audio, name), owner=owner)
+        if config.audio_num_queries > audio.max_target_positions:
+            expected = (
+                f"at most audio_config.max_target_positions={audio.max_target_positions} (the aligner's positions)"
+            )
+            raise InvalidArgumentError("audio_num_queries", expected, config.audio_num_queries, owner)
     check_int("audio_pool_stride", config.audio_pool_stride, owner=owner)
     if audio.max_source_positions % config.audio_pool_stride:
         expected = f"a divisor of audio_config.max_source_positions={audio.max_source_positions}"
@@ -170,9 +194,18 @@ class UniMoE(MoELLaVA):
         super().__init__(config)
         hidden = config.text_config.hidden_size
         self.model.audio_tower = WhisperEncoder(audio)
-        self.model.audio_projector = nn.Sequential(
-            nn.Linear(audio.d_model, hidden), nn.GELU(), nn.Linear(hidden, hidden)
-        )
+        if config.audio_connector == "whisper_decoder":
+            # The aligner reads query embeddings, never token ids: a one-row vocabulary, and no embedding table.
+            aligner = WhisperDecoder(WhisperConfig(**{**audio.to_dict(), "vocab_size": 1, "pad_token_id": 0}))
+            aligner.embed_tokens = None
+            self.model.audio_aligner = aligner
+            self.model.audio_query_tokens = nn.Parameter(torch.zeros(1, config.audio_num_queries, audio.d_model))
+        if config.audio_projector_type == "linear":
+            self.model.audio_projector = nn.Linear(audio.d_model, hidden)
+        else:
+            self.model.audio_projector = nn.Sequential(
+                nn.Linear(audio.d_model, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+            )
         self.pretrained_cfg = self.pretrained_cfg.replace(**PAPER)
         # A generated placeholder id would become an image or clip slot without its features (an error when the
         # sequence is re-read without the cache): generate never emits one.
@@ -220,9 +253,13 @@ class UniMoE(MoELLaVA):
         return super().token_modality_ids(input_ids).masked_fill(audio, self.modality_names.index("audio"))
 
     def get_audio_features(self, input_features: Tensor) -> Tensor:
-        """``[N_aud, mel, 2F]`` log-mel features -> ``[N_aud, F / s, D]`` LLM embeddings (see the module doc)."""
+        """``[N_aud, mel, 2F]`` log-mel features -> ``[N_aud, audio_seq_length, D]`` LLM embeddings (module doc)."""
         hidden = self.audio_tower(input_features.to(self.audio_tower.dtype)).last_hidden_state  # [N, F, D_a]
         clips, frames, width = hidden.shape
+        if self.config.audio_connector == "whisper_decoder":
+            queries = self.model.audio_query_tokens.expand(clips, -1, -1)  # [N, Q, D_a]
+            read = self.model.audio_aligner(inputs_embeds=queries, encoder_hidden_states=hidden, use_cache=False)
+            return self.audio_projector(read.last_hidden_state)  # [N, Q, D]
         stride = self.config.audio_pool_stride
         pooled = hidden.view(clips, frames // stride, stride, width).mean(dim=2)  # [N, F/s, D_a]
         return self.audio_projector(pooled)  # [N, F/s, D]
@@ -346,10 +383,16 @@ def add_expert_lora(model: UniMoE, r: int = 8, lora_alpha: float = 16.0, **optio
     return add_lora_experts(model, config, freeze_base=False)
 
 
-def _connectors(model: UniMoE, modality: str | None) -> list[nn.Module]:
+def _connectors(model: UniMoE, modality: str | None, stage: int) -> list[nn.Module | nn.Parameter]:
+    """What trains of the connectors in ``stage``: the image projector; the audio projector, with (stage 1 only) the
+    Whisper-decoder aligner and its queries (upstream: ``tune_mm_audio_aligner`` in alignment,
+    ``tune_mm_audio_projector`` in unified tuning)."""
     check_choice("modality", modality, (None, *MODALITIES), owner="configure_stage")
-    parts = {"image": model.projector, "audio": model.audio_projector}
-    return [parts[m] for m in MODALITIES if modality in (None, m)]
+    audio: list[nn.Module | nn.Parameter] = [model.audio_projector]
+    if stage == 1 and model.config.audio_connector == "whisper_decoder":
+        audio += [model.model.audio_aligner, model.model.audio_query_tokens]
+    parts = {"image": [model.projector], "audio": audio}
+    return [part for m in MODALITIES if modality in (None, m) for part in parts[m]]
 
 
 def configure_stage(model: UniMoE, stage: Literal[1, 2, 3], *, modality: str | None = None) -> UniMoE:
@@ -370,7 +413,7 @@ def configure_stage(model: UniMoE, stage: Literal[1, 2, 3], *, modality: str | N
         raise InvalidArgumentError(
             "modality", "None outside stage 1 (stage-1 connectors train one at a time)", modality, owner
         )
-    connectors = _connectors(model, modality)
+    connectors = _connectors(model, modality, stage)
     moe_layers = model.moe_layers
     if stage in (1, 2) and moe_layers:
         expected = f"3 for a model whose LLM layers {moe_layers} are MoE (stages 1-2 train a dense model)"
@@ -399,7 +442,12 @@ def configure_stage(model: UniMoE, stage: Literal[1, 2, 3], *, modality: str | N
 # ---------------------------------------------------------------------------------------------
 # Variants
 # ---------------------------------------------------------------------------------------------
-_UNI_MOE_ARGS = [name for name in VARIANT_ARGS if name != "top2_2nd_expert_sampling"] + ["audio_overrides"]
+_UNI_MOE_ARGS = [name for name in VARIANT_ARGS if name != "top2_2nd_expert_sampling"] + [
+    "audio_overrides",
+    "audio_connector",
+    "audio_num_queries",
+    "audio_projector_type",
+]
 
 
 def _create_uni_moe(
@@ -412,6 +460,9 @@ def _create_uni_moe(
     audio_token_id: int,
     audio_pool_stride: int,
     audio_overrides: dict[str, Any] | None = None,
+    audio_connector: str = "pool_mlp",
+    audio_num_queries: int = 0,
+    audio_projector_type: str = "mlp2x_gelu",
     **kwargs: Any,
 ) -> UniMoE:
     """A Uni-MoE variant: every LLM layer MoE, 4 experts top-2, dropless, no aux loss unless ``kwargs`` say so."""
@@ -421,26 +472,36 @@ def _create_uni_moe(
         audio_config={**audio_config, **(audio_overrides or {})},
         audio_token_id=audio_token_id,
         audio_pool_stride=audio_pool_stride,
+        audio_connector=audio_connector,
+        audio_num_queries=audio_num_queries,
+        audio_projector_type=audio_projector_type,
     )
     return create_moe_llava(text_config, vision_config, owner=arch, model_class=UniMoE, extra_config=extra, **options)
 
 
-def _whisper_small_encoder() -> dict[str, Any]:
-    """openai/whisper-small's encoder: 12 layers of width 768, 80 mel bins, 1500 positions (30 s at 20 ms)."""
+def _whisper_small() -> dict[str, Any]:
+    """openai/whisper-small: an encoder of 12 layers of width 768 over 80 mel bins and 1500 positions (30 s at
+    20 ms), and a decoder of 12 layers (448 positions), the start of upstream's audio aligner."""
     return dict(
         d_model=768,
         encoder_layers=12,
         encoder_attention_heads=12,
         encoder_ffn_dim=3072,
+        decoder_layers=12,
+        decoder_attention_heads=12,
+        decoder_ffn_dim=3072,
         num_mel_bins=80,
         max_source_positions=1500,
+        max_target_positions=448,
     )
 
 
 @register_model
 def uni_moe_llama_7b_e4(pretrained: bool = False, **kwargs: Any) -> UniMoE:
-    """Uni-MoE (paper sizes, architecture only): CLIP ViT-L/14-336 + Whisper-small encoder (50 audio tokens per
-    30 s) + a LLaMA-7B-sized LLM (32 layers, width 4096), 4 experts top-2 in every layer."""
+    """Uni-MoE-speech (the released model's architecture): CLIP ViT-L/14-336 + Whisper-small's encoder, read by
+    upstream's aligner (50 queries through Whisper-small's decoder, a linear projector: 50 audio tokens per 30 s) +
+    a LLaMA-7B (Vicuna) LLM (32 layers, width 4096), 4 experts top-2 in every layer. The weights:
+    ``uni_moe_llama_7b_e4.speech_e2`` (:mod:`mome.convert.uni_moe`)."""
     text = LlamaConfig(
         vocab_size=32000 + 2,  # LLaMA's 32000 words, then the <image> and <audio> placeholder rows
         hidden_size=4096,
@@ -455,12 +516,18 @@ def uni_moe_llama_7b_e4(pretrained: bool = False, **kwargs: Any) -> UniMoE:
         bos_token_id=1,
         eos_token_id=2,
     )
-    args = dict(image_token_index=32000, tokenizer=None)
+    args = dict(
+        image_token_index=32000,
+        tokenizer=None,
+        audio_connector="whisper_decoder",
+        audio_num_queries=50,
+        audio_projector_type="linear",
+    )
     return _create_uni_moe(
         "uni_moe_llama_7b_e4",
         text,
         clip_vit_l14_336(),
-        _whisper_small_encoder(),
+        _whisper_small(),
         audio_token_id=32001,
         audio_pool_stride=30,
         **{**args, **kwargs},
@@ -475,7 +542,9 @@ def uni_moe_tiny_e4(pretrained: bool = False, llm: str = "llama", **kwargs: Any)
     """A tiny Uni-MoE for tests and demos: 32 px CLIP (16 image tokens), a 2-layer Whisper encoder of width 32 over
     ``[80, 100]`` log-mel features (the digits' DTMF tones) pooled to 10 audio tokens, a 4-layer LLM of width 64
     (``llm="llama"``, or MoE-LLaVA tiny's ``"phi"``, ``"stablelm"``, ``"qwen2"``) with 4 experts top-2 in every
-    layer, and the tiny MoE-LLaVA word-level tokenizer (``<audio>`` is the embedding row after its vocabulary)."""
+    layer, and the tiny MoE-LLaVA word-level tokenizer (``<audio>`` is the embedding row after its vocabulary).
+    ``audio_connector="whisper_decoder", audio_num_queries=Q``: upstream's aligner instead of the pooling (a 2-layer
+    Whisper decoder of width 32 reading ``Q`` queries, at most 16)."""
     text = tiny_text_config(llm, owner="uni_moe_tiny_e4")
     text.vocab_size, text.max_position_embeddings = TINY_VOCAB_SIZE + 1, 256
     vision = dict(
@@ -486,8 +555,12 @@ def uni_moe_tiny_e4(pretrained: bool = False, llm: str = "llama", **kwargs: Any)
         encoder_layers=2,
         encoder_attention_heads=2,
         encoder_ffn_dim=64,
+        decoder_layers=2,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
         num_mel_bins=80,
         max_source_positions=50,
+        max_target_positions=16,
     )
     args = dict(image_token_index=TINY_IMAGE_TOKEN_ID, tokenizer="mome:moe_llava_tiny")
     return _create_uni_moe(
