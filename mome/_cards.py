@@ -98,6 +98,12 @@ def _results(value: Mapping) -> str | None:
     return None
 
 
+def _companions(value: Mapping) -> str | None:
+    bad = [f"{k}: {v}" for k, v in value.items() if not isinstance(k, str) or "/" in k or not k or k.startswith(".")]
+    bad += [f"{k}: {v}" for k, v in value.items() if not isinstance(v, str) or not _HUB_ID.fullmatch(v)]
+    return f"entries {bad} are not 'folder name: org/name'" if bad else None
+
+
 def _kwargs(value: Mapping) -> str | None:
     bad = [k for k in value if not isinstance(k, str) or not k.isidentifier()]
     return f"keys {bad} are not keyword names" if bad else None
@@ -125,6 +131,11 @@ CARD_SCHEMA: dict[str, FieldSpec] = {
         _STR,
         "Hub revision of hf_hub_id: a 40-hex commit pins it; a branch name (main) follows the repo",
         check=_pattern(_REVISION, "a 40-hex commit or a branch / tag name"),
+    ),
+    "hf_hub_companions": FieldSpec(
+        (dict,),
+        "other Hub repos the checkpoint is read with, {folder name: 'org/name'}, laid out beside hf_hub_id's folder",
+        check=_companions,
     ),
     "url": FieldSpec(_STR, "plain URL or GitHub release asset", check=_url),
     "file": FieldSpec(_STR, "local file (relative to the card's folder)"),
@@ -183,6 +194,8 @@ def validate_card(data: Any, path: str | Path | None = None) -> list[CardError]:
         errors.append(CardError(path, "converter", "a 'mome' format card needs no converter"))
     if data.get("revision") and not data.get("hf_hub_id"):
         errors.append(CardError(path, "revision", "needs hf_hub_id"))
+    if data.get("hf_hub_companions") and (not data.get("hf_hub_id") or data.get("hf_hub_filename")):
+        errors.append(CardError(path, "hf_hub_companions", "needs a whole-repo hf_hub_id (no hf_hub_filename)"))
     if processor_holds:
         if data.get("converter") is not None:
             errors.append(CardError(path, "converter", "a 'transformers' card needs none (from_pretrained reads it)"))

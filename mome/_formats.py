@@ -101,6 +101,12 @@ _FORMATS: dict[str, tuple[str, str | None, str, tuple[tuple[str, ...], ...]]] = 
         "a MoE-LLaVA Hugging Face save_pretrained folder",
         (("model.layers.", "lm_head."), ("transformer.h.", "lm_head.")),
     ),
+    "uni_moe": (
+        "mome.convert.uni_moe:read_uni_moe_checkpoint",
+        "uni_moe",
+        "Uni-MoE's stage-3 LoRA folder beside its base, CLIP and Whisper folders (upstream's checkpoint/ layout)",
+        (),  # told by the folder's files (adapter_config.json + mm_audio_aligner.bin), not by key names
+    ),
     "transformers": (
         _FOLDER,
         None,
@@ -129,6 +135,7 @@ CONVERTERS = LazyFunctionTable(
         "timm_vit": "mome.convert.dense:convert_timm_vit",
         "open_clip": "mome.convert.dense:convert_open_clip",
         "moe_llava": "mome.models.moe_llava:moe_llava_state_dict_from_hf",
+        "uni_moe": "mome.convert.uni_moe:convert_uni_moe",
     },
 )
 
@@ -146,7 +153,8 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
     """The source format of the checkpoint at ``path``, told from its bytes and key names.
 
     A msgpack or ``.npz`` file, a sharded vmoe checkpoint (its ``<prefix>``, ``<prefix>.index`` or a
-    ``<prefix>.data-*`` shard) or a folder holding a vmoe ``.index`` is ``"vmoe"``; a folder with
+    ``<prefix>.data-*`` shard) or a folder holding a vmoe ``.index`` is ``"vmoe"``; a folder with a peft
+    ``adapter_config.json`` and ``mm_audio_aligner.bin`` is ``"uni_moe"`` (the LoRA folder); a folder with
     mome's ``config.json`` + ``model.safetensors`` is ``"mome"``; a file whose keys are exactly
     ``model_keys`` (the target model's state-dict keys) is ``"mome"``; otherwise the one format of
     :data:`KEY_SIGNATURES` whose key prefixes all occur.
@@ -170,6 +178,8 @@ def detect_format(path: str | Path, model_keys: Iterable[str] | None = None) -> 
             return "mome"
         if any(path.glob("*.index")):
             return "vmoe"
+        if (path / "adapter_config.json").is_file() and (path / "mm_audio_aligner.bin").is_file():
+            return "uni_moe"
     tried = []
     if kind in ("folder", "safetensors", "torch"):
         keys = checkpoint_keys(path)

@@ -314,7 +314,14 @@ def _fetch(
             patterns = TRANSFORMERS_PATTERNS if cfg.source_format == TRANSFORMERS_FORMAT else SNAPSHOT_PATTERNS
             patterns = [CONFIG_NAME] if config_only else patterns
             options = {"local_files_only": local_files_only, "revision": revision}
-            return hub_snapshot(cfg.hf_hub_id, patterns, cache_dir, **options)
+            snapshot = hub_snapshot(cfg.hf_hub_id, patterns, cache_dir, **options)
+            if config_only or not cfg.hf_hub_companions:
+                return snapshot
+            companions = {
+                folder: hub_snapshot(repo, patterns, cache_dir, local_files_only=local_files_only)
+                for folder, repo in cfg.hf_hub_companions.items()
+            }
+            return companion_layout(f"{cfg.architecture}.{cfg.tag}", cfg.hf_hub_id, snapshot, companions, cache_dir)
         filename = cfg.hf_hub_filename or WEIGHTS_NAME
         path = hub_download(cfg.hf_hub_id, filename, cache_dir, local_files_only=local_files_only, revision=revision)
         check_sha256(path, cfg.sha256, delete=True)
@@ -339,6 +346,25 @@ def _fetch(
         for shard in _vmoe_shards(path):
             sibling(shard)
     return path
+
+
+def companion_layout(
+    name: str, repo_id: str, snapshot: Path, companions: dict[str, Path], cache_dir: str | Path | None
+) -> Path:
+    """One folder (``<hub cache>/mome-layouts/<name>/``) of links to the card's snapshot, named after its repo, and to
+    each companion snapshot, named by the card: the side-by-side layout an upstream loader reads (Uni-MoE's LoRA
+    folder beside its base, CLIP and Whisper). Each link is replaced atomically. Returns the card's own link."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    root = Path(cache_dir or HF_HUB_CACHE) / "mome-layouts" / name
+    root.mkdir(parents=True, exist_ok=True)
+    links = {repo_id.rpartition("/")[2]: snapshot, **companions}
+    for folder, target in links.items():
+        link, staged = root / folder, root / f".{folder}.{os.getpid()}.tmp"
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(Path(target).resolve(), target_is_directory=True)
+        os.replace(staged, link)
+    return root / repo_id.rpartition("/")[2]
 
 
 def fetch_checkpoint(

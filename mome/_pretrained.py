@@ -37,6 +37,8 @@ class PretrainedCfg:
     hf_hub_filename: str | None = None
     # Hub revision of ``hf_hub_id``: a 40-hex commit pins it; a branch name (``main``) follows the repo
     revision: str | None = None
+    # other Hub repos read with ``hf_hub_id`` (folder name -> repo id), fetched and laid out beside it
+    hf_hub_companions: dict[str, str] = field(default_factory=dict)
     url: str | None = None
     file: str | None = None
     sha256: str | None = None

@@ -156,7 +156,7 @@ def _whisper_config(config: UniMoEConfig, owner: str) -> WhisperConfig:
             )
             raise InvalidArgumentError("audio_num_queries", expected, config.audio_num_queries, owner)
     check_int("audio_pool_stride", config.audio_pool_stride, owner=owner)
-    if audio.max_source_positions % config.audio_pool_stride:
+    if config.audio_connector == "pool_mlp" and audio.max_source_positions % config.audio_pool_stride:
         expected = f"a divisor of audio_config.max_source_positions={audio.max_source_positions}"
         raise InvalidArgumentError("audio_pool_stride", expected, config.audio_pool_stride, owner)
     vocab = config.text_config.vocab_size
@@ -196,7 +196,8 @@ class UniMoE(MoELLaVA):
         self.model.audio_tower = WhisperEncoder(audio)
         if config.audio_connector == "whisper_decoder":
             # The aligner reads query embeddings, never token ids: a one-row vocabulary, and no embedding table.
-            aligner = WhisperDecoder(WhisperConfig(**{**audio.to_dict(), "vocab_size": 1, "pad_token_id": 0}))
+            no_ids = dict(vocab_size=1, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)
+            aligner = WhisperDecoder(WhisperConfig(**{**audio.to_dict(), **no_ids}))
             aligner.embed_tokens = None
             self.model.audio_aligner = aligner
             self.model.audio_query_tokens = nn.Parameter(torch.zeros(1, config.audio_num_queries, audio.d_model))
@@ -444,6 +445,7 @@ def configure_stage(model: UniMoE, stage: Literal[1, 2, 3], *, modality: str | N
 # ---------------------------------------------------------------------------------------------
 _UNI_MOE_ARGS = [name for name in VARIANT_ARGS if name != "top2_2nd_expert_sampling"] + [
     "audio_overrides",
+    "audio_token_id",
     "audio_connector",
     "audio_num_queries",
     "audio_projector_type",
@@ -518,6 +520,7 @@ def uni_moe_llama_7b_e4(pretrained: bool = False, **kwargs: Any) -> UniMoE:
     )
     args = dict(
         image_token_index=32000,
+        audio_token_id=32001,
         tokenizer=None,
         audio_connector="whisper_decoder",
         audio_num_queries=50,
@@ -528,7 +531,6 @@ def uni_moe_llama_7b_e4(pretrained: bool = False, **kwargs: Any) -> UniMoE:
         text,
         clip_vit_l14_336(),
         _whisper_small(),
-        audio_token_id=32001,
         audio_pool_stride=30,
         **{**args, **kwargs},
     )
@@ -562,13 +564,14 @@ def uni_moe_tiny_e4(pretrained: bool = False, llm: str = "llama", **kwargs: Any)
         max_source_positions=50,
         max_target_positions=16,
     )
-    args = dict(image_token_index=TINY_IMAGE_TOKEN_ID, tokenizer="mome:moe_llava_tiny")
+    args = dict(
+        image_token_index=TINY_IMAGE_TOKEN_ID, audio_token_id=TINY_AUDIO_TOKEN_ID, tokenizer="mome:moe_llava_tiny"
+    )
     return _create_uni_moe(
         "uni_moe_tiny_e4",
         text,
         vision,
         audio,
-        audio_token_id=TINY_AUDIO_TOKEN_ID,
         audio_pool_stride=5,
         **{**args, **kwargs},
     )
