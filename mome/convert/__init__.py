@@ -14,11 +14,13 @@ Formats (``source_format``):
 - ``"timm"``, ``"open_clip"``, ``"safetensors"``, ``"mome"``: ``.safetensors``, or a torch file;
 - ``"vmoe"``: ``google-research/vmoe``'s sharded msgpack checkpoints (``<prefix>.index`` +
   ``.data-nnnnn-of-NNNNN``), single Flax msgpack files and ``.npz`` (:mod:`mome.convert.vmoe`);
-- ``"moe_llava"``: a Hugging Face ``save_pretrained`` folder of MoE-LLaVA (all its weight shards).
+- ``"moe_llava"``: a Hugging Face ``save_pretrained`` folder of MoE-LLaVA (all its weight shards);
+- ``"uni_moe"``: Uni-MoE's stage-3 LoRA folder beside its base, CLIP and Whisper folders, read as upstream's
+  loader does, LoRA merged (:mod:`mome.convert.uni_moe`).
 
 Torch files are read with ``torch.load(weights_only=True)`` only: a pickle that would run code or
 build arbitrary objects is refused. Converters (``converter``): ``"unilm_vlmo"``, ``"vmoe"``,
-``"timm_vit"``, ``"open_clip"``, ``"moe_llava"``; each raises :class:`~mome.CheckpointMismatchError`
+``"timm_vit"``, ``"open_clip"``, ``"moe_llava"``, ``"uni_moe"``; each raises :class:`~mome.CheckpointMismatchError`
 naming every upstream key without a counterpart (unless the caller passes ``ignore_prefixes``), every
 needed key the checkpoint lacks and every shape that disagrees.
 """

@@ -32,11 +32,18 @@ Differences here: the LoRA of ``w_in`` is one rank-r LoRA of the stacked ``[gate
 projection), attention gets no LoRA (mome.peft adapts linear layers with routed LoRA experts only), and no LoRA
 dropout (the delta is added to the stacked weights; upstream 0.05).
 
-Audio connector: upstream's is a Q-Former-like Whisper decoder reading 50 learned query tokens over the Whisper
-encoder output, then a projector; here it is mean pooling over ``s = audio_pool_stride`` frames and an
-``mlp2x_gelu`` projector (the paper-size variant pools Whisper's 1500 frames of a 30 s window into 50 tokens,
-upstream's number of audio tokens). Audio placeholders: ``config.audio_seq_length`` ids ``config.audio_token_id``
-per clip, as images (``config.image_seq_length`` ids ``config.image_token_id`` per image).
+Audio connector (``config.audio_connector``): ``"whisper_decoder"`` is upstream's aligner
+(``model/audio_aligner/``), the paper-size variant's: ``Q = audio_num_queries`` learned queries (upstream
+``query_tokens_size`` = 50) read the encoder output through transformers' ``WhisperDecoder`` (causal self-attention
+over the queries plus their positions, cross-attention to the audio, the ``decoder_*`` fields of ``audio_config``),
+then a projector (``audio_projector_type``: ``"linear"``, upstream's default, or ``"mlp2x_gelu"``)::
+
+    e_aud = P(WhisperDecoder(q_1..q_Q; Whisper(mel)))                  [N_aud, Q, D]
+
+``"pool_mlp"`` (the tiny variant's default) is the mean pooling over ``s = audio_pool_stride`` frames written above.
+Audio placeholders: ``config.audio_seq_length`` ids ``config.audio_token_id`` per clip (one 30 s chunk), as images
+(``config.image_seq_length`` ids ``config.image_token_id`` per image). Released weights:
+:mod:`mome.convert.uni_moe` (the LoRAs merged into the experts and attention).
 
 Progressive training (the paper's three stages, upstream README "Structure"), :func:`configure_stage`:
 1. cross-modality alignment: only the connectors train (``modality="image"`` or ``"audio"`` for one), dense LLM;
@@ -50,11 +57,11 @@ Progressive training (the paper's three stages, upstream README "Structure"), :f
 Variants: ``uni_moe_tiny_e4`` (random init: 32 px CLIP, 16 image tokens; a 2-layer Whisper encoder of width 32
 over ``[80, 100]`` log-mel features, the embedded digits' DTMF tones, pooled 5x to 10 audio tokens; a 4-layer
 LLaMA of width 64 with 4 experts top-2 in every layer; placeholder ids: the tiny MoE-LLaVA tokenizer's ``<image>``
-and one embedding row beyond it for ``<audio>``) and ``uni_moe_llama_7b_e4`` (architecture only: CLIP ViT-L/14-336,
-Whisper-small's encoder over 30 s ``[80, 3000]`` features, a LLaMA-7B-sized LLM (32 layers, width 4096, FFN
-11008, 32000 words + the two placeholder rows), 4 experts top-2 in every layer). Unverified (the released
-``config.json`` files are not in the upstream repository): ``k = 2``, the LLM's context length (4096) and RMSNorm
-epsilon (1e-5).
+and one embedding row beyond it for ``<audio>``) and ``uni_moe_llama_7b_e4`` (Uni-MoE-speech: CLIP ViT-L/14-336,
+Whisper-small's encoder over 30 s ``[80, 3000]`` features read by upstream's aligner (Whisper-small's 12-layer
+decoder, 50 queries, a linear projector), a LLaMA-7B LLM (32 layers, width 4096, FFN 11008, 32000 words + the two
+placeholder rows), 4 experts top-2 in every layer; weights: the ``speech_e2`` card). Not read from a released
+``config.json`` (none is in the upstream repository): the LLM's context length (4096) and RMSNorm epsilon (1e-5).
 """
 
 from __future__ import annotations
@@ -399,10 +406,13 @@ def _connectors(model: UniMoE, modality: str | None, stage: int) -> list[nn.Modu
 def configure_stage(model: UniMoE, stage: Literal[1, 2, 3], *, modality: str | None = None) -> UniMoE:
     """Set ``requires_grad`` for Uni-MoE's training stage ``stage`` (see the module doc); encoders stay frozen.
 
-    1. the connectors (``modality="image"`` / ``"audio"``: that one only), on a dense model;
+    1. the connectors (``modality="image"`` / ``"audio"``: that one only), on a dense model; with
+       ``audio_connector="whisper_decoder"`` the whole aligner (decoder, queries, projector: upstream's
+       ``tune_mm_audio_aligner``);
     2. the FFN of every LLM layer (a dense model; one run per modality gives that modality's expert);
     3. after :meth:`UniMoE.upcycle`, :meth:`UniMoE.load_modality_experts` and :func:`add_expert_lora`: the experts'
-       LoRA ``A``/``B``, the routers and both connectors (the experts' own weights stay frozen).
+       LoRA ``A``/``B``, the routers and both projectors (the experts' own weights and the aligner's decoder stay
+       frozen: upstream's ``tune_mm_audio_projector``).
 
     Returns the model; :class:`~mome.InvalidArgumentError` for a stage that does not fit it (MoE layers in stage
     1/2, none or no LoRA in stage 3, ``modality`` outside stage 1).
