@@ -3,22 +3,21 @@
 
 The fixture is a tiny Uni-MoE-speech in upstream's released layout (``checkpoint/``: the stage-3 LoRA folder
 ``Uni-MoE-speech-e2`` beside the stage-2 base ``Uni-MoE-speech-base``, a CLIP and a Whisper folder), loaded by the
-steps of upstream's ``load_all_pretrained_model`` (LoRA merged) and run on four prompts: image + one clip, one clip
-of two 30-s chunks, image only, clip before image. Outputs: logits, each layer's router logits, the image tower and
-projector outputs, the Whisper encoder and aligner outputs, 4 greedy tokens (upstream generates without the KV
-cache; mome with it).
+steps of upstream's ``load_all_pretrained_model`` (LoRA merged) and run on six prompts: image + one clip, one clip
+of two 30-s chunks, image only, clip before image, video + clip, image + video (8 frames). Outputs: logits, each
+layer's router logits, the image tower and projector outputs, the Whisper encoder and aligner outputs, each
+video's frame-averaged features, 4 greedy tokens (upstream generates without the KV cache; mome with it).
 
 mome builds ``uni_moe_llama_7b_e4`` at the fixture's sizes through both public routes:
 ``create_model(arch, checkpoint_path=<LoRA folder>, checkpoint_format="uni_moe", **TINY)`` and the card
 ``create_model("uni_moe_llama_7b_e4.speech_e2", pretrained=True, pretrained_cfg_overlay=dict(file=...), **TINY)``.
-Upstream's ``-200`` / ``-300`` ids become 16 image / 8-per-chunk audio placeholder ids, which mome puts past
-upstream's 96 words (rows the converter adds), so only the first 96 logits are compared. Diffs are absolute
-(logits below about 5); generated tokens count as 0 when all agree. With mome's default SDPA attention the logits
-round differently from upstream's eager attention (tolerance 2e-5); with ``attn_implementation="eager"`` the
-tolerance is the default 1e-5.
+Upstream's ``-200`` / ``-400`` / ``-300`` ids become 16 image / 16 video / 8-per-chunk audio placeholder ids,
+which mome puts past upstream's 96 words (rows the converter adds), so only the first 96 logits are compared. Diffs
+are absolute (logits below about 5); generated tokens count as 0 when all agree. With mome's default SDPA
+attention the logits round differently from upstream's eager attention (tolerance 2e-5); with
+``attn_implementation="eager"`` the tolerance is the default 1e-5.
 
-Not covered: fp16/bf16 (upstream evaluates in fp16 on GPU; the fixture is fp32 on CPU), videos (upstream averages a
-video's frames into one image's tokens; mome has no such input), padded batches.
+Not covered: fp16/bf16 (upstream evaluates in fp16 on GPU; the fixture is fp32 on CPU), padded batches.
 """
 
 from __future__ import annotations
@@ -36,14 +35,14 @@ import mome
 ARCH, CARD = "uni_moe_llama_7b_e4", "uni_moe_llama_7b_e4.speech_e2"
 FOLDER = "uni_moe_speech"
 UPSTREAM_VOCAB = 96
-IMAGE_ID, AUDIO_ID = UPSTREAM_VOCAB, UPSTREAM_VOCAB + 1  # mome's placeholders: rows past upstream's words
+IMAGE_ID, AUDIO_ID, VIDEO_ID = range(UPSTREAM_VOCAB, UPSTREAM_VOCAB + 3)  # mome's placeholders: rows past upstream's
 #: the generator's tiny sizes (tools/upstream_uni_moe.py)
 TINY = dict(
     vision_overrides=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
     ),
     text_overrides=dict(
-        vocab_size=UPSTREAM_VOCAB + 2,
+        vocab_size=UPSTREAM_VOCAB + 3,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=4,
@@ -68,9 +67,10 @@ TINY = dict(
     audio_num_queries=8,
     image_token_index=IMAGE_ID,
     audio_token_id=AUDIO_ID,
+    video_token_id=VIDEO_ID,
 )
-UPSTREAM_IMAGE, UPSTREAM_AUDIO = -200, -300
-PROMPTS = ("prompt_a", "prompt_b", "prompt_c", "prompt_d")
+UPSTREAM_IMAGE, UPSTREAM_AUDIO, UPSTREAM_VIDEO = -200, -300, -400
+PROMPTS = ("prompt_a", "prompt_b", "prompt_c", "prompt_d", "prompt_e", "prompt_f")
 NEW_TOKENS = 4
 
 
@@ -84,8 +84,9 @@ def _tensors(name: str) -> dict[str, torch.Tensor]:
 
 
 def mome_prompt(prompt: str, num_image_tokens: int, num_audio_tokens: int) -> dict[str, torch.Tensor]:
-    """Upstream's batch of one prompt (one ``-200`` per image, one ``-300`` per clip of ``features_mask``'s chunks)
-    -> mome's ``input_ids`` (placeholder runs), ``pixel_values`` and ``input_features`` (one clip per chunk)."""
+    """Upstream's batch of one prompt (one ``-200`` per image, ``-400`` per video, ``-300`` per clip of
+    ``features_mask``'s chunks) -> mome's ``input_ids`` (placeholder runs), ``pixel_values``,
+    ``pixel_values_videos`` and ``input_features`` (one clip per chunk)."""
     inputs = _tensors("inputs")
     ids = inputs[f"{prompt}.input_ids"][0].tolist()
     chunks = inputs[f"{prompt}.features_mask"][0]
@@ -94,8 +95,8 @@ def mome_prompt(prompt: str, num_image_tokens: int, num_audio_tokens: int) -> di
     seq: list[int] = []
     clip = 0
     for token in ids:
-        if token == UPSTREAM_IMAGE:
-            seq += [IMAGE_ID] * num_image_tokens
+        if token in (UPSTREAM_IMAGE, UPSTREAM_VIDEO):
+            seq += [IMAGE_ID if token == UPSTREAM_IMAGE else VIDEO_ID] * num_image_tokens
         elif token == UPSTREAM_AUDIO:
             seq += [AUDIO_ID] * num_audio_tokens * len(clips[clip])
             clip += 1
@@ -104,6 +105,8 @@ def mome_prompt(prompt: str, num_image_tokens: int, num_audio_tokens: int) -> di
     out = {"input_ids": torch.tensor([seq])}
     if bool(inputs[f"{prompt}.image_mask"][0]):
         out["pixel_values"] = inputs[f"{prompt}.images"]
+    if bool(inputs[f"{prompt}.video_mask"][0]):
+        out["pixel_values_videos"] = inputs[f"{prompt}.videos"]
     if clips:
         out["input_features"] = torch.cat(clips)
     return out
@@ -140,6 +143,8 @@ def run(model: torch.nn.Module, prompt: str) -> dict[str, torch.Tensor]:
             features = batch["input_features"]
             out[f"{prompt}.audio_tower_features"] = model.audio_tower(features[:1]).last_hidden_state
             out[f"{prompt}.audio_features"] = model.get_audio_features(features)
+        if "pixel_values_videos" in batch:
+            out[f"{prompt}.video_features"] = model.get_video_features(batch["pixel_values_videos"])
         generated = model.generate(**batch, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
         out[f"{prompt}.generated"] = generated[0, -NEW_TOKENS:]
     return out

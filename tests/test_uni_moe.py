@@ -10,6 +10,7 @@ from transformers.models.whisper.modeling_whisper import WhisperDecoder, Whisper
 import mome
 from mome.data.digits_audio import AudioFeatures, digit_waveform
 from mome.layers import MoE
+from mome.models.moe_llava import TINY_IMAGE_TOKEN_ID, TINY_VOCAB_SIZE
 from mome.models.uni_moe import UniMoE, add_expert_lora, configure_stage
 
 TINY = "uni_moe_tiny_e4"
@@ -165,6 +166,60 @@ def test_bad_audio_is_a_typed_error_naming_the_expected_shape():
         model(input_ids=ids, input_features=torch.randn(2, 80, 100))
     with pytest.raises(mome.InvalidInputError, match="input_ids"):
         model(inputs_embeds=torch.randn(1, ids.shape[1], 64), input_features=torch.randn(1, 80, 100))
+
+
+def with_video(**kwargs):
+    """The tiny model with a video placeholder (one more embedding row, after ``<audio>``)."""
+    text = dict(vocab_size=TINY_VOCAB_SIZE + 2)
+    return tiny(video_token_id=TINY_VOCAB_SIZE + 1, text_overrides=text, **kwargs)
+
+
+def video_prompt(model, videos=1, audios=0):
+    ids = list(prompt(model, audios=audios, after=()))
+    for _ in range(videos):
+        ids += [model.config.video_token_id] * model.num_image_tokens + [19, 24]
+    return ids + [17, 18, 9, 6, 8]
+
+
+def test_a_video_is_its_frames_image_features_averaged():
+    """Upstream's video tokens: each frame through CLIP and the projector (``encode_images``), then the mean over
+    the frames; spliced at the video's placeholders, counted as image tokens by the routing report."""
+    model = with_video().eval()
+    videos = torch.randn(2, 3, 3, 32, 32)  # 2 videos of 3 frames
+    ids = torch.tensor([video_prompt(model, videos=2, audios=1)])
+    audio = digit_features(4)
+    with torch.no_grad():
+        frames = [model.model.get_image_features(pixel_values=v).pooler_output for v in videos]  # 3 x [16, 64]
+        expected = torch.stack([torch.stack(list(f)).mean(0) for f in frames])  # [2, 16, 64]
+        torch.testing.assert_close(model.get_video_features(videos), expected)
+        out = model(input_ids=ids, pixel_values_videos=videos, input_features=audio).logits
+        embeds = model.get_input_embeddings()(ids).clone()
+        embeds[ids == model.config.video_token_id] = expected.reshape(-1, 64)
+        embeds[ids == model.config.audio_token_id] = model.get_audio_features(audio).reshape(-1, 64)
+        by_hand = model.lm_head(model.language_model(inputs_embeds=embeds).last_hidden_state)
+    torch.testing.assert_close(out, by_hand)
+    modality = model.token_modality_ids(ids)[0]
+    video = ids[0] == model.config.video_token_id
+    assert set(modality[video].tolist()) == {model.modality_names.index("image")}
+    assert model.config.video_token_id in model.generation_config.suppress_tokens
+    kwargs = dict(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, input_features=audio)
+    cached = model.generate(**kwargs, videos=videos, use_cache=True)
+    assert torch.equal(cached, model.generate(**kwargs, pixel_values_videos=videos, use_cache=False))
+
+
+def test_bad_video_is_a_typed_error_naming_the_expected_shape():
+    model = with_video().eval()
+    ids = torch.tensor([video_prompt(model)])
+    with pytest.raises(mome.InvalidInputError, match=r"pixel_values_videos must be frames \[N_video, F, 3, 32, 32\]"):
+        model(input_ids=ids, pixel_values_videos=torch.randn(1, 3, 32, 32))  # frames without the video axis
+    with pytest.raises(mome.InvalidInputError, match="floating"):
+        model(input_ids=ids, videos=torch.zeros(1, 2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(mome.InvalidInputError, match="16 video placeholder ids, 16 per video"):
+        model(input_ids=ids, videos=torch.randn(2, 2, 3, 32, 32))
+    with pytest.raises(mome.InvalidInputError, match="video_token_id is None"):
+        tiny()(input_ids=torch.tensor([prompt(tiny())]), videos=torch.randn(1, 2, 3, 32, 32))
+    with pytest.raises(mome.InvalidArgumentError, match="video_token_id"):
+        tiny(video_token_id=TINY_IMAGE_TOKEN_ID)
 
 
 # -- generation -------------------------------------------------------------------------------------------------

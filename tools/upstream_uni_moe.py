@@ -41,12 +41,13 @@ stored in the configs are the relative folders ``checkpoint/clip-tiny`` and ``ch
    ``LLaVATrainer``, non-DeepSpeed);
 4. evaluation: ``model.all_builder.load_all_pretrained_model``'s ``'unimoe'`` + ``'lora'`` steps, in order, in fp32
    on CPU instead of its hard-coded fp16 (and without ``device_map="auto"``), then the towers' ``load_model()``;
-5. four prompts, one at a time, built as ``inference_all.py`` builds its batch (dummy zero image + ``image_mask``
-   False without an image, dummy zero video + ``video_mask`` False, dummy ones features + ``features_mask`` [0]
-   without audio); outputs: logits, image/audio features, Whisper encoder output, router logits (hooks on every
-   ``mlp.gate``) and greedy ``generate(..., use_cache=False)``. The dummy videos are not stored: the logits are
-   checked to be the same without them. The data is checked (finite logits, spliced length = text ids + 16 per
-   image + 8 per audio chunk, more than one top expert per layer, the LoRA merge changed the weights, no parameter
+5. six prompts, one at a time, built as ``inference_all.py`` builds its batch (dummy zero image + ``image_mask``
+   False without an image, dummy zero video + ``video_mask`` False without a video, dummy ones features +
+   ``features_mask`` [0] without audio); two of them hold a video of 8 frames. Outputs: logits, image/audio/video
+   features, Whisper encoder output, router logits (hooks on every ``mlp.gate``) and greedy
+   ``generate(..., use_cache=False)``. The dummy videos are not stored: the logits are checked to be the same
+   without them. The data is checked (finite logits, spliced length = text ids + 16 per image or video + 8 per
+   audio chunk, more than one top expert per layer, the LoRA merge changed the weights, no parameter
    left on the meta device) and the figures go to ``generation.json``, with which tower weights the model uses.
 
 The fixture's ``README.md`` (not written by this script) describes every file. The script re-runs itself with
@@ -79,7 +80,8 @@ IMAGE_SIZE, PATCH = 16, 4
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 MEL_BINS, AUDIO_POSITIONS = 80, 50  # Whisper: features [80, 2 * 50], encoder output [50, d_model]
 MAX_NEW_TOKENS = 4
-IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX = -200, -300  # Uni_MoE_speech.constants
+IMAGE_TOKEN_INDEX, AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX = -200, -300, -400  # Uni_MoE_speech.constants
+VIDEO_FRAMES = 8  # inference_all.py's dummy video has 8 frames
 TEXT_IDS = (3, VOCAB - 2)  # text ids drawn in [3, 94): 94 and 95 stay free for a converter's placeholder ids
 CLIP_DIR, WHISPER_DIR = "checkpoint/clip-tiny", "checkpoint/whisper-tiny"
 BASE_DIR, E2_DIR = "checkpoint/Uni-MoE-speech-base", "checkpoint/Uni-MoE-speech-e2"
@@ -482,7 +484,7 @@ def processor_check(model, generator: torch.Generator) -> list[int]:
 
 
 def make_prompts(generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
-    """Four prompts with ``inference_all.initial_input``'s batch fields (batch 1)."""
+    """Six prompts with ``inference_all.initial_input``'s batch fields (batch 1)."""
 
     def text(n: int) -> list[int]:
         return torch.randint(*TEXT_IDS, (n,), generator=generator).tolist()
@@ -493,7 +495,11 @@ def make_prompts(generator: torch.Generator) -> dict[str, dict[str, torch.Tensor
     def image() -> torch.Tensor:
         return torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
 
+    def video() -> torch.Tensor:
+        return torch.randn(1, VIDEO_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
     no_image = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    no_video = torch.zeros(1, VIDEO_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
     no_audio = torch.ones(1, 1, MEL_BINS, 2 * AUDIO_POSITIONS)
     specs = {
         # <image>\n<audio>\n + query, one 30 s chunk
@@ -515,14 +521,20 @@ def make_prompts(generator: torch.Generator) -> dict[str, dict[str, torch.Tensor
             [1],
         ),
     }
+    # drawn after prompts a-d, which stay as they were: <video>\n<audio>\n + query, and <image> + <video>
+    video_audio = [1, *text(2), VIDEO_TOKEN_INDEX, *text(2), AUDIO_TOKEN_INDEX, *text(4)]
+    specs["prompt_e"] = (video_audio, None, features(1), [1])
+    image_video = [1, *text(2), IMAGE_TOKEN_INDEX, *text(2), VIDEO_TOKEN_INDEX, *text(4)]
+    specs["prompt_f"] = (image_video, image(), None, None)
+    videos = {"prompt_e": video(), "prompt_f": video()}
     prompts = {}
     for name, (ids, img, feats, mask) in specs.items():
         prompts[name] = {
             "input_ids": torch.tensor([ids]),
             "images": no_image if img is None else img,
             "image_mask": torch.tensor([img is not None]),
-            "videos": torch.zeros(1, 8, 3, IMAGE_SIZE, IMAGE_SIZE),
-            "video_mask": torch.tensor([False]),
+            "videos": videos.get(name, no_video),
+            "video_mask": torch.tensor([name in videos]),
             "input_features": no_audio if feats is None else feats,
             "features_mask": torch.tensor([[0] if mask is None else mask]),
         }
@@ -545,9 +557,13 @@ def run_prompt(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         for handle in handles:
             handle.remove()
         out["logits"] = result.logits
-        # the dummy video (video_mask False) is encoded and dropped: the same logits without it
-        without_video = model(**dict(inputs, videos=None, video_mask=None), use_cache=False, return_dict=True)
-        assert torch.equal(without_video.logits, result.logits)
+        if not bool(batch["video_mask"][0]):
+            # the dummy video (video_mask False) is encoded and dropped: the same logits without it
+            without_video = model(**dict(inputs, videos=None, video_mask=None), use_cache=False, return_dict=True)
+            assert torch.equal(without_video.logits, result.logits)
+        else:  # prepare_inputs_labels_for_audio_and_vision's video path: encode_images per frame, mean over frames
+            frames = model.encode_images(batch["videos"][0])  # [F, P, D]
+            out["video_features"] = frames.mean(dim=0, dtype=batch["videos"].dtype)[None]  # [1, P, D]
         out.update(router)
         out["image_tower_features"] = model.get_vision_tower()(batch["images"])
         out["image_features"] = model.encode_images(batch["images"])
@@ -565,7 +581,7 @@ def run_prompt(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def check(name: str, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor]) -> dict:
     """Sanity checks of one prompt's data (raise on failure) and the figures recorded in generation.json."""
     ids = batch["input_ids"][0]
-    images = int((ids == IMAGE_TOKEN_INDEX).sum())
+    images = int((ids == IMAGE_TOKEN_INDEX).sum()) + int((ids == VIDEO_TOKEN_INDEX).sum())
     chunks = int((batch["features_mask"][0] > 0).sum())
     text = int((ids >= 0).sum())
     expected = text + NUM_PATCHES * images + QUERY_TOKENS * chunks
@@ -624,7 +640,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_prompt(model, batch)
         prompt_checks[name] = check(name, batch, result)
         # the dummy videos (zeros [1, 8, 3, 16, 16], video_mask False) are not stored: they change nothing
-        inputs.update({f"{name}.{k}": v.contiguous() for k, v in batch.items() if k != "videos"})
+        stored = {k: v for k, v in batch.items() if k != "videos" or bool(batch["video_mask"][0])}
+        inputs.update({f"{name}.{k}": v.clone().contiguous() for k, v in stored.items()})  # dummies are shared
         outputs.update({f"{name}.{k}": v for k, v in result.items()})
         prompt_checks[name]["generated"] = result["generated"].tolist()
     save_file(inputs, "inputs.safetensors")

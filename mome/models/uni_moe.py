@@ -12,16 +12,16 @@ and its own connector:
     a     = Whisper(mel)                                               [N_aud, F, D_a] (mel [N_aud, 80, 2F])
     a'    = mean of s consecutive frames of a                          [N_aud, F/s, D_a]
     e_aud = U_2 GELU(U_1 a' + c_1) + c_2                               [N_aud, F/s, D]
-    x     = Embed(input_ids); x[ids == <image>] = e_img; x[ids == <audio>] = e_aud   (prompt order)
+    x     = Embed(input_ids); x[ids == <image>] = e_img; x[ids == <audio>] = e_aud   (prompt order; videos below)
     every LLM layer:  FFN(x) = sum_{j<k} g_j(x) E_{e_j(x)}(x),   g = softmax over the top-k router logits x W_g
     expert i (stage 3):  E_i(x) = FFN(x; W^i + s B^i A^i)   (LoRA of rank r on expert i's own FFN weights)
 
-A video is its frames through the image path (upstream averages the CLIP features of a video's frames into one
-image's tokens; here each frame is an image in the prompt). The router is Mixtral's (top-k logits, softmax over
-them: :class:`~mome.layers.TopKRouter` with ``renormalize=True``, which computes the same gates), every LLM layer
-is MoE (upstream ``config.moe`` replaces every decoder layer's MLP by its ``MoeLayer``), no token is dropped
-(``capacity_factor=None``) and the loss is the LM loss only (``router_aux_loss_coef=0``: upstream's 4-expert
-``LlavaLlamaForCausalLM`` adds no balancing term).
+A video (``config.video_token_id`` set) is upstream's: its frames through the image path, averaged over the frames,
+``e_vid = mean_f e_img(frame_f)`` ``[N_vid, P, D]``, at its ``image_seq_length`` placeholders. The router is
+Mixtral's (top-k logits, softmax over them: :class:`~mome.layers.TopKRouter` with ``renormalize=True``, which
+computes the same gates), every LLM layer is MoE (upstream ``config.moe`` replaces every decoder layer's MLP by its
+``MoeLayer``), no token is dropped (``capacity_factor=None``) and the loss is the LM loss only
+(``router_aux_loss_coef=0``: upstream's 4-expert ``LlavaLlamaForCausalLM`` adds no balancing term).
 
 Experts: each expert is a full FFN of the LLM's shape (:class:`~mome.layers.Experts`), and stage 3 gives each one
 its own LoRA (:func:`mome.peft.add_lora_experts` with ``target_experts``, :class:`~mome.peft.LoRAStackedExperts`:
@@ -121,6 +121,9 @@ class UniMoEConfig(MoELLaVAConfig):
         audio_num_queries: the aligner's query tokens (upstream ``query_tokens_size``, 50).
         audio_projector_type: ``"mlp2x_gelu"`` or ``"linear"`` (upstream's ``audio_projector_type``, whose default is
             ``"linear"``).
+        video_token_id: the video placeholder id (within the LLM's vocabulary), or None for a model without video
+            input. A video gives ``image_seq_length`` tokens: its frames' projected CLIP features averaged over the
+            frames (upstream's ``encode_images`` per frame, then the mean over frames).
     """
 
     model_type = "mome_uni_moe"
@@ -131,6 +134,7 @@ class UniMoEConfig(MoELLaVAConfig):
     audio_connector: str = "pool_mlp"
     audio_num_queries: int = 0
     audio_projector_type: str = "mlp2x_gelu"
+    video_token_id: int | None = None
 
     @property
     def audio_seq_length(self) -> int:
@@ -171,7 +175,19 @@ def _whisper_config(config: UniMoEConfig, owner: str) -> WhisperConfig:
     if config.audio_token_id >= vocab or config.audio_token_id == config.image_token_id:
         expected = f"an id in [0, vocab_size={vocab}) other than image_token_index={config.image_token_id}"
         raise InvalidArgumentError("audio_token_id", expected, config.audio_token_id, owner)
+    if config.video_token_id is not None:
+        check_int("video_token_id", config.video_token_id, minimum=0, owner=owner)
+        if config.video_token_id >= vocab or config.video_token_id in (config.image_token_id, config.audio_token_id):
+            expected = f"None or an id in [0, vocab_size={vocab}) other than the image and audio placeholder ids"
+            raise InvalidArgumentError("video_token_id", expected, config.video_token_id, owner)
     return audio
+
+
+def _given(name: str, value: Any, alias: str, alias_value: Any) -> tuple[str, Any]:
+    """The input given as ``name`` or its alias (and the name it came as); an empty tensor means none."""
+    if value is None:
+        name, value = alias, alias_value
+    return name, None if isinstance(value, Tensor) and not value.numel() else value
 
 
 class UniMoE(MoELLaVA):
@@ -217,7 +233,8 @@ class UniMoE(MoELLaVA):
         self.pretrained_cfg = self.pretrained_cfg.replace(**PAPER)
         # A generated placeholder id would become an image or clip slot without its features (an error when the
         # sequence is re-read without the cache): generate never emits one.
-        self.generation_config.suppress_tokens = [config.image_token_id, config.audio_token_id]
+        placeholders = [config.image_token_id, config.audio_token_id, config.video_token_id]
+        self.generation_config.suppress_tokens = [token for token in placeholders if token is not None]
 
     def _sparse_ffn(self, mlp: nn.Module) -> MoE:
         """A layer's MoE FFN: ``E`` copies of ``mlp`` and a random Mixtral-style top-k router (renormalised)."""
@@ -256,9 +273,12 @@ class UniMoE(MoELLaVA):
 
     def token_modality_ids(self, input_ids: Tensor) -> Tensor:
         """MoE-LLaVA's modality ids (image placeholders image, other ids text) with the audio placeholder ids
-        ``config.audio_token_id`` audio: ``[B, L]`` -> ``[B, L]``, indices into :attr:`modality_names`."""
-        audio = input_ids == self.config.audio_token_id
-        return super().token_modality_ids(input_ids).masked_fill(audio, self.modality_names.index("audio"))
+        ``config.audio_token_id`` audio and the video placeholder ids image (CLIP tokens, as upstream's):
+        ``[B, L]`` -> ``[B, L]``, indices into :attr:`modality_names`."""
+        ids = super().token_modality_ids(input_ids)
+        if self.config.video_token_id is not None:
+            ids = ids.masked_fill(input_ids == self.config.video_token_id, self.modality_names.index("image"))
+        return ids.masked_fill(input_ids == self.config.audio_token_id, self.modality_names.index("audio"))
 
     def get_audio_features(self, input_features: Tensor) -> Tensor:
         """``[N_aud, mel, 2F]`` log-mel features -> ``[N_aud, audio_seq_length, D]`` LLM embeddings (module doc)."""
@@ -272,6 +292,55 @@ class UniMoE(MoELLaVA):
         pooled = hidden.view(clips, frames // stride, stride, width).mean(dim=2)  # [N, F/s, D_a]
         return self.audio_projector(pooled)  # [N, F/s, D]
 
+    def get_video_features(self, videos: Tensor) -> Tensor:
+        """``[N_vid, F, C, H, W]`` frames -> ``[N_vid, P, D]``: each frame through the image path (CLIP, the
+        projector), then the mean over the ``F`` frames (upstream's ``encode_images``, then ``mean(dim=0)``)."""
+        clips, frames = videos.shape[:2]
+        config = self.config
+        per_frame = self.model.get_image_features(
+            pixel_values=videos.flatten(0, 1).to(self.vision_tower.dtype),  # [N_vid * F, C, H, W]
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output
+        features = torch.stack(list(per_frame))  # [N_vid * F, P, D]
+        return features.view(clips, frames, *features.shape[1:]).mean(dim=1)  # [N_vid, P, D]
+
+    def _check_video(self, name: str, videos: Any, input_ids: Tensor | None) -> None:
+        """``videos``: a floating ``[N_vid, F, C, H, W]`` tensor of the vision tower's channels and size, with
+        ``input_ids`` holding ``image_seq_length`` ids ``config.video_token_id`` per video; else
+        :class:`~mome.InvalidInputError`."""
+        owner = owner_name(self)
+        vision = self.config.vision_config
+        expected = f"frames [N_video, F, {vision.num_channels}, {vision.image_size}, {vision.image_size}]"
+        if self.config.video_token_id is None:
+            expected = "no videos: this model has no video placeholder (config.video_token_id is None)"
+            raise InvalidInputError(name, expected, type(videos).__name__, owner)
+        if not isinstance(videos, Tensor):
+            raise InvalidInputError(name, expected, type(videos).__name__, owner)
+        shape = (vision.num_channels, vision.image_size, vision.image_size)
+        if videos.dim() != 5 or tuple(videos.shape[2:]) != shape or not videos.shape[1]:
+            raise InvalidInputError(name, expected, f"shape {tuple(videos.shape)}", owner)
+        if not videos.is_floating_point():
+            raise InvalidInputError(name, "a floating tensor of " + expected, f"dtype {videos.dtype}", owner)
+        self._check_placeholders(name, "video", "video", videos.shape[0], input_ids)
+
+    def _check_placeholders(self, name: str, kind: str, unit: str, count: int, input_ids: Tensor | None) -> None:
+        """``input_ids`` given with ``name``, holding one run of ``kind`` placeholder ids per ``unit`` (``count``
+        of them): ``audio_seq_length`` per clip, ``image_seq_length`` per video."""
+        owner = owner_name(self)
+        if input_ids is None:
+            expected = f"given with {name} (their placeholder ids locate the {kind})"
+            raise InvalidInputError("input_ids", expected, None, owner)
+        if torch.compiler.is_compiling():
+            return
+        token_id = self.config.audio_token_id if kind == "audio" else self.config.video_token_id
+        per_unit = self.num_audio_tokens if kind == "audio" else self.config.image_seq_length
+        placeholders = int((input_ids == token_id).sum())
+        if placeholders != count * per_unit:
+            units = placeholders // per_unit if placeholders % per_unit == 0 else "whole"
+            expected = f"{units} {unit}s: input_ids hold {placeholders} {kind} placeholder ids, {per_unit} per {unit}"
+            raise InvalidInputError(name, expected, f"{count} {unit}s", owner)
+
     def _check_audio(self, name: str, audio: Any, input_ids: Tensor | None) -> None:
         """``audio``: a floating ``[N_aud, mel, frames]`` tensor of :attr:`audio_input_shape`, with ``input_ids``
         holding ``audio_seq_length`` placeholder ids per clip; else :class:`~mome.InvalidInputError`."""
@@ -284,16 +353,7 @@ class UniMoE(MoELLaVA):
             raise InvalidInputError(name, expected, f"shape {tuple(audio.shape)}", owner)
         if not audio.is_floating_point():
             raise InvalidInputError(name, "a floating tensor of " + expected, f"dtype {audio.dtype}", owner)
-        if input_ids is None:
-            expected = f"given with {name} (their placeholder ids locate the audio)"
-            raise InvalidInputError("input_ids", expected, None, owner)
-        if not torch.compiler.is_compiling():
-            per_clip = self.num_audio_tokens
-            placeholders = int((input_ids == self.config.audio_token_id).sum())
-            if placeholders != audio.shape[0] * per_clip:
-                clips = placeholders // per_clip if placeholders % per_clip == 0 else "whole"
-                expected = f"{clips} clips: input_ids hold {placeholders} audio placeholder ids, {per_clip} per clip"
-                raise InvalidInputError(name, expected, f"{audio.shape[0]} clips", owner)
+        self._check_placeholders(name, "audio", "clip", audio.shape[0], input_ids)
 
     # -- transformers interface ----------------------------------------------------------------------
     def forward(
@@ -308,20 +368,30 @@ class UniMoE(MoELLaVA):
         images: Tensor | None = None,
         input_features: Tensor | None = None,
         audios: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        videos: Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """MoE-LLaVA's forward (images, checks) with audio clips spliced in at their placeholder ids first."""
-        name = "input_features" if input_features is not None else "audios"
-        audio = input_features if input_features is not None else audios
-        if isinstance(audio, Tensor) and not audio.numel():
-            audio = None
+        """MoE-LLaVA's forward (images, checks) with audio clips and videos spliced in at their placeholder ids first.
+        ``input_features`` (alias ``audios``): ``[N_aud, mel, frames]``; ``pixel_values_videos`` (alias ``videos``):
+        ``[N_vid, F, C, H, W]``; an empty tensor means none."""
+        audio_name, audio = _given("input_features", input_features, "audios", audios)
+        video_name, video = _given("pixel_values_videos", pixel_values_videos, "videos", videos)
         if audio is not None:
-            self._check_audio(name, audio, input_ids)
+            self._check_audio(audio_name, audio, input_ids)
+        if video is not None:
+            self._check_video(video_name, video, input_ids)
+        if audio is not None or video is not None:
             self._check_inputs(input_ids, attention_mask, labels, None, None)  # ids, mask, labels before embedding
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, D]
-            features = self.get_audio_features(audio).to(inputs_embeds.dtype)  # [N_aud, T_a, D]
-            mask = (input_ids == self.config.audio_token_id).unsqueeze(-1)  # [B, L, 1]
-            inputs_embeds = inputs_embeds.masked_scatter(mask, features)  # clips in prompt order
+            spliced = []
+            if audio is not None:
+                spliced.append((self.config.audio_token_id, self.get_audio_features(audio)))  # [N_aud, T_a, D]
+            if video is not None:
+                spliced.append((self.config.video_token_id, self.get_video_features(video)))  # [N_vid, P, D]
+            for token_id, features in spliced:
+                mask = (input_ids == token_id).unsqueeze(-1)  # [B, L, 1]
+                inputs_embeds = inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))  # prompt order
             if pixel_values is None and images is not None:
                 pixel_values = images
             if pixel_values is not None and (not isinstance(pixel_values, Tensor) or pixel_values.numel()):
@@ -341,10 +411,12 @@ class UniMoE(MoELLaVA):
         )
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """As MoE-LLaVA's, with ``audios=`` accepted for ``input_features`` (read in the prefill step only)."""
-        audios = kwargs.pop("audios", None)
-        if audios is not None and kwargs.get("input_features") is None:
-            kwargs["input_features"] = audios
+        """As MoE-LLaVA's, with ``audios=`` accepted for ``input_features`` and ``videos=`` for
+        ``pixel_values_videos`` (read in the prefill step only, as transformers drops both afterwards)."""
+        for alias, name in (("audios", "input_features"), ("videos", "pixel_values_videos")):
+            value = kwargs.pop(alias, None)
+            if value is not None and kwargs.get(name) is None:
+                kwargs[name] = value
         return super().prepare_inputs_for_generation(*args, **kwargs)
 
     # -- stage 2 -> 3 --------------------------------------------------------------------------------
@@ -456,6 +528,7 @@ def configure_stage(model: UniMoE, stage: Literal[1, 2, 3], *, modality: str | N
 _UNI_MOE_ARGS = [name for name in VARIANT_ARGS if name != "top2_2nd_expert_sampling"] + [
     "audio_overrides",
     "audio_token_id",
+    "video_token_id",
     "audio_connector",
     "audio_num_queries",
     "audio_projector_type",
@@ -475,6 +548,7 @@ def _create_uni_moe(
     audio_connector: str = "pool_mlp",
     audio_num_queries: int = 0,
     audio_projector_type: str = "mlp2x_gelu",
+    video_token_id: int | None = None,
     **kwargs: Any,
 ) -> UniMoE:
     """A Uni-MoE variant: every LLM layer MoE, 4 experts top-2, dropless, no aux loss unless ``kwargs`` say so."""
@@ -487,6 +561,7 @@ def _create_uni_moe(
         audio_connector=audio_connector,
         audio_num_queries=audio_num_queries,
         audio_projector_type=audio_projector_type,
+        video_token_id=video_token_id,
     )
     return create_moe_llava(text_config, vision_config, owner=arch, model_class=UniMoE, extra_config=extra, **options)
 
@@ -515,7 +590,7 @@ def uni_moe_llama_7b_e4(pretrained: bool = False, **kwargs: Any) -> UniMoE:
     a LLaMA-7B (Vicuna) LLM (32 layers, width 4096), 4 experts top-2 in every layer. The weights:
     ``uni_moe_llama_7b_e4.speech_e2`` (:mod:`mome.convert.uni_moe`)."""
     text = LlamaConfig(
-        vocab_size=32000 + 2,  # LLaMA's 32000 words, then the <image> and <audio> placeholder rows
+        vocab_size=32000 + 3,  # LLaMA's 32000 words, then the <image>, <audio> and <video> placeholder rows
         hidden_size=4096,
         intermediate_size=11008,
         num_hidden_layers=32,
@@ -531,6 +606,7 @@ def uni_moe_llama_7b_e4(pretrained: bool = False, **kwargs: Any) -> UniMoE:
     args = dict(
         image_token_index=32000,
         audio_token_id=32001,
+        video_token_id=32002,
         tokenizer=None,
         audio_connector="whisper_decoder",
         audio_num_queries=50,
