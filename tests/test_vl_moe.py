@@ -56,6 +56,7 @@ def test_sparse_experts_every_other_block_and_a_dense_vl_ffn_on_top(name, moe_bl
         assert (ffn.vl_ffn is not None) == (i in vl_blocks)
         assert ffn.vl_ffn is None or isinstance(ffn.vl_ffn, Mlp)  # the VL-FFN is dense
     assert model.pretrained_cfg.paper_ids == "arXiv:2303.07226"
+    assert "No VL-MoE weights" in model.pretrained_cfg.notes and not mome.list_pretrained("vl_moe_*")
 
 
 def test_each_modality_reaches_only_its_own_sparse_experts(model):

@@ -57,6 +57,11 @@ VL_MOE_DEFAULTS: dict[str, Any] = {
     "aux_loss_weights": {"importance": 0.005, "load": 0.005},
 }
 PAPER = ("arXiv:2303.07226", "Scaling Vision-Language Models with Sparse Mixture of Experts")
+#: what every VL-MoE's card (``model.pretrained_cfg``) says about weights
+NO_PUBLIC_WEIGHTS = (
+    "No VL-MoE weights, configuration or code are public (the paper, arXiv:2303.07226, releases none): the variants "
+    "are randomly initialised, and the paper-size E, k and loss weights are the paper's text, not a released config."
+)
 #: VLMo's arguments a VL-MoE takes as they are (``moe`` is built from the arguments below).
 _VLMO_ARGS = [name for name in parameter_names(VLMo) if name != "moe"]
 
@@ -88,7 +93,9 @@ def create_vl_moe(
     moe = {"num_experts": num_experts, "top_k": top_k, "router": router, **VL_MOE_DEFAULTS, **(moe_kwargs or {})}
     with building(arch):
         model = VLMo(moe_layers=moe_layers, moe=moe, **vlmo_kwargs)
-    model.pretrained_cfg = model.pretrained_cfg.replace(paper_ids=PAPER[0], paper_name=PAPER[1])
+    model.pretrained_cfg = model.pretrained_cfg.replace(
+        paper_ids=PAPER[0], paper_name=PAPER[1], notes=NO_PUBLIC_WEIGHTS
+    )
     return model
 
 
