@@ -165,3 +165,23 @@ def test_the_card_fetches_its_four_hub_repos_into_one_layout(tmp_path):
             assert sorted(p.name for p in lora.parent.iterdir()) == sorted([lora.name, *cfg.hf_hub_companions])
             card_model = mome.create_model(ARCH, checkpoint_path=lora, **TINY)
             torch.testing.assert_close(logits(card_model), expected, rtol=0, atol=0)
+
+
+def _set_arguments(kwargs: dict) -> list[str]:
+    """``--set key=<YAML value>`` for each model kwarg."""
+    import yaml
+
+    return [part for key, value in kwargs.items() for part in ("--set", f"{key}={yaml.safe_dump(value).strip()}")]
+
+
+def test_the_zoo_cli_converts_a_local_copy_through_the_card(tmp_path, recwarn):
+    """``python -m mome.zoo convert NAME --file FILE --out DIR`` (zoo/README) on the LoRA folder of a local layout:
+    the saved folder loads as the same model."""
+    from mome import zoo
+
+    out = tmp_path / "converted"
+    zoo.main(["convert", CARD, "--file", str(checkpoint() / LORA), "--out", str(out), *_set_arguments(TINY)])
+    saved = mome.create_model(f"local-dir:{out}")
+    direct = mome.create_model(ARCH, checkpoint_path=checkpoint() / LORA, **TINY)
+    torch.testing.assert_close(logits(saved), logits(direct), rtol=0, atol=0)
+    assert saved.config.audio_connector == "whisper_decoder" and saved.pretrained_cfg.paper_ids == "arXiv:2405.11273"
