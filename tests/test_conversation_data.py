@@ -114,7 +114,7 @@ def test_encode_conversation_without_bos(tok):
             return tok(text, add_special_tokens=add_special_tokens)
 
     turns = [{"from": "human", "value": "how many?"}, {"from": "gpt", "value": "two"}]
-    ids, labels, images, _ = encode_conversation(turns, NoBos(), image_token_id=IMG, num_image_tokens=N)
+    ids, labels, images, _, _ = encode_conversation(turns, NoBos(), image_token_id=IMG, num_image_tokens=N)
     assert words(tok, ids)[0] == "user" and images == 0 and labels[-2:] == ids[-2:]
 
 

@@ -109,7 +109,7 @@ def test_stubbed_generation_scores(tmp_path, shapes, monkeypatch, reply, expecte
     references = iter(_references(shapes))
     calls = []
 
-    def stub(model, tokenizer, prompt_ids, images, max_new_tokens, audios=None):
+    def stub(model, tokenizer, prompt_ids, images, max_new_tokens, media=None):
         calls.append(len(prompt_ids))
         return [f"  The {next(references).upper()}. " if reply == "reference" else "zzz qqq" for _ in prompt_ids]
 

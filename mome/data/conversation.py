@@ -5,6 +5,8 @@ Record format (LLaVA's instruction-tuning JSON, e.g. ``llava_v1_5_mix665k.json``
     [{"id": "0001",
       "image": "rel/path.png",                       # optional; a list of paths for several images
       "audio": "rel/clip.wav",                       # optional (audio models); a list of paths for several clips
+      "video": ["rel/f0.png", "rel/f1.png"],         # optional (video models): one video's frames; a list of such
+                                                     # lists for several videos
       "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the shape?"},
                         {"from": "gpt",   "value": "red"}, ...]}]
 
@@ -16,6 +18,8 @@ Each ``<audio>`` in a human turn is one clip of ``audio``, in order (no implicit
 16-bit PCM WAV file (:func:`mome.data.digits_audio.read_wav`), turned into ``[mel, frames]`` log-mel features by
 :class:`mome.data.digits_audio.AudioFeatures`; a missing file or another sample rate, channel count or sample
 width raises :class:`ConversationFormatError` when the dataset is built.
+Each ``<video>`` in a human turn is one video of ``video``, in order (no implicit placeholder): its frames, image
+files read as the images are (Uni-MoE's record format: a list of frame files per video).
 
 Chat template (LLaVA v1 / Vicuna style, the separator of the assistant turns being the tokenizer's
 end-of-sequence token)::
@@ -27,10 +31,11 @@ end-of-sequence token)::
 puts the projected patch features there). Labels (next-token targets, shifted inside the model) equal
 the input ids on the answer tokens and their ``eos`` and are -100 everywhere else (template, questions,
 images, padding), so the loss is on the answers only. Each ``<audio>`` likewise becomes ``num_audio_tokens``
-copies of ``audio_token_id`` (Uni-MoE: :mod:`mome.models.uni_moe`); the id need not be in the tokenizer's
-vocabulary, the placeholder is expanded before tokenising.
+copies of ``audio_token_id`` and each ``<video>`` ``num_image_tokens`` copies of ``video_token_id`` (Uni-MoE:
+:mod:`mome.models.uni_moe`); the ids need not be in the tokenizer's vocabulary, the placeholders are expanded
+before tokenising.
 
-Truncation to ``max_length`` never cuts an image (nor an audio clip, counted like images): whole rounds
+Truncation to ``max_length`` never cuts an image (nor an audio clip or a video, counted like images): whole rounds
 (question + answer) are kept while they fit; in the first round that does not fit, the text is cut only if the
 cut falls after the round's last image token, otherwise that round and all later ones are dropped (with their
 images). A record
@@ -38,10 +43,11 @@ whose first round cannot keep its images, or that keeps no answer token, raises
 :class:`ConversationFormatError`.
 
 :class:`ConversationDataset` yields ``{"id", "input_ids" [L], "labels" [L], "images" [n, 3, H, W]}`` (and
-``"audios" [n_a, mel, frames]`` when bound to an audio model); :func:`collate_conversations` pads a list of them
-into ``{"images" [N_img, 3, H, W], "input_ids" [B, L], "attention_mask" [B, L], "labels" [B, L]}`` (right padding;
-``"audios" [N_aud, mel, frames]`` when the samples have them), which ``MoELLaVA`` (``UniMoE``: ``audios``) takes
-as keyword arguments.
+``"audios" [n_a, mel, frames]`` when bound to an audio model, ``"videos" [n_v, F, 3, H, W]`` to a video model);
+:func:`collate_conversations` pads a list of them into ``{"images" [N_img, 3, H, W], "input_ids" [B, L],
+"attention_mask" [B, L], "labels" [B, L]}`` (right padding; ``"audios" [N_aud, mel, frames]`` and ``"videos"
+[N_vid, F, 3, H, W]`` when the samples have them), which ``MoELLaVA`` (``UniMoE``: ``audios``, ``videos``) takes as
+keyword arguments.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ __all__ = [
     "IGNORE_INDEX",
     "AUDIO_PLACEHOLDER",
     "IMAGE_PLACEHOLDER",
+    "VIDEO_PLACEHOLDER",
     "LLAVA_SYSTEM_PROMPT",
     "ConversationDataModule",
     "ConversationDataset",
@@ -79,7 +86,8 @@ __all__ = [
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 AUDIO_PLACEHOLDER = "<audio>"
-_PLACEHOLDERS = re.compile(f"({IMAGE_PLACEHOLDER}|{AUDIO_PLACEHOLDER})")
+VIDEO_PLACEHOLDER = "<video>"
+_PLACEHOLDERS = re.compile(f"({IMAGE_PLACEHOLDER}|{AUDIO_PLACEHOLDER}|{VIDEO_PLACEHOLDER})")
 USER, ASSISTANT = "USER:", "ASSISTANT:"
 #: The system prompt of LLaVA v1 / MoE-LLaVA's conversation templates.
 LLAVA_SYSTEM_PROMPT = (
@@ -124,6 +132,38 @@ def _validate_audio(record_id: Any, turns: list[dict[str, str]], clips: list[Any
             raise ConversationFormatError(record_id, field, str(err)) from err
 
 
+def _video_entries(record: Mapping[str, Any]) -> list[Any]:
+    """A record's videos, each a list of frames (``video``: one video's frame list, or a list of them)."""
+    videos = record.get("video")
+    if videos is None:
+        return []
+    if isinstance(videos, (list, tuple)) and videos and all(isinstance(v, (list, tuple)) for v in videos):
+        return [list(video) for video in videos]
+    return [videos]
+
+
+def _validate_video(record_id: Any, turns: list[dict[str, str]], videos: list[Any], root: Path | None) -> None:
+    """As many ``<video>`` placeholders as videos, each a non-empty list of existing frame files."""
+    placeholders = sum(turn["value"].count(VIDEO_PLACEHOLDER) for turn in turns)
+    if placeholders != len(videos):
+        raise ConversationFormatError(
+            record_id, "video", f"{len(videos)} video(s) but {placeholders} {VIDEO_PLACEHOLDER} placeholder(s)"
+        )
+    for position, frames in enumerate(videos):
+        field = "video" if len(videos) == 1 else f"video[{position}]"
+        if not isinstance(frames, (list, tuple)) or not frames:
+            raise ConversationFormatError(record_id, field, f"expected a non-empty list of frame files, got {frames!r}")
+        for number, frame in enumerate(frames):
+            if isinstance(frame, Image.Image):
+                continue
+            if not isinstance(frame, str) or not frame:
+                problem = f"expected a relative path, got {frame!r}"
+                raise ConversationFormatError(record_id, f"{field}[{number}]", problem)
+            path = Path(frame) if root is None else root / frame
+            if not path.is_file():
+                raise ConversationFormatError(record_id, f"{field}[{number}]", f"frame file {path} does not exist")
+
+
 def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str, str]]:
     """Check one record; return its turns with the ``<image>`` placeholders made explicit."""
     if not isinstance(record, Mapping):
@@ -147,7 +187,7 @@ def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str
         value = turn.get("value")
         if not isinstance(value, str):
             raise ConversationFormatError(record_id, f"conversations[{position}].value", "missing or not a string")
-        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER):
+        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER, VIDEO_PLACEHOLDER):
             if expected == "gpt" and placeholder in value:
                 raise ConversationFormatError(
                     record_id, f"conversations[{position}].value", f"an answer holds {placeholder}"
@@ -171,6 +211,7 @@ def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str
         if not path.is_file():
             raise ConversationFormatError(record_id, field, f"image file {path} does not exist")
     _validate_audio(record_id, checked, _image_entries(record, "audio"), image_root)
+    _validate_video(record_id, checked, _video_entries(record), image_root)
     return checked
 
 
@@ -186,19 +227,21 @@ def _human_chunks(
     num_image_tokens: int,
     audio_token_id: int | None = None,
     num_audio_tokens: int = 0,
+    video_token_id: int | None = None,
 ) -> list[tuple[list[int], str | None]]:
-    """``[(ids, kind)]`` of ``USER: {text} ASSISTANT:``, each ``<image>`` / ``<audio>`` expanded into its
-    placeholder ids (kind ``"image"`` / ``"audio"``; text chunks have kind None)."""
+    """``[(ids, kind)]`` of ``USER: {text} ASSISTANT:``, each ``<image>`` / ``<audio>`` / ``<video>`` expanded into
+    its placeholder ids (kind ``"image"`` / ``"audio"`` / ``"video"``; text chunks have kind None)."""
     expanded = {
         IMAGE_PLACEHOLDER: ("image", [image_token_id] * num_image_tokens),
         AUDIO_PLACEHOLDER: ("audio", [audio_token_id] * num_audio_tokens),
+        VIDEO_PLACEHOLDER: ("video", [video_token_id] * num_image_tokens),
     }
     chunks: list[tuple[list[int], str | None]] = []
     for piece in _PLACEHOLDERS.split(f"{USER} {text} {ASSISTANT}"):  # text, placeholder, text, ...
         if piece in expanded:
-            if piece == AUDIO_PLACEHOLDER and audio_token_id is None:
-                raise ConversationFormatError("?", "conversations", "an <audio> placeholder for a model without audio")
             kind, ids = expanded[piece]
+            if {"audio": audio_token_id, "video": video_token_id, "image": image_token_id}[kind] is None:
+                raise ConversationFormatError("?", "conversations", f"a {piece} placeholder for a model without {kind}")
             chunks.append((ids, kind))
         else:
             chunks.append((_text_ids(tokenizer, piece.strip()), None))
@@ -216,40 +259,48 @@ def encode_conversation(
     record_id: Any = "?",
     audio_token_id: int | None = None,
     num_audio_tokens: int = 0,
-) -> tuple[list[int], list[int], int, int]:
-    """Render, tokenise and truncate validated turns: ``(input_ids, labels, images kept, audio clips kept)``.
+    video_token_id: int | None = None,
+) -> tuple[list[int], list[int], int, int, int]:
+    """Render, tokenise and truncate validated turns: ``(input_ids, labels, images kept, audio clips kept, videos
+    kept)``.
 
     See the module docstring for the template, the labels and the truncation rule.
     """
     prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _text_ids(tokenizer, system)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    input_ids, labels, kept_images, kept_audios = list(prefix), [IGNORE_INDEX] * len(prefix), 0, 0
+    input_ids, labels = list(prefix), [IGNORE_INDEX] * len(prefix)
+    kept = {"image": 0, "audio": 0, "video": 0}
     for start in range(0, len(turns), 2):
         chunks = _human_chunks(
-            tokenizer, turns[start]["value"], image_token_id, num_image_tokens, audio_token_id, num_audio_tokens
+            tokenizer,
+            turns[start]["value"],
+            image_token_id,
+            num_image_tokens,
+            audio_token_id,
+            num_audio_tokens,
+            video_token_id,
         )
         question = [i for chunk, _ in chunks for i in chunk]
         answer = _text_ids(tokenizer, turns[start + 1]["value"]) + eos
         ids, round_labels = question + answer, [IGNORE_INDEX] * len(question) + answer
-        images = sum(kind == "image" for _, kind in chunks)
-        audios = sum(kind == "audio" for _, kind in chunks)
+        media = {kind: sum(chunk_kind == kind for _, chunk_kind in chunks) for kind in kept}
         room = len(ids) if max_length is None else max_length - len(input_ids)
         if room < len(ids):
             offsets = torch.tensor([len(chunk) for chunk, _ in chunks]).cumsum(0).tolist()
             last_media_end = max((end for end, (_, kind) in zip(offsets, chunks) if kind), default=0)
             if room > 0 and room >= last_media_end:  # the cut falls in text after the last image/clip: keep the head
                 input_ids, labels = input_ids + ids[:room], labels + round_labels[:room]
-                kept_images, kept_audios = kept_images + images, kept_audios + audios
-            break  # otherwise this round (and every later one) is dropped with its images and clips
+                kept = {kind: kept[kind] + media[kind] for kind in kept}
+            break  # otherwise this round (and every later one) is dropped with its images, clips and videos
         input_ids, labels = input_ids + ids, labels + round_labels
-        kept_images, kept_audios = kept_images + images, kept_audios + audios
+        kept = {kind: kept[kind] + media[kind] for kind in kept}
     if len(input_ids) == len(prefix):
         raise ConversationFormatError(
             record_id, "conversations", f"max_length={max_length} cannot hold the first round with its images"
         )
     if all(label == IGNORE_INDEX for label in labels):
         raise ConversationFormatError(record_id, "conversations", f"no answer token fits in max_length={max_length}")
-    return input_ids, labels, kept_images, kept_audios
+    return input_ids, labels, kept["image"], kept["audio"], kept["video"]
 
 
 def encode_prompt(
@@ -261,11 +312,14 @@ def encode_prompt(
     system: str = "",
     audio_token_id: int | None = None,
     num_audio_tokens: int = 0,
+    video_token_id: int | None = None,
 ) -> Tensor:
-    """The generation prompt ``{bos}{system }USER: {question} ASSISTANT:`` as ids ``[1, L]`` (images and audio
-    clips expanded)."""
+    """The generation prompt ``{bos}{system }USER: {question} ASSISTANT:`` as ids ``[1, L]`` (images, audio
+    clips and videos expanded)."""
     prefix = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _text_ids(tokenizer, system)
-    chunks = _human_chunks(tokenizer, question, image_token_id, num_image_tokens, audio_token_id, num_audio_tokens)
+    chunks = _human_chunks(
+        tokenizer, question, image_token_id, num_image_tokens, audio_token_id, num_audio_tokens, video_token_id
+    )
     return torch.tensor([prefix + [i for chunk, _ in chunks for i in chunk]], dtype=torch.long)
 
 
@@ -303,6 +357,8 @@ class ConversationDataset(Dataset):
             (``model.config.audio_token_id``, ``model.num_audio_tokens``); None for a model without audio, whose
             records may not hold ``audio``.
         num_mel_bins: mel bins of the clips' features (:class:`~mome.data.digits_audio.AudioFeatures`).
+        video_token_id: the video placeholder id of a video model (``model.config.video_token_id``; a video takes
+            ``num_image_tokens`` ids); None for a model without video, whose records may not hold ``video``.
 
     Every record is validated at construction: malformed ones raise :class:`ConversationFormatError`
     naming the record id and the field (missing turns, wrong roles, missing image file, ...).
@@ -323,6 +379,7 @@ class ConversationDataset(Dataset):
         audio_token_id: int | None = None,
         num_audio_tokens: int = 0,
         num_mel_bins: int = 80,
+        video_token_id: int | None = None,
     ) -> None:
         if isinstance(records, (str, Path)):
             path = Path(records)
@@ -338,11 +395,14 @@ class ConversationDataset(Dataset):
         self.image_root = None if image_root is None else Path(image_root)
         self.records = list(records)
         self.turns = [_validate(record, index, self.image_root) for index, record in enumerate(self.records)]
-        if audio_token_id is None:
-            for index, record in enumerate(self.records):
-                if _image_entries(record, "audio"):
-                    problem = "audio clips for a model without an audio input (no audio_token_id)"
-                    raise ConversationFormatError(record.get("id", f"#{index}"), "audio", problem)
+        for index, record in enumerate(self.records):
+            if audio_token_id is None and _image_entries(record, "audio"):
+                problem = "audio clips for a model without an audio input (no audio_token_id)"
+                raise ConversationFormatError(record.get("id", f"#{index}"), "audio", problem)
+            if video_token_id is None and _video_entries(record):
+                problem = "videos for a model without a video input (no video_token_id)"
+                raise ConversationFormatError(record.get("id", f"#{index}"), "video", problem)
+        self.video_token_id = video_token_id
         self.audio_token_id, self.num_audio_tokens = audio_token_id, num_audio_tokens
         self.audio_features = None
         if audio_token_id is not None:
@@ -371,7 +431,7 @@ class ConversationDataset(Dataset):
         record_id = record.get("id", f"#{index}")
         if self.tokenizer is None:  # raw: the model's processor tokenises and transforms
             return {"id": record_id, "images": [self._load(image) for image in _image_entries(record)]}
-        input_ids, labels, kept, kept_audios = encode_conversation(
+        input_ids, labels, kept, kept_audios, kept_videos = encode_conversation(
             self.turns[index],
             self.tokenizer,
             image_token_id=self.image_token_id,
@@ -381,6 +441,7 @@ class ConversationDataset(Dataset):
             record_id=record_id,
             audio_token_id=self.audio_token_id,
             num_audio_tokens=self.num_audio_tokens,
+            video_token_id=self.video_token_id,
         )
         images = [self.transform(self._load(image)) for image in _image_entries(record)[:kept]]
         stacked = torch.stack(images) if images else torch.zeros(0, 3, self.image_size, self.image_size)
@@ -392,7 +453,20 @@ class ConversationDataset(Dataset):
         }
         if self.audio_features is not None:
             sample["audios"] = self.load_audio(_image_entries(record, "audio")[:kept_audios])  # [n_a, mel, frames]
+        if self.video_token_id is not None:
+            sample["videos"] = self.load_videos(_video_entries(record)[:kept_videos], record_id)  # [n_v, F, 3, H, W]
         return sample
+
+    def load_videos(self, videos: Sequence[Sequence[Any]], record_id: Any = "?") -> Tensor:
+        """Videos (each a list of frame files relative to ``image_root``, or PIL images) -> ``[n, F, 3, H, W]``
+        through the image transform (``n`` may be 0); the videos of one record must have one frame count."""
+        if not videos:
+            return torch.zeros(0, 1, 3, self.image_size, self.image_size)
+        counts = sorted({len(frames) for frames in videos})
+        if len(counts) > 1:
+            problem = f"videos of {counts} frames: a record's videos share one frame count"
+            raise ConversationFormatError(record_id, "video", problem)
+        return torch.stack([torch.stack([self.transform(self._load(frame)) for frame in frames]) for frames in videos])
 
     def load_audio(self, clips: Sequence[str]) -> Tensor:
         """WAV files (relative to ``image_root``) -> log-mel features ``[n, mel, frames]`` (``n`` may be 0)."""
@@ -427,6 +501,17 @@ def collate_conversations(samples: Sequence[Mapping[str, Any]], pad_token_id: in
     batch = {"images": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if "audios" in samples[0]:
         batch["audios"] = torch.cat([sample["audios"] for sample in samples])  # [N_aud, mel, frames]
+    if "videos" in samples[0]:
+        videos = [sample["videos"] for sample in samples if sample["videos"].shape[0]]
+        counts = sorted({video.shape[1] for video in videos})
+        if len(counts) > 1:
+            ids = [sample.get("id") for sample in samples]
+            raise DataConfigError(
+                f"the videos of records {ids} have {counts} frames: a batch's videos share one frame count "
+                "(give every video as many frames, or use batch size 1)"
+            )
+        empty = samples[0]["videos"][:0]
+        batch["videos"] = torch.cat(videos) if videos else empty  # [N_vid, F, 3, H, W]
     return batch
 
 
@@ -470,6 +555,7 @@ class ConversationDataModule(MomeDataModule):
         self.num_image_tokens: int | None = None
         self.audio_token_id: int | None = None
         self.num_audio_tokens, self.num_mel_bins = 0, 80
+        self.video_token_id: int | None = None
         self.raw = False
 
     def bind(self, model: Any, tokenizer: Any = None) -> None:
@@ -491,6 +577,8 @@ class ConversationDataModule(MomeDataModule):
                 )
             self.audio_token_id, self.num_audio_tokens = int(model.config.audio_token_id), int(model.num_audio_tokens)
             self.num_mel_bins = int(audio_shape[0])
+        video_token_id = getattr(model.config, "video_token_id", None)  # Uni-MoE with videos
+        self.video_token_id = None if video_token_id is None else int(video_token_id)
         self.collate_fn = self._collate
 
     def bind_raw(self) -> None:
@@ -530,12 +618,13 @@ class ConversationDataModule(MomeDataModule):
                 audio_token_id=self.audio_token_id,
                 num_audio_tokens=self.num_audio_tokens,
                 num_mel_bins=self.num_mel_bins,
+                video_token_id=self.video_token_id,
             )
 
     def _collate(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = collate_conversations(samples, pad_token_id=self.hf_tokenizer.pad_token_id or 0)
         if "prompt_ids" in samples[0]:
-            for key in ("prompt_ids", "prompt_images", "prompt_audios", "answers", "question_types"):
+            for key in ("prompt_ids", "prompt_images", "prompt_audios", "prompt_videos", "answers", "question_types"):
                 if key in samples[0]:
                     batch[key] = [sample[key] for sample in samples]
         return batch
@@ -579,11 +668,14 @@ class PromptedConversations(Dataset):
             system=data.system,
             audio_token_id=data.audio_token_id,
             num_audio_tokens=data.num_audio_tokens,
+            video_token_id=data.video_token_id,
         )
         images_in_prompt = turns[0]["value"].count(IMAGE_PLACEHOLDER)
         sample["prompt_images"] = sample["images"][:images_in_prompt]
         if "audios" in sample:
             sample["prompt_audios"] = sample["audios"][: turns[0]["value"].count(AUDIO_PLACEHOLDER)]
+        if "videos" in sample:
+            sample["prompt_videos"] = sample["videos"][: turns[0]["value"].count(VIDEO_PLACEHOLDER)]
         sample["answers"] = turns[1]["value"]
         sample["question_types"] = first_question_type(record)
         return sample

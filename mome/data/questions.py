@@ -20,6 +20,7 @@ from .base import DataConfigError
 from .conversation import (
     AUDIO_PLACEHOLDER,
     IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
     ConversationDataset,
     PromptedConversations,
     first_question_type,
@@ -32,7 +33,8 @@ class QuestionSamples(Dataset):
     """Each conversation record's first question: ``{"id", "question" (text without image and audio placeholders),
     "prompt_ids" [1, L], "prompt_images" [n, 3, H, W], "answers" (the reference), "question_types"}``, and
     ``"prompt_audios" [n_a, mel, frames]`` (the clips of the question's ``<audio>`` placeholders) when the data is
-    bound to an audio model (Uni-MoE).
+    bound to an audio model (Uni-MoE), ``"prompt_videos" [n_v, F, 3, H, W]`` (its ``<video>`` placeholders' videos)
+    when bound to a video model.
 
     Raises:
         DataConfigError: ``dataset`` does not hold conversation records.
@@ -49,13 +51,13 @@ class QuestionSamples(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.prompts[index]
         question = self.prompts.dataset.turns[index][0]["value"]
-        text = question.replace(IMAGE_PLACEHOLDER, " ").replace(AUDIO_PLACEHOLDER, " ")
+        text = question.replace(IMAGE_PLACEHOLDER, " ").replace(AUDIO_PLACEHOLDER, " ").replace(VIDEO_PLACEHOLDER, " ")
         return {
             "id": str(sample["id"]),
             "question": " ".join(text.split()),
             "prompt_ids": sample["prompt_ids"],
             "prompt_images": sample["prompt_images"],
-            **({"prompt_audios": sample["prompt_audios"]} if "prompt_audios" in sample else {}),
+            **{key: sample[key] for key in ("prompt_audios", "prompt_videos") if key in sample},
             "answers": sample["answers"],
             "question_types": sample["question_types"],
         }

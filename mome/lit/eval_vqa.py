@@ -36,18 +36,18 @@ class VQAEvalTask(EvaluationTask):
     a greedy answer of at most ``max_new_tokens`` tokens is generated and compared with the reference after
     :func:`mome.lit.llava.normalize_answer` (lower case, punctuation and articles removed, whitespace
     collapsed): ``exact_match = hits / samples``, also per question type (``exact_match/<type>``, from the
-    records' ``meta.question_types``). A Uni-MoE prompt's clips (``prompt_audios``) go to ``generate`` with its
-    images. Generation and scoring are :func:`mome.lit.llava.answer_questions`, the code of ``LLaVATask.test_step``:
-    with ``routing_report=false`` and the default dropless evaluation
-    (``eval_capacity``), the questions of a batch (``data.eval_batch_size``) are answered by one left-padded
-    ``generate`` call (:func:`mome.lit.llava.generate_answers`), whose routing is not counted (its pad tokens are
-    routed too); otherwise one at a time (a capacity limit would make a batch's answers depend on its other
-    prompts). Every answer is written to ``predictions.jsonl`` beside
+    records' ``meta.question_types``). A Uni-MoE prompt's clips (``prompt_audios``) and videos
+    (``prompt_videos``) go to ``generate`` with its images. Generation and scoring are
+    :func:`mome.lit.llava.answer_questions`, the code of ``LLaVATask.test_step``: with ``routing_report=false`` and
+    the default dropless evaluation (``eval_capacity``), the questions of a batch (``data.eval_batch_size``) are
+    answered by one left-padded ``generate`` call (:func:`mome.lit.llava.generate_answers`), whose routing is not
+    counted (its pad tokens are routed too); otherwise one at a time (a capacity limit would make a batch's
+    answers depend on its other prompts). Every answer is written to ``predictions.jsonl`` beside
     ``results.json`` (``id``, ``question``, ``question_type``, ``answer``, ``prediction``, ``hit``), in
     dataset order and without the samples Lightning's ``DistributedSampler`` repeats. The routing report names
     the modality of every routed token (:meth:`~mome.lit.routing_report.RoutingRecorder.token_modalities`): a
-    prompt's image placeholders are image tokens, a Uni-MoE prompt's audio placeholders audio tokens, its other
-    ids and the generated tokens text.
+    prompt's image (and video) placeholders are image tokens, a Uni-MoE prompt's audio placeholders audio tokens, its
+    other ids and the generated tokens text.
 
     A transformers MoE VLM (:mod:`mome.models.hf_moe_vlm`: Qwen3-VL-MoE, ERNIE-4.5-VL, GLM-4.5V, Llama 4, Aria,
     Qwen3-Omni) answers through its family's processor, the one saved beside its weights
@@ -164,13 +164,13 @@ class VQAEvalTask(EvaluationTask):
 
     def _answer_llava(self, batch: dict[str, Any]) -> list[tuple[str, bool]]:
         prompts, images, answers = batch["prompt_ids"], batch["prompt_images"], batch["answers"]
-        audios = batch.get("prompt_audios")  # a Uni-MoE's clips [n_a, mel, frames] per prompt
+        media = llava.prompt_media(batch)  # a Uni-MoE's clips [n_a, mel, frames] and videos [n_v, F, 3, H, W]
         if not self.routing_report and self.eval_capacity.value == "dropless":
             # the whole batch in one left-padded generate call; dropless, the pad tokens routed with it change no
             # other token's experts, and its routing is not counted (the pads would be)
             with self._routing_paused():
                 answered = llava.answer_questions(
-                    self.model, self.tokenizer.tokenizer, prompts, images, answers, self.max_new_tokens, audios
+                    self.model, self.tokenizer.tokenizer, prompts, images, answers, self.max_new_tokens, media
                 )
         else:  # one prompt at a time: a batch's pad tokens would be routed and counted in the report
             answered = []
@@ -185,7 +185,7 @@ class VQAEvalTask(EvaluationTask):
                         [prompt_images],
                         [answers[position]],
                         self.max_new_tokens,
-                        None if audios is None else [audios[position]],
+                        {keyword: [values[position]] for keyword, values in media.items()},
                     )
             self._batch_indices = indices
         return answered

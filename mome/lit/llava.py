@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 import string
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,14 +96,16 @@ def generate_answers(
     prompt_ids: Sequence[Tensor],
     images: Sequence[Tensor],
     max_new_tokens: int,
-    audios: Sequence[Tensor] | None = None,
+    media: Mapping[str, Sequence[Tensor]] | None = None,
 ) -> list[str]:
     """Greedy answers of a MoE-LLaVA ``model`` to a batch of prompts ``[1, L_i]``, each with its images
     ``[n_i, 3, H, W]``, in one transformers ``generate`` call: the prompts left-padded (:func:`left_pad`, the
     attention mask zero on the pads), the images concatenated in prompt order (LLaVA fills the image placeholders
     row by row). At most ``max_new_tokens`` new tokens each (a row stops at ``eos`` and is padded after it),
-    decoded without special tokens by the transformers ``tokenizer``. ``audios`` (a Uni-MoE ``model``): each
-    prompt's clips ``[n_a, mel, frames]``, concatenated in prompt order as the images.
+    decoded without special tokens by the transformers ``tokenizer``. ``media`` (a Uni-MoE ``model``): the model's
+    keyword for other inputs (``"input_features"``, ``"pixel_values_videos"``) -> each prompt's clips
+    ``[n_a, mel, frames]`` or videos ``[n_v, F, 3, H, W]``, concatenated in prompt order as the images
+    (:func:`prompt_media` reads them from a batch).
 
     The answers are those of one prompt at a time (``tests/test_eval_vqa.py``) as long as no MoE layer drops a
     token: the pads are routed like any token, so under a capacity limit they take expert slots, and a batch's
@@ -113,7 +115,7 @@ def generate_answers(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = left_pad(prompt_ids, pad)
-    extra = {} if audios is None else {"input_features": torch.cat([audio.to(device) for audio in audios])}
+    extra = {key: torch.cat([value.to(device) for value in values]) for key, values in (media or {}).items()}
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -142,15 +144,25 @@ def answer_questions(
     images: Sequence[Tensor],
     references: Sequence[str],
     max_new_tokens: int,
-    audios: Sequence[Tensor] | None = None,
+    media: Mapping[str, Sequence[Tensor]] | None = None,
 ) -> list[tuple[str, bool]]:
     """``(predicted answer, exact match)`` of each question of a batch: the greedy answers, generated together
-    (:func:`generate_answers`, with the prompts' ``audios`` for Uni-MoE), scored against their references with
+    (:func:`generate_answers`, with the prompts' ``media`` for Uni-MoE), scored against their references with
     :func:`exact_match`."""
     if len(references) != len(prompt_ids):
         raise ValueError(f"answer_questions: {len(prompt_ids)} prompts but {len(references)} references")
-    predictions = generate_answers(model, tokenizer, prompt_ids, images, max_new_tokens, audios=audios)
+    predictions = generate_answers(model, tokenizer, prompt_ids, images, max_new_tokens, media=media)
     return [(prediction, exact_match(prediction, reference)) for prediction, reference in zip(predictions, references)]
+
+
+#: a test batch's per-prompt inputs besides the images -> the model keyword they go to
+PROMPT_MEDIA = {"prompt_audios": "input_features", "prompt_videos": "pixel_values_videos"}
+
+
+def prompt_media(batch: Mapping[str, Any]) -> dict[str, Sequence[Tensor]]:
+    """The per-prompt clips and videos of a test batch, by the model keyword they go to (:func:`generate_answers`'s
+    ``media``); empty for a model without them."""
+    return {keyword: batch[key] for key, keyword in PROMPT_MEDIA.items() if batch.get(key) is not None}
 
 
 def _load_init(path: str | Path) -> torch.nn.Module:
@@ -264,7 +276,7 @@ class LLaVATask(MomeTask):
             batch["prompt_images"],
             batch["answers"],
             self.max_new_tokens,
-            batch.get("prompt_audios"),
+            prompt_media(batch),
         )
         for (_, matched), kind in zip(answered, batch["question_types"], strict=True):
             hit = float(matched)
@@ -348,7 +360,7 @@ class UniMoETask(LLaVATask):
             ) from err
 
     def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {"images": batch["images"], "audios": batch.get("audios")}
+        return {"images": batch["images"], "audios": batch.get("audios"), "videos": batch.get("videos")}
 
     def _initialise_from(self, path: str | Sequence[str]) -> None:
         """Stages 1-2: load the previous stage's model. Stage 3: upcycle the first stage-2 model, then put the
