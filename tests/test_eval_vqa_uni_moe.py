@@ -44,40 +44,46 @@ def _vqa(out: Path, saved: tuple[Path, list[str]], *extra: str) -> tuple[dict, l
     return record, [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
-def _direct_answers(folder: Path, data_root: Path) -> list[tuple[str, int, int]]:
-    """Each test record's first question answered by the model's own ``generate``: the prompt encoded with the chat
-    template, the PNG through the model's eval transform, the WAV through ``AudioFeatures``; ``(answer, prompt
-    length, generated tokens)``."""
-    model = mome.create_model(f"local-dir:{folder}").eval()
+def direct_answer(model, record: dict, data_root: Path, max_new_tokens: int = NEW_TOKENS) -> tuple[str, int, int]:
+    """A record's first question answered by ``model``'s own ``generate``: the prompt encoded with the chat template,
+    the image and a video's frames through the model's eval transform, the WAV through ``AudioFeatures``;
+    ``(answer, prompt length, generated tokens)``."""
     tokenizer = mome.get_tokenizer(TINY).tokenizer
     transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    features = AudioFeatures(model.audio_input_shape[0])
-    answers = []
-    for record in json.loads((data_root / "test.json").read_text()):
-        prompt = encode_prompt(
-            tokenizer,
-            record["conversations"][0]["value"],
-            image_token_id=model.config.image_token_id,
-            num_image_tokens=model.num_image_tokens,
-            audio_token_id=model.config.audio_token_id,
-            num_audio_tokens=model.num_audio_tokens,
+    prompt = encode_prompt(
+        tokenizer,
+        record["conversations"][0]["value"],
+        image_token_id=model.config.image_token_id,
+        num_image_tokens=model.num_image_tokens,
+        audio_token_id=model.config.audio_token_id,
+        num_audio_tokens=model.num_audio_tokens,
+        video_token_id=model.config.video_token_id,
+    )
+    inputs = {}
+    if "image" in record:
+        inputs["images"] = transform(load_image(data_root / record["image"]))[None]  # [1, 3, H, W]
+    if "audio" in record:
+        inputs["input_features"] = AudioFeatures(model.audio_input_shape[0])([read_wav(data_root / record["audio"])])
+    if "video" in record:  # [1, F, 3, H, W]
+        inputs["pixel_values_videos"] = torch.stack([transform(load_image(data_root / f)) for f in record["video"]])[
+            None
+        ]
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            **inputs,
         )
-        inputs = {}
-        if "image" in record:
-            inputs["images"] = transform(load_image(data_root / record["image"]))[None]  # [1, 3, H, W]
-        if "audio" in record:
-            inputs["input_features"] = features([read_wav(data_root / record["audio"])])  # [1, mel, frames]
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=prompt,
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                **inputs,
-            )
-        new = output[0, prompt.shape[1] :]
-        answers.append((tokenizer.decode(new, skip_special_tokens=True), prompt.shape[1], new.numel()))
-    return answers
+    new = output[0, prompt.shape[1] :]
+    return tokenizer.decode(new, skip_special_tokens=True), prompt.shape[1], new.numel()
+
+
+def _direct_answers(folder: Path, data_root: Path) -> list[tuple[str, int, int]]:
+    """Each test record's first question answered by the saved model's own ``generate`` (:func:`direct_answer`)."""
+    model = mome.create_model(f"local-dir:{folder}").eval()
+    return [direct_answer(model, record, data_root) for record in json.loads((data_root / "test.json").read_text())]
 
 
 def test_uni_moe_vqa_answers_with_the_audio_and_the_images(tmp_path, saved):

@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from test_eval_cli import FAST, compose_eval
-from timm.data import create_transform, resolve_model_data_config
+from test_eval_vqa_uni_moe import direct_answer
 
 import mome
 from mome.cli.eval import evaluate
 from mome.data.base import DataConfigError
-from mome.data.conversation import ConversationDataset, ConversationFormatError, collate_conversations, encode_prompt
-from mome.data.digits_audio import AudioFeatures, digit_waveform, read_wav, write_wav
+from mome.data.conversation import ConversationDataset, ConversationFormatError, collate_conversations
+from mome.data.digits_audio import digit_waveform, write_wav
 from mome.data.digits_conversation import WAV_GAIN
 from mome.data.folders import load_image
 from mome.models.moe_llava import TINY_VOCAB_SIZE
@@ -127,40 +127,6 @@ def test_bad_video_records_name_the_record_and_the_field(video_data):
         collate_conversations([two[0], two[1]])
 
 
-def _direct_answers(folder: Path, data: Path) -> list[str]:
-    """Each record's question answered by the model's own ``generate``: frames and image through the eval transform,
-    the WAV through ``AudioFeatures``."""
-    model = mome.create_model(f"local-dir:{folder}").eval()
-    tokenizer = mome.get_tokenizer(TINY).tokenizer
-    transform = create_transform(**resolve_model_data_config(model), is_training=False)
-    answers = []
-    for record in json.loads((data / "test.json").read_text()):
-        prompt = encode_prompt(
-            tokenizer,
-            record["conversations"][0]["value"],
-            image_token_id=model.config.image_token_id,
-            num_image_tokens=model.num_image_tokens,
-            audio_token_id=model.config.audio_token_id,
-            num_audio_tokens=model.num_audio_tokens,
-            video_token_id=VIDEO_ID,
-        )
-        inputs = {"pixel_values_videos": torch.stack([transform(load_image(data / f)) for f in record["video"]])[None]}
-        if "image" in record:
-            inputs["images"] = transform(load_image(data / record["image"]))[None]
-        if "audio" in record:
-            inputs["input_features"] = AudioFeatures(80)([read_wav(data / record["audio"])])
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=prompt,
-                max_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                **inputs,
-            )
-        answers.append(tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True))
-    return answers
-
-
 def test_mome_eval_vqa_answers_with_the_videos(tmp_path, video_data):
     folder, data = video_data
     test_file = data / "test.json"
@@ -168,10 +134,11 @@ def test_mome_eval_vqa_answers_with_the_videos(tmp_path, video_data):
     overrides += [f"data.test_file={test_file}", f"eval_task.max_new_tokens={NEW_TOKENS}", "data.num_workers=0"]
     record, _ = evaluate(compose_eval(tmp_path / "eval", [*overrides, *FAST]))
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    direct = _direct_answers(folder, data)
+    model = mome.create_model(f"local-dir:{folder}").eval()
+    records = json.loads((data / "test.json").read_text())
+    direct = [direct_answer(model, record, data, NEW_TOKENS)[0] for record in records]
     assert [p["prediction"] for p in predictions] == direct and all(direct)
     assert all("<video>" not in p["question"] for p in predictions) and record["n_samples"] == 3
-    model = mome.create_model(f"local-dir:{folder}")
     routing = json.loads((tmp_path / "eval" / "routing.json").read_text())
     for entry in routing["layers"].values():  # 3 videos and 1 image (16 tokens each), 1 clip (10 tokens)
         per_modality = entry["per_modality"]
