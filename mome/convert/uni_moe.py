@@ -194,14 +194,14 @@ def read_uni_moe_checkpoint(path: str | Path) -> dict[str, Tensor]:
     state = {ALIGNER_DECODER + k.removeprefix("decoder."): v for k, v in whisper.items() if k.startswith("decoder.")}
     towers = ("model.vision_tower.", "model.audio_tower.")
     state.update({k: v for k, v in read_state_dict_folder(base).items() if not k.startswith(towers)})
-    for name in OVERLAYS:
-        file = lora / name
-        if file.is_file():
-            state.update(_strip_wrappers(read_state_dict(file)))
-        elif name != OVERLAYS[0]:
+    non_lora, *after_merge = OVERLAYS
+    if (lora / non_lora).is_file():
+        state.update(_strip_wrappers(read_state_dict(lora / non_lora)))
+    _merge_lora(state, lora)  # upstream merges after non_lora_trainables, before the aligner and the gates
+    for name in after_merge:
+        if not (lora / name).is_file():
             raise CheckpointFormatError(f"{lora}: {name} is missing (upstream's stage-3 save writes it)")
-        if name == OVERLAYS[0]:
-            _merge_lora(state, lora)  # upstream merges after non_lora_trainables, before the aligner and gates
+        state.update(_strip_wrappers(read_state_dict(lora / name)))
     state.update(
         {VISION_PREFIX + k: v for k, v in read_state_dict_folder(vision).items() if k.startswith("vision_model.")}
     )
@@ -235,8 +235,8 @@ def convert_uni_moe(
       kept: the aligner reads the query tokens, never ids), ``...projector.*`` -> ``model.audio_projector.*``,
       ``model.query_tokens`` -> ``model.audio_query_tokens``;
     - the towers -> ``model.vision_tower.*`` / ``model.audio_tower.*``;
-    - ``embed_tokens`` / ``lm_head`` get zero rows for mome's ``<image>`` / ``<audio>`` ids past upstream's
-      vocabulary (``generate`` suppresses them).
+    - ``embed_tokens`` / ``lm_head`` get zero rows for mome's ``<image>`` / ``<audio>`` / ``<video>`` ids past
+      upstream's vocabulary (``generate`` suppresses them).
     """
     target = model.state_dict()
     keys = KeyMap(state, target, "the Uni-MoE checkpoint", ignore_prefixes)

@@ -132,6 +132,17 @@ def _validate_audio(record_id: Any, turns: list[dict[str, str]], clips: list[Any
             raise ConversationFormatError(record_id, field, str(err)) from err
 
 
+def _check_image_file(record_id: Any, field: str, entry: Any, root: Path | None, kind: str = "image") -> None:
+    """An image or a video frame: a PIL image, or a relative path to an existing file."""
+    if isinstance(entry, Image.Image):
+        return
+    if not isinstance(entry, str) or not entry:
+        raise ConversationFormatError(record_id, field, f"expected a relative path, got {entry!r}")
+    path = Path(entry) if root is None else root / entry
+    if not path.is_file():
+        raise ConversationFormatError(record_id, field, f"{kind} file {path} does not exist")
+
+
 def _video_entries(record: Mapping[str, Any]) -> list[Any]:
     """A record's videos, each a list of frames (``video``: one video's frame list, or a list of them)."""
     videos = record.get("video")
@@ -154,14 +165,7 @@ def _validate_video(record_id: Any, turns: list[dict[str, str]], videos: list[An
         if not isinstance(frames, (list, tuple)) or not frames:
             raise ConversationFormatError(record_id, field, f"expected a non-empty list of frame files, got {frames!r}")
         for number, frame in enumerate(frames):
-            if isinstance(frame, Image.Image):
-                continue
-            if not isinstance(frame, str) or not frame:
-                problem = f"expected a relative path, got {frame!r}"
-                raise ConversationFormatError(record_id, f"{field}[{number}]", problem)
-            path = Path(frame) if root is None else root / frame
-            if not path.is_file():
-                raise ConversationFormatError(record_id, f"{field}[{number}]", f"frame file {path} does not exist")
+            _check_image_file(record_id, f"{field}[{number}]", frame, root, kind="frame")
 
 
 def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str, str]]:
@@ -202,14 +206,7 @@ def _validate(record: Any, index: int, image_root: Path | None) -> list[dict[str
             record_id, "image", f"{len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
         )
     for position, image in enumerate(images):
-        field = "image" if len(images) == 1 else f"image[{position}]"
-        if isinstance(image, Image.Image):
-            continue
-        if not isinstance(image, str) or not image:
-            raise ConversationFormatError(record_id, field, f"expected a relative path, got {image!r}")
-        path = Path(image) if image_root is None else image_root / image
-        if not path.is_file():
-            raise ConversationFormatError(record_id, field, f"image file {path} does not exist")
+        _check_image_file(record_id, "image" if len(images) == 1 else f"image[{position}]", image, image_root)
     _validate_audio(record_id, checked, _image_entries(record, "audio"), image_root)
     _validate_video(record_id, checked, _video_entries(record), image_root)
     return checked
